@@ -1,0 +1,236 @@
+"""HTTP API of the ComfyUI test double: the endpoints comfybake's readiness and status use.
+
+Every route answers at `/<route>` and `/api/<route>`, as in ComfyUI. Prompts are queued and
+"run" by a worker thread for `extra_data.test_double_seconds` seconds (default 0), so tests
+can watch a queue fill and drain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import queue
+import socket
+import sys
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+import comfyui_version
+import folder_paths
+import nodes
+
+
+def _ram() -> tuple[int, int]:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+        return values.get("MemTotal", 0), values.get("MemAvailable", 0)
+    except OSError:
+        return 0, 0
+
+
+def devices(cpu: bool) -> list[dict[str, object]]:
+    """A CPU, or one stand-in CUDA device per id in CUDA_VISIBLE_DEVICES (no GPU is touched)."""
+    if cpu:
+        return [{"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0}]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
+    ids = [d.strip() for d in visible.split(",") if d.strip()]
+    return [
+        {"name": f"cuda:{i} Test Double GPU {gpu}", "type": "cuda", "index": i, "vram_total": 0, "vram_free": 0}
+        for i, gpu in enumerate(ids)
+    ]
+
+
+def node_info(name: str, node_class: type) -> dict[str, object]:
+    source = nodes.NODE_SOURCES.get(name)
+    return {
+        "input": node_class.INPUT_TYPES(),
+        "output": list(getattr(node_class, "RETURN_TYPES", ())),
+        "name": name,
+        "display_name": nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name, name),
+        "category": getattr(node_class, "CATEGORY", ""),
+        "python_module": f"custom_nodes.{source}" if source else "nodes",
+    }
+
+
+class PromptQueue:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: list[dict[str, object]] = []
+        self.running: list[dict[str, object]] = []
+        self.history: dict[str, object] = {}
+        self.number = 0
+        self.interrupted = threading.Event()
+        self.items: queue.Queue[dict[str, object]] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def put(self, prompt: dict[str, object], extra_data: dict[str, object]) -> dict[str, object]:
+        with self.lock:
+            item = {"prompt_id": str(uuid.uuid4()), "number": self.number, "prompt": prompt, "extra_data": extra_data}
+            self.number += 1
+            self.pending.append(item)
+        self.items.put(item)
+        return item
+
+    def remaining(self) -> int:
+        with self.lock:
+            return len(self.pending) + len(self.running)
+
+    def _work(self) -> None:
+        while True:
+            item = self.items.get()
+            with self.lock:
+                self.pending.remove(item)
+                self.running.append(item)
+            self.interrupted.clear()
+            seconds = float(item["extra_data"].get("test_double_seconds", 0))  # type: ignore[union-attr]
+            self.interrupted.wait(seconds)
+            with self.lock:
+                self.running.remove(item)
+                status = "interrupted" if self.interrupted.is_set() else "success"
+                self.history[str(item["prompt_id"])] = {"prompt": item["prompt"], "status": {"status_str": status}}
+            logging.info("Prompt executed in %.2f seconds", seconds)
+
+    def as_lists(self, key: str) -> list[list[object]]:
+        with self.lock:
+            return [[i["number"], i["prompt_id"], i["prompt"], i["extra_data"], []] for i in getattr(self, key)]
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "ComfyUI-test-double"
+    protocol_version = "HTTP/1.1"
+    prompts: PromptQueue
+    cpu = False
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        logging.debug("%s - %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: object, content_type: str = "application/json") -> None:
+        data = (json.dumps(body) if content_type == "application/json" else str(body)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _route(self) -> str:
+        path = unquote(urlsplit(self.path).path)
+        return path[4:] if path.startswith("/api/") else path
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        route = self._route()
+        if route == "/":
+            self._send(200, "<html><body>ComfyUI test double</body></html>", "text/html")
+        elif route == "/system_stats":
+            total, free = _ram()
+            self._send(200, {
+                "system": {
+                    "os": os.name,
+                    "ram_total": total,
+                    "ram_free": free,
+                    "comfyui_version": comfyui_version.__version__,
+                    "python_version": sys.version,
+                    "pytorch_version": "none (ComfyUI test double)",
+                    "embedded_python": False,
+                    "argv": sys.argv,
+                    "platform": platform.platform(),
+                },
+                "devices": devices(self.cpu),
+            })
+        elif route == "/object_info":
+            self._send(200, {n: node_info(n, c) for n, c in nodes.NODE_CLASS_MAPPINGS.items()})
+        elif route.startswith("/object_info/"):
+            name = route[len("/object_info/"):]
+            node_class = nodes.NODE_CLASS_MAPPINGS.get(name)
+            self._send(200, {name: node_info(name, node_class)} if node_class else {})
+        elif route == "/models":
+            self._send(200, [k for k in folder_paths.folder_names_and_paths if k != "custom_nodes"])
+        elif route.startswith("/models/"):
+            folder = route[len("/models/"):]
+            if folder_paths.map_legacy(folder) not in folder_paths.folder_names_and_paths or folder == "custom_nodes":
+                self._send(404, "404: Not Found", "text/plain")
+            else:
+                self._send(200, folder_paths.get_filename_list(folder))
+        elif route == "/queue":
+            self._send(200, {"queue_running": self.prompts.as_lists("running"), "queue_pending": self.prompts.as_lists("pending")})
+        elif route == "/prompt":
+            self._send(200, {"exec_info": {"queue_remaining": self.prompts.remaining()}})
+        elif route == "/history":
+            with self.prompts.lock:
+                self._send(200, dict(self.prompts.history))
+        else:
+            self._send(404, "404: Not Found", "text/plain")
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        route = self._route()
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if route == "/prompt":
+            try:
+                body = json.loads(raw or b"{}")
+                prompt = body["prompt"]
+                assert isinstance(prompt, dict)
+            except (ValueError, KeyError, AssertionError):
+                self._send(400, {"error": {"type": "no_prompt", "message": "No prompt provided"}, "node_errors": {}})
+                return
+            missing = {
+                node_id: node.get("class_type")
+                for node_id, node in prompt.items()
+                if not isinstance(node, dict) or node.get("class_type") not in nodes.NODE_CLASS_MAPPINGS
+            }
+            if missing:
+                node_id, class_type = next(iter(missing.items()))
+                self._send(400, {
+                    "error": {
+                        "type": "invalid_prompt",
+                        "message": f"Cannot execute because node {class_type} does not exist.",
+                        "details": f"Node ID '#{node_id}'",
+                    },
+                    "node_errors": {},
+                })
+                return
+            item = self.prompts.put(prompt, dict(body.get("extra_data") or {}))
+            self._send(200, {"prompt_id": item["prompt_id"], "number": item["number"], "node_errors": {}})
+        elif route == "/interrupt":
+            self.prompts.interrupted.set()
+            self._send(200, "", "text/plain")
+        elif route == "/free":
+            self._send(200, "", "text/plain")
+        else:
+            self._send(405, "405: Method Not Allowed", "text/plain")
+
+
+class _Server4(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Server6(_Server4):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        # Keep "::" to IPv6 so "0.0.0.0,::" can bind both families on one port, as aiohttp does.
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+def serve(addresses: list[str], port: int, cpu: bool, stop: threading.Event) -> None:
+    """Bind every address first (a failure is fatal, as in ComfyUI), then serve until `stop`."""
+    Handler.prompts = PromptQueue()
+    Handler.cpu = cpu
+    servers = [(_Server6 if ":" in a else _Server4)((a, port), Handler) for a in addresses]
+    for server, address in zip(servers, addresses):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        shown = f"[{address}]" if ":" in address else address
+        logging.info("To see the GUI go to: http://%s:%d", "127.0.0.1" if address == "0.0.0.0" else shown, port)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()

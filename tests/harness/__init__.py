@@ -1,0 +1,1 @@
+"""Test harness of comfybake: fixture repositories, the base image, containers, processes."""
