@@ -1,0 +1,8 @@
+"""comfybake: bake and provision GPU machines that serve ComfyUI."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("comfybake")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-user", action="store_true")
     p.add_argument("--enable-manager", action="store_true")
     p.add_argument("--enable-compress-response-body", action="store_true")
-    p.add_argument("--verbose", default="INFO", const="DEBUG", nargs="?", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    p.add_argument(
+        "--verbose", default="INFO", const="DEBUG", nargs="?", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    )
     p.add_argument("--log-stdout", action="store_true")
     return p
 
@@ -112,7 +114,7 @@ def setup_database(url: str | None) -> None:
     try:
         if not url.startswith("sqlite:///"):
             raise ValueError(f"unsupported database URL {url!r} (the double speaks sqlite only)")
-        path = url[len("sqlite:///"):]
+        path = url[len("sqlite:///") :]
         with sqlite3.connect(path) as db:
             db.execute("CREATE TABLE IF NOT EXISTS comfybake_double (started REAL)")
             db.execute("INSERT INTO comfybake_double VALUES (julianday('now'))")

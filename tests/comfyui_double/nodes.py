@@ -24,7 +24,7 @@ class _BuiltinNode:
     FUNCTION = "run"
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, dict[str, object]]:  # noqa: N802 - ComfyUI's name
+    def INPUT_TYPES(cls) -> dict[str, dict[str, object]]:
         return {"required": {}}
 
 
@@ -111,7 +111,8 @@ def run_prestartup_scripts() -> None:
             ok = True
             try:
                 spec = importlib.util.spec_from_file_location(os.path.splitext(script)[0], script)
-                assert spec is not None and spec.loader is not None
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"no module spec for {script}")
                 spec.loader.exec_module(importlib.util.module_from_spec(spec))
             except Exception as exc:  # noqa: BLE001 - ComfyUI logs and goes on
                 logging.error("Failed to execute startup-script: %s / %s", script, exc)

@@ -121,42 +121,48 @@ class Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         return path[4:] if path.startswith("/api/") else path
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         route = self._route()
         if route == "/":
             self._send(200, "<html><body>ComfyUI test double</body></html>", "text/html")
         elif route == "/system_stats":
             total, free = _ram()
-            self._send(200, {
-                "system": {
-                    "os": os.name,
-                    "ram_total": total,
-                    "ram_free": free,
-                    "comfyui_version": comfyui_version.__version__,
-                    "python_version": sys.version,
-                    "pytorch_version": "none (ComfyUI test double)",
-                    "embedded_python": False,
-                    "argv": sys.argv,
-                    "platform": platform.platform(),
+            self._send(
+                200,
+                {
+                    "system": {
+                        "os": os.name,
+                        "ram_total": total,
+                        "ram_free": free,
+                        "comfyui_version": comfyui_version.__version__,
+                        "python_version": sys.version,
+                        "pytorch_version": "none (ComfyUI test double)",
+                        "embedded_python": False,
+                        "argv": sys.argv,
+                        "platform": platform.platform(),
+                    },
+                    "devices": devices(self.cpu),
                 },
-                "devices": devices(self.cpu),
-            })
+            )
         elif route == "/object_info":
             self._send(200, {n: node_info(n, c) for n, c in nodes.NODE_CLASS_MAPPINGS.items()})
         elif route.startswith("/object_info/"):
-            name = route[len("/object_info/"):]
+            name = route[len("/object_info/") :]
             node_class = nodes.NODE_CLASS_MAPPINGS.get(name)
             self._send(200, {name: node_info(name, node_class)} if node_class else {})
         elif route == "/models":
             self._send(200, [k for k in folder_paths.folder_names_and_paths if k != "custom_nodes"])
         elif route.startswith("/models/"):
-            folder = route[len("/models/"):]
+            folder = route[len("/models/") :]
             if folder_paths.map_legacy(folder) not in folder_paths.folder_names_and_paths or folder == "custom_nodes":
                 self._send(404, "404: Not Found", "text/plain")
             else:
                 self._send(200, folder_paths.get_filename_list(folder))
         elif route == "/queue":
-            self._send(200, {"queue_running": self.prompts.as_lists("running"), "queue_pending": self.prompts.as_lists("pending")})
+            self._send(
+                200,
+                {"queue_running": self.prompts.as_lists("running"), "queue_pending": self.prompts.as_lists("pending")},
+            )
         elif route == "/prompt":
             self._send(200, {"exec_info": {"queue_remaining": self.prompts.remaining()}})
         elif route == "/history":
@@ -165,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, "404: Not Found", "text/plain")
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+    def do_POST(self) -> None:
         route = self._route()
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -184,14 +190,17 @@ class Handler(BaseHTTPRequestHandler):
             }
             if missing:
                 node_id, class_type = next(iter(missing.items()))
-                self._send(400, {
-                    "error": {
-                        "type": "invalid_prompt",
-                        "message": f"Cannot execute because node {class_type} does not exist.",
-                        "details": f"Node ID '#{node_id}'",
+                self._send(
+                    400,
+                    {
+                        "error": {
+                            "type": "invalid_prompt",
+                            "message": f"Cannot execute because node {class_type} does not exist.",
+                            "details": f"Node ID '#{node_id}'",
+                        },
+                        "node_errors": {},
                     },
-                    "node_errors": {},
-                })
+                )
                 return
             item = self.prompts.put(prompt, dict(body.get("extra_data") or {}))
             self._send(200, {"prompt_id": item["prompt_id"], "number": item["number"], "node_errors": {}})
@@ -223,10 +232,10 @@ def serve(addresses: list[str], port: int, cpu: bool, stop: threading.Event) -> 
     Handler.prompts = PromptQueue()
     Handler.cpu = cpu
     servers = [(_Server6 if ":" in a else _Server4)((a, port), Handler) for a in addresses]
-    for server, address in zip(servers, addresses):
+    for server, address in zip(servers, addresses, strict=True):
         threading.Thread(target=server.serve_forever, daemon=True).start()
         shown = f"[{address}]" if ":" in address else address
-        logging.info("To see the GUI go to: http://%s:%d", "127.0.0.1" if address == "0.0.0.0" else shown, port)
+        logging.info("To see the GUI go to: http://%s:%d", "127.0.0.1" if address == "0.0.0.0" else shown, port)  # noqa: S104 - a comparison
     try:
         while not stop.wait(0.5):
             pass

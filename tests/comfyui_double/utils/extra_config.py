@@ -50,6 +50,7 @@ def parse(text: str, source: str = "<string>") -> dict[str, object]:
     lines = text.splitlines()
     result: dict[str, object] = {}
     section: dict[str, object] | None = None
+    section_name = ""
     index = 0
     while index < len(lines):
         raw = lines[index]
@@ -69,11 +70,12 @@ def parse(text: str, source: str = "<string>") -> dict[str, object]:
                 result[key] = _scalar(value)
                 section = None
             else:
-                section = {}
-                result[key] = section
+                section, section_name = {}, key
+                result[key] = None  # a section with no keys is null, as in YAML
             continue
         if section is None:
             raise ExtraConfigError(f"{source}:{index}: {key!r} is indented but no section opens above it")
+        result[section_name] = section
         if value in ("|", "|-"):
             block: list[str] = []
             block_indent = None

@@ -1,0 +1,310 @@
+"""The ComfyUI test double keeps the contract in docs/testing.md (ComfyUI's own behaviour)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import repos
+from harness.double import DOUBLE, run_double
+from harness.repos import git
+
+
+@pytest.fixture
+def checkout(tmp_path: Path, fixture_repos: dict[str, repos.Repo]) -> Path:
+    """A clone of the double at v0.8.0, as the environment role would make it."""
+    code = tmp_path / "ComfyUI"
+    git(tmp_path, "clone", "--quiet", fixture_repos["ComfyUI"].url, str(code))
+    git(code, "checkout", "--quiet", "v0.8.0")
+    return code
+
+
+def add_node(code: Path, fixture_repos: dict[str, repos.Repo], name: str, where: Path | None = None) -> Path:
+    target = (where or code / "custom_nodes") / name
+    git(code, "clone", "--quiet", fixture_repos[name].url, str(target))
+    return target
+
+
+def user_dir(tmp_path: Path) -> str:
+    path = tmp_path / "user"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def test_unknown_flag_is_an_argparse_error(tmp_path: Path) -> None:
+    done = run_double(DOUBLE, "--no-such-flag", log=tmp_path / "log")
+    assert done.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in done.stderr
+
+
+def test_missing_user_directory_is_rejected(tmp_path: Path) -> None:
+    done = run_double(DOUBLE, "--user-directory", str(tmp_path / "absent"), log=tmp_path / "log")
+    assert done.returncode == 2
+    assert f"The path '{tmp_path / 'absent'}' does not exist." in done.stderr
+
+
+def test_bare_listen_means_all_addresses() -> None:
+    import main  # the double's main.py, importable from tests/comfyui_double
+
+    assert main.build_parser().parse_args(["--listen"]).listen == "0.0.0.0,::"
+    assert main.build_parser().parse_args([]).listen == "127.0.0.1"
+
+
+def test_port_already_in_use_fails_the_start(start_double, tmp_path: Path) -> None:
+    first = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
+    done = run_double(DOUBLE, "--cpu", "--port", str(first.port), "--user-directory", user_dir(tmp_path),
+                      "--temp-directory", str(tmp_path / "t2"), log=tmp_path / "log")  # fmt: skip
+    assert done.returncode != 0
+    assert "Address already in use" in done.stderr
+
+
+# -- start-up order, temp, database -----------------------------------------------------
+
+
+def test_temp_is_wiped_at_start_and_at_exit(start_double, tmp_path: Path) -> None:
+    stale = tmp_path / "temp" / "stale.png"
+    stale.parent.mkdir()
+    stale.write_text("x")
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
+    assert not stale.exists()
+    assert (tmp_path / "temp").is_dir()
+    (tmp_path / "temp" / "during.png").write_text("x")
+    assert double.stop() == 0
+    assert not (tmp_path / "temp").exists()
+    assert (tmp_path / "user").is_dir()  # only <temp>/temp is ComfyUI's to delete
+
+
+def test_database_defaults_to_the_code_tree(start_double, checkout: Path, tmp_path: Path) -> None:
+    double = start_double("--cpu", "--temp-directory", str(tmp_path), code=checkout)
+    assert (checkout / "user" / "comfyui.db").is_file()
+    assert "Database: " + str(checkout / "user" / "comfyui.db") in double.output()
+
+
+def test_database_url_moves_the_database(start_double, tmp_path: Path) -> None:
+    db = tmp_path / "state" / "comfyui.db"
+    db.parent.mkdir()
+    start_double("--cpu", "--user-directory", user_dir(tmp_path), "--database-url", f"sqlite:///{db}",
+                 "--temp-directory", str(tmp_path))  # fmt: skip
+    assert db.is_file()
+
+
+def test_unopenable_database_is_logged_and_the_server_starts(start_double, tmp_path: Path) -> None:
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path),
+                          "--database-url", "sqlite:////nonexistent-dir/comfyui.db")  # fmt: skip
+    assert "Failed to initialize database" in double.output()
+    assert "unable to open database file" in double.output()
+    assert double.get("/system_stats")[0] == 200
+
+
+def test_sigterm_stops_cleanly(start_double, tmp_path: Path) -> None:
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
+    double.process.send_signal(signal.SIGTERM)
+    assert double.process.wait(timeout=10) == 0
+    assert "Stopped server" in double.output()
+
+
+# -- custom nodes ---------------------------------------------------------------------------
+
+
+def test_quick_test_imports_nodes_then_exits(checkout: Path, fixture_repos, tmp_path: Path) -> None:
+    add_node(checkout, fixture_repos, "ComfyUI-Comfybake-Basic")
+    add_node(checkout, fixture_repos, "ComfyUI-Comfybake-Broken")
+    done = run_double(checkout, "--quick-test-for-ci", "--cpu", log=tmp_path / "log")
+    assert done.returncode == 0, done.stderr
+    out = done.stderr
+    assert "comfybake-basic prestartup ran" in out
+    assert out.index("comfybake-basic prestartup ran") < out.index("Import times for custom nodes:")
+    assert f"Cannot import {checkout / 'custom_nodes' / 'ComfyUI-Comfybake-Broken'} module for custom nodes" in out
+    assert "No module named 'comfybake_fixture_missing_module'" in out
+    assert f"(IMPORT FAILED): {checkout / 'custom_nodes' / 'ComfyUI-Comfybake-Broken'}" in out
+    assert "To see the GUI" not in out  # it never serves
+
+
+def test_import_failure_keeps_serving(start_double, checkout: Path, fixture_repos, tmp_path: Path) -> None:
+    add_node(checkout, fixture_repos, "ComfyUI-Comfybake-Basic")
+    add_node(checkout, fixture_repos, "ComfyUI-Comfybake-Broken")
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), code=checkout)
+    assert "IMPORT FAILED" in double.output()
+    status, info = double.get("/object_info/ComfybakeEcho")
+    assert status == 200
+    assert info["ComfybakeEcho"]["python_module"] == "custom_nodes.ComfyUI-Comfybake-Basic"
+    assert double.get("/object_info/ComfybakeMissing") == (200, {})
+    assert double.get("/api/object_info/KSampler")[1]["KSampler"]["python_module"] == "nodes"
+
+
+def test_pinned_node_commit_decides_its_classes(start_double, checkout: Path, fixture_repos, tmp_path) -> None:
+    node = add_node(checkout, fixture_repos, "ComfyUI-Comfybake-Basic")
+    git(node, "checkout", "--quiet", fixture_repos["ComfyUI-Comfybake-Basic"].commits["initial"])
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), code=checkout)
+    assert double.get("/object_info/ComfybakeAddedLater") == (200, {})
+    double.stop()
+    git(node, "checkout", "--quiet", fixture_repos["ComfyUI-Comfybake-Basic"].commits["update"])
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), code=checkout)
+    assert "ComfybakeAddedLater" in double.get("/object_info/ComfybakeAddedLater")[1]
+
+
+def test_disabled_and_example_entries_are_not_loaded(checkout: Path, fixture_repos, tmp_path: Path) -> None:
+    node = add_node(checkout, fixture_repos, "ComfyUI-Comfybake-Broken")
+    node.rename(node.with_name(node.name + ".disabled"))
+    done = run_double(checkout, "--quick-test-for-ci", "--cpu", log=tmp_path / "log")
+    assert done.returncode == 0
+    assert "IMPORT FAILED" not in done.stderr
+
+
+# -- model folders and extra_model_paths.yaml ----------------------------------------------
+
+EXTRA_PATHS = """\
+# comfybake renders files like this one
+shared_store:
+  base_path: {store}
+  is_default: true
+  checkpoints: checkpoints/
+  diffusion_models: |
+    diffusion_models
+    unet
+  text_encoders: |
+    text_encoders
+    clip
+  insightface: insightface/   # a key only custom nodes read
+  custom_nodes: {nodes}
+other:
+  loras: {loras}
+"""
+
+
+def write_store(tmp_path: Path) -> tuple[Path, Path]:
+    store = tmp_path / "store"
+    for name in ("checkpoints/a.safetensors", "checkpoints/sub/b.ckpt", "checkpoints/readme.txt",
+                 "unet/u.safetensors", "clip/c.safetensors", "insightface/models/antelopev2/x.onnx"):  # fmt: skip
+        (store / name).parent.mkdir(parents=True, exist_ok=True)
+        (store / name).write_text("x")
+    (store / "checkpoints" / "dangling.safetensors").symlink_to(tmp_path / "absent")
+    config = tmp_path / "extra_model_paths.yaml"
+    config.write_text(EXTRA_PATHS.format(store=store, nodes=tmp_path / "more_nodes", loras="loras"))
+    return store, config
+
+
+def test_extra_model_paths_are_served_by_models(start_double, fixture_repos, tmp_path: Path) -> None:
+    _store, config = write_store(tmp_path)
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "l.safetensors").write_text("x")
+    (tmp_path / "more_nodes").mkdir()
+    git(tmp_path, "clone", "--quiet", fixture_repos["ComfyUI-Comfybake-Basic"].url,
+        str(tmp_path / "more_nodes" / "ComfyUI-Comfybake-Basic"))  # fmt: skip
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path),
+                          "--extra-model-paths-config", str(config))  # fmt: skip
+    assert double.get("/models/checkpoints") == (200, ["a.safetensors", "sub/b.ckpt"])
+    assert double.get("/models/diffusion_models") == (200, ["u.safetensors"])
+    assert double.get("/models/unet") == (200, ["u.safetensors"])  # legacy name
+    assert double.get("/models/text_encoders") == (200, ["c.safetensors"])
+    assert double.get("/models/loras") == (200, ["l.safetensors"])  # relative to the YAML file
+    assert double.get("/models/insightface") == (200, ["models/antelopev2/x.onnx"])
+    assert double.get("/models/no_such_folder")[0] == 404
+    assert "insightface" in double.get("/models")[1]
+    assert "Unable to access" in double.output()  # the dangling link is skipped with a warning
+    assert "ComfybakeEcho" in double.get("/object_info/ComfybakeEcho")[1]  # custom_nodes key
+
+
+def test_is_default_paths_go_first(tmp_path: Path) -> None:
+    import folder_paths
+    from utils import extra_config
+
+    store, config = write_store(tmp_path)
+    folder_paths.set_base_directory(str(tmp_path / "code"))
+    try:
+        extra_config.load_extra_path_config(str(config))
+        assert folder_paths.get_folder_paths("checkpoints")[0] == str(store / "checkpoints")
+        assert folder_paths.get_folder_paths("loras")[-1] == str(tmp_path / "loras")
+        assert folder_paths.get_full_path("checkpoints", "a.safetensors") == str(
+            store / "checkpoints" / "a.safetensors"
+        )
+    finally:
+        folder_paths.set_base_directory(str(DOUBLE))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        EXTRA_PATHS.format(store="/srv/models", nodes="/opt/nodes", loras="loras"),
+        "comfyui:\n  base_path: '/opt/ComfyUI'\n  is_default: false\n  checkpoints: \"models/checkpoints\"\n",
+        "a:\n  k: |-\n    one\n    two\n\n  j: v # comment\nempty:\n",
+    ],
+)
+def test_yaml_subset_matches_pyyaml(text: str) -> None:
+    from utils import extra_config
+
+    assert extra_config.parse(text) == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("text", ["a:\n  k: [1, 2]\n", "a:\n  - item\n", "a:\n\tk: v\n", "  k: v\n"])
+def test_yaml_outside_the_subset_is_rejected(text: str) -> None:
+    from utils import extra_config
+
+    with pytest.raises(extra_config.ExtraConfigError, match=r"<string>:\d+:"):
+        extra_config.parse(text)
+
+
+# -- HTTP API -------------------------------------------------------------------------------
+
+
+def test_system_stats_reports_argv_version_and_devices(start_double, tmp_path: Path) -> None:
+    double = start_double("--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
+    status, stats = double.get("/system_stats")
+    assert status == 200
+    assert stats["system"]["argv"][1:] == ["--port", str(double.port), "--user-directory", user_dir(tmp_path),
+                                           "--temp-directory", str(tmp_path)]  # fmt: skip
+    assert stats["system"]["comfyui_version"] == "0.8.0"
+    assert stats["devices"][0]["type"] == "cuda"
+    assert double.get("/api/system_stats") == (status, stats)
+
+
+def test_cuda_visible_devices_are_reported(start_double, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    double = start_double("--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
+    assert [d["name"] for d in double.get("/system_stats")[1]["devices"]] == [
+        "cuda:0 Test Double GPU 2",
+        "cuda:1 Test Double GPU 3",
+    ]
+
+
+def test_queue_fills_and_drains(start_double, tmp_path: Path) -> None:
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
+    prompt = {"1": {"class_type": "KSampler", "inputs": {}}}
+    for _ in range(2):
+        status, queued = double.post("/prompt", {"prompt": prompt, "extra_data": {"test_double_seconds": 0.5}})
+        assert status == 200
+        assert queued["node_errors"] == {}
+    assert double.get("/prompt")[1]["exec_info"]["queue_remaining"] == 2
+    queue = double.get("/queue")[1]
+    assert len(queue["queue_running"]) == 1
+    assert len(queue["queue_pending"]) == 1
+    deadline = time.monotonic() + 10
+    while double.get("/prompt")[1]["exec_info"]["queue_remaining"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert double.get("/queue")[1] == {"queue_running": [], "queue_pending": []}
+    assert len(double.get("/history")[1]) == 2
+
+
+def test_prompt_with_unknown_node_is_refused(start_double, tmp_path: Path) -> None:
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
+    status, body = double.post("/prompt", {"prompt": {"7": {"class_type": "NoSuchNode"}}})
+    assert status == 400
+    assert body["error"]["type"] == "invalid_prompt"
+    assert "NoSuchNode" in body["error"]["message"]
+
+
+def test_listens_only_where_told(start_double, tmp_path: Path) -> None:
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path),
+                          "--listen", "127.0.0.2", host="127.0.0.2")  # fmt: skip
+    listeners = subprocess.run(["ss", "-ltnH", f"sport = :{double.port}"], capture_output=True, text=True)
+    if listeners.returncode != 0:
+        pytest.fail(f"ss failed: {listeners.stderr}")
+    assert f"127.0.0.2:{double.port}" in listeners.stdout
+    assert f"127.0.0.1:{double.port}" not in listeners.stdout

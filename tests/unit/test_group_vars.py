@@ -1,0 +1,48 @@
+"""The top-level group_vars/ is loaded by every playbook, under the inventory's groups."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+from conftest import venv_bin
+
+
+def show_config(root: Path, env: dict[str, str], inventory: Path) -> dict[str, dict[str, object]]:
+    env = {**env, "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1"}
+    done = subprocess.run(
+        [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/show-config.yml"],
+        cwd=root, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    task = json.loads(done.stdout)["plays"][0]["tasks"][0]["hosts"]
+    return {host: result["msg"] for host, result in task.items()}
+
+
+def test_site_settings_reach_every_host(root: Path, ansible_env: dict[str, str], tmp_path: Path) -> None:
+    site = yaml.safe_load((root / "group_vars" / "all" / "comfybake.yml").read_text())
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        yaml.safe_dump({"comfybake": {"hosts": {"a": None, "b": None}, "vars": {"ansible_connection": "local"}}})
+    )
+    config = show_config(root, {**ansible_env, "COMFYBAKE_EXTRA_CA_BUNDLE": ""}, inventory)
+    assert config["a"]["comfyui_model_store"] == site["comfyui_model_store"]
+    assert config["b"]["comfyui_extra_ca_certificates"] == []
+
+
+def test_inventory_groups_and_hosts_override_the_site(root: Path, ansible_env: dict[str, str], tmp_path) -> None:
+    inventory = tmp_path / "inventory"
+    (inventory / "group_vars").mkdir(parents=True)
+    (inventory / "host_vars").mkdir()
+    (inventory / "hosts.yml").write_text(
+        yaml.safe_dump({"comfybake": {"hosts": {"a": None, "b": None}, "vars": {"ansible_connection": "local"}}})
+    )
+    (inventory / "group_vars" / "comfybake.yml").write_text("comfyui_model_store: /mnt/fleet\n")
+    (inventory / "host_vars" / "b.yml").write_text("comfyui_model_store: /mnt/b\n")
+    config = show_config(root, {**ansible_env, "COMFYBAKE_EXTRA_CA_BUNDLE": "/etc/ssl/certs/ca-certificates.crt"},
+                         inventory)  # fmt: skip
+    assert config["a"]["comfyui_model_store"] == "/mnt/fleet"
+    assert config["b"]["comfyui_model_store"] == "/mnt/b"
+    assert config["a"]["comfyui_extra_ca_certificates"] == ["/etc/ssl/certs/ca-certificates.crt"]
