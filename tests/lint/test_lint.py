@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import venv_bin
+from harness.tools import venv_bin
 
 
 def run(root: Path, *argv: str, env: dict[str, str] | None = None) -> None:

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BASE_IMAGE
+from harness.tools import BASE_IMAGE
 
 pytestmark = pytest.mark.docker
 

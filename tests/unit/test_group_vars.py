@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from conftest import venv_bin
+from harness.tools import venv_bin
 
 
 def show_config(root: Path, env: dict[str, str], inventory: Path) -> dict[str, dict[str, object]]:
