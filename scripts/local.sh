@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # comfybake's local target: a systemd container on this machine, converged with
-# playbooks/site.yml through inventories/local. `up` starts it (from the local base image,
-# or COMFYBAKE_BASE_IMAGE) and converges it; `down` removes it.
+# playbooks/site.yml through inventories/local. `start` boots it (from the local base image,
+# or COMFYBAKE_BASE_IMAGE) and waits for systemd; `up` starts it and converges it; `down`
+# removes it.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,6 +38,10 @@ start_container() {
 }
 
 case "${1:-}" in
+  start)
+    start_container
+    say "$name is running systemd"
+    ;;
   up)
     start_container
     cd "$root"
@@ -48,7 +53,7 @@ case "${1:-}" in
     docker rm -f "$name" >/dev/null 2>&1 && say "removed $name" || say "$name was not running"
     ;;
   *)
-    echo "usage: scripts/local.sh up|down" >&2
+    echo "usage: scripts/local.sh start|up|down" >&2
     exit 2
     ;;
 esac
