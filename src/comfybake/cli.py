@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -12,7 +13,13 @@ from comfybake import __version__
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
 
+# Modules that add subcommands; imported when the parser is built (they import this module).
+COMMAND_MODULES = ("comfybake.models",)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
     parser = argparse.ArgumentParser(
         prog="comfybake",
         description="Bake and provision GPU machines that serve ComfyUI.",
