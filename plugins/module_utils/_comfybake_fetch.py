@@ -444,13 +444,17 @@ class Store:
         self._lock = threading.Lock()
         self.records: dict[str, Any] = {"version": 1, "files": {}, "archives": {}, "names": {}}
         self._dirty: dict[str, dict[str, Any]] = {"files": {}, "archives": {}, "names": {}}
-        path = os.path.join(self.state_dir, RECORDS_FILE)
-        with contextlib.suppress(FileNotFoundError):
-            with open(path, encoding="utf-8") as handle:
-                loaded = json.load(handle)
-            if isinstance(loaded, dict) and loaded.get("version") == 1:
-                for section in ("files", "archives", "names"):
-                    self.records[section] = dict(loaded.get(section) or {})
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the records another process may have written (after waiting for a lock)."""
+        loaded = _read_records(os.path.join(self.state_dir, RECORDS_FILE))
+        with self._lock:
+            for section in ("files", "archives", "names"):
+                self.records[section] = {**loaded[section], **self._pending(section)}
+
+    def _pending(self, section: str) -> dict[str, Any]:
+        return {k: v for k, v in self._dirty[section].items() if v is not None}
 
     def path(self, relpath: str) -> str:
         """The absolute path of `relpath`, refusing one that resolves outside the store."""
@@ -535,12 +539,7 @@ class Store:
         path = os.path.join(self.state_dir, RECORDS_FILE)
         with open(os.path.join(self.state_dir, "records.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            current: dict[str, Any] = {"version": 1, "files": {}, "archives": {}, "names": {}}
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                with open(path, encoding="utf-8") as handle:
-                    loaded = json.load(handle)
-                if isinstance(loaded, dict) and loaded.get("version") == 1:
-                    current.update({k: dict(loaded.get(k) or {}) for k in ("files", "archives", "names")})
+            current = _read_records(path)
             for section, changes in self._dirty.items():
                 for key, value in changes.items():
                     if value is None:
@@ -553,6 +552,16 @@ class Store:
             os.replace(temporary, path)
             self.records = current
             self._dirty = {"files": {}, "archives": {}, "names": {}}
+
+
+def _read_records(path: str) -> dict[str, Any]:
+    records: dict[str, Any] = {"version": 1, "files": {}, "archives": {}, "names": {}}
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        with open(path, encoding="utf-8") as handle:
+            loaded = json.load(handle)
+        if isinstance(loaded, dict) and loaded.get("version") == 1:
+            records.update({k: dict(loaded.get(k) or {}) for k in ("files", "archives", "names")})
+    return records
 
 
 def stat_record(path: str) -> dict[str, int]:
@@ -602,6 +611,7 @@ class StreamHasher:
         self._spans: list[tuple[int, int]] = [(0, start)] if start else []
         self._watermark = start
         self._finished = False
+        self._aborted = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
@@ -657,10 +667,9 @@ class StreamHasher:
         return self._digest.hexdigest(), self._hashed
 
     def abort(self) -> None:
+        """Stop hashing at once (the transfer failed); the bytes on disk stay as they are."""
         with self._cond:
-            self._finished = True
-            self._spans = []
-            self._watermark = self._hashed
+            self._finished = self._aborted = True
             self._cond.notify_all()
         self._thread.join()
 
@@ -670,7 +679,7 @@ class StreamHasher:
                 with self._cond:
                     while self._hashed >= self._watermark and not self._finished:
                         self._cond.wait()
-                    if self._hashed >= self._watermark:
+                    if self._aborted or self._hashed >= self._watermark:
                         return
                     digest, start, target = self._digest, self._hashed, self._watermark
                     while self._fed and self._fed[0][0] < start:
@@ -762,9 +771,7 @@ class Client:
         session: requests.Session | None = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
-            session.trust_env = True
-            if self.options.ca_bundle:
-                session.verify = self.options.ca_bundle
+            session.trust_env = True  # proxies from the environment
             session.headers["User-Agent"] = "comfybake-fetch/1"
             session.headers["Accept-Encoding"] = "identity"
             self._local.session = session
@@ -844,6 +851,8 @@ class Client:
                 stream=stream,
                 allow_redirects=False,
                 timeout=(self.options.timeout, self.options.timeout),
+                # per request: with trust_env, requests lets REQUESTS_CA_BUNDLE override the session's
+                verify=self.options.ca_bundle or True,
             )
             if response.status_code not in (301, 302, 303, 307, 308) or "Location" not in response.headers:
                 response.url = current
@@ -943,6 +952,7 @@ class _Plan:
     sources: list[Remote] = field(default_factory=list)
     expected: str | None = None  # sha256 to verify against
     needs_fetch: bool = False
+    local: tuple[str, int] | None = None  # (sha256, size) of the file already at the path, once hashed
     started: float = 0.0
 
 
@@ -1022,7 +1032,7 @@ class Fetcher:
                 item["extract"] = True
                 if entry.files:
                     item["files"] = list(entry.files)
-            if entry.allow_http:
+            if url.startswith("http://"):
                 item["allow_http"] = True
             locked.append(item)
         return locked
@@ -1098,7 +1108,7 @@ class Fetcher:
         if expected is None:
             plan.needs_fetch = True  # the source's published hash decides, after the probe
             return
-        digest, size = hash_file(path)
+        digest, size = plan.local = hash_file(path)
         if digest == expected and entry.size in (None, size):
             self._record_file(relpath, path, digest, entry)
             result.action, result.sha256, result.size = "present", digest, size
@@ -1161,7 +1171,10 @@ class Fetcher:
         if not entry.url.startswith("file://"):
             self._head(origin, entry)
         if plan.relpath is None:
-            plan.relpath = entry.dest + sanitize_filename(origin.filename or "", entry)
+            exact = not entry.folder or entry.extract
+            plan.relpath = (
+                entry.dest.rstrip("/") if exact else entry.dest + sanitize_filename(origin.filename or "", entry)
+            )
         plan.result.path = self.store.path(plan.relpath)
         if entry.sha256 and origin.sha256 and entry.sha256 != origin.sha256:
             raise ChecksumError(
@@ -1197,10 +1210,12 @@ class Fetcher:
         if entry.extract or not plan.expected or not os.path.isfile(path):
             return
         record = self.store.file_record(plan.relpath)
-        if record and stat_matches(path, record) and record.get("sha256") == plan.expected:
-            digest, size = plan.expected, record["size"]
+        if plan.local is not None:
+            digest, size = plan.local
+        elif self.options.verify == "recorded" and record and stat_matches(path, record):
+            digest, size = record.get("sha256", ""), record["size"]
         else:
-            digest, size = hash_file(path)
+            digest, size = plan.local = hash_file(path)
         if digest == plan.expected:
             self._record_file(plan.relpath, path, digest, entry)
             self._remember_name(plan)
@@ -1332,9 +1347,11 @@ class Fetcher:
         path = self.store.path(plan.relpath)
         self.store.makedirs(os.path.dirname(path))
         with self.store.locked(plan.relpath):
+            self.store.refresh()
             if not entry.extract:
                 record = self.store.file_record(plan.relpath)
-                if record and stat_matches(path, record) and record.get("sha256") == plan.expected:
+                fresh = plan.local is None  # a file this run hashed and found wrong is not trusted by stat
+                if fresh and record and stat_matches(path, record) and record.get("sha256") == plan.expected:
                     result.action, result.sha256, result.size = "present", record["sha256"], record["size"]
                     return  # another run fetched it while we waited for the lock
             staging = staging_path(path, entry.extract)
@@ -1389,11 +1406,11 @@ class Fetcher:
             try:
                 job.run()
             except BaseException as error:
-                hasher.abort()
                 transient = isinstance(error, (TransferError, HTTPStatusError)) or not isinstance(error, Exception)
                 keep = job.resumable and transient
                 if keep:
                     job.checkpoint(force=True)
+                hasher.abort()
                 raise
             digest, size = hasher.finish()
             if source.size is not None and size != source.size:
@@ -1579,7 +1596,7 @@ class _Transfer:
             self._check_type(response)
             expected = self._expected_length(response, start)
             position = start
-            for chunk in self._chunks(response):
+            for chunk in self._chunks(response, start):
                 self._write(position, chunk, feed=True)
                 position += len(chunk)
                 self.checkpoint(position)
@@ -1651,7 +1668,7 @@ class _Transfer:
                     if response.status_code != 206:
                         raise self.fetcher.client.status_error(response, self.entry)
                     self._check_type(response)
-                    for chunk in self._chunks(response, limit=end - position):
+                    for chunk in self._chunks(response, position, limit=end - position):
                         self._write(position, chunk, feed=True)
                         position += len(chunk)
                     if position < end:
@@ -1679,7 +1696,7 @@ class _Transfer:
         except requests.RequestException as error:
             raise TransferError(f"request failed: {type(error).__name__}", self.entry.name) from None
 
-    def _chunks(self, response: requests.Response, limit: int | None = None) -> Iterator[bytes]:
+    def _chunks(self, response: requests.Response, offset: int, limit: int | None = None) -> Iterator[bytes]:
         received = 0
         try:
             for chunk in response.iter_content(BLOCK):
@@ -1691,8 +1708,9 @@ class _Transfer:
                 if limit is not None and received >= limit:
                     return
         except requests.RequestException as error:
+            total = f" of {human(self.source.size)}" if self.source.size is not None else ""
             raise TransferError(
-                f"connection broke after {human(received)} ({type(error).__name__}); run again to resume",
+                f"incomplete read {human(offset + received)}{total}: the connection broke ({type(error).__name__})",
                 self.entry.name,
             ) from None
 

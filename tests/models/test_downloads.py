@@ -1,0 +1,350 @@
+"""Downloads: integrity, atomicity, resume, retries, concurrency, idempotence (DL-01..DL-11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from harness.mockhub import MockHub, VirtualFile
+from harness.models import Run, no_leftovers, safetensors, sha256, tree_hash
+
+MiB = 1 << 20
+
+
+def test_download_verifies_records_and_second_run_moves_no_bytes(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-10: the second run makes no request at all and touches no file."""
+    body = safetensors(os.urandom(3 * MiB))
+    hub.add("/m/a.safetensors", body)
+    models = [{"url": f"{hub.url}/m/a.safetensors", "dest": "checkpoints/a.safetensors", "sha256": sha256(body)}]
+    first = run.one(models)
+    assert (first.action, first.changed, first.bytes, first.sha256) == ("downloaded", True, len(body), sha256(body))
+    target = store / "checkpoints" / "a.safetensors"
+    assert target.read_bytes() == body
+    assert oct(target.stat().st_mode & 0o7777) == "0o640"
+    assert oct((store / "checkpoints").stat().st_mode & 0o7777) == "0o2750"
+    before, served = tree_hash(store), len(hub.requests())
+    second = run.one(models)
+    assert (second.action, second.changed, second.bytes) == ("present", False, 0)
+    assert len(hub.requests()) == served, "a converged store still made requests"
+    assert tree_hash(store) == before
+    check = run.one(models, check_mode=True)
+    assert (check.action, check.changed) == ("present", False)
+    no_leftovers(store)
+
+
+def test_check_mode_probes_with_head_and_writes_nothing(run: Run, hub: MockHub, store: Path) -> None:
+    body = safetensors()
+    hub.add("/m/b.safetensors", body)
+    result = run.one(
+        [{"url": f"{hub.url}/m/b.safetensors", "dest": "loras/b.safetensors"}], check_mode=True, **{}
+    )  # no sha256 and none published: check mode still reports the problem below
+    assert result.action == "failed"
+    assert "no sha256" in (result.msg or "")
+    result = run.one(
+        [{"url": f"{hub.url}/m/b.safetensors", "dest": "loras/b.safetensors", "sha256": sha256(body)}],
+        check_mode=True,
+    )
+    assert (result.action, result.changed, result.size) == ("would_download", True, len(body))
+    assert {r.method for r in hub.requests()} == {"HEAD"}
+    assert list(store.iterdir()) == []
+
+
+def test_checksum_mismatch_keeps_the_good_file(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-01: a wrong hash fails, names both hashes, and leaves the installed file alone."""
+    good, other = safetensors(seed=1), safetensors(seed=2)
+    hub.add("/m/c.safetensors", good)
+    entry = {"url": f"{hub.url}/m/c.safetensors", "dest": "checkpoints/c.safetensors"}
+    assert run.one([{**entry, "sha256": sha256(good)}]).action == "downloaded"
+    before = tree_hash(store)
+    result = run.one([{**entry, "sha256": sha256(other)}])
+    assert result.action == "failed"
+    assert f"sha256 mismatch for checkpoints/c.safetensors: expected {sha256(other)} got {sha256(good)}" in (
+        result.msg or ""
+    )
+    assert tree_hash(store) == before
+    no_leftovers(store)
+
+
+def test_truncated_body_without_resume_fails_and_leaves_nothing(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-02: a Content-Length promise that is not kept."""
+    body = os.urandom(6 * MiB)
+    hub.add("/m/t.bin", body, ranges=False, truncate_at=2 * MiB)
+    result = run.one([{"url": f"{hub.url}/m/t.bin", "dest": "vae/t.bin", "sha256": sha256(body)}])
+    assert result.action == "failed"
+    assert "incomplete read" in (result.msg or "") or "connection broke" in (result.msg or "")
+    assert not (store / "vae" / "t.bin").exists()
+    no_leftovers(store)
+
+
+def test_truncated_body_resumes_from_where_it_stopped(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-02 with resume: one cut, then a ranged request for the rest only."""
+    body = os.urandom(3 * MiB)
+    hub.add("/m/r.bin", body, truncate_at=MiB + 123, truncate_times=1)
+    result = run.one([{"url": f"{hub.url}/m/r.bin", "dest": "vae/r.bin", "sha256": sha256(body)}], connections=1)
+    assert result.action == "downloaded"
+    assert (store / "vae" / "r.bin").read_bytes() == body
+    gets = [r for r in hub.requests("/m/r.bin") if r.method == "GET"]
+    assert len(gets) == 2
+    resumed_at = int(gets[1].headers["Range"].removeprefix("bytes=").rstrip("-"))
+    assert MiB <= resumed_at <= MiB + 123, "the resume did not start where the cut was"
+    assert hub.bytes_served - len(body) <= 123, "more than the unreceived tail was fetched twice"
+    no_leftovers(store)
+
+
+def test_truncated_chunked_stream_fails(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-03: a chunked body cut short, with no length to compare against."""
+    body = os.urandom(2 * MiB)
+    hub.add("/m/chunked.bin", body, chunked=True, ranges=False, truncate_at=MiB)
+    result = run.one([{"url": f"{hub.url}/m/chunked.bin", "dest": "vae/chunked.bin", "sha256": sha256(body)}])
+    assert result.action == "failed"
+    assert not (store / "vae" / "chunked.bin").exists()
+    no_leftovers(store)
+
+
+def _partial_run(run: Run, hub: MockHub, body: bytes, cut: int) -> dict[str, object]:
+    """A first run that breaks after `cut` bytes and may not retry: it leaves a resumable partial."""
+    hub.add("/m/p.bin", body, truncate_at=cut, truncate_times=1)
+    entry = {"url": f"{hub.url}/m/p.bin", "dest": "vae/p.bin", "sha256": sha256(body)}
+    result = run.one([entry], retries=0, connections=1)
+    assert result.action == "failed"
+    assert "incomplete read" in (result.msg or "")
+    return entry
+
+
+def test_range_ignored_restarts_from_zero(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-05a: a partial exists and the server answers Range with a full 200."""
+    body = os.urandom(3 * MiB)
+    entry = _partial_run(run, hub, body, MiB)
+    assert (store / "vae" / ".p.bin.comfybake-partial").stat().st_size >= MiB
+    hub.add("/m/p.bin", body, ignore_range=True)
+    report = run([entry], connections=1)
+    assert report.results[0].action == "downloaded"
+    assert any("server ignored Range; restarting" in w for w in report.warnings)
+    assert (store / "vae" / "p.bin").read_bytes() == body
+    no_leftovers(store)
+
+
+def test_partial_of_a_changed_remote_is_discarded(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-05b: the recorded validator differs from the current one."""
+    old, new = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    entry = _partial_run(run, hub, old, MiB)
+    hub.add("/m/p.bin", new)
+    report = run([{**entry, "sha256": sha256(new)}], connections=1)
+    assert report.results[0].action == "downloaded"
+    assert any("discarding the partial download" in w for w in report.warnings)
+    assert (store / "vae" / "p.bin").read_bytes() == new
+    no_leftovers(store)
+
+
+def test_complete_partial_is_finalised_without_refetch(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-06: every byte was written but the process died before the rename."""
+    body = os.urandom(3 * MiB)
+    entry = _partial_run(run, hub, body, MiB)
+    staging = store / "vae" / ".p.bin.comfybake-partial"
+    staging.write_bytes(body)  # the rest arrived, then the process was killed before its checkpoint
+    sidecar = staging.with_name(staging.name + ".json")
+    state = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**state, "prefix": len(body)}))
+    hub.reset_log()
+    result = run.one([entry])
+    assert (result.action, result.changed, result.bytes) == ("downloaded", True, 0)
+    assert hub.bytes_served == 0
+    assert (store / "vae" / "p.bin").read_bytes() == body
+    assert run.one([entry]).changed is False
+    no_leftovers(store)
+
+
+def test_free_space_preflight_fails_before_any_get(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-07: need more than the filesystem has free."""
+    free = os.statvfs(store).f_bavail * os.statvfs(store).f_frsize
+    huge = VirtualFile(free + (1 << 30))
+    hub.add("/m/huge.bin", huge)
+    result = run.one([{"url": f"{hub.url}/m/huge.bin", "dest": "unet/huge.bin", "sha256": "0" * 64}])
+    assert result.action == "failed"
+    assert "need " in (result.msg or "")
+    assert "(free " in (result.msg or "")
+    assert str(store) in (result.msg or "")
+    assert [r.method for r in hub.requests()] == ["HEAD"]
+    no_leftovers(store)
+
+
+def test_staging_sits_next_to_the_destination(run: Run, hub: MockHub, store: Path, tmp_path: Path) -> None:
+    """DL-08 and DL-04's window: nothing goes to the temp dir; the partial has no model extension."""
+    body = safetensors(os.urandom(4 * MiB))
+    hub.add("/m/slow.safetensors", body, rate=4 * MiB)
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            folder = store / "loras"
+            if folder.exists():
+                seen.update(p.name for p in folder.iterdir())
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run.one(
+            [{"url": f"{hub.url}/m/slow.safetensors", "dest": "loras/slow.safetensors", "sha256": sha256(body)}]
+        )
+    finally:
+        done.set()
+        watcher.join()
+    assert result.action == "downloaded"
+    assert ".slow.safetensors.comfybake-partial" in seen
+    assert all(name == "slow.safetensors" or not name.endswith(".safetensors") for name in seen)
+    no_leftovers(store)
+
+
+def test_parallel_ranges_fetch_every_byte_once(run: Run, hub: MockHub, store: Path) -> None:
+    body = VirtualFile(24 * MiB + 12345, seed=7)
+    hub.add("/m/big.bin", body)
+    result = run.one([{"url": f"{hub.url}/m/big.bin", "dest": "unet/big.bin", "sha256": body.sha256()}], connections=4)
+    assert result.action == "downloaded"
+    assert result.sha256 == body.sha256()
+    gets = [r for r in hub.requests("/m/big.bin") if r.method == "GET"]
+    assert len(gets) == 25
+    assert all(r.headers.get("Range", "").startswith("bytes=") for r in gets)
+    assert hub.bytes_served == body.size
+    no_leftovers(store)
+
+
+def test_concurrent_runs_download_once(hub: MockHub, store: Path) -> None:
+    """DL-09: two runs on one store at once: one GET body, one winner, the other sees it verified."""
+    body = os.urandom(6 * MiB)
+    hub.add("/m/shared.bin", body, rate=12 * MiB)
+    models = [{"url": f"{hub.url}/m/shared.bin", "dest": "vae/shared.bin", "sha256": sha256(body)}]
+    results = []
+
+    def one() -> None:
+        results.append(Run(hub, store).one(models))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.action for r in results) == ["downloaded", "present"]
+    assert hub.bytes_served == len(body)
+    assert (store / "vae" / "shared.bin").read_bytes() == body
+    no_leftovers(store)
+
+
+def test_retries_honour_retry_after_and_succeed(run: Run, hub: MockHub) -> None:
+    """DL-11: 503 twice then 200; 429 with Retry-After."""
+    body = os.urandom(MiB)
+    hub.add("/m/flaky.bin", body, fail_first=[(503, {}), (503, {})])
+    assert (
+        run.one([{"url": f"{hub.url}/m/flaky.bin", "dest": "vae/flaky.bin", "sha256": sha256(body)}], retries=3).action
+        == "downloaded"
+    )
+    hub.add("/m/busy.bin", body, fail_first=[(429, {"Retry-After": "1"})])
+    started = time.monotonic()
+    assert run.one([{"url": f"{hub.url}/m/busy.bin", "dest": "vae/busy.bin", "sha256": sha256(body)}]).action == (
+        "downloaded"
+    )
+    assert time.monotonic() - started >= 1.0, "Retry-After: 1 was not honoured"
+
+
+def test_retries_are_bounded_and_name_the_last_status(run: Run, hub: MockHub) -> None:
+    hub.add("/m/down.bin", b"x", error=(503, {"X-Request-Id": "req-42"}, "unavailable"))
+    result = run.one([{"url": f"{hub.url}/m/down.bin", "dest": "vae/down.bin", "sha256": "0" * 64}], retries=2)
+    assert result.action == "failed"
+    assert "HTTP 503" in (result.msg or "")
+    assert "after 3 attempts" in (result.msg or "")
+    assert "request id req-42" in (result.msg or "")
+    assert len(hub.requests("/m/down.bin")) == 3
+
+
+def test_401_403_404_are_never_retried(run: Run, hub: MockHub) -> None:
+    for status in (401, 403, 404):
+        hub.add(f"/m/{status}.bin", b"x", error=(status, {}, "no"))
+        result = run.one(
+            [{"url": f"{hub.url}/m/{status}.bin", "dest": f"vae/{status}.bin", "sha256": "0" * 64}], retries=3
+        )
+        assert result.action == "failed"
+        assert len(hub.requests(f"/m/{status}.bin")) == 1
+
+
+def test_one_failure_does_not_stop_the_others(run: Run, hub: MockHub, store: Path) -> None:
+    body = os.urandom(1000)
+    hub.add("/m/ok.bin", body)
+    report = run(
+        [
+            {"url": f"{hub.url}/m/missing.bin", "dest": "vae/missing.bin", "sha256": "0" * 64},
+            {"url": f"{hub.url}/m/ok.bin", "dest": "vae/ok.bin", "sha256": sha256(body)},
+        ]
+    )
+    assert [r.action for r in report.results] == ["failed", "downloaded"]
+    assert "not found" in (report.results[0].msg or "")
+    assert (store / "vae" / "ok.bin").read_bytes() == body
+
+
+def test_full_verification_catches_silent_corruption(run: Run, hub: MockHub, store: Path) -> None:
+    body = os.urandom(2 * MiB)
+    hub.add("/m/v.bin", body)
+    models = [{"url": f"{hub.url}/m/v.bin", "dest": "vae/v.bin", "sha256": sha256(body)}]
+    run.one(models)
+    target = store / "vae" / "v.bin"
+    info = target.stat()
+    with target.open("r+b") as handle:  # flip a byte in place, keep size, inode and mtime
+        handle.seek(1000)
+        handle.write(bytes([body[1000] ^ 0xFF]))
+    os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert run.one(models).action == "present"  # recorded mode trusts the unchanged stat
+    hub.reset_log()
+    repaired = run.one(models, verify="full")
+    assert repaired.action == "downloaded"
+    assert target.read_bytes() == body
+    assert hub.bytes_served == len(body)
+
+
+def test_state_absent_removes_file_and_record(run: Run, hub: MockHub, store: Path) -> None:
+    body = os.urandom(100)
+    hub.add("/m/gone.bin", body)
+    entry = {"url": f"{hub.url}/m/gone.bin", "dest": "vae/gone.bin", "sha256": sha256(body)}
+    run.one([entry])
+    assert run.one([{**entry, "state": "absent"}], check_mode=True).action == "would_remove"
+    assert (store / "vae" / "gone.bin").exists()
+    assert run.one([{**entry, "state": "absent"}]).action == "removed"
+    assert not (store / "vae" / "gone.bin").exists()
+    records = json.loads((store / ".comfybake" / "verified.json").read_text())
+    assert "vae/gone.bin" not in records["files"]
+    assert run.one([{**entry, "state": "absent"}]).changed is False
+
+
+def test_mirror_first_then_origin(run: Run, hub: MockHub, cdn: MockHub, store: Path) -> None:
+    body = os.urandom(5000)
+    hub.add("/m/mirrored.bin", body)
+    cdn.add("/store/vae/mirrored.bin", body)
+    entry = {"url": f"{hub.url}/m/mirrored.bin", "dest": "vae/mirrored.bin", "sha256": sha256(body)}
+    assert run.one([entry], mirrors=(f"{cdn.url}/store",)).action == "downloaded"
+    assert hub.bytes_served == 0
+    assert cdn.bytes_served == len(body)
+    (store / "vae" / "mirrored.bin").unlink()
+    cdn.add("/store/vae/mirrored.bin", os.urandom(5000))  # the mirror serves other bytes
+    report = run([entry], mirrors=(f"{cdn.url}/store",))
+    assert report.results[0].action == "downloaded"
+    assert hub.bytes_served == len(body)
+    assert any("mirror" in w and "sha256 mismatch" in w for w in report.warnings)
+    assert (store / "vae" / "mirrored.bin").read_bytes() == body
+    no_leftovers(store)
+
+
+def test_file_sources_are_copied_and_verified(run: Run, store: Path, tmp_path: Path) -> None:
+    source = tmp_path / "local.safetensors"
+    source.write_bytes(safetensors())
+    result = run.one(
+        [{"url": f"file://{source}", "dest": "loras/"}],
+        allow_http=False,
+    )
+    assert result.action == "failed"
+    assert "no sha256" in (result.msg or "")
+    result = run.one([{"url": f"file://{source}", "dest": "loras/", "allow_unverified": True}])
+    assert result.action == "downloaded"
+    assert (store / "loras" / "local.safetensors").read_bytes() == source.read_bytes()
+    assert run.one([{"url": f"file://{source}", "dest": "loras/", "allow_unverified": True}]).action == "present"
