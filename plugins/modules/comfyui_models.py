@@ -242,7 +242,8 @@ models:
     action:
       description:
         - What happened. C(downloaded), C(extracted), C(present), C(removed), C(absent) or C(failed);
-          in check mode C(would_download), C(would_extract) or C(would_remove).
+          in check mode C(would_download), C(would_extract) or C(would_remove), or C(unprobed) on a
+          host that lacks the requests library until the comfyui role installs it.
       type: str
       sample: downloaded
     changed:
@@ -376,6 +377,13 @@ def main():
     params = module.params
     result = {"changed": False, "models": [], "bytes": 0}
     if not HAS_REQUESTS:
+        if module.check_mode:
+            # A fresh host in check mode: the comfyui role would install python3-requests first.
+            module.warn("requests is not installed yet, so check mode cannot probe the sources")
+            result["models"] = [
+                {"name": item["dest"], "action": "unprobed", "changed": True} for item in params["models"]
+            ]
+            module.exit_json(**{**result, "changed": bool(params["models"])})
         module.fail_json(msg=missing_required_lib("requests"), exception=str(REQUESTS_IMPORT_ERROR), **result)
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ def test_there_are_scenarios() -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_molecule_scenario(scenario: str, docker_engine: None, ansible_env: dict[str, str]) -> None:
-    env = {**ansible_env, "MOLECULE_NO_LOG": "false"}
+    # A token handed to scenarios that use one (the model origin requires it); it must never print.
+    canary = f"hf_CANARY_{uuid.uuid4().hex}"
+    env = {**ansible_env, "MOLECULE_NO_LOG": "false", "COMFYBAKE_CANARY": canary}
     env.setdefault("COMFYBAKE_EXTRA_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
     done = subprocess.run(
         [venv_bin("molecule"), "test", "--scenario-name", scenario],
@@ -31,5 +34,6 @@ def test_molecule_scenario(scenario: str, docker_engine: None, ansible_env: dict
             f"molecule test -s {scenario} failed:\n{done.stdout[-20000:]}\n{done.stderr[-5000:]}", pytrace=False
         )
     report = done.stdout + done.stderr
+    assert canary not in report, "the canary token appeared in molecule's output"
     for action in ("check", "converge", "idempotence", "verify", "side_effect"):
         assert f"{scenario} > {action}: Executed: Successful" in report, f"{action} did not run successfully"

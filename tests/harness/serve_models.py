@@ -1,0 +1,104 @@
+"""A model origin for the molecule scenario: a Hub-like origin plus a CDN (another port, so
+another origin for tokens), serving a small manifest of deterministic models. It publishes its
+URL, the manifest and its counters in a JSON state file and exits when that file is removed.
+
+    python tests/harness/serve_models.py --bind 172.17.0.1 --state /path/origin.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.archives import antelopev2_zip
+from harness.mockhub import MockHub, VirtualFile, body_sha256
+
+MiB = 1 << 20
+
+
+def safetensors(size: int, seed: int) -> bytes:
+    header = (b'{"__metadata__":{"seed":"%d"}}' % seed).ljust(64, b" ")
+    payload = VirtualFile(size, seed).read(0, size)
+    return len(header).to_bytes(8, "little") + header + payload
+
+
+def model_bytes(hub: MockHub) -> int:
+    """GET body bytes of model files (the Civitai API's JSON answers are metadata, not models)."""
+    return sum(r.body_bytes for r in hub.requests() if r.method == "GET" and not r.path.startswith("/api/v1/"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--lifetime", type=float, default=3600)
+    args = parser.parse_args()
+    token = os.environ.get("COMFYBAKE_CANARY") or f"hf_CANARY_{uuid.uuid4().hex}"
+
+    with MockHub(args.bind) as origin, MockHub(args.bind) as cdn:
+        big = safetensors(80 * MiB, seed=1)  # over 64 MiB: fetched with parallel ranges
+        lora = safetensors(2 * MiB, seed=2)
+        vae = VirtualFile(3 * MiB + 17, seed=3)
+        pack = antelopev2_zip()
+        origin.add_hf("comfybake/test-models", "unet/big.safetensors", big, cdn=cdn, token=token, gated=True)
+        origin.add_civitai(4242, "style.safetensors", lora, cdn=cdn)
+        origin.add("/files/vae.bin", vae)
+        origin.add("/files/antelopev2.zip", pack)
+        manifest = [
+            {"url": "hf://comfybake/test-models/unet/big.safetensors@main", "dest": "unet/"},
+            {"url": "civitai://4242", "dest": "loras/"},
+            {"url": f"{origin.url}/files/vae.bin", "dest": "vae/test-vae.bin", "sha256": vae.sha256()},
+            {
+                "url": f"{origin.url}/files/antelopev2.zip",
+                "dest": "insightface/models/antelopev2/",
+                "extract": True,
+                "sha256": body_sha256(pack),
+                "files": ["glintr100.onnx", "scrfd_10g_bnkps.onnx"],
+            },
+        ]
+        expected = [
+            {"path": "unet/big.safetensors", "sha256": body_sha256(big), "served": len(big)},
+            {"path": "loras/style.safetensors", "sha256": body_sha256(lora), "served": len(lora)},
+            {"path": "vae/test-vae.bin", "sha256": vae.sha256(), "served": vae.size},
+        ]
+        total = sum(item["served"] for item in expected) + len(pack)
+        with zipfile.ZipFile(io.BytesIO(pack)) as archive:
+            for info in archive.infolist():
+                if not info.is_dir():
+                    name = info.filename.split("/", 1)[1]
+                    digest = hashlib.sha256(archive.read(info)).hexdigest()
+                    expected.append({"path": f"insightface/models/antelopev2/{name}", "sha256": digest, "served": 0})
+        deadline = time.monotonic() + args.lifetime
+        published = False
+        while time.monotonic() < deadline:
+            state = {
+                "url": origin.url,
+                "token": token,
+                "manifest": manifest,
+                "expected": expected,
+                "total": total,
+                "bytes_served": model_bytes(origin) + model_bytes(cdn),
+                "requests": len(origin.requests()) + len(cdn.requests()),
+            }
+            if published and not args.state.exists():
+                return 0  # the scenario's cleanup removed the state file
+            temporary = args.state.with_name(args.state.name + ".tmp")
+            temporary.write_text(json.dumps(state))
+            temporary.replace(args.state)
+            published = True
+            time.sleep(0.2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
