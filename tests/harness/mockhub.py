@@ -163,7 +163,7 @@ class MockHub:
         class Handler(_Handler):
             owner = hub
 
-        server = ThreadingHTTPServer((self.host, self._port), Handler)
+        server = _Server((self.host, self._port), Handler)
         server.daemon_threads = True
         if self.tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -338,6 +338,13 @@ class MockHub:
     def _record(self, request: Request) -> None:
         with self._lock:
             self._log.append(request)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that hang up (killed downloads, aborted ranges) are part of the tests: stay quiet."""
 
 
 class _Handler(BaseHTTPRequestHandler):
