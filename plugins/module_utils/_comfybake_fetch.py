@@ -12,6 +12,7 @@ import contextlib
 import email.utils
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -1849,13 +1850,14 @@ def _extract_archive(archive: str, work: str, entry: Entry, options: Options, st
     closer: contextlib.ExitStack = contextlib.ExitStack()
     with closer:
         if magic.startswith(b"PK"):
-            members = _zip_members(closer.enter_context(zipfile.ZipFile(archive)), entry, options)
+            zip_file = closer.enter_context(zipfile.ZipFile(archive))
+            members = _safe_members(_zip_members(zip_file, entry, options), entry, options)
         else:
             try:
                 tar = closer.enter_context(tarfile.open(archive, "r:*"))  # noqa: SIM115 - closed by the ExitStack
             except tarfile.TarError:
                 raise ArchiveError("not a zip or tar archive; check the url or drop extract", entry.name) from None
-            members = _tar_members(tar, entry, options)
+            members = _safe_members(_tar_members(tar, entry, options), entry, options)
         prefix = _strip_prefix([name for name, _size, _open in members], entry)
         os.mkdir(work, 0o700)
         hashes: dict[str, str] = {}
@@ -1895,10 +1897,11 @@ def _member_problem(name: str) -> str | None:
     return None
 
 
-def _zip_members(archive: zipfile.ZipFile, entry: Entry, options: Options) -> list[tuple[str, int, Any]]:
-    bad: list[str] = []
-    members: list[tuple[str, int, Any]] = []
-    declared = 0
+# (name, is a folder, is a link or special file, declared size, opener)
+_Member = tuple[str, bool, bool, int, Callable[[], IO[bytes]]]
+
+
+def _zip_members(archive: zipfile.ZipFile, entry: Entry, options: Options) -> Iterator[_Member]:
     infos = archive.infolist()
     if len(infos) > options.archive_max_members:
         raise ArchiveError(
@@ -1906,55 +1909,41 @@ def _zip_members(archive: zipfile.ZipFile, entry: Entry, options: Options) -> li
         )
     for info in infos:
         kind = stat.S_IFMT(info.external_attr >> 16)
-        problem = _member_problem(info.filename)
-        if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
-            problem = "is a link or special file"
-        if problem:
-            bad.append(f"{info.filename!r} {problem}")
-            continue
-        if info.is_dir():
-            continue
-        declared += info.file_size
-        members.append((info.filename, info.file_size, lambda info=info: archive.open(info)))
-    if bad:
-        raise ArchiveError("unsafe archive members, nothing extracted: " + "; ".join(bad), entry.name)
-    if declared > options.archive_max_bytes:
-        raise ArchiveError(
-            f"archive expands to {human(declared)}, over the limit of {human(options.archive_max_bytes)}", entry.name
-        )
-    return members
+        special = bool(kind) and kind not in (stat.S_IFREG, stat.S_IFDIR)
+        yield info.filename, info.is_dir(), special, info.file_size, functools.partial(archive.open, info)
 
 
-def _tar_members(archive: tarfile.TarFile, entry: Entry, options: Options) -> list[tuple[str, int, Any]]:
-    bad: list[str] = []
-    members: list[tuple[str, int, Any]] = []
-    declared = count = 0
-    for info in archive:
-        count += 1
+def _tar_members(archive: tarfile.TarFile, entry: Entry, options: Options) -> Iterator[_Member]:
+    for count, info in enumerate(archive, 1):
         if count > options.archive_max_members:
             raise ArchiveError(f"archive holds more than {options.archive_max_members} members", entry.name)
-        problem = _member_problem(info.name)
-        if not (info.isfile() or info.isdir()):
-            problem = "is a link or special file"
-        if problem:
-            bad.append(f"{info.name!r} {problem}")
-            continue
-        if info.isdir():
-            continue
-        declared += info.size
 
         def opener(info: tarfile.TarInfo = info) -> IO[bytes]:
             handle = archive.extractfile(info)
             return handle if handle is not None else io.BytesIO()
 
-        members.append((info.name, info.size, opener))
+        yield info.name, info.isdir(), not (info.isfile() or info.isdir()), info.size, opener
+
+
+def _safe_members(members: Iterator[_Member], entry: Entry, options: Options) -> list[tuple[str, int, Any]]:
+    """Every member checked before anything is extracted; one bad member rejects the archive."""
+    bad: list[str] = []
+    files: list[tuple[str, int, Any]] = []
+    declared = 0
+    for name, folder, special, size, opener in members:
+        problem = "is a link or special file" if special else _member_problem(name)
+        if problem:
+            bad.append(f"{name!r} {problem}")
+        elif not folder:
+            declared += size
+            files.append((name, size, opener))
     if bad:
         raise ArchiveError("unsafe archive members, nothing extracted: " + "; ".join(bad), entry.name)
     if declared > options.archive_max_bytes:
         raise ArchiveError(
             f"archive expands to {human(declared)}, over the limit of {human(options.archive_max_bytes)}", entry.name
         )
-    return members
+    return files
 
 
 def _strip_prefix(names: Sequence[str], entry: Entry) -> str:

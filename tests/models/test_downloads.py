@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from harness.mockhub import MockHub, VirtualFile
 from harness.models import Run, no_leftovers, safetensors, sha256, tree_hash
 
@@ -348,3 +350,28 @@ def test_file_sources_are_copied_and_verified(run: Run, store: Path, tmp_path: P
     assert result.action == "downloaded"
     assert (store / "loras" / "local.safetensors").read_bytes() == source.read_bytes()
     assert run.one([{"url": f"file://{source}", "dest": "loras/", "allow_unverified": True}]).action == "present"
+
+
+def test_disk_full_mid_stream_removes_the_partial(hub: MockHub, tmp_path: Path) -> None:
+    """DL-07 mid-stream: a source without a length passes the preflight, then fills the disk."""
+    store = tmp_path / "small"
+    store.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(store)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        keep = os.urandom(MiB)
+        hub.add("/keep.bin", keep)
+        big = os.urandom(16 * MiB)
+        hub.add("/big.bin", big, chunked=True, ranges=False)
+        run = Run(hub, store)
+        assert run.one([{"url": f"{hub.url}/keep.bin", "dest": "vae/keep.bin", "sha256": sha256(keep)}]).changed
+        before, free = tree_hash(store), os.statvfs(store).f_bavail
+        result = run.one([{"url": f"{hub.url}/big.bin", "dest": "unet/big.bin", "sha256": sha256(big)}])
+        assert result.action == "failed"
+        assert "disk full while writing" in (result.msg or "") and str(store) in (result.msg or "")
+        assert tree_hash(store) == before
+        assert os.statvfs(store).f_bavail == free, "the partial's space was not given back"
+        no_leftovers(store)
+    finally:
+        subprocess.run(["umount", str(store)], check=True)
