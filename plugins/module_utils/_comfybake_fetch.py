@@ -194,6 +194,7 @@ class Result:
     seconds: float = 0.0
     msg: str | None = None
     files: list[str] | None = None
+    replaced: str | None = None  # sha256 of the file this run replaced (or would replace)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -997,6 +998,9 @@ class Fetcher:
             for plan in fetching:
                 self._fail(plan, error)
             fetching = []
+        for plan in fetching:
+            if plan.local is not None:
+                plan.result.replaced = plan.local[0]
         if self.options.check_mode:
             for plan in fetching:
                 plan.result.action = "would_extract" if plan.entry.extract else "would_download"
@@ -1859,6 +1863,11 @@ def _extract_archive(archive: str, work: str, entry: Entry, options: Options, st
                 raise ArchiveError("not a zip or tar archive; check the url or drop extract", entry.name) from None
             members = _safe_members(_tar_members(tar, entry, options), entry, options)
         prefix = _strip_prefix([name for name, _size, _open in members], entry)
+        parent = os.path.dirname(work)
+        info = os.statvfs(parent)
+        needed, free = sum(size for _name, size, _open in members), info.f_bavail * info.f_frsize
+        if needed > free:
+            raise DiskFullError(f"need {human(needed)} on {parent} to extract (free {human(free)})", entry.name)
         os.mkdir(work, 0o700)
         hashes: dict[str, str] = {}
         total = 0

@@ -273,6 +273,10 @@ models:
       description: Why the entry failed.
       type: str
       returned: when failed
+    replaced:
+      description: SHA-256 of the file that was (or in check mode would be) replaced.
+      type: str
+      returned: when a wrong file was replaced
 bytes:
   description: Total bytes transferred.
   returned: always
@@ -366,7 +370,8 @@ def _diff(results):
             before.append(f"{where}: present\n")
             after.append(f"{where}: absent\n")
         else:
-            before.append(f"{where}: absent or different\n")
+            previous = f"sha256 {item['replaced']}" if item.get("replaced") else "absent"
+            before.append(f"{where}: {previous}\n")
             size = f" ({human(item['size'])})" if item.get("size") is not None else ""
             after.append(f"{where}: sha256 {item.get('sha256') or 'unknown'}{size}\n")
     return {"before": "".join(before), "after": "".join(after)}

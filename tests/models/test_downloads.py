@@ -301,6 +301,8 @@ def test_full_verification_catches_silent_corruption(run: Run, hub: MockHub, sto
     hub.reset_log()
     repaired = run.one(models, verify="full")
     assert repaired.action == "downloaded"
+    damaged = body[:1000] + bytes([body[1000] ^ 0xFF]) + body[1001:]
+    assert repaired.replaced == sha256(damaged), "the result does not name the file it replaced"
     assert target.read_bytes() == body
     assert hub.bytes_served == len(body)
 
