@@ -452,11 +452,8 @@ class Store:
         """Re-read the records another process may have written (after waiting for a lock)."""
         loaded = _read_records(os.path.join(self.state_dir, RECORDS_FILE))
         with self._lock:
-            for section in ("files", "archives", "names"):
-                self.records[section] = {**loaded[section], **self._pending(section)}
-
-    def _pending(self, section: str) -> dict[str, Any]:
-        return {k: v for k, v in self._dirty[section].items() if v is not None}
+            if not self._dirty["files"] and not self._dirty["archives"] and not self._dirty["names"]:
+                self.records = loaded  # every change of this run is saved already
 
     def path(self, relpath: str) -> str:
         """The absolute path of `relpath`, refusing one that resolves outside the store."""
@@ -1097,19 +1094,18 @@ class Fetcher:
         if not os.path.isfile(path):
             raise PathError(f"{path} exists and is not a regular file; remove it or choose another dest", entry.name)
         record = self.store.file_record(relpath)
-        trusted = (
-            self.options.verify == "recorded"
-            and record is not None
-            and stat_matches(path, record)
-            and entry.sha256 in (None, record.get("sha256"))
+        # Without a hash in the manifest, a record vouches only for the source it came from.
+        vouched = record is not None and (
+            entry.sha256 == record.get("sha256")
+            or (entry.sha256 is None and record.get("source") == _source_label(entry.url))
         )
-        if trusted and record is not None:
+        if vouched and record is not None and self.options.verify == "recorded" and stat_matches(path, record):
             if entry.size is not None and entry.size != record.get("size"):
                 plan.needs_fetch = True
                 return
             result.action, result.sha256, result.size = "present", record["sha256"], record["size"]
             return
-        expected = entry.sha256 or (record or {}).get("sha256")
+        expected = entry.sha256 or (record.get("sha256") if vouched and record is not None else None)
         if expected is None:
             plan.needs_fetch = True  # the source's published hash decides, after the probe
             return
@@ -1128,7 +1124,7 @@ class Fetcher:
         assert plan.relpath is not None  # noqa: S101 - extract entries always have a relpath
         record = self.store.archive_record(plan.relpath)
         entry = plan.entry
-        if record is None or record.get("source") != entry.url:
+        if record is None or record.get("source") != _source_label(entry.url):
             return False
         if entry.sha256 not in (None, record.get("sha256")):
             return False
@@ -1218,7 +1214,7 @@ class Fetcher:
         if plan.local is not None:
             digest, size = plan.local
         elif self.options.verify == "recorded" and record and stat_matches(path, record):
-            digest, size = record.get("sha256", ""), record["size"]
+            digest, size = plan.local = record.get("sha256", ""), record["size"]
         else:
             digest, size = plan.local = hash_file(path)
         if digest == plan.expected:
@@ -1502,11 +1498,13 @@ class Fetcher:
         for name, sha in files.items():
             info = stat_record(os.path.join(target, name))
             records[name] = {**info, "sha256": sha}
-        self.store.record("archives", plan.relpath, {"sha256": digest, "source": plan.entry.url, "files": records})
+        self.store.record(
+            "archives", plan.relpath, {"sha256": digest, "source": _source_label(plan.entry.url), "files": records}
+        )
         plan.result.files = sorted(files)
 
     def _record_file(self, relpath: str, path: str, digest: str, entry: Entry) -> None:
-        self.store.record("files", relpath, {**stat_record(path), "sha256": digest, "source": display_url(entry.url)})
+        self.store.record("files", relpath, {**stat_record(path), "sha256": digest, "source": _source_label(entry.url)})
 
     def _remember_name(self, plan: _Plan) -> None:
         if plan.entry.folder and not plan.entry.extract and plan.relpath:

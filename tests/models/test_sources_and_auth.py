@@ -141,3 +141,15 @@ def test_plain_http_needs_permission(run: Run, hub: MockHub) -> None:
     message = run.error([{"url": f"{hub.url}/m.bin", "dest": "x/m.bin"}], allow_http=False)
     assert "refusing plain http" in message
     assert "allow_http" in message
+
+
+def test_a_new_source_for_the_same_dest_is_fetched(run: Run, hub: MockHub, cdn: MockHub, store: Path) -> None:
+    """Without a sha256 in the manifest, a record vouches only for the source it was fetched from."""
+    first, second = safetensors(seed=8), safetensors(seed=9)
+    hub.add_hf("org/one", "m.safetensors", first, cdn=cdn)
+    hub.add_hf("org/two", "m.safetensors", second, cdn=cdn)
+    assert run.one([{"url": "hf://org/one/m.safetensors@main", "dest": "unet/m.safetensors"}]).action == "downloaded"
+    assert run.one([{"url": "hf://org/one/m.safetensors@main", "dest": "unet/m.safetensors"}]).action == "present"
+    result = run.one([{"url": "hf://org/two/m.safetensors@main", "dest": "unet/m.safetensors"}])
+    assert (result.action, result.sha256, result.replaced) == ("downloaded", sha256(second), sha256(first))
+    assert (store / "unet" / "m.safetensors").read_bytes() == second
