@@ -1418,6 +1418,12 @@ class Fetcher:
                 raise TransferError(f"incomplete read {human(size)} of {human(source.size)}", entry.name)
             expected = plan.expected
             if expected and digest != expected:
+                if state:  # the kept bytes may be stale: discard them and fetch once from the first byte
+                    self.warn(f"{entry.name}: the resumed download did not verify ({digest}); fetching it again")
+                    os.ftruncate(fd, 0)
+                    with contextlib.suppress(OSError):
+                        os.unlink(sidecar)
+                    return self._transfer(plan, source, staging)
                 raise ChecksumError(f"sha256 mismatch for {entry.name}: expected {expected} got {digest}", entry.name)
             if not entry.extract:
                 check_model_header(staging, plan.relpath or entry.dest, source.content_type)

@@ -377,3 +377,19 @@ def test_disk_full_mid_stream_removes_the_partial(hub: MockHub, tmp_path: Path) 
         no_leftovers(store)
     finally:
         subprocess.run(["umount", str(store)], check=True)
+
+
+def test_resumed_bytes_that_do_not_verify_are_fetched_again_once(run: Run, hub: MockHub, store: Path) -> None:
+    """DL-05b: a partial with a matching validator but bad bytes is discarded, then fetched whole."""
+    body = os.urandom(3 * MiB)
+    entry = _partial_run(run, hub, body, MiB)
+    staging = store / "vae" / ".p.bin.comfybake-partial"
+    with staging.open("r+b") as handle:  # the kept bytes went bad (another writer, a bad disk)
+        handle.write(b"\0" * 4096)
+    hub.reset_log()
+    report = run([entry], connections=1)
+    assert report.results[0].action == "downloaded"
+    assert any("the resumed download did not verify" in w for w in report.warnings)
+    assert (store / "vae" / "p.bin").read_bytes() == body
+    assert hub.bytes_served == len(body) + (len(body) - MiB), "expected one resumed tail, then one whole copy"
+    no_leftovers(store)
