@@ -1698,12 +1698,22 @@ class _Transfer:
 
     def _get(self, headers: Mapping[str, str]) -> requests.Response:
         entry = self.entry if not self.source.mirror else replace(self.entry, auth="none")
-        try:
-            return self.fetcher.client.request("GET", self.url, entry, headers=headers, stream=True)
-        except TransferError:
-            raise
-        except requests.RequestException as error:
-            raise TransferError(f"request failed: {type(error).__name__}", self.entry.name) from None
+        for _attempt in range(3):
+            url = self.url
+            try:
+                response = self.fetcher.client.request("GET", url, entry, headers=headers, stream=True)
+            except requests.RequestException as error:
+                raise TransferError(f"request failed: {type(error).__name__}", self.entry.name) from None
+            if response.status_code not in (401, 403, 404) or url == self.source.url:
+                return response
+            # A presigned URL (Hub, Civitai CDNs) that expired mid-transfer: ask the source again.
+            response.close()
+            with self._lock:
+                if self.url == url:
+                    self.fetcher.warn(f"{self.entry.name}: the download URL expired; asking the source for a new one")
+                    self.fetcher._head(self.source, entry)
+                    self.url = self.source.final_url or self.source.url
+        return self.fetcher.client.request("GET", self.url, entry, headers=headers, stream=True)
 
     def _chunks(self, response: requests.Response, offset: int, limit: int | None = None) -> Iterator[bytes]:
         received = 0

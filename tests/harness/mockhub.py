@@ -120,6 +120,9 @@ class Route:
     require_auth: str | None = None
     reject_auth: bool = False
     handler: Any = None  # callable(request handler) -> bool for dynamic routes (HF, Civitai)
+    expire_after: int | None = None  # after this many requests, the first URL's query (signature) is refused
+    seen: int = 0
+    first_query: str | None = None
 
 
 @dataclass
@@ -215,15 +218,20 @@ class MockHub:
         gated: bool = False,
         granted: bool = True,
         private: bool = False,
+        cdn_expire_after: int | None = None,
     ) -> str:
-        """A Hub file under /<repo>/resolve/<revision|commit>/<path>; returns its sha256."""
+        """A Hub file under /<repo>/resolve/<revision|commit>/<path>; returns its sha256.
+
+        Each redirect carries a new signature; with `cdn_expire_after`, the CDN refuses the first
+        signature after that many requests (a presigned URL that expires mid-download)."""
         digest = body_sha256(body)
         size = _size(body)
         self.hf_repos.add(repo)
         store = cdn or self
         cdn_path = f"/cdn/{digest}"
         if lfs:
-            store.add(cdn_path, body, etag=f'"{digest}"', reject_auth=True)
+            store.add(cdn_path, body, etag=f'"{digest}"', reject_auth=True, expire_after=cdn_expire_after)
+        signatures = iter(range(1, 1 << 30))
 
         def handle(request: _Handler) -> bool:
             auth = request.headers.get("Authorization")
@@ -251,7 +259,7 @@ class MockHub:
                     {"X-Error-Code": "GatedRepo"},
                 )
             if lfs:
-                location = f"{store.url}{cdn_path}?X-Amz-Signature=abc"
+                location = f"{store.url}{cdn_path}?X-Amz-Signature={next(signatures)}"
                 headers = {
                     "Location": location,
                     "X-Linked-Etag": f'"{digest}"',
@@ -404,6 +412,12 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def serve(self, route: Route) -> None:
+        if route.expire_after is not None:
+            route.seen += 1
+            route.first_query = self.query if route.first_query is None else route.first_query
+            if route.seen > route.expire_after and self.query == route.first_query:
+                self.reply(403, "Request has expired", {"X-Error-Code": "AccessDenied"})
+                return
         if route.fail_first:
             status, headers = route.fail_first.pop(0)
             self.reply(status, f"injected {status}", headers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from harness.mockhub import MockHub
+from harness.mockhub import MockHub, VirtualFile
 from harness.models import CANARY_CIVITAI, CANARY_HF, Run, no_leftovers, safetensors, sha256
 from harness.tls import make_tls
 
@@ -153,3 +153,18 @@ def test_a_new_source_for_the_same_dest_is_fetched(run: Run, hub: MockHub, cdn: 
     result = run.one([{"url": "hf://org/two/m.safetensors@main", "dest": "unet/m.safetensors"}])
     assert (result.action, result.sha256, result.replaced) == ("downloaded", sha256(second), sha256(first))
     assert (store / "unet" / "m.safetensors").read_bytes() == second
+
+
+def test_an_expired_presigned_url_is_renewed_without_refetching(
+    run: Run, hub: MockHub, cdn: MockHub, store: Path
+) -> None:
+    """The CDN URL stops working mid-download: ask the Hub again and carry on from where it was."""
+    body = VirtualFile(12 << 20, seed=11)
+    hub.add_hf(REPO, "big.bin", body, cdn=cdn, token=CANARY_HF, cdn_expire_after=4)
+    report = run([{"url": f"hf://{REPO}/big.bin@main", "dest": "unet/big.bin"}], connections=2)
+    assert report.results[0].action == "downloaded"
+    assert any("the download URL expired" in w for w in report.warnings)
+    model_bytes = sum(r.body_bytes for r in cdn.requests() if r.status == 206)
+    assert model_bytes == body.size, "bytes were fetched twice after the renewal"
+    assert [r.status for r in cdn.requests()].count(403) >= 1
+    assert_no_credentials(cdn)
