@@ -819,6 +819,10 @@ class Client:
                     ) from None
                 self.sleep(attempt, None)
                 continue
+            except requests.RequestException as error:  # an invalid URL, scheme or header: not retried
+                raise FetchError(
+                    f"cannot request {display_url(url)}: {type(error).__name__}; check the url", entry.name
+                ) from None
             if response.status_code in RETRY_STATUSES:
                 attempt += 1
                 if attempt > self.options.retries:

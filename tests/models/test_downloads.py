@@ -393,3 +393,14 @@ def test_resumed_bytes_that_do_not_verify_are_fetched_again_once(run: Run, hub: 
     assert (store / "vae" / "p.bin").read_bytes() == body
     assert hub.bytes_served == len(body) + (len(body) - MiB), "expected one resumed tail, then one whole copy"
     no_leftovers(store)
+
+
+def test_an_unusable_mirror_url_falls_through_to_the_origin(run: Run, hub: MockHub, store: Path) -> None:
+    body = os.urandom(1000)
+    hub.add("/m/o.bin", body)
+    report = run(
+        [{"url": f"{hub.url}/m/o.bin", "dest": "vae/o.bin", "sha256": sha256(body)}],
+        mirrors=("htps://typo.invalid/store",),
+    )
+    assert report.results[0].action == "downloaded"
+    assert any("mirror htps://typo.invalid/store/vae/o.bin failed" in w for w in report.warnings)
