@@ -17,7 +17,6 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -484,8 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_body(route, start, limit)
         if truncate or (route.chunked and limit < end):
             self.close_connection = True
-            with_socket = self.connection
-            with_socket.shutdown(socket.SHUT_RDWR)
+            self.connection.shutdown(socket.SHUT_RDWR)  # the promised length is never reached
         elif route.chunked:
             self.wfile.write(b"0\r\n\r\n")
 
@@ -504,7 +502,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         slice_size = 64 << 10 if route.rate or route.drip_delay else SLICE
         started = time.monotonic()
-        for offset in _slices(start, end, slice_size):
+        for offset in range(start, end, slice_size):
             data = _read(body, offset, min(slice_size, end - offset))
             if route.drip_delay:
                 time.sleep(route.drip_delay)
@@ -518,7 +516,3 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.wfile.write(data)
             self.entry.body_bytes += len(data)
-
-
-def _slices(start: int, end: int, size: int) -> Iterator[int]:
-    return iter(range(start, end, size))
