@@ -40,9 +40,8 @@ def test_download_verifies_records_and_second_run_moves_no_bytes(run: Run, hub: 
 def test_check_mode_probes_with_head_and_writes_nothing(run: Run, hub: MockHub, store: Path) -> None:
     body = safetensors()
     hub.add("/m/b.safetensors", body)
-    result = run.one(
-        [{"url": f"{hub.url}/m/b.safetensors", "dest": "loras/b.safetensors"}], check_mode=True, **{}
-    )  # no sha256 and none published: check mode still reports the problem below
+    # No sha256 and none published: check mode reports what the real run would refuse.
+    result = run.one([{"url": f"{hub.url}/m/b.safetensors", "dest": "loras/b.safetensors"}], check_mode=True)
     assert result.action == "failed"
     assert "no sha256" in (result.msg or "")
     result = run.one(
@@ -342,10 +341,7 @@ def test_mirror_first_then_origin(run: Run, hub: MockHub, cdn: MockHub, store: P
 def test_file_sources_are_copied_and_verified(run: Run, store: Path, tmp_path: Path) -> None:
     source = tmp_path / "local.safetensors"
     source.write_bytes(safetensors())
-    result = run.one(
-        [{"url": f"file://{source}", "dest": "loras/"}],
-        allow_http=False,
-    )
+    result = run.one([{"url": f"file://{source}", "dest": "loras/"}])
     assert result.action == "failed"
     assert "no sha256" in (result.msg or "")
     result = run.one([{"url": f"file://{source}", "dest": "loras/", "allow_unverified": True}])
