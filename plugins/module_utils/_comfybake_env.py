@@ -131,8 +131,12 @@ def node_name_from_repo(repo: str) -> str:
     return base[:-4] if base.endswith(".git") else base
 
 
-def validate(spec: Spec) -> None:
-    """Refuse what must never be built, before any git or network access."""
+def validate(spec: Spec, check_mode: bool = False) -> None:
+    """Refuse what must never be built, before any git or network access.
+
+    Check mode on a fresh host runs before the role pushed the hook and the wheelhouse, so their
+    presence is checked only when building.
+    """
     where = f"environment {spec.name}"
     if not _NODE_NAME.match(spec.name):
         raise EnvError(f"{where}: the name must be letters, digits, '.', '_' or '-'")
@@ -157,6 +161,8 @@ def validate(spec: Spec) -> None:
         _torch_constraint(where, entry)
     if spec.keep_releases < 1:
         raise EnvError(f"{where}: keep_releases must be at least 1 (got {spec.keep_releases})")
+    if check_mode:
+        return
     if spec.hook and not os.path.isfile(spec.hook):
         raise EnvError(f"{where}: hook {spec.hook} does not exist on the host")
     if spec.wheelhouse and not os.path.isdir(spec.wheelhouse):
@@ -481,7 +487,7 @@ class Builder:
     # ----------------------------------------------------------------- public
 
     def run(self, check_mode: bool = False) -> Result:
-        validate(self.spec)
+        validate(self.spec, check_mode)
         with self._locked(check_mode):
             pins = self._timed("resolve pins", lambda: self._pins(dry_run=check_mode))
             fingerprint = self.fingerprint(pins)
@@ -506,7 +512,7 @@ class Builder:
     def fingerprint(self, pins: Pins) -> str:
         spec = self.spec
         hook = ""
-        if spec.hook:
+        if spec.hook and os.path.isfile(spec.hook):
             with open(spec.hook, "rb") as handle:
                 hook = hashlib.sha256(handle.read()).hexdigest()
         inputs = {
@@ -561,6 +567,10 @@ class Builder:
     def _pins(self, dry_run: bool) -> Pins:
         spec = self.spec
         where = f"environment {spec.name}"
+        if dry_run and shutil.which("git") is None:
+            # A fresh host in check mode: the comfyui role installs git first.
+            self.warnings.append("git is not installed yet, so check mode could not resolve tags and branches")
+            return Pins(spec.comfyui.version, "unresolved", {node.name: node.version for node in spec.custom_nodes})
         commit, kind = self.git.resolve(f"{where}: ComfyUI", spec.comfyui, spec.allow_moving_refs, dry_run)
         nodes = {
             node.name: self.git.resolve(f"{where}: custom node {node.name}", node, spec.allow_moving_refs, dry_run)[0]
