@@ -149,7 +149,9 @@ def validate(spec: Spec, check_mode: bool = False) -> None:
         if not _NODE_NAME.match(node.name) or node.name in {"__pycache__"}:
             raise EnvError(f"{label}: invalid directory name; set name: to letters, digits, '.', '_' or '-'")
         if node.name in seen:
-            raise EnvError(f"{where}: custom nodes {seen[node.name]} and {node.repo} both install as {node.name}; set name: on one")
+            raise EnvError(
+                f"{where}: custom nodes {seen[node.name]} and {node.repo} both install as {node.name}; set name: on one"
+            )
         seen[node.name] = node.repo
         _check_repo(where, f"custom node {node.name}", node.repo, spec.allowed_repos)
         if not _COMMIT.match(node.version) and not spec.allow_moving_refs:
@@ -327,7 +329,10 @@ class Git:
 
     def _ls_remote(self, what: str, repo: str, version: str, allow_moving: bool) -> tuple[str, str]:
         done = self.git("ls-remote", repo, f"refs/tags/{version}", f"refs/tags/{version}^{{}}", f"refs/heads/{version}")
-        refs = dict(reversed(line.split("\t", 1)) for line in done.stdout.splitlines() if "\t" in line)
+        refs: dict[str, str] = {}
+        for line in done.stdout.splitlines():
+            sha, _, ref = line.partition("\t")
+            refs[ref] = sha
         for ref, kind in ((f"refs/tags/{version}^{{}}", "tag"), (f"refs/tags/{version}", "tag")):
             if ref in refs:
                 return refs[ref], kind
@@ -520,7 +525,7 @@ class Builder:
             "python": _python_identity(spec.python),
             "comfyui": [spec.comfyui.repo, pins.comfyui],
             "custom_nodes": [[node.name, node.repo, pins.nodes[node.name]] for node in spec.custom_nodes],
-            "torch": [spec.torch_flavor, spec.torch_packages, spec.torch_index_url],
+            "torch": [spec.torch_flavor, spec.torch_packages],
             "protected": sorted(self.protected()),
             "pip_constraints": spec.pip_constraints,
             "pip_packages": spec.pip_packages,
@@ -596,7 +601,9 @@ class Builder:
                     " (git -C <path> checkout -- . && git clean -fd), then re-run"
                 )
         if not os.access(os.path.join(release, "venv", "bin", "python"), os.X_OK):
-            raise EnvError(f"environment {self.spec.name}: the live release {release} has no venv; set revision: to rebuild")
+            raise EnvError(
+                f"environment {self.spec.name}: the live release {release} has no venv; set revision: to rebuild"
+            )
 
     def _build(self, pins: Pins, fingerprint: str) -> dict[str, Any]:
         release = os.path.join(self.releases, fingerprint[:16])
@@ -636,7 +643,9 @@ class Builder:
         compiled = self._timed("resolve", lambda: self._resolve(release, python, sources))
         self._timed(
             "install",
-            lambda: self._uv("pip", "sync", "--quiet", "--python", python, *self._index_args(), RESOLVED_NAME, cwd=release),
+            lambda: self._uv(
+                "pip", "sync", "--quiet", "--python", python, *self._index_args(), RESOLVED_NAME, cwd=release
+            ),
         )
         if spec.hook:
             self._timed("hook", lambda: self._hook(release, venv, comfyui))
@@ -688,9 +697,15 @@ class Builder:
         os.makedirs(inputs)
         constraints = [_torch_constraint(where, entry) for entry in spec.torch_packages] + spec.pip_constraints
         _write_lines(os.path.join(inputs, "constraints.txt"), constraints)
-        sources = [Requirements("torch flavour " + (spec.torch_flavor or "override"), "inputs/torch.txt", spec.torch_packages)]
+        sources = [
+            Requirements("torch flavour " + (spec.torch_flavor or "override"), "inputs/torch.txt", spec.torch_packages)
+        ]
         sources.append(
-            Requirements("ComfyUI", "inputs/comfyui.txt", read_requirements(f"{where}: ComfyUI", os.path.join(comfyui, "requirements.txt"), spec))
+            Requirements(
+                "ComfyUI",
+                "inputs/comfyui.txt",
+                read_requirements(f"{where}: ComfyUI", os.path.join(comfyui, "requirements.txt"), spec),
+            )
         )
         sources.append(Requirements("pip_packages", "inputs/pip_packages.txt", spec.pip_packages))
         for node in spec.custom_nodes:
@@ -722,7 +737,10 @@ class Builder:
         nodes = [s for s in sources if s.label.startswith("custom node ") and s.lines]
         failure = attempt(base)
         if failure:
-            return f"{where}: the torch flavour, ComfyUI's requirements and pip_packages do not resolve together: {failure}"
+            return (
+                f"{where}: the torch flavour, ComfyUI's requirements and pip_packages do not resolve together:"
+                f" {failure}"
+            )
         pins = ", ".join(_torch_constraint(where, e) for e in self.spec.torch_packages) or "-"
         problems: list[str] = []
         accepted: list[Requirements] = []
@@ -739,7 +757,9 @@ class Builder:
                         f" ({', '.join(sorted(self.protected()))} are protected and never changed by a node): {alone}"
                     )
                 else:
-                    problems.append(f"{node.label} does not resolve with ComfyUI's requirements and the torch flavour: {alone}")
+                    problems.append(
+                        f"{node.label} does not resolve with ComfyUI's requirements and the torch flavour: {alone}"
+                    )
                 continue
             partners = [(other, why) for other in accepted if (why := attempt([*base, other, node]))]
             for other, why in partners or [(accepted[-1], alone or "")]:
@@ -748,10 +768,14 @@ class Builder:
                 problems.append(f"{other.label} and {node.label} conflict{on}: {why}")
         if not problems:
             problems.append(_uv_error(error))
+        fix = (
+            "pin a node commit that accepts this torch, or pick another torch flavour"
+            if any(" protected and never changed" in problem for problem in problems)
+            else "pin compatible node commits, or add a pin to pip_constraints that every node accepts"
+        )
         return (
             f"{where}: the requirements do not resolve together, so nothing was installed and the live release"
-            " is untouched.\n- " + "\n- ".join(problems) + "\nFix: pin compatible node commits, or add a pin to"
-            " pip_constraints that every node accepts"
+            " is untouched.\n- " + "\n- ".join(problems) + f"\nFix: {fix}"
         )
 
     def _hook(self, release: str, venv: str, comfyui: str) -> None:
@@ -760,7 +784,9 @@ class Builder:
         env = {
             **self._env(),
             "VIRTUAL_ENV": venv,
-            "PATH": f"{os.path.join(venv, 'bin')}:{os.path.dirname(self.spec.uv)}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "PATH": ":".join(
+                (os.path.join(venv, "bin"), os.path.dirname(self.spec.uv), os.environ.get("PATH", "/usr/bin:/bin"))
+            ),
             "COMFYUI_PATH": comfyui,
             "COMFYBAKE_ENVIRONMENT": self.spec.name,
             "COMFYBAKE_RELEASE": release,

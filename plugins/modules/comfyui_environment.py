@@ -34,7 +34,9 @@ requirements:
 attributes:
   check_mode:
     support: full
-    details: Resolves the pins (tags with C(git ls-remote) when not cached) and reports whether a build is due; builds nothing.
+    details:
+      Resolves the pins (tags with C(git ls-remote) when not cached) and reports whether a build is due;
+      builds nothing.
   diff_mode:
     support: full
     details: Shows the live and the wanted ComfyUI commit, node commits and torch pins.
@@ -118,7 +120,9 @@ options:
     type: bool
     default: false
   hook:
-    description: Script on the host run after install and before the checks, with C(VIRTUAL_ENV) and C(COMFYUI_PATH) set.
+    description:
+      - Script on the host run after install and before the checks, with C(VIRTUAL_ENV) and
+        C(COMFYUI_PATH) set.
     type: path
   revision:
     description: Any string; changing it forces a rebuild with unchanged pins (to pick up new wheels).
@@ -297,11 +301,7 @@ def spec_from(params):
         comfyui=_source(params["comfyui"], "ComfyUI"),
         uv=params["uv"],
         custom_nodes=[_source(item, node_name_from_repo(item["repo"])) for item in params["custom_nodes"]],
-        **{
-            key: params[key]
-            for key in ARGUMENT_SPEC
-            if key not in {"name", "root", "comfyui", "uv", "custom_nodes"}
-        },
+        **{key: params[key] for key in ARGUMENT_SPEC if key not in {"name", "root", "comfyui", "uv", "custom_nodes"}},
     )
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import yaml
+
 from harness import repos
 from harness.tools import ROOT
 
