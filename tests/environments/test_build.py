@@ -1,0 +1,193 @@
+"""Environment builds: releases, one resolution with torch held, the import gate, locks, pins.
+
+Each test builds real venvs with uv from the local wheelhouse and real git checkouts of the
+fixture repositories; nothing is mocked. Every failure must name its cause and leave the live
+release serving with no half-built release beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness.environments import engine, live, node_repo, releases
+
+BASIC = ("ComfyUI-Comfybake-Basic", "initial")
+SIX_OLD = ("ComfyUI-Comfybake-SixOld", "initial")
+SIX_NEW = ("ComfyUI-Comfybake-SixNew", "initial")
+TORCH_CHANGER = ("ComfyUI-Comfybake-TorchChanger", "initial")
+BROKEN = ("ComfyUI-Comfybake-Broken", "initial")
+
+
+def venv_six(spec: engine.Spec) -> str:
+    python = Path(spec.root) / "current" / "venv" / "bin" / "python"
+    return subprocess.run([python, "-c", "import six; print(six.__version__)"], capture_output=True, text=True).stdout
+
+
+def build_fails(spec: engine.Spec) -> str:
+    with pytest.raises(engine.EnvError) as failure:
+        engine.Builder(spec).run()
+    return str(failure.value)
+
+
+def test_a_build_writes_a_lock_and_a_rerun_changes_nothing(make_spec: Any, fixture_repos: Any) -> None:
+    spec = make_spec(BASIC, SIX_OLD)
+    first = engine.Builder(spec).run()
+    assert first.changed and live(spec) == first.release
+    lock = json.loads((Path(first.release) / "comfybake.lock.json").read_text())
+    assert lock["comfyui"] == {
+        "repo": spec.comfyui.repo,
+        "version": "v0.8.0",
+        "kind": "tag",
+        "commit": fixture_repos["ComfyUI"].commits["v0.8.0"],
+    }
+    assert [(n["name"], n["commit"]) for n in lock["custom_nodes"]] == [
+        (node.name, node.version) for node in spec.custom_nodes
+    ]
+    packages = {p["name"]: p for p in lock["packages"]}
+    assert packages["torch"]["version"] == "2.13.0+cpu" and packages["six"]["version"] == "1.16.0"
+    assert all(p["hashes"] for p in lock["packages"]), "every package of the resolution has a hash"
+    assert "-r inputs/node-ComfyUI-Comfybake-SixOld.txt" in packages["six"]["via"]
+    assert venv_six(spec).strip() == "1.16.0"
+
+    again = engine.Builder(spec).run()
+    assert not again.changed and again.release == first.release
+    assert set(again.timings) == {"resolve pins", "verify live release"}, "a converged run builds nothing"
+
+
+def test_conflicting_nodes_are_named_and_the_live_release_keeps_serving(make_spec: Any) -> None:
+    good = make_spec(BASIC, SIX_OLD)
+    built = engine.Builder(good).run()
+    message = build_fails(make_spec(BASIC, SIX_OLD, SIX_NEW))
+    assert "custom node ComfyUI-Comfybake-SixOld and custom node ComfyUI-Comfybake-SixNew conflict on six" in message
+    assert "six==1.16.0" in message and "six==1.17.0" in message
+    assert "live release is untouched" in message
+    assert live(good) == built.release and releases(good) == [Path(built.release).name]
+    assert venv_six(good).strip() == "1.16.0"
+
+
+def test_a_node_asking_for_another_torch_is_named(make_spec: Any) -> None:
+    message = build_fails(make_spec(BASIC, TORCH_CHANGER))
+    assert "custom node ComfyUI-Comfybake-TorchChanger requires torch==2.1.0" in message
+    assert "pins torch==2.13.0+cpu" in message and "another torch flavour" in message
+    assert releases(make_spec()) == []
+
+
+def test_a_node_that_fails_to_import_is_named_with_its_error(make_spec: Any) -> None:
+    good = make_spec(BASIC)
+    built = engine.Builder(good).run()
+    message = build_fails(make_spec(BASIC, BROKEN))
+    assert "custom node ComfyUI-Comfybake-Broken failed to import" in message
+    assert "ModuleNotFoundError: No module named 'comfybake_fixture_missing_module'" in message
+    assert live(good) == built.release and releases(good) == [Path(built.release).name]
+
+
+def test_moving_branches_are_refused_unless_allowed(make_spec: Any, fixture_repos: Any) -> None:
+    master = engine.Source("ComfyUI", "https://github.com/comfyanonymous/ComfyUI.git", "master")
+    message = build_fails(make_spec(comfyui=master))
+    assert "ComfyUI: version 'master' is a branch, which moves" in message and "allow_moving_refs" in message
+    spec = make_spec(comfyui=master, allow_moving_refs=True)
+    result = engine.Builder(spec).run()
+    assert result.lock["comfyui"]["commit"] == fixture_repos["ComfyUI"].commits["master"]
+    assert result.lock["comfyui"]["kind"] == "branch"
+
+
+@pytest.mark.parametrize("version", ["main", "v1.2", "2c293ab5"])
+def test_node_versions_must_be_full_commits(make_spec: Any, version: str) -> None:
+    spec = make_spec(("ComfyUI-Comfybake-Basic", version))
+    message = build_fails(spec)
+    assert f"custom node ComfyUI-Comfybake-Basic: version must be a full 40-hex commit (got {version!r})" in message
+    assert not Path(spec.git_cache).exists(), "nothing is cloned before the pins are valid"
+
+
+def test_a_commit_missing_upstream_is_reported(make_spec: Any) -> None:
+    message = build_fails(make_spec(("ComfyUI-Comfybake-Basic", "1" * 40)))
+    assert (
+        f"commit {'1' * 40} not found in https://github.com/comfybake-fixtures/ComfyUI-Comfybake-Basic.git" in message
+    )
+    assert "repository deleted or history rewritten" in message
+
+
+def test_local_modifications_fail_instead_of_being_overwritten(make_spec: Any) -> None:
+    spec = make_spec(BASIC)
+    built = engine.Builder(spec).run()
+    node = Path(built.release) / "ComfyUI" / "custom_nodes" / "ComfyUI-Comfybake-Basic"
+    (node / "__init__.py").write_text((node / "__init__.py").read_text() + "\n# edited on the host\n")
+    (node / "cache.json").write_text("{}")
+    message = build_fails(spec)
+    assert "local modifications in custom_nodes/ComfyUI-Comfybake-Basic" in message
+    assert "__init__.py" in message and "cache.json" in message
+    assert "edited on the host" in (node / "__init__.py").read_text(), "nothing was clobbered"
+
+
+def test_repositories_outside_the_allowlist_and_urls_with_credentials_are_refused(make_spec: Any) -> None:
+    spec = make_spec(BASIC, allowed_repos=["https://github.com/trusted-owner/"])
+    assert "is not allowlisted (allowed_repos: https://github.com/trusted-owner/)" in build_fails(spec)
+    secret = engine.Source("ComfyUI", "https://user:hf_CANARY_secret@github.com/comfyanonymous/ComfyUI.git", "v0.8.0")
+    message = build_fails(make_spec(comfyui=secret))
+    assert "embeds credentials in its URL" in message and "hf_CANARY_secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("--extra-index-url https://example.invalid/simple", "is an installer option"),
+        ("six @ https://example.invalid/six-1.17.0-py2.py3-none-any.whl", "is a direct reference"),
+        ("git+https://example.invalid/six.git", "is a direct reference"),
+    ],
+)
+def test_requirement_lines_that_bypass_the_indexes_are_refused(
+    make_spec: Any, tmp_path: Path, line: str, expected: str
+) -> None:
+    url, commit = node_repo(
+        tmp_path / "repos", "Sneaky", {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n", "requirements.txt": f"{line}\n"}
+    )
+    spec = make_spec()
+    spec.custom_nodes = [engine.Source("Sneaky", url, commit)]
+    message = build_fails(spec)
+    assert f"custom node Sneaky: requirements.txt line 1 {line!r} {expected}" in message
+    assert releases(spec) == []
+
+
+def test_the_hook_runs_and_the_dependency_check_catches_what_it_breaks(make_spec: Any, tmp_path: Path) -> None:
+    hook = tmp_path / "hook.sh"
+    hook.write_text('#!/bin/sh\nset -e\nuv pip uninstall --quiet --python "$VIRTUAL_ENV/bin/python" filelock\n')
+    hook.chmod(0o755)
+    message = build_fails(make_spec(BASIC, hook=str(hook)))
+    assert "the dependency check failed after install" in message and "filelock" in message
+
+    hook.write_text('#!/bin/sh\nset -e\necho "$COMFYBAKE_ENVIRONMENT" > "$COMFYUI_PATH/../hook-ran"\n')
+    spec = make_spec(BASIC, hook=str(hook))
+    result = engine.Builder(spec).run()
+    assert (Path(result.release) / "hook-ran").read_text() == "comm\n"
+
+
+def test_pip_constraints_and_packages_join_the_one_resolution(make_spec: Any) -> None:
+    message = build_fails(make_spec(SIX_NEW, pip_constraints=["six<1.17"]))
+    assert "custom node ComfyUI-Comfybake-SixNew does not resolve" in message
+    spec = make_spec(BASIC, pip_packages=["six==1.17.0"])
+    engine.Builder(spec).run()
+    assert venv_six(spec).strip() == "1.17.0"
+
+
+def test_old_releases_are_pruned_and_the_previous_one_is_kept(make_spec: Any) -> None:
+    first = engine.Builder(make_spec(BASIC)).run()
+    second = engine.Builder(make_spec(("ComfyUI-Comfybake-Basic", "update"))).run()
+    assert second.previous == first.release
+    third_spec = make_spec(("ComfyUI-Comfybake-Basic", "update"), revision="2")
+    third = engine.Builder(third_spec).run()
+    assert releases(third_spec) == sorted([Path(second.release).name, Path(third.release).name])
+
+
+def test_check_mode_reports_a_due_build_and_builds_nothing(make_spec: Any, fixture_repos: Any) -> None:
+    spec = make_spec(BASIC)
+    built = engine.Builder(spec).run()
+    assert not engine.Builder(spec).run(check_mode=True).changed
+    moved = make_spec(BASIC, comfyui=engine.Source("ComfyUI", spec.comfyui.repo, "v0.8.1"))
+    result = engine.Builder(moved).run(check_mode=True)
+    assert result.changed and result.diff is not None
+    assert f"ComfyUI v0.8.1 ({fixture_repos['ComfyUI'].commits['v0.8.1']})" in result.diff["after"]
+    assert live(spec) == built.release and releases(spec) == [Path(built.release).name]
