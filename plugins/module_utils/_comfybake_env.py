@@ -120,6 +120,7 @@ class Spec:
     git_mirrors: dict[str, str] = field(default_factory=dict)
     ca_bundle: str | None = None
     extra_model_paths: str | None = None
+    user_files: dict[str, str] = field(default_factory=dict)
     import_gate: bool = True
     gate_timeout: int = 900
     run_as: str | None = None
@@ -812,6 +813,12 @@ class Builder:
         scratch = os.path.join(release, ".gate")
         for sub in ("user", "input", "output", "temp"):
             os.makedirs(os.path.join(scratch, sub), exist_ok=True)
+        for relative, source in spec.user_files.items():
+            target = os.path.normpath(os.path.join(scratch, "user", relative))
+            if not target.startswith(os.path.join(scratch, "user") + os.sep):
+                raise EnvError(f"environment {spec.name}: user file {relative!r} must stay inside the user directory")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
         if spec.run_as and os.geteuid() == 0:
             import pwd
 
@@ -860,7 +867,10 @@ class Builder:
         releases = []
         for entry in os.listdir(self.releases):
             path = os.path.join(self.releases, entry)
-            if path != live and os.path.isfile(os.path.join(path, LOCK_NAME)):
+            if path != live and os.path.exists(os.path.join(path, BUILDING_MARKER)):
+                # Left by a run that was killed; no build runs beside this one (the root is locked).
+                shutil.rmtree(path, ignore_errors=True)
+            elif path != live and os.path.isfile(os.path.join(path, LOCK_NAME)):
                 releases.append((os.stat(os.path.join(path, LOCK_NAME)).st_mtime, path))
         for _mtime, path in sorted(releases, reverse=True)[self.spec.keep_releases - 1 :]:
             shutil.rmtree(path, ignore_errors=True)

@@ -168,6 +168,12 @@ options:
   extra_model_paths:
     description: C(extra_model_paths.yaml) passed to the import gate.
     type: path
+  user_files:
+    description:
+      - Files copied into the import gate's user directory, relative path to a file on the host
+        (ComfyUI-Manager's locked-down C(config.ini), so the gate runs it offline).
+    type: dict
+    default: {}
   import_gate:
     description: Run C(main.py --quick-test-for-ci --cpu) and fail when a configured custom node does not import.
     type: bool
@@ -229,7 +235,9 @@ fingerprint:
   returned: always
   type: str
 lock:
-  description: Contents of C(comfybake.lock.json) of the live release.
+  description:
+    - Contents of C(comfybake.lock.json) of the live release (ComfyUI and node commits, torch
+      flavour), with C(packages) replaced by the number of installed packages.
   returned: success
   type: dict
 warnings_env:
@@ -283,6 +291,7 @@ ARGUMENT_SPEC = {
     "git_mirrors": {"type": "dict", "default": {}},
     "ca_bundle": {"type": "path"},
     "extra_model_paths": {"type": "path"},
+    "user_files": {"type": "dict", "default": {}},
     "import_gate": {"type": "bool", "default": True},
     "gate_timeout": {"type": "int", "default": 900},
     "run_as": {"type": "str"},
@@ -326,7 +335,8 @@ def main():
         timings=outcome.timings,
     )
     if not module.check_mode:
-        result["lock"] = outcome.lock
+        # The package list can run to hundreds of entries: the lock file has it, the result its count.
+        result["lock"] = {**outcome.lock, "packages": len(outcome.lock.get("packages", []))}
     if outcome.previous:
         result["previous"] = outcome.previous
     if module._diff and outcome.diff:

@@ -175,6 +175,9 @@ def test_pip_constraints_and_packages_join_the_one_resolution(make_spec: Any) ->
 
 def test_old_releases_are_pruned_and_the_previous_one_is_kept(make_spec: Any) -> None:
     first = engine.Builder(make_spec(BASIC)).run()
+    killed = Path(first.release).parent / "0123456789abcdef"
+    (killed / "ComfyUI").mkdir(parents=True)
+    (killed / ".comfybake-building").write_text("pid 1\n")  # a build whose run was killed
     second = engine.Builder(make_spec(("ComfyUI-Comfybake-Basic", "update"))).run()
     assert second.previous == first.release
     third_spec = make_spec(("ComfyUI-Comfybake-Basic", "update"), revision="2")
@@ -191,3 +194,13 @@ def test_check_mode_reports_a_due_build_and_builds_nothing(make_spec: Any, fixtu
     assert result.changed and result.diff is not None
     assert f"ComfyUI v0.8.1 ({fixture_repos['ComfyUI'].commits['v0.8.1']})" in result.diff["after"]
     assert live(spec) == built.release and releases(spec) == [Path(built.release).name]
+
+
+def test_comfyui_manager_imports_only_with_the_locked_down_settings(make_spec: Any, tmp_path: Path) -> None:
+    manager = ("ComfyUI-Manager", "initial")
+    message = build_fails(make_spec(manager))
+    assert "custom node ComfyUI-Manager failed to import: ComfyUI-Manager settings missing" in message
+    config = tmp_path / "comfyui-manager.ini"
+    config.write_text("[default]\nnetwork_mode = offline\nsecurity_level = strong\n")
+    spec = make_spec(manager, user_files={"__manager/config.ini": str(config)})
+    assert engine.Builder(spec).run().changed

@@ -27,6 +27,7 @@ def test_every_fixture_node_is_a_repo_with_two_commits(fixture_repos: dict[str, 
         "ComfyUI-Comfybake-SixNew",
         "ComfyUI-Comfybake-SixOld",
         "ComfyUI-Comfybake-TorchChanger",
+        "ComfyUI-Manager",
     ]
     for repo in nodes.values():
         log = git(Path(repo.path), "log", "--format=%H", repo.branch).split()
