@@ -151,6 +151,8 @@ def main() -> int:
     size = sum(p.stat().st_size for p in wheels.glob("*.whl"))
     print(f"wheelhouse: {count} wheels, {size / 1e9:.2f} GB; work in {work}", flush=True)
 
+    nodes_mirror = Path(fixtures["ComfyUI-Comfybake-Basic"].path).parent.as_uri() + "/"
+
     def spec(name: str, uv_cache: Path, nodes: tuple[str, ...] = NODES) -> engine.Spec:
         return engine.Spec(
             name=name,
@@ -168,7 +170,7 @@ def main() -> int:
             git_cache=str(work / "git-cache"),
             git_mirrors={
                 "https://github.com/comfyanonymous/": f"{comfyui.parent.as_uri()}/",
-                "https://github.com/comfybake-fixtures/": f"{Path(fixtures['ComfyUI-Comfybake-Basic'].path).parent.as_uri()}/",
+                "https://github.com/comfybake-fixtures/": nodes_mirror,
             },
             python=sys.executable,
         )
