@@ -453,13 +453,23 @@ class Pins:
     comfyui_kind: str
     nodes: dict[str, str]
 
-    def describe(self, spec: Spec) -> str:
-        lines = [f"ComfyUI {spec.comfyui.version} ({self.comfyui})"]
-        lines += [f"custom_nodes/{node.name} {self.nodes[node.name]}" for node in spec.custom_nodes]
-        lines += [f"torch flavour {spec.torch_flavor or '-'}: {' '.join(spec.torch_packages) or '-'}"]
-        lines += [f"pip_constraints: {' '.join(spec.pip_constraints) or '-'}"]
-        lines += [f"pip_packages: {' '.join(spec.pip_packages) or '-'}"]
-        return "\n".join(lines) + "\n"
+    def summary(self, spec: Spec) -> dict[str, Any]:
+        """The part of a lock these pins determine (also what a diff shows)."""
+        return {
+            "comfyui": {
+                "repo": spec.comfyui.repo,
+                "version": spec.comfyui.version,
+                "kind": self.comfyui_kind,
+                "commit": self.comfyui,
+            },
+            "custom_nodes": [
+                {"name": node.name, "repo": node.repo, "version": node.version, "commit": self.nodes[node.name]}
+                for node in spec.custom_nodes
+            ],
+            "torch": {"flavor": spec.torch_flavor, "packages": spec.torch_packages, "index_url": spec.torch_index_url},
+            "pip_constraints": spec.pip_constraints,
+            "pip_packages": spec.pip_packages,
+        }
 
 
 @dataclass
@@ -502,8 +512,8 @@ class Builder:
                 self._timed("verify live release", lambda: self._verify_live(live))
                 return self._result(False, live, None)
             diff = {
-                "before": _describe_lock(live) if live else "",
-                "after": pins.describe(self.spec),
+                "before": describe(live) if live else "",
+                "after": describe(pins.summary(self.spec)),
                 "before_header": f"{self.spec.name} (live)",
                 "after_header": f"{self.spec.name} (wanted)",
             }
@@ -661,20 +671,8 @@ class Builder:
             "fingerprint": fingerprint,
             "built_at": _now(),
             "python": _python_identity(spec.python),
-            "comfyui": {
-                "repo": spec.comfyui.repo,
-                "version": spec.comfyui.version,
-                "kind": pins.comfyui_kind,
-                "commit": pins.comfyui,
-            },
-            "custom_nodes": [
-                {"name": node.name, "repo": node.repo, "version": node.version, "commit": pins.nodes[node.name]}
-                for node in spec.custom_nodes
-            ],
-            "torch": {"flavor": spec.torch_flavor, "packages": spec.torch_packages, "index_url": spec.torch_index_url},
+            **pins.summary(spec),
             "protected_packages": sorted(self.protected()),
-            "pip_constraints": spec.pip_constraints,
-            "pip_packages": spec.pip_packages,
             "packages": [
                 {
                     "name": canonical_name(item["name"]),
@@ -953,7 +951,8 @@ def gate_failures(output: str, comfyui: str) -> dict[str, str]:
     return failed
 
 
-def _describe_lock(lock: dict[str, Any]) -> str:
+def describe(lock: dict[str, Any]) -> str:
+    """A lock's pins as lines, for diffs."""
     lines = [f"ComfyUI {lock['comfyui']['version']} ({lock['comfyui']['commit']})"]
     lines += [f"custom_nodes/{node['name']} {node['commit']}" for node in lock["custom_nodes"]]
     lines += [f"torch flavour {lock['torch']['flavor'] or '-'}: {' '.join(lock['torch']['packages']) or '-'}"]
