@@ -488,6 +488,8 @@ class Builder:
     """Brings one environment in line with its Spec."""
 
     def __init__(self, spec: Spec) -> None:
+        # uv runs from inside releases: a relative or bare name must not depend on the cwd.
+        spec.uv = os.path.abspath(shutil.which(spec.uv) or spec.uv)
         self.spec = spec
         self.root = spec.root
         self.releases = os.path.join(spec.root, "releases")
@@ -800,9 +802,14 @@ class Builder:
     def _pip_check(self, python: str) -> None:
         done = self._uv("pip", "check", "--python", python, check=False)
         if done.returncode != 0:
+            report = [
+                line
+                for line in (done.stdout + done.stderr).splitlines()
+                if line.strip() and not line.startswith(("Using Python", "Checked "))
+            ]
             raise EnvError(
-                f"environment {self.spec.name}: the dependency check failed after install: "
-                f"{redact(_tail(done.stdout + done.stderr, 20))}"
+                f"environment {self.spec.name}: the dependency check (uv pip check) failed after install: "
+                f"{redact(' '.join(report[-20:]))}"
             )
 
     def _gate(self, release: str, python: str, comfyui: str) -> None:
