@@ -1011,7 +1011,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def as_dict(result: Result) -> dict[str, Any]:

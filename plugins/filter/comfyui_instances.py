@@ -1,0 +1,322 @@
+"""Filter `comfyui_instance_layout`: validate `comfyui_instances` and expand it for the units.
+
+Pure: it reads only its arguments, so it is unit-tested without Ansible running, and every
+problem is found before any file is written. All problems are reported at once, each naming
+the instance (both instances, for a collision) and what to change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+DOCUMENTATION = r"""
+name: comfyui_instance_layout
+short_description: Validate and expand comfyui_instances
+description:
+  - Checks every instance of O(_input) against the environments and the settings, then returns
+    one expanded record per instance (its unit, paths, environment file and ComfyUI arguments).
+  - Fails, naming every offending instance, on unknown keys, bad or duplicate names, ports out
+    of range, reserved, busy or shared, unknown environments, GPUs shared without C(share_gpus),
+    wildcard or unguarded non-loopback listen addresses, and extra arguments that comfybake sets.
+positional: environments, settings
+options:
+  _input:
+    description: The list of instances (C(comfyui_instances)).
+    type: list
+    required: true
+  environments:
+    description: The environments (C(comfyui_environments)); only their names and required node classes are read.
+    type: dict
+    required: true
+  settings:
+    description:
+      - C(listen), C(state_root), C(cache_root), C(config_root), C(code_root), C(extra_args),
+        C(allowed_clients), C(reserved_ports), C(busy_ports) (port to a description of its
+        owner), C(log_dir).
+    type: dict
+    required: true
+"""
+
+EXAMPLES = r"""
+_comfyui_instances_layout: "{{ comfyui_instances | comfyui_instance_layout(comfyui_environments, settings) }}"
+"""
+
+RETURN = r"""
+_value:
+  description: One record per instance, in inventory order.
+  type: list
+  elements: dict
+"""
+
+KEYS = {
+    "name",
+    "environment",
+    "port",
+    "gpus",
+    "share_gpus",
+    "extra_args",
+    "enabled",
+    "listen",
+    "description",
+    "required_models",
+    "log_file",
+    "memory_high",
+    "memory_max",
+}
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,22}$")  # becomes the user comfyui-<name> (at most 31 characters)
+GPU = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-fA-F/-]+)$")
+MEMORY = re.compile(r"^(\d+[KMGT]?|\d+%|infinity)$")
+SAFE_ARG = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+# Flags comfybake sets itself, with the instance key that controls each.
+MANAGED_FLAGS = {
+    "--listen": "listen",
+    "--port": "port",
+    "--cpu": "gpus: [] (CPU only)",
+    "--cuda-device": "gpus",
+    "--base-directory": "the layout (comfyui_state_root)",
+    "--user-directory": "the layout (comfyui_state_root)",
+    "--input-directory": "the layout (comfyui_state_root)",
+    "--output-directory": "the layout (comfyui_state_root)",
+    "--temp-directory": "the layout (comfyui_cache_root)",
+    "--database-url": "the layout (comfyui_state_root)",
+    "--extra-model-paths-config": "the environment's extra_model_folders",
+    "--auto-launch": "nothing: a service never opens a browser",
+    "--quick-test-for-ci": "nothing: the import gate runs it while building the environment",
+}
+REFUSED_FLAGS = {
+    "--enable-manager": "ComfyUI-Manager then installs packages into the live venv at start-up; "
+    "install custom nodes through the environment instead",
+}
+MIN_PORT, MAX_PORT = 1024, 65535
+WILDCARDS = ("", "0.0.0.0", "::", "0.0.0.0,::", "[::]")  # noqa: S104 - the addresses refused
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_listen(label: str, address: Any, allowed_clients: list[str], problems: list[str]) -> str:
+    text = "" if address is None else str(address).strip()
+    if text in WILDCARDS:
+        problems.append(
+            f"{label}: listen {text!r} binds every address (a bare --listen binds 0.0.0.0,::); "
+            "set 127.0.0.1 and publish the instance through a reverse proxy"
+        )
+        return text
+    try:
+        parsed = ipaddress.ip_address(text)
+    except ValueError:
+        problems.append(f"{label}: listen {text!r} is not one IP address; set an address such as 127.0.0.1")
+        return text
+    if not parsed.is_loopback and not allowed_clients:
+        problems.append(
+            f"{label}: listen {text} is reachable from other hosts, and ComfyUI has no authentication; "
+            "listen on 127.0.0.1 behind a reverse proxy, or list the clients allowed to connect "
+            "in comfyui_instances_allowed_clients"
+        )
+    return str(parsed)
+
+
+def _check_extra_args(label: str, args: Any, problems: list[str]) -> list[str]:
+    if not isinstance(args, list) or not all(isinstance(arg, (str, int, float)) for arg in args):
+        problems.append(f"{label}: extra_args must be a list of strings, such as ['--reserve-vram', '2']")
+        return []
+    words = [str(arg) for arg in args]
+    for word in words:
+        flag = word.split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            problems.append(f"{label}: extra_args sets {flag}, which comfybake sets from {MANAGED_FLAGS[flag]}")
+        elif flag in REFUSED_FLAGS:
+            problems.append(f"{label}: extra_args sets {flag}, which comfybake refuses: {REFUSED_FLAGS[flag]}")
+        elif not SAFE_ARG.match(word):
+            problems.append(
+                f"{label}: extra_args value {word!r} has a space, quote or shell character; "
+                "pass each word as its own list item, using only letters, digits and _@%+=:,./-"
+            )
+    return words
+
+
+def _check_gpus(label: str, gpus: Any, problems: list[str]) -> list[str]:
+    if gpus is None:
+        problems.append(f"{label}: set gpus, a list of GPU indexes or UUIDs ([0], [0, 1]), or [] for CPU only")
+        return []
+    if not isinstance(gpus, list):
+        gpus = [gpus]
+    result = []
+    for gpu in gpus:
+        text = str(gpu)
+        if isinstance(gpu, bool) or not GPU.match(text):
+            problems.append(f"{label}: GPU {gpu!r} is not an index (0, 1, ...) or a GPU-/MIG- UUID")
+        elif text in result:
+            problems.append(f"{label}: GPU {text} is listed twice")
+        else:
+            result.append(text)
+    return result
+
+
+def _check_models(label: str, models: Any, problems: list[str]) -> dict[str, list[str]]:
+    if not isinstance(models, dict) or not all(
+        isinstance(folder, str) and isinstance(names, list) and all(isinstance(n, str) for n in names)
+        for folder, names in models.items()
+    ):
+        problems.append(
+            f"{label}: required_models must map a model folder to file names, "
+            "such as {{checkpoints: [sd_xl_base_1.0.safetensors]}}"
+        )
+        return {}
+    return {folder: list(names) for folder, names in models.items()}
+
+
+def _expand(
+    raw: dict[str, Any], index: int, environments: dict[str, Any], settings: dict[str, Any], problems: list[str]
+) -> dict[str, Any]:
+    name = raw.get("name")
+    label = f"instance {name!r}" if name is not None else f"comfyui_instances[{index}]"
+    for key in sorted(set(raw) - KEYS):
+        problems.append(f"{label}: unknown key {key!r}; the keys are {', '.join(sorted(KEYS))}")
+    if not isinstance(name, str) or not NAME.match(name):
+        problems.append(
+            f"{label}: the name must be 1 to 23 lower-case letters, digits or '-', starting with a letter "
+            "or digit (it names the unit comfyui@<name> and its user comfyui-<name>)"
+        )
+        name = str(name)
+
+    environment = raw.get("environment")
+    if environment not in environments:
+        known = ", ".join(sorted(environments)) or "none"
+        problems.append(
+            f"{label}: environment {environment!r} is not defined in comfyui_environments (defined: {known})"
+        )
+    port = raw.get("port")
+    if not _is_int(port) or not MIN_PORT <= port <= MAX_PORT:
+        problems.append(
+            f"{label}: port {port!r} must be a number from {MIN_PORT} to {MAX_PORT} "
+            "(the unit has no privilege to bind lower ports)"
+        )
+        port = None
+
+    gpus = _check_gpus(label, raw.get("gpus"), problems)
+    listen = _check_listen(
+        label, raw.get("listen", settings.get("listen", "127.0.0.1")), settings.get("allowed_clients") or [], problems
+    )
+    extra_args = _check_extra_args(
+        label, list(settings.get("extra_args") or []) + list(raw.get("extra_args") or []), problems
+    )
+    for key in ("memory_high", "memory_max"):
+        if raw.get(key) not in (None, "") and not MEMORY.match(str(raw[key])):
+            problems.append(f"{label}: {key} {raw[key]!r} is not a size such as 48G, 80% or infinity")
+    for key in ("enabled", "share_gpus", "log_file"):
+        if key in raw and not isinstance(raw[key], bool):
+            problems.append(f"{label}: {key} must be true or false, not {raw[key]!r}")
+
+    state = f"{settings['state_root']}/instances/{name}"
+    cache = f"{settings['cache_root']}/instances/{name}"
+    env_config = f"{settings['config_root']}/envs/{environment}"
+    args = [
+        "--listen", listen,
+        "--port", str(port),
+        "--disable-auto-launch",
+        "--extra-model-paths-config", f"{env_config}/extra_model_paths.yaml",
+        "--user-directory", f"{state}/user",
+        "--input-directory", f"{state}/input",
+        "--output-directory", f"{state}/output",
+        "--temp-directory", cache,
+        "--database-url", f"sqlite:///{state}/comfyui.db",
+    ]  # fmt: skip
+    if not gpus:
+        args.append("--cpu")
+    args += extra_args
+
+    log_dir = settings.get("log_dir") or ""
+    wants_log = raw.get("log_file", bool(log_dir)) is True
+    if wants_log and not log_dir:
+        problems.append(f"{label}: log_file is true but comfyui_instances_log_dir is empty; set a folder for the logs")
+    environment_settings = environments.get(environment) if isinstance(environments.get(environment), dict) else {}
+    return {
+        "name": name,
+        "environment": environment,
+        "port": port,
+        "listen": listen,
+        "url": f"http://{'[' + listen + ']' if ':' in listen else listen}:{port}",
+        "gpus": gpus,
+        "share_gpus": raw.get("share_gpus", False) is True,
+        "enabled": raw.get("enabled", True) is not False,
+        "description": str(raw.get("description", "")),
+        "extra_args": extra_args,
+        "args": args,
+        "required_node_classes": list(environment_settings.get("required_node_classes") or []),
+        "required_models": _check_models(label, raw.get("required_models", {}), problems),
+        "log_file": f"{log_dir}/comfyui_instance_{name}.log" if wants_log and log_dir else "",
+        "memory_high": str(raw.get("memory_high") or ""),
+        "memory_max": str(raw.get("memory_max") or ""),
+        "unit": f"comfyui@{name}.service",
+        "user": f"comfyui-{name}",
+        "state_dir": state,
+        "cache_dir": cache,
+        "code_dir": f"{settings['code_root']}/instances/{name}",
+        "env_file": f"{settings['config_root']}/instances/{name}.env",
+    }
+
+
+def _collisions(layout: list[dict[str, Any]], settings: dict[str, Any], problems: list[str]) -> None:
+    names: dict[str, int] = {}
+    ports: dict[int, str] = {}
+    gpus: dict[str, dict[str, Any]] = {}
+    reserved = {int(port) for port in settings.get("reserved_ports") or []}
+    busy = {int(port): owner for port, owner in (settings.get("busy_ports") or {}).items()}
+    for instance in layout:
+        name = instance["name"]
+        names[name] = names.get(name, 0) + 1
+        if names[name] == 2:
+            problems.append(f"instance {name!r} is defined more than once; instance names must be unique")
+        port = instance["port"]
+        if port is None:
+            continue
+        if port in ports:
+            problems.append(f"instances {ports[port]!r} and {name!r} both use port {port}; give each its own port")
+        else:
+            ports[port] = name
+        if port in reserved:
+            problems.append(
+                f"instance {name!r}: port {port} is in comfyui_instances_reserved_ports; choose another port"
+            )
+        if port in busy:
+            problems.append(
+                f"instance {name!r}: port {port} is already used on this host by {busy[port]}; "
+                "choose another port or stop that service"
+            )
+        for gpu in instance["gpus"]:
+            other = gpus.get(gpu)
+            if other is None:
+                gpus[gpu] = instance
+            elif not (other["share_gpus"] and instance["share_gpus"]):
+                problems.append(
+                    f"instances {other['name']!r} and {name!r} both use GPU {gpu}; set share_gpus: true on both "
+                    "to let them share it (each loads its own weights: cap them with --reserve-vram)"
+                )
+
+
+def comfyui_instance_layout(instances: Any, environments: Any, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    if instances in (None, ""):
+        instances = []
+    if not isinstance(instances, list) or not all(isinstance(item, dict) for item in instances):
+        raise AnsibleFilterError(
+            "comfyui_instances must be a list of instances, each a mapping with name, environment, port and gpus"
+        )
+    if not isinstance(environments, dict):
+        raise AnsibleFilterError("comfyui_environments must be a mapping of environment names to settings")
+    problems: list[str] = []
+    layout = [_expand(raw, index, environments, settings, problems) for index, raw in enumerate(instances)]
+    _collisions(layout, settings, problems)
+    if problems:
+        raise AnsibleFilterError("comfyui_instances is invalid:\n- " + "\n- ".join(problems))
+    return layout
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {"comfyui_instance_layout": comfyui_instance_layout}

@@ -1,0 +1,273 @@
+"""Running instances: readiness, draining, unit state, logs and the ports in use on a host.
+
+Shared by the `comfyui_wait` and `comfyui_listeners` modules (on the managed host) and by
+`comfybake instances` (the host's command line, through the link src/comfybake/_runtime.py).
+Standard library only; Python 3.10+.
+
+Ready means "this instance can serve its environment", checked in order:
+  1. the unit is active (a failed or restarting unit stops the wait at once);
+  2. the port accepts a connection;
+  3. `GET /system_stats` answers and its `system.argv` is exactly the configured command line
+     (so a stale process on the port, or one started before an edit, is not taken as ready);
+  4. `GET /object_info/<Class>` is non-empty for every required node class;
+  5. `GET /models/<folder>` lists every required model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+try:
+    from ansible.module_utils._comfybake_env import gate_failures  # type: ignore[import-untyped,unused-ignore]
+except ImportError:  # the comfybake command line
+    from comfybake._env import gate_failures  # type: ignore[no-redef,unused-ignore]
+
+JOURNAL_LINES = 40
+_HTTP_TIMEOUT = 5.0
+
+
+class Instance:
+    """What readiness needs to know about one instance (a record of the instance layout)."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.name: str = record["name"]
+        self.port: int = int(record["port"])
+        listen = str(record.get("listen") or "127.0.0.1")
+        wildcard = listen in ("0.0.0.0", "")  # noqa: S104 - reach a wildcard listener on loopback
+        self.host = "127.0.0.1" if wildcard else ("::1" if listen == "::" else listen)
+        self.args: list[str] = [str(arg) for arg in record.get("args") or []]
+        self.node_classes: list[str] = list(record.get("required_node_classes") or [])
+        self.models: dict[str, list[str]] = dict(record.get("required_models") or {})
+        self.unit: str = record.get("unit") or f"comfyui@{self.name}.service"
+        self.log_file: str = record.get("log_file") or ""
+
+    def url(self, route: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{route}"
+
+
+def get_json(url: str, timeout: float = _HTTP_TIMEOUT) -> Any:
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310 - http://<instance>
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        return json.loads(response.read().decode("utf-8"))
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- systemd
+
+
+def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
+
+
+def unit_state(unit: str) -> dict[str, str]:
+    """ActiveState, SubState, MainPID, NRestarts, InvocationID and more of one unit."""
+    keys = ["ActiveState", "SubState", "MainPID", "NRestarts", "InvocationID", "UnitFileState", "LoadState"]
+    done = systemctl("show", unit, *[f"--property={key}" for key in keys])
+    state = dict.fromkeys(keys, "")
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition("=")
+        state[key] = value
+    return state
+
+
+def recent_log(instance: Instance, invocation: str = "", lines: int = 200) -> str:
+    """The instance's output since it last started: its journal, or the tail of its log file."""
+    if instance.log_file:
+        try:
+            with open(instance.log_file, encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:])
+        except OSError as error:
+            return f"(cannot read {instance.log_file}: {error.strerror})"
+    command = ["journalctl", "--no-pager", "-o", "cat", "-n", str(lines)]
+    command += [f"_SYSTEMD_INVOCATION_ID={invocation}"] if invocation else ["-u", instance.unit]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    return done.stdout if done.returncode == 0 else f"(journalctl failed: {done.stderr.strip()})"
+
+
+def import_failures(log: str) -> dict[str, str]:
+    """Custom nodes the log reports as IMPORT FAILED, each with its error."""
+    failures: dict[str, str] = gate_failures(log, "")
+    return failures
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+def _stage(instance: Instance) -> tuple[str, str]:
+    """One probe: (stage reached, what is missing); stage `ready` when nothing is."""
+    if not port_open(instance.host, instance.port):
+        return "starting", f"port {instance.port} on {instance.host} does not accept connections"
+    try:
+        stats = get_json(instance.url("/system_stats"))
+    except (OSError, ValueError, urllib.error.URLError) as error:
+        return "starting", f"/system_stats does not answer: {error}"
+    argv = [str(arg) for arg in (stats.get("system") or {}).get("argv") or []]
+    if instance.args and argv[1:] != instance.args:
+        return "argv", (
+            f"the process on port {instance.port} runs {' '.join(argv[1:]) or '(no argv)'!r}, "
+            f"not the configured {' '.join(instance.args)!r}"
+        )
+    for node_class in instance.node_classes:
+        try:
+            info = get_json(instance.url(f"/object_info/{urllib.parse.quote(node_class)}"))
+        except (OSError, ValueError, urllib.error.URLError) as error:
+            return "nodes", f"/object_info/{node_class} does not answer: {error}"
+        if not info or node_class not in info:
+            return "nodes", f"node class {node_class} is missing"
+    for folder, names in instance.models.items():
+        try:
+            visible = set(get_json(instance.url(f"/models/{urllib.parse.quote(folder)}")))
+        except urllib.error.HTTPError as error:
+            return "models", f"model folder {folder} is unknown to ComfyUI (HTTP {error.code})"
+        except (OSError, ValueError, urllib.error.URLError) as error:
+            return "models", f"/models/{folder} does not answer: {error}"
+        missing = [name for name in names if name not in visible]
+        if missing:
+            return "models", f"model {folder}/{missing[0]} is not visible" + (
+                f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            )
+    return "ready", ""
+
+
+def wait_ready(instance: Instance, timeout: float, interval: float = 0.25, use_systemd: bool = True) -> dict[str, Any]:
+    """Poll one instance until ready, its unit fails, or `timeout` seconds pass."""
+    started = time.monotonic()
+    stage, missing, state = "starting", "", {}
+    while True:
+        if use_systemd:
+            state = unit_state(instance.unit)
+            if state["ActiveState"] in ("failed", "inactive") or state["SubState"] == "auto-restart":
+                missing = f"unit {instance.unit} is {state['ActiveState']} ({state['SubState']})"
+                break
+        stage, missing = _stage(instance)
+        if stage == "ready" or time.monotonic() - started >= timeout:
+            break
+        time.sleep(interval)
+    result: dict[str, Any] = {
+        "name": instance.name,
+        "port": instance.port,
+        "ready": stage == "ready",
+        "stage": stage,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    if stage != "ready":
+        log = recent_log(instance, state.get("InvocationID", "")) if use_systemd or instance.log_file else ""
+        failures = import_failures(log)
+        result["error"] = missing
+        result["import_failures"] = failures
+        result["log"] = log.splitlines()[-JOURNAL_LINES:]
+        result["message"] = describe_failure(instance, missing, failures, timeout)
+    return result
+
+
+def describe_failure(instance: Instance, missing: str, failures: dict[str, str], timeout: float) -> str:
+    text = f"instance {instance.name} (port {instance.port}) is not ready after {timeout:g} s: {missing}"
+    for node, error in failures.items():
+        text += f"\n  IMPORT FAILED: custom node {node}: {error}"
+    return text
+
+
+def wait_all(instances: list[Instance], timeout: float, use_systemd: bool = True) -> list[dict[str, Any]]:
+    """Wait for every instance at once (one thread each), all against the same timeout."""
+    if not instances:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(instances))) as pool:
+        return list(pool.map(lambda item: wait_ready(item, timeout, use_systemd=use_systemd), instances))
+
+
+def queue_length(instance: Instance) -> int | None:
+    """Prompts running plus pending, or None when the instance does not answer."""
+    try:
+        queue = get_json(instance.url("/queue"))
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+    return len(queue.get("queue_running") or []) + len(queue.get("queue_pending") or [])
+
+
+def wait_drained(instance: Instance, timeout: float, interval: float = 1.0) -> dict[str, Any]:
+    """Wait until the instance's queue is empty (or it does not answer), at most `timeout` seconds."""
+    started = time.monotonic()
+    length = queue_length(instance)
+    while length and time.monotonic() - started < timeout:
+        time.sleep(interval)
+        length = queue_length(instance)
+    return {
+        "name": instance.name,
+        "drained": not length,
+        "queue": length or 0,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+# --------------------------------------------------------------------------- listeners
+
+_UNIT_IN_CGROUP = re.compile(r"/([^/]+\.service)$")
+
+
+def _socket_inodes() -> dict[str, int]:
+    """inode -> port of every listening TCP socket (IPv4 and IPv6)."""
+    result: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                result[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+    return result
+
+
+def listeners() -> dict[int, dict[str, Any]]:
+    """Listening TCP ports of this host, each with the process and systemd unit that own it."""
+    inodes = _socket_inodes()
+    ports: dict[int, dict[str, Any]] = {
+        port: {"port": port, "pid": None, "process": "", "unit": ""} for port in inodes.values()
+    }
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                entry = ports[inodes[link[8:-1]]]
+                if entry["pid"] is None:
+                    entry.update(pid=int(pid), process=_read(f"/proc/{pid}/comm").strip(), unit=_unit_of(pid))
+    return ports
+
+
+def _unit_of(pid: str) -> str:
+    for line in _read(f"/proc/{pid}/cgroup").splitlines():
+        match = _UNIT_IN_CGROUP.search(line.rsplit(":", 1)[-1])
+        if match:
+            return match.group(1)
+    return ""
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""

@@ -1,0 +1,85 @@
+#!/usr/bin/python
+# Copyright: comfybake contributors
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+"""Ansible module: the host's listening TCP ports, with the process and unit that own each."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: comfyui_listeners
+short_description: List the listening TCP ports of a host with their owners
+description:
+  - Reads C(/proc/net/tcp) and C(/proc/net/tcp6) and maps each listening socket to the process
+    and systemd unit that hold it, so a port layout can be checked against what already runs
+    on the host (ports held by O(ignore_units) are left out: the instances being reconfigured).
+version_added: "0.1.0"
+author: comfybake contributors
+requirements:
+  - python >= 3.10
+  - Linux /proc
+attributes:
+  check_mode:
+    support: full
+    details: It only reads.
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
+    details: It never changes anything.
+options:
+  ignore_units:
+    description: Regular expression; ports whose owning unit matches it are not returned.
+    type: str
+    default: "^comfyui@.+[.]service$"
+"""
+
+EXAMPLES = r"""
+- name: Find the ports something other than an instance already uses
+  comfyui_listeners:
+  register: listeners
+"""
+
+RETURN = r"""
+busy:
+  description: Port to a description of its owner, for the ports not left out.
+  returned: always
+  type: dict
+  sample: {"22": "sshd (pid 101, ssh.service)"}
+listeners:
+  description: Every listening port with its owner's pid, process name and unit.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{port: 8188, pid: 240, process: python3, unit: comfyui@main.service}]
+"""
+
+import re
+
+from ansible.module_utils._comfybake_runtime import listeners
+from ansible.module_utils.basic import AnsibleModule
+
+ARGUMENT_SPEC = {
+    "ignore_units": {"type": "str", "default": "^comfyui@.+[.]service$"},
+}
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    try:
+        ignore = re.compile(module.params["ignore_units"])
+    except re.error as error:
+        module.fail_json(msg=f"ignore_units {module.params['ignore_units']!r} is not a regular expression: {error}")
+    found = sorted(listeners().values(), key=lambda entry: entry["port"])
+    busy = {}
+    for entry in found:
+        if entry["unit"] and ignore.search(entry["unit"]):
+            continue
+        owner = entry["process"] or "an unknown process"
+        details = ", ".join(str(x) for x in (f"pid {entry['pid']}" if entry["pid"] else "", entry["unit"]) if x)
+        busy[str(entry["port"])] = f"{owner} ({details})" if details else owner
+    module.exit_json(changed=False, busy=busy, listeners=found)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""`comfybake instances status|start|stop|restart|diagnose|prepare`: operate a host's instances.
+
+Runs on the host, as root for start/stop/restart and the journal. It reads what the
+comfyui_instances role wrote: `<config root>/instances.json` (the instance layout, the same
+records the units were generated from) and each environment's lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from comfybake import _runtime
+from comfybake.cli import SUBCOMMANDS
+
+DEFAULT_CONFIG_ROOT = "/etc/comfybake"
+
+
+class HostError(Exception):
+    """The host's comfybake files are missing or a selection matches nothing."""
+
+
+def load_host(config_root: str) -> dict[str, Any]:
+    path = Path(config_root) / "instances.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HostError(f"{path} does not exist: converge the host with the comfyui_instances role first") from None
+    except (OSError, ValueError) as error:
+        raise HostError(f"cannot read {path}: {error}") from None
+    return data
+
+
+def select(host: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Instances named, of an environment, or in a port range; all when nothing narrows it."""
+    instances: list[dict[str, Any]] = host["instances"]
+    names = set(getattr(args, "names", None) or [])
+    unknown = names - {item["name"] for item in instances}
+    if unknown:
+        known = ", ".join(item["name"] for item in instances) or "none"
+        raise HostError(f"no instance named {', '.join(sorted(unknown))} (instances: {known})")
+    low, high = parse_ports(getattr(args, "ports", None))
+    chosen = [
+        item
+        for item in instances
+        if (not names or item["name"] in names)
+        and (not getattr(args, "environment", None) or item["environment"] == args.environment)
+        and low <= item["port"] <= high
+    ]
+    if not chosen:
+        raise HostError("no instance matches the selection")
+    return chosen
+
+
+def parse_ports(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 65535
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise HostError(f"--ports {text!r} is not a port or a range such as 8188-8190") from None
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status_rows(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for record in instances:
+        instance = _runtime.Instance(record)
+        state = _runtime.unit_state(instance.unit)
+        stage, missing = _runtime._stage(instance) if state["ActiveState"] == "active" else ("stopped", "")
+        rows.append(
+            {
+                "name": record["name"],
+                "environment": record["environment"],
+                "port": record["port"],
+                "gpus": record["gpus"],
+                "enabled": record["enabled"],
+                "unit": f"{state['ActiveState']}/{state['SubState']}",
+                "pid": int(state["MainPID"] or 0),
+                "restarts": int(state["NRestarts"] or 0),
+                "ready": stage == "ready",
+                "not_ready": missing,
+                "queue": _runtime.queue_length(instance) if stage == "ready" else None,
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    cells = [[title for title, _ in columns]] + [[_cell(row[key]) for _, key in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value) or "cpu"
+    return "-" if value is None else str(value)
+
+
+def status(args: argparse.Namespace) -> int:
+    rows = status_rows(select(load_host(args.config_root), args))
+    if args.json:
+        json.dump({"instances": rows}, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(
+            rows,
+            [("INSTANCE", "name"), ("ENVIRONMENT", "environment"), ("PORT", "port"), ("GPU", "gpus"),
+             ("UNIT", "unit"), ("READY", "ready"), ("QUEUE", "queue"), ("RESTARTS", "restarts")],
+        )  # fmt: skip
+    return 0 if all(row["ready"] or not row["enabled"] for row in rows) else 1
+
+
+# --------------------------------------------------------------------------- control
+
+
+def control(args: argparse.Namespace) -> int:
+    chosen = select(load_host(args.config_root), args)
+    if args.action != "stop" and args.drain and args.action == "restart":
+        for record in chosen:
+            drained = _runtime.wait_drained(_runtime.Instance(record), args.drain)
+            if not drained["drained"]:
+                print(
+                    f"{record['name']}: {drained['queue']} prompts still queued after {args.drain} s", file=sys.stderr
+                )
+    units = [record["unit"] for record in chosen]
+    done = _runtime.systemctl(args.action, *units)
+    if done.returncode != 0:
+        print(f"systemctl {args.action} failed: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    if args.action == "stop" or args.no_wait:
+        print(f"{args.action}: {' '.join(record['name'] for record in chosen)}")
+        return 0
+    results = _runtime.wait_all([_runtime.Instance(record) for record in chosen], args.timeout)
+    for result in results:
+        print(f"{result['name']}: ready in {result['seconds']} s" if result["ready"] else result["message"])
+    return 0 if all(result["ready"] for result in results) else 1
+
+
+# --------------------------------------------------------------------------- diagnose
+
+
+def diagnose_report(host: dict[str, Any]) -> dict[str, Any]:
+    store = Path(host["model_store"])
+    folders: dict[str, Any] = {}
+    total = 0
+    if store.is_dir():
+        for folder in sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files: list[dict[str, Any]] = [
+                {"path": str(path.relative_to(folder)), "bytes": path.stat().st_size}
+                for path in sorted(folder.rglob("*"))
+                if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+            ]
+            size = sum(item["bytes"] for item in files)
+            total += size
+            folders[folder.name] = {"files": files, "bytes": size}
+    usage = shutil.disk_usage(store) if store.is_dir() else None
+    environments: dict[str, Any] = {}
+    for name in sorted({item["environment"] for item in host["instances"]}):
+        lock_path = Path(host["code_root"]) / "envs" / name / "current" / "comfybake.lock.json"
+        try:
+            lock = json.loads(lock_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            environments[name] = {"error": f"cannot read {lock_path}: {getattr(error, 'strerror', error)}"}
+            continue
+        environments[name] = {
+            "release": os.path.basename(os.path.realpath(lock_path.parent)),
+            "comfyui": lock["comfyui"],
+            "custom_nodes": [{"name": node["name"], "commit": node["commit"]} for node in lock["custom_nodes"]],
+            "torch": lock["torch"],
+            "packages": len(lock.get("packages") or []),
+        }
+    failing = {}
+    for record in host["instances"]:
+        instance = _runtime.Instance(record)
+        state = _runtime.unit_state(instance.unit)
+        if state["InvocationID"] or instance.log_file:
+            failures = _runtime.import_failures(_runtime.recent_log(instance, state["InvocationID"], lines=2000))
+            if failures:
+                failing[record["name"]] = failures
+    return {
+        "model_store": {
+            "path": str(store),
+            "bytes": total,
+            "disk_total": usage.total if usage else None,
+            "disk_free": usage.free if usage else None,
+        },
+        "models": folders,
+        "environments": environments,
+        "import_failures": failing,
+    }
+
+
+def human(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(size)
+
+
+def diagnose(args: argparse.Namespace) -> int:
+    report = diagnose_report(load_host(args.config_root))
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    store = report["model_store"]
+    free = f"{human(store['disk_free'])} free of {human(store['disk_total'])}"
+    print(f"Model store {store['path']}: {human(store['bytes'])} in models, {free}")
+    for folder, info in report["models"].items():
+        print(f"  {folder}/ ({len(info['files'])} files, {human(info['bytes'])})")
+        for item in info["files"]:
+            print(f"    {item['path']}  {human(item['bytes'])}")
+    for name, env in report["environments"].items():
+        if "error" in env:
+            print(f"Environment {name}: {env['error']}")
+            continue
+        comfyui = env["comfyui"]
+        print(f"Environment {name} (release {env['release']}): ComfyUI {comfyui['version']} {comfyui['commit'][:12]}, "
+              f"torch {env['torch'].get('flavor') or '-'}, {env['packages']} packages")  # fmt: skip
+        for node in env["custom_nodes"]:
+            print(f"  custom_nodes/{node['name']}  {node['commit'][:12]}")
+    if report["import_failures"]:
+        for instance, failures in report["import_failures"].items():
+            for node, error in failures.items():
+                print(f"IMPORT FAILED in instance {instance}: {node}: {error.splitlines()[0]}")
+    else:
+        print("No instance reports an IMPORT FAILED custom node.")
+    return 1 if report["import_failures"] else 0
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Create an instance's folders and install its environment's user files (the unit's ExecStartPre)."""
+    host = load_host(args.config_root)
+    record = next((item for item in host["instances"] if item["name"] == args.name), None)
+    if record is None:
+        raise HostError(f"no instance named {args.name} in {args.config_root}/instances.json")
+    state = Path(record["state_dir"])
+    for folder in ("user", "input", "output"):
+        (state / folder).mkdir(parents=True, exist_ok=True)
+    settings_path = Path(host["config_root"]) / "envs" / record["environment"] / "environment.json"
+    settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
+    for relative, source in (settings.get("user_files") or {}).items():
+        target = state / "user" / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Exit 2 with one line naming the problem when the host's files or the selection are wrong."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except HostError as error:
+            print(f"comfybake instances: {error}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config-root",
+        default=os.environ.get("COMFYBAKE_CONFIG_ROOT", DEFAULT_CONFIG_ROOT),
+        help=f"comfybake's configuration folder on this host (default {DEFAULT_CONFIG_ROOT})",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def selection(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("names", nargs="*", metavar="NAME", help="instances by name (default: all)")
+        sub.add_argument("--environment", help="only the instances of this environment")
+        sub.add_argument("--ports", help="only the instances on these ports: 8188 or 8188-8190")
+
+    status_parser = actions.add_parser("status", help="a table of instances: unit state, readiness, queue")
+    selection(status_parser)
+    status_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status_parser.set_defaults(func=guarded(status))
+    for action, text in (("start", "start"), ("stop", "stop"), ("restart", "restart")):
+        sub = actions.add_parser(action, help=f"{text} instances, then wait until they are ready")
+        selection(sub)
+        sub.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default 300)")
+        sub.add_argument("--no-wait", action="store_true", help="do not wait for readiness")
+        sub.add_argument(
+            "--drain", type=float, default=0, help="restart: first wait up to this many seconds for an empty queue"
+        )
+        sub.set_defaults(func=guarded(control))
+    diagnose_parser = actions.add_parser(
+        "diagnose", help="models with sizes, nodes with commits, disk, failing imports"
+    )
+    diagnose_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    diagnose_parser.set_defaults(func=guarded(diagnose))
+    prepare_parser = actions.add_parser("prepare", help="create an instance's folders (run by its unit)")
+    prepare_parser.add_argument("name")
+    prepare_parser.set_defaults(func=guarded(prepare))
+
+
+SUBCOMMANDS["instances"] = ("status, start, stop, restart and diagnose this host's ComfyUI instances", configure)
