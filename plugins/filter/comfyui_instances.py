@@ -43,6 +43,7 @@ options:
 
 EXAMPLES = r"""
 _comfyui_instances_layout: "{{ comfyui_instances | comfyui_instance_layout(comfyui_environments, settings) }}"
+routes: "{{ _comfyui_instances_layout | map('comfyui_instance_route', {'main': ['KSampler']}) }}"
 """
 
 RETURN = r"""
@@ -317,6 +318,21 @@ def comfyui_instance_layout(instances: Any, environments: Any, settings: dict[st
     return layout
 
 
+def comfyui_instance_route(record: dict[str, Any], node_classes: dict[str, list[str]]) -> dict[str, Any]:
+    """An instance's entry in the routing file: where it answers and which node classes it serves."""
+    return {
+        "name": record["name"],
+        "environment": record["environment"],
+        "url": record["url"],
+        "port": record["port"],
+        "gpus": record["gpus"],
+        "enabled": record["enabled"],
+        "description": record["description"],
+        "required_node_classes": record["required_node_classes"],
+        "node_classes": sorted(node_classes.get(record["name"]) or record["required_node_classes"]),
+    }
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"comfyui_instance_layout": comfyui_instance_layout}
+        return {"comfyui_instance_layout": comfyui_instance_layout, "comfyui_instance_route": comfyui_instance_route}

@@ -12,7 +12,7 @@ short_description: List the listening TCP ports of a host with their owners
 description:
   - Reads C(/proc/net/tcp) and C(/proc/net/tcp6) and maps each listening socket to the process
     and systemd unit that hold it, so a port layout can be checked against what already runs
-    on the host (ports held by O(ignore_units) are left out: the instances being reconfigured).
+    on the host (ports held by O(ignore_units) are left out, since those are the instances being reconfigured).
 version_added: "0.1.0"
 author: comfybake contributors
 requirements:

@@ -19,7 +19,7 @@ description:
   - A failure reports the instance's output since it last started (its journal, or its log
     file), with every custom node that logged C(IMPORT FAILED) and its error.
   - With O(state=drained), waits until each instance's C(/queue) is empty (or the instance does
-    not answer), at most O(timeout) seconds, and never fails: it reports what was still queued.
+    not answer), at most O(timeout) seconds, and never fails; it reports what was still queued.
 version_added: "0.1.0"
 author: comfybake contributors
 requirements:

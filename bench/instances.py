@@ -1,0 +1,157 @@
+"""Benchmark of instance start-up: all at once with readiness (comfybake) against the seed's loop.
+
+The seed (`start_comfyui_multi.sh`) starts each instance of `instances.json` in turn and sleeps
+`startup_delay` (2 s in its example) before the next; nothing tells it when an instance can
+serve. comfybake's `comfyui.target` starts every instance at once, and readiness
+(`comfyui_wait`, the same code as here) polls each until `/system_stats` shows its command
+line and its node classes answer. Each instance is the ComfyUI test double with a custom node
+that takes --import-seconds to import (real nodes take seconds: torch, model scans).
+
+Two ways to run it:
+
+    .venv/bin/python bench/instances.py                      # processes on this machine: 1, 2, 4 instances
+    .venv/bin/python bench/instances.py --container NAME     # systemd in a converged container
+
+With --container, the comfybake row is `systemctl start comfyui.target` inside a container the
+comfyui_instances molecule scenario converged (`molecule converge -s comfyui_instances`),
+timed until `comfybake instances status` reports every instance ready. Nothing here asserts a
+time: it measures, and prints ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from comfybake import _runtime  # noqa: E402 - after the path set-up
+from harness.double import DOUBLE, free_port  # noqa: E402
+
+SLOW_NODE = '''\
+"""Bench node: imports slowly, like a real node that imports torch and scans models."""
+import time
+
+time.sleep({seconds})
+
+
+class ComfybakeSlow:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {{"required": {{}}}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    CATEGORY = "comfybake"
+
+    def run(self):
+        return ()
+
+
+NODE_CLASS_MAPPINGS = {{"ComfybakeSlow": ComfybakeSlow}}
+'''
+
+
+def code_with_slow_node(scratch: Path, seconds: float) -> Path:
+    code = scratch / "ComfyUI"
+    shutil.copytree(DOUBLE, code, ignore=shutil.ignore_patterns("__pycache__"))
+    node = code / "custom_nodes" / "ComfyUI-Bench-Slow"
+    node.mkdir(parents=True, exist_ok=True)
+    (node / "__init__.py").write_text(SLOW_NODE.format(seconds=seconds))
+    return code
+
+
+def instance_args(scratch: Path, name: str, port: int) -> list[str]:
+    state = scratch / "state" / name
+    (state / "user").mkdir(parents=True, exist_ok=True)
+    return [
+        "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch", "--cpu",
+        "--user-directory", str(state / "user"), "--input-directory", str(state / "input"),
+        "--output-directory", str(state / "output"), "--temp-directory", str(state / "temp"),
+        "--database-url", f"sqlite:///{state}/comfyui.db",
+    ]  # fmt: skip
+
+
+def launch(code: Path, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-s", str(code / "main.py"), *args], stdout=out, stderr=out)
+
+
+def run_round(code: Path, scratch: Path, count: int, sequential_delay: float | None) -> float:
+    """Seconds from the first start to every instance ready; sequential with a delay for the seed."""
+    records = []
+    for index in range(count):
+        name = f"i{index}"
+        args = instance_args(scratch, name, free_port())
+        records.append({"name": name, "port": int(args[3]), "args": args, "required_node_classes": ["ComfybakeSlow"]})
+    processes = []
+    started = time.monotonic()
+    try:
+        for record in records:
+            processes.append(launch(code, record["args"], scratch / f"{record['name']}.log"))
+            if sequential_delay is not None:
+                time.sleep(sequential_delay)
+        results = _runtime.wait_all([_runtime.Instance(r) for r in records], timeout=120, use_systemd=False)
+        elapsed = time.monotonic() - started
+        if not all(result["ready"] for result in results):
+            raise SystemExit(f"an instance did not become ready: {results}")
+        return elapsed
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)
+
+
+def container_round(container: str) -> float:
+    def docker(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", "exec", container, *args], capture_output=True, text=True, check=False)
+
+    docker("systemctl", "stop", "comfyui.target")
+    started = time.monotonic()
+    docker("systemctl", "start", "--no-block", "comfyui.target")
+    while docker("comfybake", "instances", "status").returncode != 0:
+        if time.monotonic() - started > 300:
+            raise SystemExit("the container's instances were not ready within 300 s")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per row; medians are printed")
+    parser.add_argument("--import-seconds", type=float, default=3.0, help="import time of the bench node")
+    parser.add_argument("--startup-delay", type=float, default=2.0, help="the seed's startup_delay")
+    parser.add_argument("--container", help="also time systemctl start comfyui.target in this converged container")
+    args = parser.parse_args()
+
+    print(f"node import time {args.import_seconds:g} s, seed startup_delay {args.startup_delay:g} s, "
+          f"medians of {args.rounds}")  # fmt: skip
+    print(f"{'instances':>9}  {'seed loop':>10}  {'comfybake':>10}  {'ratio':>6}")
+    with tempfile.TemporaryDirectory(prefix="comfybake-bench-") as tmp:
+        scratch = Path(tmp)
+        code = code_with_slow_node(scratch, args.import_seconds)
+        for count in args.counts:
+            seed = statistics.median(
+                run_round(code, scratch, count, args.startup_delay) for _ in range(args.rounds)
+            )
+            ours = statistics.median(run_round(code, scratch, count, None) for _ in range(args.rounds))
+            print(f"{count:>9}  {seed:>9.2f}s  {ours:>9.2f}s  {seed / ours:>5.2f}x")
+    if args.container:
+        times = [container_round(args.container) for _ in range(args.rounds)]
+        print(f"systemctl start comfyui.target in {args.container}, every instance ready: "
+              f"median {statistics.median(times):.2f} s ({', '.join(f'{t:.2f}' for t in times)})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
