@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from comfybake import _runtime  # noqa: E402 - after the path set-up
 from harness.double import DOUBLE, free_port  # noqa: E402
+
+from comfybake import _runtime  # noqa: E402 - after the path set-up
 
 SLOW_NODE = '''\
 """Bench node: imports slowly, like a real node that imports torch and scans models."""
@@ -141,9 +142,7 @@ def main() -> int:
         scratch = Path(tmp)
         code = code_with_slow_node(scratch, args.import_seconds)
         for count in args.counts:
-            seed = statistics.median(
-                run_round(code, scratch, count, args.startup_delay) for _ in range(args.rounds)
-            )
+            seed = statistics.median(run_round(code, scratch, count, args.startup_delay) for _ in range(args.rounds))
             ours = statistics.median(run_round(code, scratch, count, None) for _ in range(args.rounds))
             print(f"{count:>9}  {seed:>9.2f}s  {ours:>9.2f}s  {seed / ours:>5.2f}x")
     if args.container:

@@ -92,7 +92,8 @@ REFUSED_FLAGS = {
     "--enable-manager": "ComfyUI-Manager then installs packages into the live venv at start-up; "
     "install custom nodes through the environment instead",
 }
-MIN_PORT, MAX_PORT = 1024, 65535
+MIN_PORT = 1024
+MAX_PORT = 65535
 WILDCARDS = ("", "0.0.0.0", "::", "0.0.0.0,::", "[::]")  # noqa: S104 - the addresses refused
 
 
