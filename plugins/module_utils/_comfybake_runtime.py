@@ -245,16 +245,27 @@ def listeners() -> dict[int, dict[str, Any]]:
         port: {"port": port, "pid": None, "process": "", "unit": ""} for port in inodes.values()
     }
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
-            continue
-        for link in links:
+        for link in _fd_links(pid):
             if link.startswith("socket:[") and link[8:-1] in inodes:
                 entry = ports[inodes[link[8:-1]]]
                 if entry["pid"] is None:
                     entry.update(pid=int(pid), process=_read(f"/proc/{pid}/comm").strip(), unit=_unit_of(pid))
     return ports
+
+
+def _fd_links(pid: str) -> list[str]:
+    """What the open files of a process point at; a file closed while reading is skipped."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    links = []
+    for fd in fds:
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return links
 
 
 def _unit_of(pid: str) -> str:

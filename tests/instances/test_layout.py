@@ -1,0 +1,151 @@
+"""The `comfyui_instance_layout` filter: a valid layout expands fully; every problem is named at once."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ansible.errors import AnsibleFilterError
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("comfyui_instances_filter", ROOT / "plugins/filter/comfyui_instances.py")
+assert _spec and _spec.loader
+FILTER = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(FILTER)
+
+ENVIRONMENTS = {"comm": {"required_node_classes": ["ComfybakeEcho"]}, "aua-sp": {}}
+SETTINGS: dict[str, Any] = {
+    "listen": "127.0.0.1",
+    "state_root": "/var/lib/comfybake",
+    "cache_root": "/var/cache/comfybake",
+    "config_root": "/etc/comfybake",
+    "code_root": "/opt/comfybake",
+    "extra_args": [],
+    "allowed_clients": [],
+    "reserved_ports": [],
+    "busy_ports": {},
+    "log_dir": "",
+}
+A = {"name": "a", "environment": "comm", "port": 8188, "gpus": [0]}
+B = {"name": "b", "environment": "comm", "port": 8189, "gpus": [1], "share_gpus": True}
+C = {"name": "c", "environment": "aua-sp", "port": 8190, "gpus": [1], "share_gpus": True}
+
+
+def layout(instances: list[dict[str, Any]], **settings: Any) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = FILTER.comfyui_instance_layout(instances, ENVIRONMENTS, {**SETTINGS, **settings})
+    return result
+
+
+def problems(instances: list[dict[str, Any]], **settings: Any) -> str:
+    with pytest.raises(AnsibleFilterError) as raised:
+        layout(instances, **settings)
+    return str(raised.value.message)
+
+
+def test_a_valid_layout_expands_every_instance() -> None:
+    a, b, c = layout([A, B, C | {"extra_args": ["--reserve-vram", "1"], "description": "SP"}])
+    assert a["args"] == [
+        "--listen", "127.0.0.1", "--port", "8188", "--disable-auto-launch",
+        "--extra-model-paths-config", "/etc/comfybake/envs/comm/extra_model_paths.yaml",
+        "--user-directory", "/var/lib/comfybake/instances/a/user",
+        "--input-directory", "/var/lib/comfybake/instances/a/input",
+        "--output-directory", "/var/lib/comfybake/instances/a/output",
+        "--temp-directory", "/var/cache/comfybake/instances/a",
+        "--database-url", "sqlite:////var/lib/comfybake/instances/a/comfyui.db",
+    ]  # fmt: skip
+    assert (a["unit"], a["user"], a["url"], a["gpus"]) == ("comfyui@a.service", "comfyui-a", "http://127.0.0.1:8188", ["0"])
+    assert a["required_node_classes"] == ["ComfybakeEcho"] and c["required_node_classes"] == []
+    assert a["env_file"] == "/etc/comfybake/instances/a.env" and a["code_dir"] == "/opt/comfybake/instances/a"
+    assert c["args"][-2:] == ["--reserve-vram", "1"] and c["description"] == "SP"
+    assert [item["enabled"] for item in (a, b, c)] == [True, True, True]
+    assert b["share_gpus"] and not a["share_gpus"] and a["log_file"] == ""
+
+
+def test_cpu_instances_log_files_and_common_args() -> None:
+    (cpu,) = layout(
+        [{"name": "cpu", "environment": "comm", "port": 8200, "gpus": [], "enabled": False}],
+        extra_args=["--preview-method", "auto"],
+        log_dir="/var/log/comfybake",
+    )
+    assert "--cpu" in cpu["args"] and cpu["args"][-2:] == ["--preview-method", "auto"]
+    assert cpu["log_file"] == "/var/log/comfybake/comfyui_instance_cpu.log"
+    assert cpu["enabled"] is False
+
+
+def test_ipv6_loopback_and_allowed_clients() -> None:
+    (six,) = layout([A | {"listen": "::1"}])
+    assert six["url"] == "http://[::1]:8188"
+    (lan,) = layout([A | {"listen": "10.0.0.5"}], allowed_clients=["10.0.0.0/24"])
+    assert lan["args"][:2] == ["--listen", "10.0.0.5"]
+
+
+@pytest.mark.parametrize(
+    ("instances", "settings", "expected"),
+    [
+        ([A, B | {"port": 8188}], {}, "instances 'a' and 'b' both use port 8188; give each its own port"),
+        ([A, A | {"port": 8191}], {}, "instance 'a' is defined more than once"),
+        ([A, B | {"gpus": [0]}], {}, "instances 'a' and 'b' both use GPU 0; set share_gpus: true on both"),
+        ([B, C | {"share_gpus": False}], {}, "instances 'b' and 'c' both use GPU 1"),
+        ([A | {"environment": "nope"}], {}, "instance 'a': environment 'nope' is not defined in comfyui_environments (defined: aua-sp, comm)"),
+        ([A | {"port": 80}], {}, "instance 'a': port 80 must be a number from 1024 to 65535"),
+        ([A | {"port": "8188"}], {}, "instance 'a': port '8188' must be a number"),
+        ([A], {"reserved_ports": [8188]}, "instance 'a': port 8188 is in comfyui_instances_reserved_ports"),
+        ([A], {"busy_ports": {"8188": "nginx (pid 7, nginx.service)"}}, "port 8188 is already used on this host by nginx (pid 7, nginx.service)"),
+        ([A | {"listen": "0.0.0.0"}], {}, "instance 'a': listen '0.0.0.0' binds every address"),
+        ([A | {"listen": "10.0.0.5"}], {}, "instance 'a': listen 10.0.0.5 is reachable from other hosts"),
+        ([A | {"listen": "my-host"}], {}, "instance 'a': listen 'my-host' is not one IP address"),
+        ([A | {"name": "A_1"}], {}, "instance 'A_1': the name must be 1 to 23 lower-case letters"),
+        ([A | {"prot": 1}], {}, "instance 'a': unknown key 'prot'"),
+        ([A | {"gpus": None}], {}, "instance 'a': set gpus"),
+        ([A | {"gpus": [0, 0]}], {}, "instance 'a': GPU 0 is listed twice"),
+        ([A | {"gpus": ["gpu0"]}], {}, "instance 'a': GPU 'gpu0' is not an index"),
+        ([A | {"extra_args": ["--port", "9000"]}], {}, "instance 'a': extra_args sets --port, which comfybake sets from port"),
+        ([A | {"extra_args": ["--listen=0.0.0.0"]}], {}, "extra_args sets --listen, which comfybake sets from listen"),
+        ([A | {"extra_args": ["--enable-manager"]}], {}, "extra_args sets --enable-manager, which comfybake refuses"),
+        ([A | {"extra_args": ["--preview-method auto"]}], {}, "extra_args value '--preview-method auto' has a space"),
+        ([A | {"memory_max": "lots"}], {}, "instance 'a': memory_max 'lots' is not a size"),
+        ([A | {"enabled": "yes"}], {}, "instance 'a': enabled must be true or false, not 'yes'"),
+        ([A | {"log_file": True}], {}, "instance 'a': log_file is true but comfyui_instances_log_dir is empty"),
+        ([A | {"required_models": ["x.safetensors"]}], {}, "instance 'a': required_models must map a model folder"),
+        ([{"environment": "comm", "port": 8188, "gpus": []}], {}, "comfyui_instances[0]: the name must be"),
+    ],
+)  # fmt: skip
+def test_each_problem_names_the_instance_and_the_fix(
+    instances: list[dict[str, Any]], settings: dict[str, Any], expected: str
+) -> None:
+    assert expected in problems(instances, **settings)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    message = problems([A, B | {"port": 8188}, C | {"environment": "nope", "port": 70000}])
+    assert message.startswith("comfyui_instances is invalid:\n- ")
+    assert "instances 'a' and 'b' both use port 8188" in message
+    assert "instance 'c': environment 'nope'" in message
+    assert "instance 'c': port 70000" in message
+    assert message.count("\n- ") == 3
+
+
+def test_sharing_needs_the_flag_on_both_and_is_allowed_with_it() -> None:
+    assert [item["gpus"] for item in layout([B, C])] == [["1"], ["1"]]
+    uuid = "GPU-8f6e1c2a-0000-4d3e-9c1b-1234567890ab"
+    assert layout([A | {"gpus": [uuid]}])[0]["gpus"] == [uuid]
+
+
+def test_the_whole_input_must_be_a_list_of_mappings() -> None:
+    assert layout([]) == [] and layout(None) == []  # type: ignore[arg-type]
+    with pytest.raises(AnsibleFilterError, match="comfyui_instances must be a list of instances"):
+        layout({"a": A})  # type: ignore[arg-type]
+
+
+def test_route_lists_node_classes_found_or_the_required_ones() -> None:
+    a, c = layout([A, C])
+    route = FILTER.comfyui_instance_route(a, {"a": ["ZNode", "ComfybakeEcho"]})
+    assert route == {
+        "name": "a", "environment": "comm", "url": "http://127.0.0.1:8188", "port": 8188, "gpus": ["0"],
+        "enabled": True, "description": "", "required_node_classes": ["ComfybakeEcho"],
+        "node_classes": ["ComfybakeEcho", "ZNode"],
+    }  # fmt: skip
+    assert FILTER.comfyui_instance_route(a, {})["node_classes"] == ["ComfybakeEcho"]
+    assert FILTER.comfyui_instance_route(c, {})["node_classes"] == []
