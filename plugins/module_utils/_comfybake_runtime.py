@@ -222,9 +222,9 @@ def wait_drained(instance: Instance, timeout: float, interval: float = 1.0) -> d
 _UNIT_IN_CGROUP = re.compile(r"/([^/]+\.service)$")
 
 
-def _socket_inodes() -> dict[str, int]:
-    """inode -> port of every listening TCP socket (IPv4 and IPv6)."""
-    result: dict[str, int] = {}
+def _sockets() -> dict[str, tuple[int, int]]:
+    """inode -> (port, owner uid) of every listening TCP socket (IPv4 and IPv6)."""
+    result: dict[str, tuple[int, int]] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table, encoding="ascii") as handle:
@@ -234,22 +234,38 @@ def _socket_inodes() -> dict[str, int]:
         for row in rows:
             fields = row.split()
             if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                result[fields[9]] = int(fields[1].rsplit(":", 1)[1], 16)
+                result[fields[9]] = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[7]))
     return result
 
 
 def listeners() -> dict[int, dict[str, Any]]:
-    """Listening TCP ports of this host, each with the process and systemd unit that own it."""
-    inodes = _socket_inodes()
+    """Listening TCP ports of this host, each with the process and systemd unit that own it.
+
+    A socket is matched to the process holding it through /proc/<pid>/fd. Where that cannot be
+    read (root without CAP_SYS_PTRACE, as in containers, cannot read other users' fds), the
+    socket's owner uid names the unit when every process of that uid belongs to one unit, as
+    with each instance's dynamic user.
+    """
+    sockets = _sockets()
     ports: dict[int, dict[str, Any]] = {
-        port: {"port": port, "pid": None, "process": "", "unit": ""} for port in inodes.values()
+        port: {"port": port, "uid": uid, "pid": None, "process": "", "unit": ""} for port, uid in sockets.values()
     }
+    by_uid: dict[int, list[str]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         for link in _fd_links(pid):
-            if link.startswith("socket:[") and link[8:-1] in inodes:
-                entry = ports[inodes[link[8:-1]]]
+            if link.startswith("socket:[") and link[8:-1] in sockets:
+                entry = ports[sockets[link[8:-1]][0]]
                 if entry["pid"] is None:
                     entry.update(pid=int(pid), process=_read(f"/proc/{pid}/comm").strip(), unit=_unit_of(pid))
+        uid = re.search(r"^Uid:\s+(\d+)", _read(f"/proc/{pid}/status"), re.MULTILINE)
+        if uid:
+            by_uid.setdefault(int(uid.group(1)), []).append(pid)
+    for entry in ports.values():
+        pids = by_uid.get(entry["uid"], [])
+        units = {_unit_of(pid) for pid in pids}
+        if entry["pid"] is None and len(units) == 1 and "" not in units:
+            first = min(pids, key=int)
+            entry.update(process=_read(f"/proc/{first}/comm").strip(), unit=units.pop())
     return ports
 
 

@@ -47,11 +47,15 @@ busy:
   type: dict
   sample: {"22": "sshd (pid 101, ssh.service)"}
 listeners:
-  description: Every listening port with its owner's pid, process name and unit.
+  description:
+    - Every listening port with the uid that owns the socket, and the pid, process name and unit
+      holding it.
+    - Where the process cannot be read (root without C(CAP_SYS_PTRACE), as in containers), pid is
+      null and the unit comes from the socket's uid when all processes of that uid are in one unit.
   returned: always
   type: list
   elements: dict
-  sample: [{port: 8188, pid: 240, process: python3, unit: comfyui@main.service}]
+  sample: [{port: 8188, uid: 61234, pid: 240, process: python3, unit: comfyui@main.service}]
 """
 
 import re
@@ -76,7 +80,8 @@ def main():
         if entry["unit"] and ignore.search(entry["unit"]):
             continue
         owner = entry["process"] or "an unknown process"
-        details = ", ".join(str(x) for x in (f"pid {entry['pid']}" if entry["pid"] else "", entry["unit"]) if x)
+        holder = f"pid {entry['pid']}" if entry["pid"] else f"uid {entry['uid']}"
+        details = ", ".join(x for x in (holder, entry["unit"]) if x)
         busy[str(entry["port"])] = f"{owner} ({details})" if details else owner
     module.exit_json(changed=False, busy=busy, listeners=found)
 

@@ -129,7 +129,7 @@ def status(args: argparse.Namespace) -> int:
 
 def control(args: argparse.Namespace) -> int:
     chosen = select(load_host(args.config_root), args)
-    if args.action != "stop" and args.drain and args.action == "restart":
+    if args.action == "restart" and args.drain:
         for record in chosen:
             drained = _runtime.wait_drained(_runtime.Instance(record), args.drain)
             if not drained["drained"]:

@@ -145,7 +145,7 @@ def test_listeners_name_the_process_that_holds_a_port() -> None:
         sock.listen()
         port = sock.getsockname()[1]
         found = _runtime.listeners()
-    assert found[port]["pid"] == os.getpid()
+    assert found[port]["pid"] == os.getpid() and found[port]["uid"] == os.getuid()
     assert found[port]["process"] == Path(f"/proc/{os.getpid()}/comm").read_text().strip()
     assert port not in _runtime.listeners()
 
@@ -159,8 +159,8 @@ def test_the_command_line_names_what_is_missing_or_unknown(tmp_path: Path) -> No
     done = cli(tmp_path, "status")
     assert done.returncode != 0
     assert f"{tmp_path}/instances.json does not exist: converge the host with the comfyui_instances role" in done.stderr
-    (tmp_path / "instances.json").write_text(json.dumps({"format": 1, "instances": [
-        {"name": "a", "environment": "comm", "port": 8188}, {"name": "b", "environment": "aua-sp", "port": 8189}]}))  # fmt: skip
+    instances = [{"name": "a", "environment": "comm", "port": 8188}, {"name": "b", "environment": "sp", "port": 8189}]
+    (tmp_path / "instances.json").write_text(json.dumps({"format": 1, "instances": instances}))
     done = cli(tmp_path, "restart", "z", "--no-wait")
     assert done.returncode != 0 and "no instance named z (instances: a, b)" in done.stderr
     done = cli(tmp_path, "stop", "--ports", "81x")
