@@ -15,6 +15,7 @@ Ready means "this instance can serve its environment", checked in order:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -222,9 +223,16 @@ def wait_drained(instance: Instance, timeout: float, interval: float = 1.0) -> d
 _UNIT_IN_CGROUP = re.compile(r"/([^/]+\.service)$")
 
 
-def _sockets() -> dict[str, tuple[int, int]]:
-    """inode -> (port, owner uid) of every listening TCP socket (IPv4 and IPv6)."""
-    result: dict[str, tuple[int, int]] = {}
+def _address(text: str) -> str:
+    """A /proc/net/tcp* address (host-order 32-bit words in hex) as text."""
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(words))
+
+
+def _sockets() -> dict[str, tuple[int, int, str]]:
+    """inode -> (port, owner uid, address) of every listening TCP socket (IPv4 and IPv6)."""
+    result: dict[str, tuple[int, int, str]] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table, encoding="ascii") as handle:
@@ -234,12 +242,13 @@ def _sockets() -> dict[str, tuple[int, int]]:
         for row in rows:
             fields = row.split()
             if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                result[fields[9]] = (int(fields[1].rsplit(":", 1)[1], 16), int(fields[7]))
+                address, port = fields[1].rsplit(":", 1)
+                result[fields[9]] = (int(port, 16), int(fields[7]), _address(address))
     return result
 
 
 def listeners() -> dict[int, dict[str, Any]]:
-    """Listening TCP ports of this host, each with the process and systemd unit that own it.
+    """Listening TCP ports of this host, each with its addresses and the process and unit that own it.
 
     A socket is matched to the process holding it through /proc/<pid>/fd. Where that cannot be
     read (root without CAP_SYS_PTRACE, as in containers, cannot read other users' fds), the
@@ -247,9 +256,12 @@ def listeners() -> dict[int, dict[str, Any]]:
     with each instance's dynamic user.
     """
     sockets = _sockets()
-    ports: dict[int, dict[str, Any]] = {
-        port: {"port": port, "uid": uid, "pid": None, "process": "", "unit": ""} for port, uid in sockets.values()
-    }
+    ports: dict[int, dict[str, Any]] = {}
+    for port, uid, address in sockets.values():
+        entry = ports.setdefault(
+            port, {"port": port, "addresses": [], "uid": uid, "pid": None, "process": "", "unit": ""}
+        )
+        entry["addresses"] = sorted({*entry["addresses"], address})
     by_uid: dict[int, list[str]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         for link in _fd_links(pid):
@@ -257,9 +269,9 @@ def listeners() -> dict[int, dict[str, Any]]:
                 entry = ports[sockets[link[8:-1]][0]]
                 if entry["pid"] is None:
                     entry.update(pid=int(pid), process=_read(f"/proc/{pid}/comm").strip(), unit=_unit_of(pid))
-        uid = re.search(r"^Uid:\s+(\d+)", _read(f"/proc/{pid}/status"), re.MULTILINE)
-        if uid:
-            by_uid.setdefault(int(uid.group(1)), []).append(pid)
+        owner = re.search(r"^Uid:\s+(\d+)", _read(f"/proc/{pid}/status"), re.MULTILINE)
+        if owner:
+            by_uid.setdefault(int(owner.group(1)), []).append(pid)
     for entry in ports.values():
         pids = by_uid.get(entry["uid"], [])
         units = {_unit_of(pid) for pid in pids}

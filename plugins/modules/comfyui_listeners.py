@@ -48,14 +48,14 @@ busy:
   sample: {"22": "sshd (pid 101, ssh.service)"}
 listeners:
   description:
-    - Every listening port with the uid that owns the socket, and the pid, process name and unit
-      holding it.
+    - Every listening port with its addresses, the uid that owns the socket, and the pid,
+      process name and unit holding it.
     - Where the process cannot be read (root without C(CAP_SYS_PTRACE), as in containers), pid is
       null and the unit comes from the socket's uid when all processes of that uid are in one unit.
   returned: always
   type: list
   elements: dict
-  sample: [{port: 8188, uid: 61234, pid: 240, process: python3, unit: comfyui@main.service}]
+  sample: [{port: 8188, addresses: [127.0.0.1], uid: 61234, pid: 240, process: python3, unit: comfyui@main.service}]
 """
 
 import re

@@ -140,12 +140,17 @@ def test_drain_waits_for_the_queue_and_is_bounded(start: Start) -> None:
 
 
 def test_listeners_name_the_process_that_holds_a_port() -> None:
+    with socket.socket(socket.AF_INET6) as six:
+        six.bind(("::1", 0))
+        six.listen()
+        assert _runtime.listeners()[six.getsockname()[1]]["addresses"] == ["::1"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
         found = _runtime.listeners()
     assert found[port]["pid"] == os.getpid() and found[port]["uid"] == os.getuid()
+    assert found[port]["addresses"] == ["127.0.0.1"]
     assert found[port]["process"] == Path(f"/proc/{os.getpid()}/comm").read_text().strip()
     assert port not in _runtime.listeners()
 
