@@ -10,6 +10,7 @@ that takes --import-seconds to import (real nodes take seconds: torch, model sca
 Two ways to run it:
 
     .venv/bin/python bench/instances.py                      # processes on this machine: 1, 2, 4 instances
+    .venv/bin/python bench/instances.py --cpu-bound          # the same with imports that burn CPU
     .venv/bin/python bench/instances.py --container NAME     # systemd in a converged container
 
 With --container, the comfybake row is `systemctl start comfyui.target` inside a container the
@@ -21,6 +22,7 @@ time: it measures, and prints ratios.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -41,7 +43,11 @@ SLOW_NODE = '''\
 """Bench node: imports slowly, like a real node that imports torch and scans models."""
 import time
 
-time.sleep({seconds})
+if {cpu}:  # CPU-bound, like importing torch: parallel imports share the cores
+    while time.process_time() < {seconds}:
+        pass
+else:  # waiting, like reading weights from a network disk
+    time.sleep({seconds})
 
 
 class ComfybakeSlow:
@@ -61,12 +67,12 @@ NODE_CLASS_MAPPINGS = {{"ComfybakeSlow": ComfybakeSlow}}
 '''
 
 
-def code_with_slow_node(scratch: Path, seconds: float) -> Path:
+def code_with_slow_node(scratch: Path, seconds: float, cpu: bool) -> Path:
     code = scratch / "ComfyUI"
     shutil.copytree(DOUBLE, code, ignore=shutil.ignore_patterns("__pycache__"))
     node = code / "custom_nodes" / "ComfyUI-Bench-Slow"
     node.mkdir(parents=True, exist_ok=True)
-    (node / "__init__.py").write_text(SLOW_NODE.format(seconds=seconds))
+    (node / "__init__.py").write_text(SLOW_NODE.format(seconds=seconds, cpu=cpu))
     return code
 
 
@@ -131,16 +137,20 @@ def main() -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per row; medians are printed")
     parser.add_argument("--import-seconds", type=float, default=3.0, help="import time of the bench node")
+    parser.add_argument(
+        "--cpu-bound", action="store_true", help="the bench node burns CPU while importing instead of waiting"
+    )
     parser.add_argument("--startup-delay", type=float, default=2.0, help="the seed's startup_delay")
     parser.add_argument("--container", help="also time systemctl start comfyui.target in this converged container")
     args = parser.parse_args()
 
-    print(f"node import time {args.import_seconds:g} s, seed startup_delay {args.startup_delay:g} s, "
-          f"medians of {args.rounds}")  # fmt: skip
+    kind = "CPU-bound" if args.cpu_bound else "waiting"
+    print(f"node import time {args.import_seconds:g} s ({kind}, {os.cpu_count()} cores), "
+          f"seed startup_delay {args.startup_delay:g} s, medians of {args.rounds}")  # fmt: skip
     print(f"{'instances':>9}  {'seed loop':>10}  {'comfybake':>10}  {'ratio':>6}")
     with tempfile.TemporaryDirectory(prefix="comfybake-bench-") as tmp:
         scratch = Path(tmp)
-        code = code_with_slow_node(scratch, args.import_seconds)
+        code = code_with_slow_node(scratch, args.import_seconds, args.cpu_bound)
         for count in args.counts:
             seed = statistics.median(run_round(code, scratch, count, args.startup_delay) for _ in range(args.rounds))
             ours = statistics.median(run_round(code, scratch, count, None) for _ in range(args.rounds))

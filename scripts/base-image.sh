@@ -77,6 +77,25 @@ for unit in systemd-remount-fs.service getty.target console-getty.service \
   systemd-logind.service sys-kernel-config.mount sys-kernel-debug.mount; do
   ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
 done
+# Docker mounts / and /run private, so mounts systemd makes in a unit's namespace never reach
+# PID 1: LoadCredential= then hands services an empty folder. A host's systemd shares them.
+cat >"$rootfs/etc/systemd/system/comfybake-shared-mounts.service" <<'UNIT'
+[Unit]
+Description=Share mount events with service namespaces, as on a host
+DefaultDependencies=no
+Before=sysinit.target local-fs.target
+ConditionVirtualization=container
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/mount --make-rshared /
+
+[Install]
+WantedBy=sysinit.target
+UNIT
+mkdir -p "$rootfs/etc/systemd/system/sysinit.target.wants"
+ln -sf ../comfybake-shared-mounts.service "$rootfs/etc/systemd/system/sysinit.target.wants/"
 
 echo "base-image: importing $tag"
 tar -C "$rootfs" --numeric-owner -c . | docker import \
