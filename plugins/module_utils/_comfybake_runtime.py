@@ -112,40 +112,45 @@ def import_failures(log: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- readiness
 
 
-def _stage(instance: Instance) -> tuple[str, str]:
-    """One probe: (stage reached, what is missing); stage `ready` when nothing is."""
+def probe(instance: Instance) -> tuple[str, str, bool]:
+    """One probe: (stage reached, what is missing, settled); stage `ready` when nothing is.
+
+    Settled means waiting cannot help while this process runs: ComfyUI imports every custom
+    node before it answers HTTP, so a node class missing from an answering instance stays missing.
+    """
     if not port_open(instance.host, instance.port):
-        return "starting", f"port {instance.port} on {instance.host} does not accept connections"
+        return "starting", f"port {instance.port} on {instance.host} does not accept connections", False
     try:
         stats = get_json(instance.url("/system_stats"))
     except (OSError, ValueError, urllib.error.URLError) as error:
-        return "starting", f"/system_stats does not answer: {error}"
+        return "starting", f"/system_stats does not answer: {error}", False
     argv = [str(arg) for arg in (stats.get("system") or {}).get("argv") or []]
     if instance.args and argv[1:] != instance.args:
-        return "argv", (
-            f"the process on port {instance.port} runs {' '.join(argv[1:]) or '(no argv)'!r}, "
-            f"not the configured {' '.join(instance.args)!r}"
+        running = " ".join(argv[1:]) or "(no argv)"
+        return (
+            "argv",
+            f"the process on port {instance.port} runs {running!r}, not the configured {' '.join(instance.args)!r}",
+            False,
         )
     for node_class in instance.node_classes:
         try:
             info = get_json(instance.url(f"/object_info/{urllib.parse.quote(node_class)}"))
         except (OSError, ValueError, urllib.error.URLError) as error:
-            return "nodes", f"/object_info/{node_class} does not answer: {error}"
+            return "nodes", f"/object_info/{node_class} does not answer: {error}", False
         if not info or node_class not in info:
-            return "nodes", f"node class {node_class} is missing"
+            return "nodes", f"node class {node_class} is missing", True
     for folder, names in instance.models.items():
         try:
             visible = set(get_json(instance.url(f"/models/{urllib.parse.quote(folder)}")))
         except urllib.error.HTTPError as error:
-            return "models", f"model folder {folder} is unknown to ComfyUI (HTTP {error.code})"
+            return "models", f"model folder {folder} is unknown to ComfyUI (HTTP {error.code})", True
         except (OSError, ValueError, urllib.error.URLError) as error:
-            return "models", f"/models/{folder} does not answer: {error}"
+            return "models", f"/models/{folder} does not answer: {error}", False
         missing = [name for name in names if name not in visible]
         if missing:
-            return "models", f"model {folder}/{missing[0]} is not visible" + (
-                f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            )
-    return "ready", ""
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            return "models", f"model {folder}/{missing[0]} is not visible{more}", False
+    return "ready", "", False
 
 
 def wait_ready(instance: Instance, timeout: float, interval: float = 0.25, use_systemd: bool = True) -> dict[str, Any]:
@@ -158,8 +163,8 @@ def wait_ready(instance: Instance, timeout: float, interval: float = 0.25, use_s
             if state["ActiveState"] in ("failed", "inactive") or state["SubState"] == "auto-restart":
                 missing = f"unit {instance.unit} is {state['ActiveState']} ({state['SubState']})"
                 break
-        stage, missing = _stage(instance)
-        if stage == "ready" or time.monotonic() - started >= timeout:
+        stage, missing, settled = probe(instance)
+        if stage == "ready" or settled or time.monotonic() - started >= timeout:
             break
         time.sleep(interval)
     result: dict[str, Any] = {
@@ -175,12 +180,12 @@ def wait_ready(instance: Instance, timeout: float, interval: float = 0.25, use_s
         result["error"] = missing
         result["import_failures"] = failures
         result["log"] = log.splitlines()[-JOURNAL_LINES:]
-        result["message"] = describe_failure(instance, missing, failures, timeout)
+        result["message"] = describe_failure(instance, missing, failures, result["seconds"])
     return result
 
 
-def describe_failure(instance: Instance, missing: str, failures: dict[str, str], timeout: float) -> str:
-    text = f"instance {instance.name} (port {instance.port}) is not ready after {timeout:g} s: {missing}"
+def describe_failure(instance: Instance, missing: str, failures: dict[str, str], seconds: float) -> str:
+    text = f"instance {instance.name} (port {instance.port}) is not ready after {seconds:g} s: {missing}"
     for node, error in failures.items():
         text += f"\n  IMPORT FAILED: custom node {node}: {error}"
     return text

@@ -15,7 +15,9 @@ description:
   - Ready means, in order, the unit is active, the port accepts connections, C(GET /system_stats)
     answers with exactly the configured command line in C(system.argv), C(GET /object_info/<Class>)
     is non-empty for every required node class, and C(GET /models/<folder>) lists every
-    required model. A unit that fails or starts restarting ends the wait at once.
+    required model. A unit that fails or starts restarting ends the wait at once, and so
+    does a node class missing from an instance that answers (ComfyUI imports every custom node
+    before it serves, so the class cannot appear later).
   - A failure reports the instance's output since it last started (its journal, or its log
     file), with every custom node that logged C(IMPORT FAILED) and its error.
   - With O(state=drained), waits until each instance's C(/queue) is empty (or the instance does

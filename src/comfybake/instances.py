@@ -76,7 +76,7 @@ def status_rows(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for record in instances:
         instance = _runtime.Instance(record)
         state = _runtime.unit_state(instance.unit)
-        stage, missing = _runtime._stage(instance) if state["ActiveState"] == "active" else ("stopped", "")
+        stage, missing, _ = _runtime.probe(instance) if state["ActiveState"] == "active" else ("stopped", "", True)
         rows.append(
             {
                 "name": record["name"],

@@ -128,6 +128,12 @@ def test_every_problem_is_reported_at_once() -> None:
     assert message.count("\n- ") == 3
 
 
+def test_a_duplicate_name_is_one_problem() -> None:
+    assert problems([A, A | {"port": 8191}, A | {"port": 8192}]) == (
+        "comfyui_instances is invalid:\n- instance 'a' is defined more than once; instance names must be unique"
+    )
+
+
 def test_sharing_needs_the_flag_on_both_and_is_allowed_with_it() -> None:
     assert [item["gpus"] for item in layout([B, C])] == [["1"], ["1"]]
     uuid = "GPU-8f6e1c2a-0000-4d3e-9c1b-1234567890ab"

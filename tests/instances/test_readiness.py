@@ -82,12 +82,15 @@ def test_a_process_with_another_command_line_is_not_ready(start: Start) -> None:
 
 
 def test_a_missing_node_class_names_the_class_and_the_failed_import(start: Start) -> None:
-    result = wait(start(required_node_classes=["ComfybakeEcho", "ComfybakeBroken"]), timeout=5)
+    result = wait(start(required_node_classes=["ComfybakeEcho", "ComfybakeBroken"]), timeout=120)
     assert result["ready"] is False and result["stage"] == "nodes"
+    assert result["seconds"] < 120, "an answering instance lacking a class cannot gain it: no need to wait"
     assert result["error"] == "node class ComfybakeBroken is missing"
     assert list(result["import_failures"]) == ["ComfyUI-Comfybake-Broken"]
     assert "comfybake_fixture_missing_module" in result["import_failures"]["ComfyUI-Comfybake-Broken"]
-    assert result["message"].startswith(f"instance a (port {result['port']}) is not ready after 5 s: node class")
+    assert result["message"].startswith(
+        f"instance a (port {result['port']}) is not ready after {result['seconds']:g} s: "
+    )
     assert "\n  IMPORT FAILED: custom node ComfyUI-Comfybake-Broken: " in result["message"]
     assert any("IMPORT FAILED" in line for line in result["log"])
 
