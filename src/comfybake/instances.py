@@ -137,6 +137,10 @@ def control(args: argparse.Namespace) -> int:
                     f"{record['name']}: {drained['queue']} prompts still queued after {args.drain} s", file=sys.stderr
                 )
     units = [record["unit"] for record in chosen]
+    if args.action != "stop":
+        # An operator's start is deliberate: it must not be refused by the crash-loop limit
+        # (StartLimitBurst=) that earlier starts and restarts counted towards.
+        _runtime.systemctl("reset-failed", *units)
     done = _runtime.systemctl(args.action, *units)
     if done.returncode != 0:
         print(f"systemctl {args.action} failed: {done.stderr.strip()}", file=sys.stderr)
