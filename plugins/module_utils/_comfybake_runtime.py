@@ -223,6 +223,14 @@ def wait_drained(instance: Instance, timeout: float, interval: float = 1.0) -> d
     }
 
 
+def drain_all(instances: list[Instance], timeout: float) -> list[dict[str, Any]]:
+    """Drain every instance at once (one thread each), all against the same timeout."""
+    if not instances:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(instances))) as pool:
+        return list(pool.map(lambda item: wait_drained(item, timeout), instances))
+
+
 # --------------------------------------------------------------------------- listeners
 
 _UNIT_IN_CGROUP = re.compile(r"/([^/]+\.service)$")

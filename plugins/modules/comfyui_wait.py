@@ -94,7 +94,7 @@ instances:
       log: ["...", "   0.0 seconds (IMPORT FAILED): /opt/.../custom_nodes/ComfyUI-Comfybake-Broken"]
 """
 
-from ansible.module_utils._comfybake_runtime import Instance, get_json, wait_all, wait_drained
+from ansible.module_utils._comfybake_runtime import Instance, drain_all, get_json, wait_all
 from ansible.module_utils.basic import AnsibleModule
 
 ARGUMENT_SPEC = {
@@ -114,7 +114,7 @@ def main():
     except (KeyError, TypeError, ValueError) as error:
         module.fail_json(msg=f"instances: each needs at least name and port ({error})")
     if params["state"] == "drained":
-        results = [wait_drained(instance, params["timeout"]) for instance in instances]
+        results = drain_all(instances, params["timeout"])
         module.exit_json(changed=False, instances=results)
     results = wait_all(instances, params["timeout"], use_systemd=params["systemd"])
     if params["list_node_classes"]:

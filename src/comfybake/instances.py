@@ -130,11 +130,11 @@ def status(args: argparse.Namespace) -> int:
 def control(args: argparse.Namespace) -> int:
     chosen = select(load_host(args.config_root), args)
     if args.action == "restart" and args.drain:
-        for record in chosen:
-            drained = _runtime.wait_drained(_runtime.Instance(record), args.drain)
+        for drained in _runtime.drain_all([_runtime.Instance(record) for record in chosen], args.drain):
             if not drained["drained"]:
                 print(
-                    f"{record['name']}: {drained['queue']} prompts still queued after {args.drain} s", file=sys.stderr
+                    f"{drained['name']}: {drained['queue']} prompts still queued after {args.drain:g} s",
+                    file=sys.stderr,
                 )
     units = [record["unit"] for record in chosen]
     if args.action != "stop":

@@ -142,6 +142,16 @@ def test_drain_waits_for_the_queue_and_is_bounded(start: Start) -> None:
     assert gone["drained"] is True and gone["seconds"] < 5
 
 
+def test_drain_all_drains_every_instance_together(start: Start) -> None:
+    records = [start(name) for name in ("a", "b")]
+    for record in records:
+        assert wait(record)["ready"]
+        post_prompt(record["port"], 1)
+    results = _runtime.drain_all([_runtime.Instance(r) for r in records], timeout=20)
+    assert [(r["name"], r["drained"], r["queue"]) for r in results] == [("a", True, 0), ("b", True, 0)]
+    assert max(r["seconds"] for r in results) < 20
+
+
 def test_listeners_name_the_process_that_holds_a_port() -> None:
     with socket.socket(socket.AF_INET6) as six:
         six.bind(("::1", 0))
