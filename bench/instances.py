@@ -25,6 +25,7 @@ ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +176,13 @@ def container_round(container: str, count: int, sequential_delay: float | None) 
     return time.monotonic() - started
 
 
+def compare(count: int, rounds: int, measure: Callable[[int, float | None], float], delay: float) -> None:
+    """One row: medians of the seed's loop (a delay between starts) and of comfybake (none), and their ratio."""
+    seed = statistics.median(measure(count, delay) for _ in range(rounds))
+    ours = statistics.median(measure(count, None) for _ in range(rounds))
+    print(f"{count:>9}  {seed:>9.2f}s  {ours:>9.2f}s  {seed / ours:>5.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
@@ -194,9 +203,7 @@ def main() -> int:
         scratch = Path(tmp)
         code = code_with_slow_node(scratch, args.import_seconds, args.cpu_bound)
         for count in args.counts:
-            seed = statistics.median(run_round(code, scratch, count, args.startup_delay) for _ in range(args.rounds))
-            ours = statistics.median(run_round(code, scratch, count, None) for _ in range(args.rounds))
-            print(f"{count:>9}  {seed:>9.2f}s  {ours:>9.2f}s  {seed / ours:>5.2f}x")
+            compare(count, args.rounds, functools.partial(run_round, code, scratch), args.startup_delay)
     if args.container:
         print(f"\nsystemd in {args.container}: systemctl start comfyui.target against the seed's loop "
               f"of systemctl start and sleep {args.startup_delay:g} s, until `comfybake instances status` "
@@ -205,10 +212,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="comfybake-bench-") as tmp:
             for count in args.counts:
                 converge_layout(args.container, count, Path(tmp))
-                seed = statistics.median(container_round(args.container, count, args.startup_delay)
-                                         for _ in range(args.rounds))  # fmt: skip
-                ours = statistics.median(container_round(args.container, count, None) for _ in range(args.rounds))
-                print(f"{count:>9}  {seed:>9.2f}s  {ours:>9.2f}s  {seed / ours:>5.2f}x")
+                compare(count, args.rounds, functools.partial(container_round, args.container), args.startup_delay)
     return 0
 
 

@@ -273,9 +273,9 @@ def _collisions(layout: list[dict[str, Any]], settings: dict[str, Any], problems
     for instance in layout:
         name = instance["name"]
         names[name] = names.get(name, 0) + 1
+        if names[name] == 2:
+            problems.append(f"instance {name!r} is defined more than once; instance names must be unique")
         if names[name] > 1:
-            if names[name] == 2:
-                problems.append(f"instance {name!r} is defined more than once; instance names must be unique")
             continue  # its port and GPUs would only repeat the same instance name
         port = instance["port"]
         if port is None:

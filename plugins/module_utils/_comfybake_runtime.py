@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -191,12 +192,17 @@ def describe_failure(instance: Instance, missing: str, failures: dict[str, str],
     return text
 
 
-def wait_all(instances: list[Instance], timeout: float, use_systemd: bool = True) -> list[dict[str, Any]]:
-    """Wait for every instance at once (one thread each), all against the same timeout."""
+def _each_at_once(func: Callable[[Instance], dict[str, Any]], instances: list[Instance]) -> list[dict[str, Any]]:
+    """func for every instance at once (one thread each), results in the instances' order."""
     if not instances:
         return []
     with ThreadPoolExecutor(max_workers=min(32, len(instances))) as pool:
-        return list(pool.map(lambda item: wait_ready(item, timeout, use_systemd=use_systemd), instances))
+        return list(pool.map(func, instances))
+
+
+def wait_all(instances: list[Instance], timeout: float, use_systemd: bool = True) -> list[dict[str, Any]]:
+    """Wait for every instance at once, all against the same timeout."""
+    return _each_at_once(lambda item: wait_ready(item, timeout, use_systemd=use_systemd), instances)
 
 
 def queue_length(instance: Instance) -> int | None:
@@ -224,11 +230,8 @@ def wait_drained(instance: Instance, timeout: float, interval: float = 1.0) -> d
 
 
 def drain_all(instances: list[Instance], timeout: float) -> list[dict[str, Any]]:
-    """Drain every instance at once (one thread each), all against the same timeout."""
-    if not instances:
-        return []
-    with ThreadPoolExecutor(max_workers=min(32, len(instances))) as pool:
-        return list(pool.map(lambda item: wait_drained(item, timeout), instances))
+    """Drain every instance at once, all against the same timeout."""
+    return _each_at_once(lambda item: wait_drained(item, timeout), instances)
 
 
 # --------------------------------------------------------------------------- listeners
@@ -286,9 +289,11 @@ def listeners() -> dict[int, dict[str, Any]]:
         if owner:
             by_uid.setdefault(int(owner.group(1)), []).append(pid)
     for entry in ports.values():
+        if entry["pid"] is not None:
+            continue
         pids = by_uid.get(entry["uid"], [])
         units = {_unit_of(pid) for pid in pids}
-        if entry["pid"] is None and len(units) == 1 and "" not in units:
+        if len(units) == 1 and "" not in units:
             first = min(pids, key=int)
             entry.update(process=_read(f"/proc/{first}/comm").strip(), unit=units.pop())
     return ports
