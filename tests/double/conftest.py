@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,17 +19,26 @@ sys.path.insert(0, str(DOUBLE))
 StartDouble = Callable[..., Double]
 
 
+@pytest.fixture(scope="session")
+def double_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the double's source to run: ComfyUI writes its default database into its code tree,
+    and the source tree must stay as committed (the fixture repositories are built from it)."""
+    tree = tmp_path_factory.mktemp("double") / "ComfyUI"
+    shutil.copytree(DOUBLE, tree, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return tree
+
+
 @pytest.fixture
-def start_double(tmp_path: Path) -> Iterator[StartDouble]:
-    """Start main.py from a code tree (default: the double's source) and wait for its port."""
+def start_double(tmp_path: Path, double_tree: Path) -> Iterator[StartDouble]:
+    """Start main.py from a code tree (default: a copy of the double's source) and wait for its port."""
     started: list[Double] = []
 
-    def start(*args: str, code: Path = DOUBLE, port: int | None = None, host: str = "127.0.0.1") -> Double:
+    def start(*args: str, code: Path | None = None, port: int | None = None, host: str = "127.0.0.1") -> Double:
         port = port or free_port()
         log = tmp_path / f"double-{port}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
-                [sys.executable, "-s", str(code / "main.py"), "--port", str(port), *args],
+                [sys.executable, "-s", str((code or double_tree) / "main.py"), "--port", str(port), *args],
                 stdout=sink,
                 stderr=subprocess.STDOUT,
             )

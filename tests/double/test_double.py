@@ -38,14 +38,14 @@ def user_dir(tmp_path: Path) -> str:
 # -- command line -------------------------------------------------------------------------
 
 
-def test_unknown_flag_is_an_argparse_error(tmp_path: Path) -> None:
-    done = run_double(DOUBLE, "--no-such-flag", log=tmp_path / "log")
+def test_unknown_flag_is_an_argparse_error(double_tree: Path, tmp_path: Path) -> None:
+    done = run_double(double_tree, "--no-such-flag", log=tmp_path / "log")
     assert done.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in done.stderr
 
 
-def test_missing_user_directory_is_rejected(tmp_path: Path) -> None:
-    done = run_double(DOUBLE, "--user-directory", str(tmp_path / "absent"), log=tmp_path / "log")
+def test_missing_user_directory_is_rejected(double_tree: Path, tmp_path: Path) -> None:
+    done = run_double(double_tree, "--user-directory", str(tmp_path / "absent"), log=tmp_path / "log")
     assert done.returncode == 2
     assert f"The path '{tmp_path / 'absent'}' does not exist." in done.stderr
 
@@ -57,9 +57,9 @@ def test_bare_listen_means_all_addresses() -> None:
     assert main.build_parser().parse_args([]).listen == "127.0.0.1"
 
 
-def test_port_already_in_use_fails_the_start(start_double, tmp_path: Path) -> None:
+def test_port_already_in_use_fails_the_start(start_double, double_tree: Path, tmp_path: Path) -> None:
     first = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
-    done = run_double(DOUBLE, "--cpu", "--port", str(first.port), "--user-directory", user_dir(tmp_path),
+    done = run_double(double_tree, "--cpu", "--port", str(first.port), "--user-directory", user_dir(tmp_path),
                       "--temp-directory", str(tmp_path / "t2"), log=tmp_path / "log")  # fmt: skip
     assert done.returncode != 0
     assert "Address already in use" in done.stderr

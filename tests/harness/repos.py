@@ -83,7 +83,7 @@ def _publish(work: Path, bare: Path, name: str, branch: str, commits: dict[str, 
 
 
 def _copy_source(source: Path, work: Path) -> None:
-    shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "user"))
 
 
 def build_comfyui(dest: Path, scratch: Path) -> Repo:
