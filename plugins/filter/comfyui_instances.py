@@ -21,7 +21,8 @@ description:
     one expanded record per instance (its unit, paths, environment file and ComfyUI arguments).
   - Fails, naming every offending instance, on unknown keys, bad or duplicate names, ports out
     of range, reserved, busy or shared, unknown environments, GPUs shared without C(share_gpus),
-    wildcard or unguarded non-loopback listen addresses, and extra arguments that comfybake sets.
+    wildcard (outside containers) or unguarded non-loopback listen addresses, and extra arguments
+    that comfybake sets.
 positional: environments, settings
 options:
   _input:
@@ -36,7 +37,8 @@ options:
     description:
       - C(listen), C(state_root), C(cache_root), C(config_root), C(code_root), C(extra_args),
         C(allowed_clients), C(reserved_ports), C(busy_ports) (port to a description of its
-        owner), C(log_dir).
+        owner), C(log_dir), C(manager) (C(systemd) or C(supervisor); under supervisor, in a
+        container, C(0.0.0.0) and C(::) are allowed, since only published ports are reachable).
     type: dict
     required: true
 """
@@ -101,8 +103,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_listen(label: str, address: Any, allowed_clients: list[str], problems: list[str]) -> str:
+def _check_listen(label: str, address: Any, allowed_clients: list[str], container: bool, problems: list[str]) -> str:
     text = "" if address is None else str(address).strip()
+    if container and text in ("0.0.0.0", "::"):  # noqa: S104 - the container's namespace is the boundary
+        return text  # in a container only what `docker run -p` publishes is reachable
     if text in WILDCARDS:
         problems.append(
             f"{label}: listen {text!r} binds every address (a bare --listen binds 0.0.0.0,::); "
@@ -203,7 +207,11 @@ def _expand(
 
     gpus = _check_gpus(label, raw.get("gpus"), problems)
     listen = _check_listen(
-        label, raw.get("listen", settings.get("listen", "127.0.0.1")), settings.get("allowed_clients") or [], problems
+        label,
+        raw.get("listen", settings.get("listen", "127.0.0.1")),
+        settings.get("allowed_clients") or [],
+        settings.get("manager") == "supervisor",
+        problems,
     )
     extra_args = _check_extra_args(
         label, list(settings.get("extra_args") or []) + list(raw.get("extra_args") or []), problems

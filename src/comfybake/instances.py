@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -71,11 +72,49 @@ def parse_ports(text: str | None) -> tuple[int, int]:
 # --------------------------------------------------------------------------- status
 
 
-def status_rows(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+# --------------------------------------------------------------------------- service managers
+
+# supervisord's process states as systemd's (ActiveState, SubState), so both read the same.
+SUPERVISOR_STATES = {
+    "RUNNING": ("active", "running"),
+    "STARTING": ("activating", "start"),
+    "BACKOFF": ("activating", "auto-restart"),
+    "STOPPING": ("deactivating", "stop"),
+    "STOPPED": ("inactive", "dead"),
+    "EXITED": ("failed", "exited"),
+    "FATAL": ("failed", "fatal"),
+}
+
+
+def supervised(host: dict[str, Any]) -> bool:
+    """Whether supervisord runs the instances (a container image) rather than systemd."""
+    return host.get("manager") == "supervisor"
+
+
+def supervisorctl(host: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    command = ["supervisorctl", "--configuration", host["supervisor_conf"], *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def program(record: dict[str, Any]) -> str:
+    return f"comfyui:comfyui-{record['name']}"
+
+
+def process_state(host: dict[str, Any], record: dict[str, Any]) -> dict[str, str]:
+    """The instance's unit state, or its supervisord state in the same keys."""
+    if not supervised(host):
+        return _runtime.unit_state(record["unit"])
+    fields = supervisorctl(host, "status", program(record)).stdout.split()
+    active, sub = SUPERVISOR_STATES.get(fields[1] if len(fields) > 1 else "", ("unknown", "unknown"))
+    pid = fields[3].rstrip(",") if len(fields) > 3 and fields[2] == "pid" else "0"
+    return {"ActiveState": active, "SubState": sub, "MainPID": pid, "NRestarts": "0", "InvocationID": ""}
+
+
+def status_rows(host: dict[str, Any], instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for record in instances:
         instance = _runtime.Instance(record)
-        state = _runtime.unit_state(instance.unit)
+        state = process_state(host, record)
         stage, missing, _ = _runtime.probe(instance) if state["ActiveState"] == "active" else ("stopped", "", True)
         rows.append(
             {
@@ -111,7 +150,8 @@ def _cell(value: Any) -> str:
 
 
 def status(args: argparse.Namespace) -> int:
-    rows = status_rows(select(load_host(args.config_root), args))
+    host = load_host(args.config_root)
+    rows = status_rows(host, select(host, args))
     if args.json:
         json.dump({"instances": rows}, sys.stdout, indent=2)
         print()
@@ -128,7 +168,8 @@ def status(args: argparse.Namespace) -> int:
 
 
 def control(args: argparse.Namespace) -> int:
-    chosen = select(load_host(args.config_root), args)
+    host = load_host(args.config_root)
+    chosen = select(host, args)
     if args.action == "restart" and args.drain:
         for drained in _runtime.drain_all([_runtime.Instance(record) for record in chosen], args.drain):
             if not drained["drained"]:
@@ -136,19 +177,26 @@ def control(args: argparse.Namespace) -> int:
                     f"{drained['name']}: {drained['queue']} prompts still queued after {args.drain:g} s",
                     file=sys.stderr,
                 )
-    units = [record["unit"] for record in chosen]
-    if args.action != "stop":
-        # An operator's start is deliberate: it must not be refused by the crash-loop limit
-        # (StartLimitBurst=) that earlier starts and restarts counted towards.
-        _runtime.systemctl("reset-failed", *units)
-    done = _runtime.systemctl(args.action, *units)
+    if supervised(host):
+        done = supervisorctl(host, args.action, *[program(record) for record in chosen])
+        tool = "supervisorctl"
+    else:
+        units = [record["unit"] for record in chosen]
+        if args.action != "stop":
+            # An operator's start is deliberate: it must not be refused by the crash-loop limit
+            # (StartLimitBurst=) that earlier starts and restarts counted towards.
+            _runtime.systemctl("reset-failed", *units)
+        done = _runtime.systemctl(args.action, *units)
+        tool = "systemctl"
     if done.returncode != 0:
-        print(f"systemctl {args.action} failed: {done.stderr.strip()}", file=sys.stderr)
+        print(f"{tool} {args.action} failed: {(done.stderr or done.stdout).strip()}", file=sys.stderr)
         return 1
     if args.action == "stop" or args.no_wait:
         print(f"{args.action}: {' '.join(record['name'] for record in chosen)}")
         return 0
-    results = _runtime.wait_all([_runtime.Instance(record) for record in chosen], args.timeout)
+    results = _runtime.wait_all(
+        [_runtime.Instance(record) for record in chosen], args.timeout, use_systemd=not supervised(host)
+    )
     for result in results:
         print(f"{result['name']}: ready in {result['seconds']} s" if result["ready"] else result["message"])
     return 0 if all(result["ready"] for result in results) else 1
@@ -190,7 +238,7 @@ def diagnose_report(host: dict[str, Any]) -> dict[str, Any]:
     failing = {}
     for record in host["instances"]:
         instance = _runtime.Instance(record)
-        state = _runtime.unit_state(instance.unit)
+        state = process_state(host, record)
         if state["InvocationID"] or instance.log_file:
             failures = _runtime.import_failures(_runtime.recent_log(instance, state["InvocationID"], lines=2000))
             if failures:
