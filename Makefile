@@ -5,15 +5,19 @@ VENV ?= $(CURDIR)/.venv
 export COMFYBAKE_VENV := $(VENV)
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: help up down test lint bootstrap base-image
+.PHONY: help up provision down test lint bootstrap base-image
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-up: bootstrap ## The main job: converge a local systemd container with playbooks/site.yml
+up: bootstrap ## The main job: bake a container image (TARGET=cpu), run it, print where ComfyUI answers
+	COMFYBAKE_TARGET=$(or $(TARGET),cpu) scripts/up.sh
+
+provision: bootstrap ## Converge a local systemd container with playbooks/site.yml (a host, not an image)
 	scripts/local.sh up
 
-down: ## Remove the local container made by `make up`
+down: ## Remove the containers made by `make up` and `make provision`
+	docker rm -f comfybake-up >/dev/null 2>&1 || true
 	scripts/local.sh down
 
 test: bootstrap ## Every test: lints, unit and harness tests, molecule scenarios

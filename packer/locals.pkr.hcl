@@ -42,7 +42,6 @@ locals {
       "WORKDIR /var/lib/comfybake",
       "ENTRYPOINT [\"/usr/bin/tini\", \"--\", \"/usr/local/bin/comfybake-entrypoint\"]",
       "CMD []",
-      "STOPSIGNAL SIGTERM",
     ],
     [for port in var.container_ports : "EXPOSE ${port}"],
     [for key, value in local.labels : "LABEL ${key}=${value}"],

@@ -28,6 +28,8 @@ source "amazon-ebs" "comfybake" {
     device_name           = "/dev/sda1"
     volume_size           = var.disk_size_gb
     volume_type           = "gp3"
+    iops                  = 3000
+    throughput            = 125
     delete_on_termination = true
   }
   tags     = local.labels

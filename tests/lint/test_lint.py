@@ -38,10 +38,26 @@ def test_mypy(root: Path) -> None:
     run(root, venv_bin("mypy"), *targets)
 
 
+PACKER = Path(__file__).resolve().parents[2] / "packer"
+TARGETS = sorted(path.name.removesuffix(".pkrvars.hcl") for path in (PACKER / "targets").glob("*.pkrvars.hcl"))
+
+
 def test_packer_fmt(root: Path) -> None:
-    if not list((root / "packer").rglob("*.pkr.hcl")):
-        pytest.skip("no Packer templates yet")
-    run(root, "packer", "fmt", "-check", "-recursive", "packer")
+    # Packer 1.6 has no `fmt -recursive`: check each folder that holds templates or targets.
+    folders = sorted({path.parent for path in PACKER.rglob("*.hcl")})
+    assert PACKER in folders and PACKER / "targets" in folders
+    for folder in folders:
+        run(root, "packer", "fmt", "-check", str(folder.relative_to(root)))
+
+
+def test_every_flavour_has_a_target() -> None:
+    assert {"test", "cpu", "cu128-py312", "cu124-py311"} <= set(TARGETS)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_packer_validate(root: Path, ansible_env: dict[str, str], target: str) -> None:
+    # validate checks the ansible provisioner's playbook and inventory too, and needs ansible-playbook.
+    run(root, "packer", "validate", f"-var-file=packer/targets/{target}.pkrvars.hcl", "packer", env=ansible_env)
 
 
 def test_shell_scripts_parse(root: Path) -> None:

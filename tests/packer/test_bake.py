@@ -1,0 +1,254 @@
+"""A real `packer build` of the `test` target, then the image run with `docker run` and no extra privileges.
+
+The bake uses the local base image, the ComfyUI test double and fixture nodes from mounted git
+mirrors, the fixture wheelhouse and a loopback model origin whose token is a canary.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness.tools import ROOT, venv_bin
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+TARGET = ROOT / "packer" / "targets" / "test.pkrvars.hcl"
+
+
+def docker(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        pytest.fail(f"docker {' '.join(args)} exited {done.returncode}: {done.stderr}", pytrace=False)
+    return done
+
+
+@dataclass
+class Origin:
+    state: Path
+    token: str
+    fixtures: Path
+
+    def read(self) -> dict:
+        return json.loads(self.state.read_text())
+
+
+@dataclass
+class Bake:
+    image: str
+    log: str
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory, docker_engine: None) -> Iterator[Origin]:
+    """The fixture repositories and wheelhouse, and a model origin on the Docker bridge."""
+    work = tmp_path_factory.mktemp("bake")
+    subprocess.run(
+        [venv_bin("python"), "-m", "harness.wheelhouse", str(work / "fixtures")],
+        cwd=ROOT / "tests", check=True, capture_output=True,
+    )  # fmt: skip
+    gateway = docker("network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}").stdout.strip()
+    token = f"hf_CANARY_{uuid.uuid4().hex}"
+    state = work / "origin.json"
+    server = subprocess.Popen(
+        [venv_bin("python"), str(ROOT / "tests" / "harness" / "serve_models.py"), "--bind", gateway, "--state", str(state)],
+        env={**os.environ, "COMFYBAKE_CANARY": token},
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), "the model origin did not start"
+    yield Origin(state=state, token=token, fixtures=work / "fixtures")
+    state.unlink()
+    server.wait(timeout=10)
+
+
+def bake(origin: Origin, policy: str, version: str, extra_env: dict[str, str] | None = None) -> Bake:
+    """`packer build` of the test target; the token reaches Packer only as HF_TOKEN."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(venv_bin('ansible-playbook')).parent}{os.pathsep}{os.environ['PATH']}",
+        "COMFYBAKE_FIXTURES": str(origin.fixtures / "environments.json"),
+        "COMFYBAKE_ORIGIN": str(origin.state),
+        "HF_TOKEN": origin.token,
+        "PACKER_NO_COLOR": "1",
+        **(extra_env or {}),
+    }
+    fixtures = json.loads((origin.fixtures / "environments.json").read_text())
+    volumes = json.dumps({str(origin.fixtures / "repos"): "/srv/mirrors", fixtures["wheelhouse"]: "/srv/wheelhouse"})
+    started = time.monotonic()
+    done = subprocess.run(
+        ["packer", "build", "-color=false", "-only=comfybake.docker.comfybake", f"-var-file={TARGET}",
+         f"-var=models_policy={policy}", f"-var=image_version={version}", f"-var=docker_volumes={volumes}",
+         "-var=extra_ca_bundle=/etc/ssl/certs/ca-certificates.crt", "packer"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        pytest.fail(f"packer build ({policy}) failed:\n{log[-15000:]}", pytrace=False)
+    return Bake(image=f"comfybake/test:{version}", log=log, seconds=time.monotonic() - started)
+
+
+def image_files(image: str) -> dict[str, bytes]:
+    """Every regular file of the image's filesystem, by path."""
+    container = docker("create", image).stdout.strip()
+    try:
+        exported = subprocess.run(["docker", "export", container], capture_output=True, check=True).stdout
+    finally:
+        docker("rm", container)
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(exported)) as archive:
+        for member in archive:
+            if member.isfile():
+                handle = archive.extractfile(member)
+                files["/" + member.name.lstrip("./")] = handle.read() if handle else b""
+    return files
+
+
+def run_image(image: str, name: str, *env: str) -> str:
+    """`docker run` with no extra privileges or capabilities."""
+    docker("rm", "-f", name, check=False)
+    args = [arg for item in env for arg in ("--env", item)]
+    return docker("run", "--detach", "--name", name, *args, image).stdout.strip()
+
+
+def wait_ready(name: str, timeout: float = 180) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    rows: list[dict] = []
+    while time.monotonic() < deadline:
+        state = docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip()
+        if state != "true":
+            pytest.fail(f"the container stopped:\n{docker('logs', name).stdout}{docker('logs', name).stderr}")
+        done = docker("exec", name, "comfybake", "instances", "status", "--json", check=False)
+        if done.stdout.strip():
+            rows = json.loads(done.stdout)["instances"]
+            if rows and all(row["ready"] for row in rows):
+                return rows
+        time.sleep(1)
+    logs = docker("logs", name, check=False)
+    pytest.fail(f"instances not ready after {timeout} s: {rows}\n{logs.stdout}{logs.stderr}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def baked(origin: Origin) -> Bake:
+    """Models in the image (policy bake): the token is used during the bake, and must not stay."""
+    return bake(origin, "bake", "ci-bake")
+
+
+# -- the bake ---------------------------------------------------------------------------
+
+
+def test_the_token_is_nowhere_in_the_log_history_or_filesystem(baked: Bake, origin: Origin) -> None:
+    assert "Executing Ansible:" in baked.log
+    assert origin.token not in baked.log
+    history = docker("history", "--no-trunc", baked.image).stdout
+    inspect = docker("image", "inspect", baked.image).stdout
+    assert origin.token not in history + inspect
+    token = origin.token.encode()
+    leaks = [path for path, body in image_files(baked.image).items() if token in body]
+    assert leaks == []
+
+
+def test_no_caches_or_build_leftovers(baked: Bake) -> None:
+    paths = list(image_files(baked.image))
+    leftovers = [
+        path for path in paths
+        if path.startswith(("/var/cache/comfybake/uv/", "/var/cache/comfybake/git/", "/var/cache/comfybake/wheelhouse/",
+                            "/root/.cache/", "/root/.ansible", "/var/lib/apt/lists/", "/tmp/", "/var/tmp/",
+                            "/var/cache/apt/archives/", "/srv/mirrors/", "/srv/wheelhouse/"))
+        and not path.endswith("/lock")  # apt's empty lock files
+        or ".comfybake-partial" in path or path.endswith("/usr/sbin/policy-rc.d")
+    ]  # fmt: skip
+    assert leftovers == []
+    assert not any("/credentials/" in path for path in paths), "a token folder is in the image"
+
+
+def test_the_bom_records_commits_packages_and_model_hashes(baked: Bake, origin: Origin) -> None:
+    bom = json.loads(image_files(baked.image)["/etc/comfybake/lock.json"])
+    fixtures = json.loads((origin.fixtures / "environments.json").read_text())
+    environment = bom["environments"]["comm"]
+    assert environment["comfyui"]["commit"] == fixtures["commits"]["ComfyUI"]["v0.8.0"]
+    nodes = {node["name"]: node["commit"] for node in environment["custom_nodes"]}
+    assert nodes == {
+        "ComfyUI-Comfybake-Basic": fixtures["commits"]["ComfyUI-Comfybake-Basic"]["initial"],
+        "ComfyUI-Comfybake-SixOld": fixtures["commits"]["ComfyUI-Comfybake-SixOld"]["initial"],
+    }
+    packages = {package["name"]: package["version"] for package in environment["packages"]}
+    assert packages["torch"].startswith("2.13.0") and "six" in packages
+    assert "built_at" not in environment
+    files = {path: record["sha256"] for path, record in bom["models"]["files"].items()}
+    for expected in origin.read()["expected"]:
+        if expected["served"]:  # archives are recorded as the archive, not their members
+            assert files[expected["path"]] == expected["sha256"]
+    assert bom["bake"]["target"] == "test" and bom["bake"]["models_policy"] == "bake"
+    assert [item["name"] for item in bom["instances"]] == ["a", "b"]
+
+
+def test_the_image_runs_unprivileged_and_every_instance_is_ready(baked: Bake) -> None:
+    name = "comfybake-test-bake"
+    run_image(baked.image, name)
+    try:
+        rows = wait_ready(name)
+        assert {(row["name"], row["port"]) for row in rows} == {("a", 8188), ("b", 8189)}
+        assert docker("exec", name, "id", "-u").stdout.strip() != "0"
+        owners = docker("exec", name, "sh", "-c", "stat -c %U /proc/[0-9]*/ | sort -u").stdout.split()
+        assert "root" not in owners
+        # A crashed instance is restarted by supervisord.
+        pid = next(row["pid"] for row in rows if row["name"] == "a")
+        docker("exec", name, "kill", "-9", str(pid))
+        time.sleep(1)
+        again = {row["name"]: row["pid"] for row in wait_ready(name)}
+        assert again["a"] not in (0, pid)
+        # docker stop reaches supervisord through tini, which stops the instances cleanly.
+        docker("stop", "--time", "30", name)
+        assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+def test_two_bakes_of_the_same_inputs_give_the_same_bom(baked: Bake, origin: Origin) -> None:
+    again = bake(origin, "bake", "ci-bake-again")
+    first = image_files(baked.image)["/etc/comfybake/lock.json"]
+    second = image_files(again.image)["/etc/comfybake/lock.json"]
+    assert json.loads(first) == json.loads(second)
+    docker("rmi", again.image)
+
+
+# -- models at boot ---------------------------------------------------------------------
+
+
+def test_boot_policy_fetches_models_first_with_the_token_from_docker_run(origin: Origin) -> None:
+    booted = bake(origin, "boot", "ci-boot")
+    files = image_files(booted.image)
+    assert "/etc/comfybake/models.yml" in files
+    assert not any(path.startswith("/srv/comfybake/models/") and "/." not in path for path in files)
+    assert origin.token.encode() not in b"".join(files.values())
+    name = "comfybake-test-boot"
+    # Without the token the gated model cannot be fetched: no instance starts.
+    run_image(booted.image, name)
+    try:
+        done = docker("wait", name, timeout=120).stdout.strip()
+        assert done != "0"
+        assert "comfybake/test-models" in docker("logs", name).stderr + docker("logs", name).stdout
+    finally:
+        docker("rm", "-f", name, check=False)
+    run_image(booted.image, name, f"HF_TOKEN={origin.token}")
+    try:
+        rows = wait_ready(name)
+        assert all(row["ready"] for row in rows)
+        listing = docker("exec", name, "ls", "/srv/comfybake/models/loras", "/srv/comfybake/models/vae").stdout
+        assert "style.safetensors" in listing and "test-vae.bin" in listing
+        assert origin.token not in docker("inspect", "-f", "{{.Config.Cmd}} {{.Args}}", name).stdout
+    finally:
+        docker("rm", "-f", name, check=False)
+        docker("rmi", booted.image, check=False)
