@@ -6,113 +6,28 @@ mirrors, the fixture wheelhouse and a loopback model origin whose token is a can
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import subprocess
-import tarfile
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from harness.tools import ROOT, venv_bin
+from harness import bake as baking
+from harness.bake import Bake, Origin, docker, image_files
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-TARGET = ROOT / "packer" / "targets" / "test.pkrvars.hcl"
-
-
-def docker(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        pytest.fail(f"docker {' '.join(args)} exited {done.returncode}: {done.stderr}", pytrace=False)
-    return done
-
-
-@dataclass
-class Origin:
-    state: Path
-    token: str
-    fixtures: Path
-
-    def read(self) -> dict:
-        return json.loads(self.state.read_text())
-
-
-@dataclass
-class Bake:
-    image: str
-    log: str
-    seconds: float
 
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory, docker_engine: None) -> Iterator[Origin]:
-    """The fixture repositories and wheelhouse, and a model origin on the Docker bridge."""
-    work = tmp_path_factory.mktemp("bake")
-    subprocess.run(
-        [venv_bin("python"), "-m", "harness.wheelhouse", str(work / "fixtures")],
-        cwd=ROOT / "tests", check=True, capture_output=True,
-    )  # fmt: skip
-    gateway = docker("network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}").stdout.strip()
-    token = f"hf_CANARY_{uuid.uuid4().hex}"
-    state = work / "origin.json"
-    server = subprocess.Popen(
-        [venv_bin("python"), str(ROOT / "tests" / "harness" / "serve_models.py"), "--bind", gateway, "--state", str(state)],
-        env={**os.environ, "COMFYBAKE_CANARY": token},
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not state.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert state.exists(), "the model origin did not start"
-    yield Origin(state=state, token=token, fixtures=work / "fixtures")
-    state.unlink()
-    server.wait(timeout=10)
+    with baking.origin(tmp_path_factory.mktemp("bake")) as served:
+        yield served
 
 
-def bake(origin: Origin, policy: str, version: str, extra_env: dict[str, str] | None = None) -> Bake:
-    """`packer build` of the test target; the token reaches Packer only as HF_TOKEN."""
-    env = {
-        **os.environ,
-        "PATH": f"{Path(venv_bin('ansible-playbook')).parent}{os.pathsep}{os.environ['PATH']}",
-        "COMFYBAKE_FIXTURES": str(origin.fixtures / "environments.json"),
-        "COMFYBAKE_ORIGIN": str(origin.state),
-        "HF_TOKEN": origin.token,
-        "PACKER_NO_COLOR": "1",
-        **(extra_env or {}),
-    }
-    fixtures = json.loads((origin.fixtures / "environments.json").read_text())
-    volumes = json.dumps({str(origin.fixtures / "repos"): "/srv/mirrors", fixtures["wheelhouse"]: "/srv/wheelhouse"})
-    started = time.monotonic()
-    done = subprocess.run(
-        ["packer", "build", "-color=false", "-only=comfybake.docker.comfybake", f"-var-file={TARGET}",
-         f"-var=models_policy={policy}", f"-var=image_version={version}", f"-var=docker_volumes={volumes}",
-         "-var=extra_ca_bundle=/etc/ssl/certs/ca-certificates.crt", "packer"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    log = done.stdout + done.stderr
-    if done.returncode != 0:
-        pytest.fail(f"packer build ({policy}) failed:\n{log[-15000:]}", pytrace=False)
-    return Bake(image=f"comfybake/test:{version}", log=log, seconds=time.monotonic() - started)
-
-
-def image_files(image: str) -> dict[str, bytes]:
-    """Every regular file of the image's filesystem, by path."""
-    container = docker("create", image).stdout.strip()
+def bake(origin: Origin, policy: str, version: str) -> Bake:
     try:
-        exported = subprocess.run(["docker", "export", container], capture_output=True, check=True).stdout
-    finally:
-        docker("rm", container)
-    files = {}
-    with tarfile.open(fileobj=io.BytesIO(exported)) as archive:
-        for member in archive:
-            if member.isfile():
-                handle = archive.extractfile(member)
-                files["/" + member.name.lstrip("./")] = handle.read() if handle else b""
-    return files
+        return baking.bake(origin, policy, version)
+    except baking.BakeError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 def run_image(image: str, name: str, *env: str) -> str:
@@ -161,14 +76,16 @@ def test_the_token_is_nowhere_in_the_log_history_or_filesystem(baked: Bake, orig
 
 def test_no_caches_or_build_leftovers(baked: Bake) -> None:
     paths = list(image_files(baked.image))
+    build_only = ("/var/cache/comfybake/uv/", "/var/cache/comfybake/git/", "/var/cache/comfybake/wheelhouse/",
+                  "/root/.cache/", "/root/.ansible", "/var/lib/apt/lists/", "/tmp/", "/var/tmp/",
+                  "/var/cache/apt/archives/", "/srv/mirrors/", "/srv/wheelhouse/")  # fmt: skip
     leftovers = [
-        path for path in paths
-        if path.startswith(("/var/cache/comfybake/uv/", "/var/cache/comfybake/git/", "/var/cache/comfybake/wheelhouse/",
-                            "/root/.cache/", "/root/.ansible", "/var/lib/apt/lists/", "/tmp/", "/var/tmp/",
-                            "/var/cache/apt/archives/", "/srv/mirrors/", "/srv/wheelhouse/"))
-        and not path.endswith("/lock")  # apt's empty lock files
-        or ".comfybake-partial" in path or path.endswith("/usr/sbin/policy-rc.d")
-    ]  # fmt: skip
+        path
+        for path in paths
+        if (path.startswith(build_only) and not path.endswith("/lock"))  # apt's empty lock files may stay
+        or ".comfybake-partial" in path
+        or path == "/usr/sbin/policy-rc.d"
+    ]
     assert leftovers == []
     assert not any("/credentials/" in path for path in paths), "a token folder is in the image"
 
@@ -205,7 +122,7 @@ def test_the_image_runs_unprivileged_and_every_instance_is_ready(baked: Bake) ->
         assert "root" not in owners
         # A crashed instance is restarted by supervisord.
         pid = next(row["pid"] for row in rows if row["name"] == "a")
-        docker("exec", name, "kill", "-9", str(pid))
+        docker("exec", name, "sh", "-c", f"kill -9 {pid}")
         time.sleep(1)
         again = {row["name"]: row["pid"] for row in wait_ready(name)}
         assert again["a"] not in (0, pid)

@@ -1,0 +1,130 @@
+"""Bake the `test` target with Packer: the fixtures, a model origin on the Docker bridge, `packer build`.
+
+Used by tests/packer and bench/bake.py. The bake runs the air-gapped way: git mirrors and the
+wheelhouse are mounted into the bake container, models come from the loopback origin, whose
+token is a canary handed to Packer only as HF_TOKEN.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.tools import ROOT
+
+TARGET = ROOT / "packer" / "targets" / "test.pkrvars.hcl"
+PYTHON = Path(sys.executable)
+
+
+class BakeError(Exception):
+    """`packer build` failed; the message holds the end of its log."""
+
+
+def docker(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args)} exited {done.returncode}: {done.stderr}")
+    return done
+
+
+@dataclass
+class Origin:
+    """The fixtures (git repositories, wheelhouse) and the running model origin."""
+
+    state: Path
+    token: str
+    fixtures: Path
+
+    def read(self) -> dict:
+        return json.loads(self.state.read_text())
+
+    @property
+    def wheelhouse(self) -> str:
+        return str(json.loads((self.fixtures / "environments.json").read_text())["wheelhouse"])
+
+
+@dataclass
+class Bake:
+    image: str
+    log: str
+    seconds: float
+    volumes: dict[str, str] = field(default_factory=dict)
+
+
+@contextmanager
+def origin(work: Path) -> Iterator[Origin]:
+    """Build the fixtures under `work` and serve the test models on the Docker bridge."""
+    subprocess.run(
+        [str(PYTHON), "-m", "harness.wheelhouse", str(work / "fixtures")],
+        cwd=ROOT / "tests", check=True, capture_output=True,
+    )  # fmt: skip
+    gateway = docker("network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}").stdout.strip()
+    token = f"hf_CANARY_{uuid.uuid4().hex}"
+    state = work / "origin.json"
+    server = subprocess.Popen(
+        [str(PYTHON), str(ROOT / "tests" / "harness" / "serve_models.py"), "--bind", gateway, "--state", str(state)],
+        env={**os.environ, "COMFYBAKE_CANARY": token},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not state.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not state.exists():
+            raise RuntimeError("the model origin did not start")
+        yield Origin(state=state, token=token, fixtures=work / "fixtures")
+    finally:
+        state.unlink(missing_ok=True)  # the origin exits when its state file goes
+        server.wait(timeout=10)
+
+
+def bake(origin: Origin, policy: str, version: str, volumes: dict[str, str] | None = None) -> Bake:
+    """`packer build` of the test target into comfybake/test:<version>."""
+    env = {
+        **os.environ,
+        "PATH": f"{PYTHON.parent}{os.pathsep}{os.environ['PATH']}",
+        "COMFYBAKE_FIXTURES": str(origin.fixtures / "environments.json"),
+        "COMFYBAKE_ORIGIN": str(origin.state),
+        "HF_TOKEN": origin.token,
+    }
+    mounts = {str(origin.fixtures / "repos"): "/srv/mirrors", origin.wheelhouse: "/srv/wheelhouse", **(volumes or {})}
+    started = time.monotonic()
+    done = subprocess.run(
+        ["packer", "build", "-color=false", "-only=comfybake.docker.comfybake", f"-var-file={TARGET}",
+         f"-var=models_policy={policy}", f"-var=image_version={version}", f"-var=docker_volumes={json.dumps(mounts)}",
+         "-var=extra_ca_bundle=/etc/ssl/certs/ca-certificates.crt", "packer"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise BakeError(f"packer build ({policy}) failed:\n{log[-15000:]}")
+    return Bake(image=f"comfybake/test:{version}", log=log, seconds=time.monotonic() - started, volumes=mounts)
+
+
+def image_files(image: str) -> dict[str, bytes]:
+    """Every regular file of the image's filesystem, by absolute path."""
+    container = docker("create", image).stdout.strip()
+    try:
+        exported = subprocess.run(["docker", "export", container], capture_output=True, check=True).stdout
+    finally:
+        docker("rm", container)
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(exported)) as archive:
+        for member in archive:
+            if member.isfile():
+                handle = archive.extractfile(member)
+                files["/" + member.name.lstrip("./")] = handle.read() if handle else b""
+    return files
+
+
+def image_size(image: str) -> int:
+    return int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout.strip())
