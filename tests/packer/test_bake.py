@@ -7,8 +7,13 @@ mirrors, the fixture wheelhouse and a loopback model origin whose token is a can
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from harness import bake as baking
@@ -84,6 +89,8 @@ def test_no_caches_or_build_leftovers(baked: Bake) -> None:
         for path in paths
         if (path.startswith(build_only) and not path.endswith("/lock"))  # apt's empty lock files may stay
         or ".comfybake-partial" in path
+        or path.endswith(".deb")
+        or (path.startswith("/var/cache/apt/") and path.endswith(".bin"))
         or path == "/usr/sbin/policy-rc.d"
     ]
     assert leftovers == []
@@ -134,38 +141,57 @@ def test_the_image_runs_unprivileged_and_every_instance_is_ready(baked: Bake) ->
 
 
 def test_two_bakes_of_the_same_inputs_give_the_same_bom(baked: Bake, origin: Origin) -> None:
-    again = bake(origin, "bake", "ci-bake-again")
+    first_id = docker("image", "inspect", "-f", "{{.Id}}", baked.image).stdout
     first = image_files(baked.image)["/etc/comfybake/lock.json"]
-    second = image_files(again.image)["/etc/comfybake/lock.json"]
-    assert json.loads(first) == json.loads(second)
-    docker("rmi", again.image)
+    again = bake(origin, "bake", baked.image.rpartition(":")[2])  # the same inputs, the same tag
+    assert docker("image", "inspect", "-f", "{{.Id}}", again.image).stdout != first_id  # a new image
+    assert image_files(again.image)["/etc/comfybake/lock.json"] == first  # byte for byte
 
 
-# -- models at boot ---------------------------------------------------------------------
+# -- the main job, with models at boot ----------------------------------------------------
 
 
-def test_boot_policy_fetches_models_first_with_the_token_from_docker_run(origin: Origin) -> None:
-    booted = bake(origin, "boot", "ci-boot")
-    files = image_files(booted.image)
-    assert "/etc/comfybake/models.yml" in files
-    assert not any(path.startswith("/srv/comfybake/models/") and "/." not in path for path in files)
-    assert origin.token.encode() not in b"".join(files.values())
-    name = "comfybake-test-boot"
-    # Without the token the gated model cannot be fetched: no instance starts.
-    run_image(booted.image, name)
+def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, root: Path) -> None:
+    """scripts/up.sh (`make up`) on the test target, models policy boot, the token from HF_TOKEN."""
+    volumes = json.dumps(
+        {str(origin.fixtures / "repos"): "/srv/mirrors", origin.wheelhouse: "/srv/wheelhouse"}, separators=(",", ":")
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "COMFYBAKE_TARGET": "test",
+        "COMFYBAKE_PACKER_ARGS": f"-var models_policy=boot -var docker_volumes={volumes}",
+        "COMFYBAKE_FIXTURES": str(origin.fixtures / "environments.json"),
+        "COMFYBAKE_ORIGIN": str(origin.state),
+        "HF_TOKEN": origin.token,
+    }
+    image, name = "comfybake/test:local", "comfybake-up"
     try:
-        done = docker("wait", name, timeout=120).stdout.strip()
-        assert done != "0"
-        assert "comfybake/test-models" in docker("logs", name).stderr + docker("logs", name).stdout
-    finally:
-        docker("rm", "-f", name, check=False)
-    run_image(booted.image, name, f"HF_TOKEN={origin.token}")
-    try:
-        rows = wait_ready(name)
-        assert all(row["ready"] for row in rows)
+        done = subprocess.run([str(root / "scripts" / "up.sh")], cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
+        assert origin.token not in done.stdout + done.stderr
+        for port in (8188, 8189):
+            assert f"up: ComfyUI answers at http://127.0.0.1:{port}" in done.stdout
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=10) as answer:
+                argv = json.load(answer)["system"]["argv"]
+                assert argv[1:3] == ["--listen", "0.0.0.0"]  # noqa: S104 - inside the container
+        # The models came at start, not from the image; the token came from `docker run --env`.
+        files = image_files(image)
+        assert "/etc/comfybake/models.yml" in files
+        assert not any(path.startswith("/srv/comfybake/models/") and "/." not in path for path in files)
+        assert origin.token.encode() not in b"".join(files.values())
         listing = docker("exec", name, "ls", "/srv/comfybake/models/loras", "/srv/comfybake/models/vae").stdout
         assert "style.safetensors" in listing and "test-vae.bin" in listing
-        assert origin.token not in docker("inspect", "-f", "{{.Config.Cmd}} {{.Args}}", name).stdout
     finally:
         docker("rm", "-f", name, check=False)
-        docker("rmi", booted.image, check=False)
+    # Without the token the gated model cannot be fetched, and no instance starts.
+    tokenless = "comfybake-test-no-token"
+    run_image(image, tokenless)
+    try:
+        assert docker("wait", tokenless, timeout=120).stdout.strip() != "0"
+        logs = docker("logs", tokenless)
+        assert "comfybake/test-models" in logs.stdout + logs.stderr
+        assert "starting 2 instance(s)" not in logs.stdout + logs.stderr
+    finally:
+        docker("rm", "-f", tokenless, check=False)
+        docker("rmi", image, check=False)

@@ -1,4 +1,8 @@
-"""The README's main job (`make up` -> scripts/local.sh up) converges, then changes nothing."""
+"""`make provision` (scripts/local.sh up, a host rather than an image) converges, then changes nothing.
+
+The main job `make up` (scripts/up.sh: bake, run, print where the instances answer) is tested
+with the bake, in tests/packer.
+"""
 
 from __future__ import annotations
 
