@@ -118,6 +118,16 @@ def test_the_bom_records_commits_packages_and_model_hashes(baked: Bake, origin: 
     assert [item["name"] for item in bom["instances"]] == ["a", "b"]
 
 
+def test_the_manifest_post_processor_records_the_image(baked: Bake, root: Path) -> None:
+    manifest = json.loads((root / "build" / "packer-manifest.json").read_text())
+    image_id = docker("image", "inspect", "-f", "{{.Id}}", baked.image).stdout.strip()
+    build = next(item for item in manifest["builds"] if item["artifact_id"] == image_id)
+    assert build["custom_data"]["org.comfybake.target"] == "test"
+    assert build["custom_data"]["image"] == baked.image
+    labels = json.loads(docker("image", "inspect", "-f", "{{json .Config.Labels}}", baked.image).stdout)
+    assert labels["org.comfybake.models-policy"] == "bake"
+
+
 def test_the_image_runs_unprivileged_and_every_instance_is_ready(baked: Bake) -> None:
     name = "comfybake-test-bake"
     run_image(baked.image, name)
