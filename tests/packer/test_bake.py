@@ -60,9 +60,11 @@ def wait_ready(name: str, timeout: float = 180) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def baked(origin: Origin) -> Bake:
+def baked(origin: Origin) -> Iterator[Bake]:
     """Models in the image (policy bake): the token is used during the bake, and must not stay."""
-    return bake(origin, "bake", "ci-bake")
+    done = bake(origin, "bake", "ci-bake")
+    yield done
+    docker("rmi", done.image, check=False)
 
 
 # -- the bake ---------------------------------------------------------------------------
