@@ -99,6 +99,12 @@ MAX_PORT = 65535
 WILDCARDS = ("", "0.0.0.0", "::", "0.0.0.0,::", "[::]")  # noqa: S104 - the addresses refused
 
 
+def _reach(listen: str) -> str:
+    """The host part of a URL that reaches an instance listening on `listen` (a wildcard on loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen, listen)  # noqa: S104 - a container's wildcard
+    return f"[{host}]" if ":" in host else host
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -251,7 +257,7 @@ def _expand(
         "environment": environment,
         "port": port,
         "listen": listen,
-        "url": f"http://{'[' + listen + ']' if ':' in listen else listen}:{port}",
+        "url": f"http://{_reach(listen)}:{port}",
         "gpus": gpus,
         "share_gpus": raw.get("share_gpus", False) is True,
         "enabled": raw.get("enabled", True) is not False,

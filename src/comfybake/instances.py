@@ -1,8 +1,10 @@
 """`comfybake instances status|start|stop|restart|diagnose|prepare`: operate a host's instances.
 
-Runs on the host, as root for start/stop/restart and the journal. It reads what the
-comfyui_instances role wrote: `<config root>/instances.json` (the instance layout, the same
-records the units were generated from) and each environment's lock.
+Runs on the host, as root for start/stop/restart and the journal, or in a container image as
+its user, where supervisord runs the instances (`"manager": "supervisor"` in instances.json)
+and the same commands go through supervisorctl. It reads what the comfyui_instances role
+wrote: `<config root>/instances.json` (the instance layout, the same records the units or
+supervisord's programs were generated from) and each environment's lock.
 """
 
 from __future__ import annotations
@@ -69,9 +71,6 @@ def parse_ports(text: str | None) -> tuple[int, int]:
         raise HostError(f"--ports {text!r} is not a port or a range such as 8188-8190") from None
 
 
-# --------------------------------------------------------------------------- status
-
-
 # --------------------------------------------------------------------------- service managers
 
 # supervisord's process states as systemd's (ActiveState, SubState), so both read the same.
@@ -108,6 +107,9 @@ def process_state(host: dict[str, Any], record: dict[str, Any]) -> dict[str, str
     active, sub = SUPERVISOR_STATES.get(fields[1] if len(fields) > 1 else "", ("unknown", "unknown"))
     pid = fields[3].rstrip(",") if len(fields) > 3 and fields[2] == "pid" else "0"
     return {"ActiveState": active, "SubState": sub, "MainPID": pid, "NRestarts": "0", "InvocationID": ""}
+
+
+# --------------------------------------------------------------------------- status
 
 
 def status_rows(host: dict[str, Any], instances: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -82,6 +82,14 @@ def test_ipv6_loopback_and_allowed_clients() -> None:
     assert lan["args"][:2] == ["--listen", "10.0.0.5"]
 
 
+def test_a_container_may_listen_on_every_address_of_its_own_namespace() -> None:
+    (inside,) = layout([A | {"listen": "0.0.0.0"}], manager="supervisor")  # noqa: S104 - only published ports
+    assert inside["args"][:2] == ["--listen", "0.0.0.0"]  # noqa: S104
+    assert inside["url"] == "http://127.0.0.1:8188"  # the routing file's URL, from inside the container
+    assert "binds every address" in problems([A | {"listen": "0.0.0.0"}], manager="systemd")  # noqa: S104
+    assert "binds every address" in problems([A | {"listen": ""}], manager="supervisor")  # a bare --listen
+
+
 @pytest.mark.parametrize(
     ("instances", "settings", "expected"),
     [
