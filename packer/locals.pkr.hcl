@@ -7,7 +7,9 @@ locals {
   vm_image  = "${local.vm_name}-${join("-", split(".", var.target))}-${join("-", split(".", var.image_version))}"
 
   # The one vars file handed to the bake playbook (written by the build, read with -e @file):
-  # what Packer knows and Ansible needs. Tokens are not in it; they travel in the environment.
+  # what Packer knows and Ansible needs. Extra vars outrank the inventory, so the file sets
+  # only what the target decides; lists the inventory may also set (packages, CA bundles)
+  # go under comfybake_bake_* and playbooks/bake.yml adds them. No token is in it.
   vars_file = "${local.repo}/build/packer/${var.target}.vars.json"
   bake_vars = {
     comfybake_bake = {
@@ -16,12 +18,12 @@ locals {
       torch_flavor  = var.torch_flavor
       models_policy = var.models_policy
     }
+    comfybake_bake_packages                   = var.python_packages
+    comfybake_bake_ca_certificates            = compact([var.extra_ca_bundle])
     comfyui_models_policy                     = var.models_policy
     comfyui_environments_python               = var.python
     comfyui_environments_default_torch_flavor = var.torch_flavor
-    comfyui_extra_packages                    = var.python_packages
     comfyui_user                              = var.container_user
-    comfyui_extra_ca_certificates             = compact([var.extra_ca_bundle])
   }
 
   # Labels of every image: what it is and where it came from (the BOM inside has the rest).
