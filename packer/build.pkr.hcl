@@ -48,7 +48,6 @@ build {
       base_image = var.base_image
       python     = var.python
       inventory  = var.inventory_dir
-      git_commit = ""
     })
   }
 
