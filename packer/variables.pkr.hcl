@@ -49,7 +49,7 @@ variable "models_policy" {
 
 variable "inventory_dir" {
   type        = string
-  description = "Ansible inventory folder whose group_vars declare the environments, instances and models of the image."
+  description = "Ansible inventory folder, relative to the repository root, whose group_vars declare the environments, instances and models of the image."
   default     = "inventories/bake"
 }
 
