@@ -158,6 +158,7 @@ def test_two_bakes_of_the_same_inputs_give_the_same_bom(baked: Bake, origin: Ori
     again = bake(origin, "bake", baked.image.rpartition(":")[2])  # the same inputs, the same tag
     assert docker("image", "inspect", "-f", "{{.Id}}", again.image).stdout != first_id  # a new image
     assert image_files(again.image)["/etc/comfybake/lock.json"] == first  # byte for byte
+    docker("rmi", first_id.strip(), check=False)  # untagged by the second bake
 
 
 # -- the main job, with models at boot ----------------------------------------------------
