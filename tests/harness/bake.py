@@ -2,7 +2,8 @@
 
 Used by tests/packer and bench/bake.py. The bake runs the air-gapped way: git mirrors and the
 wheelhouse are mounted into the bake container, models come from the loopback origin, whose
-token is a canary handed to Packer only as HF_TOKEN.
+token is a canary handed to Packer only as HF_TOKEN. A step that fails says why in one line and
+keeps its whole log under build/test-logs/.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.tools import ROOT
+from harness.bridge import host_address
+from harness.tools import ROOT, failure_reason, save_log
 
 TARGET = ROOT / "packer" / "targets" / "test.pkrvars.hcl"
 PYTHON = Path(sys.executable)
 
 
 class BakeError(Exception):
-    """`packer build` failed; the message holds the end of its log."""
+    """A step of the bake failed; the message is its first error and where its whole log is."""
 
 
 def docker(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -64,27 +66,36 @@ class Bake:
 @contextmanager
 def origin(work: Path) -> Iterator[Origin]:
     """Build the fixtures under `work` and serve the test models on the Docker bridge."""
-    subprocess.run(
+    fixtures = subprocess.run(
         [str(PYTHON), "-m", "harness.wheelhouse", str(work / "fixtures")],
-        cwd=ROOT / "tests", check=True, capture_output=True,
+        cwd=ROOT / "tests", capture_output=True, text=True,
     )  # fmt: skip
-    gateway = docker("network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}").stdout.strip()
+    if fixtures.returncode != 0:
+        log = fixtures.stdout + fixtures.stderr
+        raise BakeError(f"building the fixtures failed: {failure_reason(log)} (full log: {save_log('fixtures', log)})")
+    address = host_address()  # where the bake container reaches this host
     token = f"hf_CANARY_{uuid.uuid4().hex}"
     state = work / "origin.json"
-    server = subprocess.Popen(
-        [str(PYTHON), str(ROOT / "tests" / "harness" / "serve_models.py"), "--bind", gateway, "--state", str(state)],
-        env={**os.environ, "COMFYBAKE_CANARY": token},
-    )  # fmt: skip
+    with (work / "origin.log").open("w") as log_file:
+        server = subprocess.Popen(
+            [str(PYTHON), str(ROOT / "tests" / "harness" / "serve_models.py"),
+             "--bind", address, "--state", str(state)],
+            env={**os.environ, "COMFYBAKE_CANARY": token}, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while not state.exists() and time.monotonic() < deadline:
+        while not state.exists() and server.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if not state.exists():
-            raise RuntimeError("the model origin did not start")
+            log = (work / "origin.log").read_text()
+            raise BakeError(f"the model origin did not start on {address}: {failure_reason(log)}")
         yield Origin(state=state, token=token, fixtures=work / "fixtures")
     finally:
         state.unlink(missing_ok=True)  # the origin exits when its state file goes
-        server.wait(timeout=10)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def bake(origin: Origin, policy: str, version: str, volumes: dict[str, str] | None = None) -> Bake:
@@ -106,7 +117,8 @@ def bake(origin: Origin, policy: str, version: str, volumes: dict[str, str] | No
     )  # fmt: skip
     log = done.stdout + done.stderr
     if done.returncode != 0:
-        raise BakeError(f"packer build ({policy}) failed:\n{log[-15000:]}")
+        saved = save_log(f"packer-{policy}-{version}", log)
+        raise BakeError(f"packer build ({policy}) failed: {failure_reason(log)} (full log: {saved})")
     return Bake(image=f"comfybake/test:{version}", log=log, seconds=time.monotonic() - started, volumes=mounts)
 
 

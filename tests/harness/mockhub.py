@@ -139,6 +139,10 @@ class MockHub:
     """A threaded HTTP/1.1 server on a loopback address, configured route by route."""
 
     def __init__(self, host: str = "127.0.0.1", *, tls: TLSFiles | None = None, port: int = 0) -> None:
+        if host in ("", "0.0.0.0", "::"):  # noqa: S104 - the values refused here
+            raise ValueError(
+                f"MockHub needs the one address to serve on, not {host!r}, which would serve every network"
+            )
         self.host = host
         self.tls = tls
         self._port = port

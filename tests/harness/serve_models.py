@@ -2,7 +2,7 @@
 another origin for tokens), serving a small manifest of deterministic models. It publishes its
 URL, the manifest and its counters in a JSON state file and exits when that file is removed.
 
-    python tests/harness/serve_models.py --bind 172.17.0.1 --state /path/origin.json
+    python tests/harness/serve_models.py --bind "$(python tests/harness/bridge.py)" --state /path/origin.json
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import sys
@@ -37,12 +38,29 @@ def model_bytes(hub: MockHub) -> int:
     return sum(r.body_bytes for r in hub.requests() if r.method == "GET" and not r.path.startswith("/api/v1/"))
 
 
-def main() -> int:
+def concrete_address(value: str) -> str:
+    """An IP address to listen on; an empty or wildcard one would serve every network."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an IP address (find one with tests/harness/bridge.py)"
+        ) from None
+    if address.is_unspecified:
+        raise argparse.ArgumentTypeError(f"{value} is a wildcard: give the one address containers reach")
+    return str(address)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bind", default="127.0.0.1")
+    parser.add_argument("--bind", type=concrete_address, default="127.0.0.1")
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--lifetime", type=float, default=3600)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
     token = os.environ.get("COMFYBAKE_CANARY") or f"hf_CANARY_{uuid.uuid4().hex}"
 
     with MockHub(args.bind) as origin, MockHub(args.bind) as cdn:

@@ -12,6 +12,7 @@ versions of six the fixture nodes fight over, and the uv the role installs on th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -42,6 +43,15 @@ def wheelhouse(requirements: tuple[str, ...] = REQUIREMENTS, no_deps: tuple[str,
     dest = CACHE / f"wheelhouse-{key}"
     if (dest / ".complete").exists():
         return dest
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / f"wheelhouse-{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # tests running in parallel download it once
+        if not (dest / ".complete").exists():
+            _download(dest, requirements, no_deps)
+    return dest
+
+
+def _download(dest: Path, requirements: tuple[str, ...], no_deps: tuple[str, ...]) -> None:
     partial = dest.with_name(dest.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -53,7 +63,6 @@ def wheelhouse(requirements: tuple[str, ...] = REQUIREMENTS, no_deps: tuple[str,
     (partial / ".complete").write_text("\n".join(sorted(p.name for p in partial.glob("*.whl"))) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     partial.rename(dest)
-    return dest
 
 
 def build(dest: Path) -> dict[str, object]:

@@ -1,16 +1,29 @@
-"""Every molecule scenario runs its whole test sequence against a real systemd container."""
+"""Every molecule scenario runs its whole test sequence against a real systemd container.
+
+Each run's output goes to build/test-logs/molecule-<scenario>.log (with per-task times from
+ansible.posix.profile_tasks) and the time of each action to molecule-<scenario>.json, which
+the session's summary prints as one table. A failed run says why in one line, with the failing
+task's lines below it and the path of the whole log.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
-from harness.tools import venv_bin
+from harness.tools import LOGS, failure_excerpt, failure_reason, venv_bin
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = sorted(p.parent.name for p in (ROOT / "molecule").glob("*/molecule.yml"))
+# molecule's "INFO     comfyui ➜ converge: Executing" and "... Executed: Successful" lines
+ACTION = re.compile(r"^[A-Z]+\s+\S+ (?:>|➜) (?P<action>\w+): (?:Executing|Executed: (?P<result>\w+))")
+TIMEOUT = 1800
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -19,21 +32,58 @@ def test_there_are_scenarios() -> None:
     assert "comfyui" in SCENARIOS
 
 
+def run_molecule(scenario: str, env: dict[str, str], log_path: Path) -> tuple[int, list[tuple[str, str, float]]]:
+    """`molecule test`, its output to `log_path`; returns its exit code and (action, result, seconds) in order."""
+    actions: list[tuple[str, str, float]] = []
+    started: dict[str, float] = {}
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(
+            [venv_bin("molecule"), "test", "--scenario-name", scenario],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ) as process,
+    ):  # fmt: skip
+        timer = threading.Timer(TIMEOUT, process.kill)
+        timer.start()
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                if found := ACTION.match(line):
+                    if found["result"] is None:
+                        started[found["action"]] = time.monotonic()
+                    else:
+                        took = time.monotonic() - started.pop(found["action"], time.monotonic())
+                        actions.append((found["action"], found["result"], round(took, 1)))
+        finally:
+            timer.cancel()
+    if process.returncode < 0:
+        with log_path.open("a") as log:
+            log.write(f"\nkilled after {TIMEOUT} s\n")
+    return process.returncode, actions
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_molecule_scenario(scenario: str, docker_engine: None, ansible_env: dict[str, str]) -> None:
     # A token handed to scenarios that use one (the model origin requires it); it must never print.
     canary = f"hf_CANARY_{uuid.uuid4().hex}"
-    env = {**ansible_env, "MOLECULE_NO_LOG": "false", "COMFYBAKE_CANARY": canary}
+    env = {**ansible_env, "MOLECULE_NO_LOG": "false", "COMFYBAKE_CANARY": canary, "COLUMNS": "160"}
     env.setdefault("COMFYBAKE_EXTRA_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
-    done = subprocess.run(
-        [venv_bin("molecule"), "test", "--scenario-name", scenario],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    if done.returncode != 0:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log_path = LOGS / f"molecule-{scenario}.log"
+    started = time.monotonic()
+    returncode, actions = run_molecule(scenario, env, log_path)
+    timing = {"scenario": scenario, "seconds": round(time.monotonic() - started, 1), "actions": actions}
+    (LOGS / f"molecule-{scenario}.json").write_text(json.dumps(timing) + "\n")
+    report = log_path.read_text()
+    if returncode != 0:
+        failed = next((action for action, result, _ in actions if result != "Successful"), "an action")
         pytest.fail(
-            f"molecule test -s {scenario} failed:\n{done.stdout[-20000:]}\n{done.stderr[-5000:]}", pytrace=False
+            f"molecule test -s {scenario} failed in {failed}: {failure_reason(report)} (full log: {log_path})\n"
+            + failure_excerpt(report),
+            pytrace=False,
         )
-    report = done.stdout + done.stderr
     assert canary not in report, "the canary token appeared in molecule's output"
+    succeeded = {action for action, result, _ in actions if result == "Successful"}
     for action in ("check", "converge", "idempotence", "verify", "side_effect"):
-        assert f"{scenario} > {action}: Executed: Successful" in report, f"{action} did not run successfully"
+        assert action in succeeded, f"{action} did not run successfully (see {log_path})"

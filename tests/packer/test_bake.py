@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from harness import bake as baking
 from harness.bake import Bake, Origin, docker, image_files
+from harness.tools import failure_reason, save_log
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -155,10 +156,12 @@ def test_the_image_runs_unprivileged_and_every_instance_is_ready(baked: Bake) ->
 def test_two_bakes_of_the_same_inputs_give_the_same_bom(baked: Bake, origin: Origin) -> None:
     first_id = docker("image", "inspect", "-f", "{{.Id}}", baked.image).stdout
     first = image_files(baked.image)["/etc/comfybake/lock.json"]
-    again = bake(origin, "bake", baked.image.rpartition(":")[2])  # the same inputs, the same tag
-    assert docker("image", "inspect", "-f", "{{.Id}}", again.image).stdout != first_id  # a new image
-    assert image_files(again.image)["/etc/comfybake/lock.json"] == first  # byte for byte
-    docker("rmi", first_id.strip(), check=False)  # untagged by the second bake
+    try:
+        again = bake(origin, "bake", baked.image.rpartition(":")[2])  # the same inputs, the same tag
+        assert docker("image", "inspect", "-f", "{{.Id}}", again.image).stdout != first_id  # a new image
+        assert image_files(again.image)["/etc/comfybake/lock.json"] == first  # byte for byte
+    finally:
+        docker("rmi", first_id.strip(), check=False)  # untagged by the second bake
 
 
 # -- the main job, with models at boot ----------------------------------------------------
@@ -178,10 +181,12 @@ def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, r
         "COMFYBAKE_ORIGIN": str(origin.state),
         "HF_TOKEN": origin.token,
     }
-    image, name = "comfybake/test:local", "comfybake-up"
+    image, name, tokenless = "comfybake/test:local", "comfybake-up", "comfybake-test-no-token"
     try:
         done = subprocess.run([str(root / "scripts" / "up.sh")], cwd=root, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-4000:]
+        if done.returncode != 0:
+            log = done.stdout + done.stderr
+            pytest.fail(f"scripts/up.sh failed: {failure_reason(log)} (full log: {save_log('up', log)})", pytrace=False)
         assert origin.token not in done.stdout + done.stderr
         for port in (8188, 8189):
             assert f"up: ComfyUI answers at http://127.0.0.1:{port}" in done.stdout
@@ -195,16 +200,13 @@ def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, r
         assert origin.token.encode() not in b"".join(files.values())
         listing = docker("exec", name, "ls", "/srv/comfybake/models/loras", "/srv/comfybake/models/vae").stdout
         assert "style.safetensors" in listing and "test-vae.bin" in listing
-    finally:
-        docker("rm", "-f", name, check=False)
-    # Without the token the gated model cannot be fetched, and no instance starts.
-    tokenless = "comfybake-test-no-token"
-    run_image(image, tokenless)
-    try:
+        docker("rm", "-f", name)
+        # Without the token the gated model cannot be fetched, and no instance starts.
+        run_image(image, tokenless)
         assert docker("wait", tokenless, timeout=120).stdout.strip() != "0"
         logs = docker("logs", tokenless)
         assert "comfybake/test-models" in logs.stdout + logs.stderr
         assert "starting 2 instance(s)" not in logs.stdout + logs.stderr
-    finally:
-        docker("rm", "-f", tokenless, check=False)
+    finally:  # whatever failed, nothing is left behind
+        docker("rm", "-f", name, tokenless, check=False)
         docker("rmi", image, check=False)
