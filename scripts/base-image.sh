@@ -70,9 +70,10 @@ debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror"
 rm -f "$rootfs.log"
 
 # Make the tree boot cleanly as a container: a fresh machine-id at every start, no package
-# lists baked in, and no units that need hardware a container does not have.
+# lists or downloaded packages baked in (as in Debian's own images), and no units that need
+# hardware a container does not have.
 : >"$rootfs/etc/machine-id"
-rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
+rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
 for unit in systemd-remount-fs.service getty.target console-getty.service \
   systemd-logind.service sys-kernel-config.mount sys-kernel-debug.mount; do
   ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"

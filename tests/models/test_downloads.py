@@ -160,8 +160,10 @@ def test_complete_partial_is_finalised_without_refetch(run: Run, hub: MockHub, s
 
 def test_free_space_preflight_fails_before_any_get(run: Run, hub: MockHub, store: Path) -> None:
     """DL-07: need more than the filesystem has free."""
-    free = os.statvfs(store).f_bavail * os.statvfs(store).f_frsize
-    huge = VirtualFile(free + (1 << 30))
+    # More than the whole filesystem, not just more than is free now: tests running alongside
+    # free space too, and a file that fits after all would really be downloaded.
+    size = os.statvfs(store).f_blocks * os.statvfs(store).f_frsize
+    huge = VirtualFile(size + (1 << 30))
     hub.add("/m/huge.bin", huge)
     result = run.one([{"url": f"{hub.url}/m/huge.bin", "dest": "unet/huge.bin", "sha256": "0" * 64}])
     assert result.action == "failed"

@@ -21,8 +21,8 @@ from harness.tools import LOGS, failure_excerpt, failure_reason, venv_bin
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = sorted(p.parent.name for p in (ROOT / "molecule").glob("*/molecule.yml"))
-# molecule's "INFO     comfyui ➜ converge: Executing" and "... Executed: Successful" lines
-ACTION = re.compile(r"^[A-Z]+\s+\S+ (?:>|➜) (?P<action>\w+): (?:Executing|Executed: (?P<result>\w+))")
+# molecule's "INFO     [comfyui > converge] Executing" and "... Executed: Successful" lines ("comfyui ➜ converge:" on a terminal)
+ACTION = re.compile(r"^[A-Z]+\s+\[?\S+ (?:>|➜) (?P<action>\w+)\]?:? (?:Executing|Executed: (?P<result>\w+))")
 TIMEOUT = 1800
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
