@@ -3,7 +3,7 @@
 The seed (`start_comfyui_multi.sh`) starts each instance of `instances.json` in turn and sleeps
 `startup_delay` (2 s in its example) before the next; nothing tells it when an instance can
 serve. comfybake's `comfyui.target` starts every instance at once, and readiness
-(`comfyui_wait`, the same code as here) polls each until `/system_stats` shows its command
+(`comfybake.core.wait`, the same code as here) polls each until `/system_stats` shows its command
 line and its node classes answer. Each instance is the ComfyUI test double with a custom node
 that takes --import-seconds to import (real nodes take seconds: torch, model scans).
 
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness.double import DOUBLE, free_port  # noqa: E402
 
-from comfybake import _runtime  # noqa: E402 - after the path set-up
+from comfybake.engine import runtime  # noqa: E402 - after the path set-up
 
 SLOW_NODE = '''\
 """Bench node: imports slowly, like a real node that imports torch and scans models."""
@@ -112,7 +112,7 @@ def run_round(code: Path, scratch: Path, count: int, sequential_delay: float | N
             if sequential_delay is not None and index:
                 time.sleep(sequential_delay)  # between starts only: the baseline's best case
             processes.append(launch(code, record["args"], scratch / f"{record['name']}.log"))
-        results = _runtime.wait_all([_runtime.Instance(r) for r in records], timeout=120, use_systemd=False)
+        results = runtime.wait_all([runtime.Instance(r) for r in records], timeout=120, use_systemd=False)
         elapsed = time.monotonic() - started
         if not all(result["ready"] for result in results):
             raise SystemExit(f"an instance did not become ready: {results}")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from harness.mockhub import FileBody, MockHub, VirtualFile  # noqa: E402 - after the path set-up
 
-from comfybake import _fetch  # noqa: E402
+from comfybake.engine import fetch  # noqa: E402
 
 MiB, GiB, MB = 1 << 20, 1 << 30, 1_000_000
 ROWS: list[tuple[str, str, str, str]] = []
@@ -61,9 +61,9 @@ def have(tool: str) -> bool:
     return False
 
 
-def engine(store: Path, models: list[dict[str, object]], **options: object) -> _fetch.Report:
-    opts = _fetch.Options(store=str(store), allow_http=True, **options)  # type: ignore[arg-type]
-    report = _fetch.Fetcher(opts).run(_fetch.parse_manifest(models, opts))
+def engine(store: Path, models: list[dict[str, object]], **options: object) -> fetch.Report:
+    opts = fetch.Options(store=str(store), allow_http=True, **options)  # type: ignore[arg-type]
+    report = fetch.Fetcher(opts).run(fetch.parse_manifest(models, opts))
     if report.failed:
         raise SystemExit(f"engine failed: {report.failed[0].msg}")
     return report

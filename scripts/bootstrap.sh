@@ -3,7 +3,8 @@
 #   1. Debian packages (docker.io, packer, debootstrap, git, ...), installed as root;
 #   2. a running Docker engine (systemd's docker.service, or dockerd started here);
 #   3. the project venv (.venv), installed from pyproject.toml with requirements/constraints.txt;
-#   4. the local systemd base image (scripts/base-image.sh), cached by tag.
+#   4. the host's comfybake command (scripts/build-cli.py: roles/comfyui/files/comfybake.pyz);
+#   5. the local systemd base image (scripts/base-image.sh), cached by tag.
 # Environment: COMFYBAKE_VENV (venv path), PYTHON (interpreter for the venv, >= 3.11),
 # COMFYBAKE_SKIP_SYSTEM=1 (never touch apt or the engine: for machines set up by hand).
 set -euo pipefail
@@ -65,4 +66,5 @@ if [[ ${COMFYBAKE_SKIP_SYSTEM:-0} != 1 ]]; then
   start_engine
 fi
 make_venv
+"$venv/bin/python" "$root/scripts/build-cli.py"
 "$root/scripts/base-image.sh"

@@ -2,11 +2,12 @@
 # comfybake's local target: a systemd container on this machine, converged with
 # playbooks/site.yml through inventories/local. `start` boots it (from the local base image,
 # or COMFYBAKE_BASE_IMAGE) and waits for systemd; `up` starts it and converges it; `down`
-# removes it.
+# removes it. COMFYBAKE_LOCAL_NAME gives `start` and `down` another container (the tests try
+# the built collection on one from a project of their own).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-name=comfybake-local
+name=${COMFYBAKE_LOCAL_NAME:-comfybake-local}
 image=${COMFYBAKE_BASE_IMAGE:-comfybake/test-base:bookworm}
 
 say() { printf 'local: %s\n' "$*"; }

@@ -1,8 +1,17 @@
 """comfybake: bake and provision GPU machines that serve ComfyUI."""
 
+from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("comfybake")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0+unknown"
+
+def _version() -> str:
+    try:
+        return version("comfybake")
+    except PackageNotFoundError:  # the host's command (scripts/build-cli.py writes VERSION), or a bare tree
+        try:
+            return resources.files(__name__).joinpath("VERSION").read_text(encoding="utf-8").strip()
+        except OSError:
+            return "0+unknown"
+
+
+__version__ = _version()

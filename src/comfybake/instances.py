@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from comfybake import _runtime
 from comfybake.cli import SUBCOMMANDS
+from comfybake.engine import runtime
 
 DEFAULT_CONFIG_ROOT = "/etc/comfybake"
 
@@ -102,7 +102,7 @@ def program(record: dict[str, Any]) -> str:
 def process_state(host: dict[str, Any], record: dict[str, Any]) -> dict[str, str]:
     """The instance's unit state, or its supervisord state in the same keys."""
     if not supervised(host):
-        return _runtime.unit_state(record["unit"])
+        return runtime.unit_state(record["unit"])
     fields = supervisorctl(host, "status", program(record)).stdout.split()
     active, sub = SUPERVISOR_STATES.get(fields[1] if len(fields) > 1 else "", ("unknown", "unknown"))
     pid = fields[3].rstrip(",") if len(fields) > 3 and fields[2] == "pid" else "0"
@@ -115,9 +115,9 @@ def process_state(host: dict[str, Any], record: dict[str, Any]) -> dict[str, str
 def status_rows(host: dict[str, Any], instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for record in instances:
-        instance = _runtime.Instance(record)
+        instance = runtime.Instance(record)
         state = process_state(host, record)
-        stage, missing, _ = _runtime.probe(instance) if state["ActiveState"] == "active" else ("stopped", "", True)
+        stage, missing, _ = runtime.probe(instance) if state["ActiveState"] == "active" else ("stopped", "", True)
         rows.append(
             {
                 "name": record["name"],
@@ -130,7 +130,7 @@ def status_rows(host: dict[str, Any], instances: list[dict[str, Any]]) -> list[d
                 "restarts": int(state["NRestarts"] or 0),
                 "ready": stage == "ready",
                 "not_ready": missing,
-                "queue": _runtime.queue_length(instance) if stage == "ready" else None,
+                "queue": runtime.queue_length(instance) if stage == "ready" else None,
             }
         )
     return rows
@@ -173,7 +173,7 @@ def control(args: argparse.Namespace) -> int:
     host = load_host(args.config_root)
     chosen = select(host, args)
     if args.action == "restart" and args.drain:
-        for drained in _runtime.drain_all([_runtime.Instance(record) for record in chosen], args.drain):
+        for drained in runtime.drain_all([runtime.Instance(record) for record in chosen], args.drain):
             if not drained["drained"]:
                 print(
                     f"{drained['name']}: {drained['queue']} prompts still queued after {args.drain:g} s",
@@ -187,8 +187,8 @@ def control(args: argparse.Namespace) -> int:
         if args.action != "stop":
             # An operator's start is deliberate: it must not be refused by the crash-loop limit
             # (StartLimitBurst=) that earlier starts and restarts counted towards.
-            _runtime.systemctl("reset-failed", *units)
-        done = _runtime.systemctl(args.action, *units)
+            runtime.systemctl("reset-failed", *units)
+        done = runtime.systemctl(args.action, *units)
         tool = "systemctl"
     if done.returncode != 0:
         print(f"{tool} {args.action} failed: {(done.stderr or done.stdout).strip()}", file=sys.stderr)
@@ -196,8 +196,8 @@ def control(args: argparse.Namespace) -> int:
     if args.action == "stop" or args.no_wait:
         print(f"{args.action}: {' '.join(record['name'] for record in chosen)}")
         return 0
-    results = _runtime.wait_all(
-        [_runtime.Instance(record) for record in chosen], args.timeout, use_systemd=not supervised(host)
+    results = runtime.wait_all(
+        [runtime.Instance(record) for record in chosen], args.timeout, use_systemd=not supervised(host)
     )
     for result in results:
         print(f"{result['name']}: ready in {result['seconds']} s" if result["ready"] else result["message"])
@@ -239,10 +239,10 @@ def diagnose_report(host: dict[str, Any]) -> dict[str, Any]:
         }
     failing = {}
     for record in host["instances"]:
-        instance = _runtime.Instance(record)
+        instance = runtime.Instance(record)
         state = process_state(host, record)
         if state["InvocationID"] or instance.log_file:
-            failures = _runtime.import_failures(_runtime.recent_log(instance, state["InvocationID"], lines=2000))
+            failures = runtime.import_failures(runtime.recent_log(instance, state["InvocationID"], lines=2000))
             if failures:
                 failing[record["name"]] = failures
     return {

@@ -13,8 +13,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from comfybake import _fetch
 from comfybake.cli import SUBCOMMANDS
+from comfybake.engine import fetch as engine
 
 LOCK_FORMAT = 1
 
@@ -24,17 +24,17 @@ def load_manifest(path: Path) -> list[Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise _fetch.ManifestError(f"cannot read manifest {path}: {error.strerror}") from None
+        raise engine.ManifestError(f"cannot read manifest {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise _fetch.ManifestError(f"manifest {path} is not valid YAML: {error}") from None
+        raise engine.ManifestError(f"manifest {path} is not valid YAML: {error}") from None
     if isinstance(data, dict):
         for key in ("models", "comfyui_models"):
             if isinstance(data.get(key), list):
                 return list(data[key])
-        raise _fetch.ManifestError(f"manifest {path} has no 'models' or 'comfyui_models' list")
+        raise engine.ManifestError(f"manifest {path} has no 'models' or 'comfyui_models' list")
     if isinstance(data, list):
         return data
-    raise _fetch.ManifestError(f"manifest {path} must hold a list of models, got {type(data).__name__}")
+    raise engine.ManifestError(f"manifest {path} must hold a list of models, got {type(data).__name__}")
 
 
 def read_token(explicit: Path | None, credential: str, variable: str) -> str | None:
@@ -46,12 +46,12 @@ def read_token(explicit: Path | None, credential: str, variable: str) -> str | N
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8").strip() or None
         if candidate is explicit:
-            raise _fetch.ManifestError(f"token file {candidate} does not exist")
+            raise engine.ManifestError(f"token file {candidate} does not exist")
     return os.environ.get(variable) or None
 
 
-def options_from(args: argparse.Namespace, check_mode: bool = False) -> _fetch.Options:
-    return _fetch.Options(
+def options_from(args: argparse.Namespace, check_mode: bool = False) -> engine.Options:
+    return engine.Options(
         store=str(args.store) if getattr(args, "store", None) else ".",
         parallel=args.parallel,
         connections=args.connections,
@@ -71,7 +71,7 @@ def options_from(args: argparse.Namespace, check_mode: bool = False) -> _fetch.O
     )
 
 
-class Bars(_fetch.Progress):
+class Bars(engine.Progress):
     """One redrawn status line on a terminal; a line per finished file elsewhere (journals)."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -101,7 +101,7 @@ class Bars(_fetch.Progress):
             if self.tty:
                 self.stream.write("\r\033[K")
             total = self.totals.get(name) or self.done.get(name, 0)
-            self.stream.write(f"{action:>10}  {_fetch.human(total):>10}  {name}\n")
+            self.stream.write(f"{action:>10}  {engine.human(total):>10}  {name}\n")
             self.stream.flush()
 
     def _draw(self, now: float) -> None:
@@ -112,18 +112,18 @@ class Bars(_fetch.Progress):
         width = 24
         filled = int(width * got / want) if want else 0
         line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {_fetch.human(got)} / {_fetch.human(want)}"
-            f"  {_fetch.human(rate)}/s  {len(active)} active"
+            f"[{'#' * filled}{'.' * (width - filled)}] {engine.human(got)} / {engine.human(want)}"
+            f"  {engine.human(rate)}/s  {len(active)} active"
         )
         self.stream.write("\r\033[K" + line[:200])
         self.stream.flush()
 
 
-def print_summary(report: _fetch.Report, stream: TextIO) -> None:
+def print_summary(report: engine.Report, stream: TextIO) -> None:
     stream.write(f"\n{'action':<15} {'size':>10} {'bytes':>10} {'seconds':>8}  name\n")
     for result in report.results:
-        size = _fetch.human(result.size) if result.size is not None else "-"
-        moved = _fetch.human(result.bytes) if result.bytes else "0"
+        size = engine.human(result.size) if result.size is not None else "-"
+        moved = engine.human(result.bytes) if result.bytes else "0"
         stream.write(f"{result.action:<15} {size:>10} {moved:>10} {result.seconds:>8.2f}  {result.name}\n")
     for warning in report.warnings:
         stream.write(f"warning: {warning}\n")
@@ -138,12 +138,12 @@ def print_summary(report: _fetch.Report, stream: TextIO) -> None:
 def fetch(args: argparse.Namespace) -> int:
     try:
         options = options_from(args, check_mode=args.check)
-        entries = _fetch.parse_manifest(load_manifest(args.manifest), options)
+        entries = engine.parse_manifest(load_manifest(args.manifest), options)
         if not Path(options.store).is_dir():
-            raise _fetch.ManifestError(f"model store {options.store} does not exist; create it or fix --store")
-        fetcher = _fetch.Fetcher(options, progress=Bars(sys.stderr), log=lambda line: print(line, file=sys.stderr))
+            raise engine.ManifestError(f"model store {options.store} does not exist; create it or fix --store")
+        fetcher = engine.Fetcher(options, progress=Bars(sys.stderr), log=lambda line: print(line, file=sys.stderr))
         report = fetcher.run(entries)
-    except _fetch.FetchError as error:
+    except engine.FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
@@ -159,9 +159,9 @@ def lock(args: argparse.Namespace) -> int:
     output: Path = args.output or args.manifest.with_name(args.manifest.stem + ".lock.yml")
     try:
         options = options_from(args)
-        entries = _fetch.parse_manifest(load_manifest(args.manifest), options)
-        locked = _fetch.Fetcher(options, log=lambda line: print(line, file=sys.stderr)).resolve(entries)
-    except _fetch.FetchError as error:
+        entries = engine.parse_manifest(load_manifest(args.manifest), options)
+        locked = engine.Fetcher(options, log=lambda line: print(line, file=sys.stderr)).resolve(entries)
+    except engine.FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     header = (

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from comfybake.engine import environment as engine
 from harness.repos import git
-from harness.tools import ROOT
-
-sys.path.insert(0, str(ROOT / "plugins" / "module_utils"))
-
-import _comfybake_env as engine  # found through the path above
 
 __all__ = ["GITHUB", "engine", "live", "node_repo", "releases"]
 

@@ -31,12 +31,14 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class VirtualFile:
     """`size` pseudo-random bytes made of rotations of one 1 MiB block: cheap to serve at any offset."""
 
-    def __init__(self, size: int, seed: int = 0) -> None:
+    def __init__(self, size: int, seed: int = 0, sha256: str | None = None) -> None:
+        """`sha256` declares the digest instead, for a file that is never read whole (hashing
+        a file larger than the disk takes minutes)."""
         self.size = size
         self.seed = seed
         block = hashlib.sha256(f"seed-{seed}".encode()).digest() * (SLICE // 32)
         self._block = block + block  # doubled so any rotation is one slice
-        self._sha256: str | None = None
+        self._sha256: str | None = sha256
 
     def read(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)

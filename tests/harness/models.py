@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from comfybake import _fetch
+from comfybake.engine import fetch
 from harness.mockhub import MockHub
 
 CANARY_HF = f"hf_CANARY_{uuid.uuid4().hex}"
@@ -27,7 +27,7 @@ class Run:
         self.store = store
         self.outputs: list[str] = []
 
-    def options(self, **overrides: Any) -> _fetch.Options:
+    def options(self, **overrides: Any) -> fetch.Options:
         settings: dict[str, Any] = {
             "store": str(self.store),
             "hf_endpoint": self.hub.url,
@@ -41,17 +41,17 @@ class Run:
             "min_split_size": 4 << 20,
         }
         settings.update(overrides)
-        return _fetch.Options(**settings)
+        return fetch.Options(**settings)
 
-    def __call__(self, models: list[dict[str, Any]], **overrides: Any) -> _fetch.Report:
+    def __call__(self, models: list[dict[str, Any]], **overrides: Any) -> fetch.Report:
         options = self.options(**overrides)
-        fetcher = _fetch.Fetcher(options, log=self.outputs.append)
-        report = fetcher.run(_fetch.parse_manifest(models, options))
+        fetcher = fetch.Fetcher(options, log=self.outputs.append)
+        report = fetcher.run(fetch.parse_manifest(models, options))
         self.outputs.extend(repr(r.as_dict()) for r in report.results)
         self.outputs.extend(report.warnings)
         return report
 
-    def one(self, models: list[dict[str, Any]], **overrides: Any) -> _fetch.Result:
+    def one(self, models: list[dict[str, Any]], **overrides: Any) -> fetch.Result:
         report = self(models, **overrides)
         assert len(report.results) == 1
         return report.results[0]
@@ -59,7 +59,7 @@ class Run:
     def error(self, models: list[dict[str, Any]], **overrides: Any) -> str:
         """The manifest must be refused before any request; returns the message."""
         before = len(self.hub.requests())
-        with pytest.raises(_fetch.ManifestError) as caught:
+        with pytest.raises(fetch.ManifestError) as caught:
             self(models, **overrides)
         self.outputs.append(str(caught.value))
         assert len(self.hub.requests()) == before, "a refused manifest made requests"

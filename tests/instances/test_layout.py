@@ -1,19 +1,12 @@
-"""The `comfyui_instance_layout` filter: a valid layout expands fully; every problem is named at once."""
+"""The `comfybake.core.instance_layout` filter: a valid layout expands fully; every problem is named at once."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
 from ansible.errors import AnsibleFilterError
-
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("comfyui_instances_filter", ROOT / "plugins/filter/comfyui_instances.py")
-assert _spec and _spec.loader
-FILTER = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(FILTER)
+from ansible_collections.comfybake.core.plugins.filter.instances import instance_layout, instance_route
 
 ENVIRONMENTS = {"comm": {"required_node_classes": ["ComfybakeEcho"]}, "aua-sp": {}}
 SETTINGS: dict[str, Any] = {
@@ -34,7 +27,7 @@ C = {"name": "c", "environment": "aua-sp", "port": 8190, "gpus": [1], "share_gpu
 
 
 def layout(instances: list[dict[str, Any]], **settings: Any) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = FILTER.comfyui_instance_layout(instances, ENVIRONMENTS, {**SETTINGS, **settings})
+    result: list[dict[str, Any]] = instance_layout(instances, ENVIRONMENTS, {**SETTINGS, **settings})
     return result
 
 
@@ -156,11 +149,11 @@ def test_the_whole_input_must_be_a_list_of_mappings() -> None:
 
 def test_route_lists_node_classes_found_or_the_required_ones() -> None:
     a, c = layout([A, C])
-    route = FILTER.comfyui_instance_route(a, {"a": ["ZNode", "ComfybakeEcho"]})
+    route = instance_route(a, {"a": ["ZNode", "ComfybakeEcho"]})
     assert route == {
         "name": "a", "environment": "comm", "url": "http://127.0.0.1:8188", "port": 8188, "gpus": ["0"],
         "enabled": True, "description": "", "required_node_classes": ["ComfybakeEcho"],
         "node_classes": ["ComfybakeEcho", "ZNode"],
     }  # fmt: skip
-    assert FILTER.comfyui_instance_route(a, {})["node_classes"] == ["ComfybakeEcho"]
-    assert FILTER.comfyui_instance_route(c, {})["node_classes"] == []
+    assert instance_route(a, {})["node_classes"] == ["ComfybakeEcho"]
+    assert instance_route(c, {})["node_classes"] == []

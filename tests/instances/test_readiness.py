@@ -1,5 +1,5 @@
-"""Readiness, draining and port owners (module_utils/_comfybake_runtime, shared by comfyui_wait,
-comfyui_listeners and `comfybake instances`) against the ComfyUI test double as real processes."""
+"""Readiness, draining and port owners (module_utils/runtime.py, shared by the wait module,
+the listeners module and `comfybake instances`) against the ComfyUI test double as real processes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from harness.double import DOUBLE, free_port
 from harness.tools import venv_bin
 
-from comfybake import _runtime
+from comfybake.engine import runtime
 
 FIXTURE_NODES = Path(__file__).resolve().parents[1] / "fixtures" / "nodes"
 
@@ -65,13 +65,26 @@ def start(code: Path, tmp_path: Path) -> Iterator[Start]:
 
 
 def wait(record: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
-    return _runtime.wait_ready(_runtime.Instance(record), timeout, use_systemd=False)
+    return runtime.wait_ready(runtime.Instance(record), timeout, use_systemd=False)
 
 
 def test_ready_needs_the_configured_argv_the_node_classes_and_the_models(start: Start) -> None:
     result = wait(start(required_node_classes=["ComfybakeEcho"], required_models={"loras": ["style.safetensors"]}))
     assert result["ready"] is True and result["stage"] == "ready"
     assert "error" not in result
+
+
+def test_instances_are_asked_directly_whatever_proxy_the_host_names(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host behind a corporate proxy sets these; the proxy (here: nothing listens) cannot
+    # reach the host's loopback, so readiness must never go through it.
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    result = wait(start())
+    assert result["ready"] is True, result
 
 
 def test_a_process_with_another_command_line_is_not_ready(start: Start) -> None:
@@ -114,7 +127,7 @@ def test_a_closed_port_times_out_naming_the_port() -> None:
 
 def test_wait_all_waits_for_every_instance_together(start: Start) -> None:
     records = [start(name, required_node_classes=["ComfybakeEcho"]) for name in ("a", "b", "c")]
-    results = _runtime.wait_all([_runtime.Instance(r) for r in records], timeout=30, use_systemd=False)
+    results = runtime.wait_all([runtime.Instance(r) for r in records], timeout=30, use_systemd=False)
     assert [(r["name"], r["ready"]) for r in results] == [("a", True), ("b", True), ("c", True)]
 
 
@@ -129,16 +142,16 @@ def post_prompt(port: int, seconds: float) -> None:
 def test_drain_waits_for_the_queue_and_is_bounded(start: Start) -> None:
     record = start()
     assert wait(record)["ready"]
-    instance = _runtime.Instance(record)
-    assert _runtime.queue_length(instance) == 0
+    instance = runtime.Instance(record)
+    assert runtime.queue_length(instance) == 0
     post_prompt(record["port"], 2)
     post_prompt(record["port"], 0)
-    assert _runtime.queue_length(instance) == 2
-    bounded = _runtime.wait_drained(instance, timeout=0.5, interval=0.1)
+    assert runtime.queue_length(instance) == 2
+    bounded = runtime.wait_drained(instance, timeout=0.5, interval=0.1)
     assert bounded["drained"] is False and bounded["queue"] >= 1
-    drained = _runtime.wait_drained(instance, timeout=20, interval=0.1)
+    drained = runtime.wait_drained(instance, timeout=20, interval=0.1)
     assert drained == drained | {"drained": True, "queue": 0}
-    gone = _runtime.wait_drained(_runtime.Instance({"name": "x", "port": free_port()}), timeout=5)
+    gone = runtime.wait_drained(runtime.Instance({"name": "x", "port": free_port()}), timeout=5)
     assert gone["drained"] is True and gone["seconds"] < 5
 
 
@@ -147,7 +160,7 @@ def test_drain_all_drains_every_instance_together(start: Start) -> None:
     for record in records:
         assert wait(record)["ready"]
         post_prompt(record["port"], 1)
-    results = _runtime.drain_all([_runtime.Instance(r) for r in records], timeout=20)
+    results = runtime.drain_all([runtime.Instance(r) for r in records], timeout=20)
     assert [(r["name"], r["drained"], r["queue"]) for r in results] == [("a", True, 0), ("b", True, 0)]
     assert max(r["seconds"] for r in results) < 20
 
@@ -156,16 +169,16 @@ def test_listeners_name_the_process_that_holds_a_port() -> None:
     with socket.socket(socket.AF_INET6) as six:
         six.bind(("::1", 0))
         six.listen()
-        assert _runtime.listeners()[six.getsockname()[1]]["addresses"] == ["::1"]
+        assert runtime.listeners()[six.getsockname()[1]]["addresses"] == ["::1"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        found = _runtime.listeners()
+        found = runtime.listeners()
     assert found[port]["pid"] == os.getpid() and found[port]["uid"] == os.getuid()
     assert found[port]["addresses"] == ["127.0.0.1"]
     assert found[port]["process"] == Path(f"/proc/{os.getpid()}/comm").read_text().strip()
-    assert port not in _runtime.listeners()
+    assert port not in runtime.listeners()
 
 
 def cli(config_root: Path, *argv: str) -> subprocess.CompletedProcess[str]:

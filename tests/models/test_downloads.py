@@ -163,7 +163,7 @@ def test_free_space_preflight_fails_before_any_get(run: Run, hub: MockHub, store
     # More than the whole filesystem, not just more than is free now: tests running alongside
     # free space too, and a file that fits after all would really be downloaded.
     size = os.statvfs(store).f_blocks * os.statvfs(store).f_frsize
-    huge = VirtualFile(size + (1 << 30))
+    huge = VirtualFile(size + (1 << 30), sha256="0" * 64)  # never read: the preflight stops at the HEAD
     hub.add("/m/huge.bin", huge)
     result = run.one([{"url": f"{hub.url}/m/huge.bin", "dest": "unet/huge.bin", "sha256": "0" * 64}])
     assert result.action == "failed"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
-module: comfyui_wait
+module: wait
 short_description: Wait until ComfyUI instances are ready to serve their environment, or drained
 description:
   - With O(state=ready), polls every instance at once until it is ready, and fails naming each
@@ -23,7 +23,9 @@ description:
   - With O(state=drained), waits until each instance's C(/queue) is empty (or the instance does
     not answer), at most O(timeout) seconds, and never fails; it reports what was still queued.
 version_added: "0.1.0"
-author: comfybake contributors
+author: comfybake contributors (@comfybake)
+extends_documentation_fragment:
+  - comfybake.core.attributes
 requirements:
   - python >= 3.10
   - systemd (unless O(systemd=false))
@@ -39,7 +41,7 @@ attributes:
 options:
   instances:
     description:
-      - Records of the instance layout (the C(comfyui_instance_layout) filter), of which
+      - Records of the instance layout (the C(comfybake.core.instance_layout) filter), of which
         C(name), C(port), C(listen), C(args), C(required_node_classes), C(required_models),
         C(unit) and C(log_file) are read.
     type: list
@@ -66,12 +68,12 @@ options:
 
 EXAMPLES = r"""
 - name: Wait until every instance serves its environment
-  comfyui_wait:
+  comfybake.core.wait:
     instances: "{{ _comfyui_instances_layout | selectattr('enabled') }}"
     timeout: 300
 
 - name: Let the instances about to restart finish their queue (at most 10 minutes)
-  comfyui_wait:
+  comfybake.core.wait:
     instances: "{{ _comfyui_instances_layout | selectattr('name', 'in', restarting) }}"
     state: drained
     timeout: 600
@@ -94,8 +96,8 @@ instances:
       log: ["...", "   0.0 seconds (IMPORT FAILED): /opt/.../custom_nodes/ComfyUI-Comfybake-Broken"]
 """
 
-from ansible.module_utils._comfybake_runtime import Instance, drain_all, get_json, wait_all
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.comfybake.core.plugins.module_utils.runtime import Instance, drain_all, get_json, wait_all
 
 ARGUMENT_SPEC = {
     "instances": {"type": "list", "elements": "dict", "required": True},

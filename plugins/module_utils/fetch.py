@@ -958,6 +958,18 @@ class _Plan:
     local: tuple[str, int] | None = None  # (sha256, size) of the file already at the path, once hashed
     started: float = 0.0
 
+    def where(self) -> str:
+        """`relpath`, which inspection or the probe sets before any step that reads it."""
+        if self.relpath is None:
+            raise FetchError(f"internal error: {self.entry.name} has no path in the store yet")
+        return self.relpath
+
+    def probed(self) -> Remote:
+        """`remote`, which the probe sets (or fails) before any step that reads it."""
+        if self.remote is None:
+            raise FetchError(f"internal error: {self.entry.name} was not probed")
+        return self.remote
+
 
 class Fetcher:
     """Bring a store in line with a manifest: probe, preflight, download, verify, record."""
@@ -1024,8 +1036,7 @@ class Fetcher:
             raise FetchError("could not lock the manifest:\n  " + "\n  ".join(str(f) for f in failures))
         locked: list[dict[str, Any]] = []
         for plan in plans:
-            entry, remote = plan.entry, plan.remote
-            assert remote is not None  # noqa: S101 - _probe sets it or fails
+            entry, remote = plan.entry, plan.probed()
             url = entry.url
             if url.startswith("hf://") and remote.commit:
                 repo, path, _revision = parse_hf_url(url)
@@ -1125,8 +1136,8 @@ class Fetcher:
         plan.needs_fetch = True
 
     def _archive_present(self, plan: _Plan, path: str) -> bool:
-        assert plan.relpath is not None  # noqa: S101 - extract entries always have a relpath
-        record = self.store.archive_record(plan.relpath)
+        relpath = plan.where()
+        record = self.store.archive_record(relpath)
         entry = plan.entry
         if record is None or record.get("source") != _source_label(entry.url):
             return False
@@ -1204,17 +1215,17 @@ class Fetcher:
     def _settle(self, plan: _Plan) -> None:
         """After the probe: refuse unverifiable entries; keep a local file that has the published hash."""
         entry = plan.entry
-        assert plan.relpath is not None  # noqa: S101 - set by _probe
+        relpath = plan.where()
         if plan.expected is None and not entry.allow_unverified:
             raise ChecksumError(
                 f"no sha256 for {entry.name}: the manifest gives none and {display_url(entry.url)} publishes none; "
                 "add sha256 (or run `comfybake models lock`), or set allow_unverified: true",
                 entry.name,
             )
-        path = self.store.path(plan.relpath)
+        path = self.store.path(relpath)
         if entry.extract or not plan.expected or not os.path.isfile(path):
             return
-        record = self.store.file_record(plan.relpath)
+        record = self.store.file_record(relpath)
         if plan.local is not None:
             digest, size = plan.local
         elif self.options.verify == "recorded" and record and stat_matches(path, record):
@@ -1222,7 +1233,7 @@ class Fetcher:
         else:
             digest, size = plan.local = hash_file(path)
         if digest == plan.expected:
-            self._record_file(plan.relpath, path, digest, entry)
+            self._record_file(relpath, path, digest, entry)
             self._remember_name(plan)
             plan.result.action, plan.result.sha256, plan.result.size = "present", digest, size
             plan.needs_fetch = False
@@ -1301,21 +1312,21 @@ class Fetcher:
 
     def _hash_remote(self, plan: _Plan) -> None:
         """For the lock: stream a source that publishes no SHA-256 through the hash, writing nothing."""
-        assert plan.remote is not None  # noqa: S101 - probed before
+        remote = plan.probed()
         entry, digest = plan.entry, hashlib.sha256()
         if entry.url.startswith("file://"):
             plan.expected = hash_file(urllib.parse.unquote(urllib.parse.urlsplit(entry.url).path))[0]
             return
-        response = self.client.request("GET", plan.remote.url, entry, stream=True)
+        response = self.client.request("GET", remote.url, entry, stream=True)
         if response.status_code != 200:
             raise self.client.status_error(response, entry)
         total = 0
         for chunk in response.iter_content(BLOCK):
             digest.update(chunk)
             total += len(chunk)
-        if plan.remote.size is not None and total != plan.remote.size:
-            raise TransferError(f"incomplete read {human(total)} of {human(plan.remote.size)}", entry.name)
-        plan.remote.size = total
+        if remote.size is not None and total != remote.size:
+            raise TransferError(f"incomplete read {human(total)} of {human(remote.size)}", entry.name)
+        remote.size = total
         plan.expected = digest.hexdigest()
 
     def _preflight_space(self, plans: Sequence[_Plan]) -> None:
@@ -1347,14 +1358,14 @@ class Fetcher:
     # transfer -----------------------------------------------------------------
 
     def _fetch(self, plan: _Plan) -> None:
-        assert plan.relpath is not None  # noqa: S101 - set by _inspect or _probe
+        relpath = plan.where()
         entry, result = plan.entry, plan.result
-        path = self.store.path(plan.relpath)
+        path = self.store.path(relpath)
         self.store.makedirs(os.path.dirname(path))
-        with self.store.locked(plan.relpath):
+        with self.store.locked(relpath):
             self.store.refresh()
             if not entry.extract:
-                record = self.store.file_record(plan.relpath)
+                record = self.store.file_record(relpath)
                 fresh = plan.local is None  # a file this run hashed and found wrong is not trusted by stat
                 if fresh and record and stat_matches(path, record) and record.get("sha256") == plan.expected:
                     result.action, result.sha256, result.size = "present", record["sha256"], record["size"]
@@ -1380,7 +1391,7 @@ class Fetcher:
             else:
                 os.replace(staging, path)
                 _fsync_dir(os.path.dirname(path))
-                self._record_file(plan.relpath, path, digest, entry)
+                self._record_file(relpath, path, digest, entry)
                 self._remember_name(plan)
                 result.action, result.changed = "downloaded", True
         self.progress.finish(entry.name, result.action)
@@ -1475,8 +1486,8 @@ class Fetcher:
         return dict(state)
 
     def _extract(self, plan: _Plan, archive: str, digest: str) -> None:
-        assert plan.relpath is not None  # noqa: S101 - extract entries have a relpath
-        target = self.store.path(plan.relpath)
+        relpath = plan.where()
+        target = self.store.path(relpath)
         parent = os.path.dirname(target)
         work = os.path.join(parent, f".{os.path.basename(target)}.comfybake-extract")
         with contextlib.suppress(FileNotFoundError):
@@ -1509,7 +1520,7 @@ class Fetcher:
             info = stat_record(os.path.join(target, name))
             records[name] = {**info, "sha256": sha}
         self.store.record(
-            "archives", plan.relpath, {"sha256": digest, "source": _source_label(plan.entry.url), "files": records}
+            "archives", relpath, {"sha256": digest, "source": _source_label(plan.entry.url), "files": records}
         )
         plan.result.files = sorted(files)
 
@@ -1654,7 +1665,7 @@ class _Transfer:
                     stop.set()
                     return
 
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.fetcher.options.connections)]
+        threads = [threading.Thread(target=worker, daemon=True) for _worker in range(self.fetcher.options.connections)]
         for thread in threads:
             thread.start()
         for thread in threads:

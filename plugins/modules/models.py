@@ -7,7 +7,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
-module: comfyui_models
+module: models
 short_description: Fetch, verify and record the models of a manifest in a ComfyUI model store
 description:
   - Brings a model store in line with a whole manifest in one call (a loop over files costs
@@ -32,7 +32,9 @@ description:
   - A failing entry does not stop the others; the task fails at the end and lists every
     failure. An invalid manifest fails before any network access.
 version_added: "0.1.0"
-author: comfybake contributors
+author: comfybake contributors (@comfybake)
+extends_documentation_fragment:
+  - comfybake.core.attributes
 requirements:
   - python >= 3.10
   - requests
@@ -193,7 +195,7 @@ seealso:
 
 EXAMPLES = r"""
 - name: Fetch the models of the manifest
-  comfyui_models:
+  comfybake.core.models:
     store: /srv/comfybake/models
     group: comfybake
     models:
@@ -210,14 +212,14 @@ EXAMPLES = r"""
     HF_TOKEN: "{{ vault_hf_token }}"
 
 - name: Fetch from the site mirror first, re-hashing everything already there
-  comfyui_models:
+  comfybake.core.models:
     store: /srv/comfybake/models
     models: "{{ (lookup('ansible.builtin.file', 'models.lock.yml') | from_yaml).models }}"
     mirrors: [https://models.internal.example/store]
     verify: full
 
 - name: Remove a model
-  comfyui_models:
+  comfybake.core.models:
     store: /srv/comfybake/models
     models:
       - url: hf://org/repo/old.safetensors@main
@@ -289,7 +291,8 @@ import os
 import pwd
 import traceback
 
-from ansible.module_utils._comfybake_fetch import (
+from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
+from ansible_collections.comfybake.core.plugins.module_utils.fetch import (
     HAS_REQUESTS,
     REQUESTS_IMPORT_ERROR,
     Fetcher,
@@ -298,7 +301,6 @@ from ansible.module_utils._comfybake_fetch import (
     human,
     parse_manifest,
 )
-from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
 
 ENTRY_SPEC = {
     "url": {"type": "str", "required": True},

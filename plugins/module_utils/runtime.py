@@ -1,6 +1,6 @@
 """Running instances: readiness, draining, unit state, logs and the ports in use on a host.
 
-Shared by the `comfyui_wait` and `comfyui_listeners` modules (on the managed host) and by
+Shared by the `comfybake.core.wait` and `comfybake.core.listeners` modules (on the managed host) and by
 `comfybake instances` (the host's command line, through the link src/comfybake/_runtime.py).
 Standard library only; Python 3.10+.
 
@@ -29,10 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-try:
-    from ansible.module_utils._comfybake_env import gate_failures  # type: ignore[import-untyped,unused-ignore]
-except ImportError:  # the comfybake command line
-    from comfybake._env import gate_failures  # type: ignore[no-redef,unused-ignore]
+from .environment import gate_failures
 
 JOURNAL_LINES = 40
 _HTTP_TIMEOUT = 5.0
@@ -58,9 +55,14 @@ class Instance:
         return f"http://{host}:{self.port}{route}"
 
 
+# Instances are asked directly, never through a proxy that http_proxy or HTTP_PROXY names: a
+# host behind a corporate proxy has those set, and the proxy cannot reach a host's loopback.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def get_json(url: str, timeout: float = _HTTP_TIMEOUT) -> Any:
     request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310 - http://<instance>
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+    with _DIRECT.open(request, timeout=timeout) as response:
         return json.loads(response.read().decode("utf-8"))
 
 
@@ -85,7 +87,7 @@ def unit_state(unit: str) -> dict[str, str]:
     done = systemctl("show", unit, *[f"--property={key}" for key in keys])
     state = dict.fromkeys(keys, "")
     for line in done.stdout.splitlines():
-        key, _, value = line.partition("=")
+        key, _equals, value = line.partition("=")
         state[key] = value
     return state
 

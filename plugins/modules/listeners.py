@@ -7,14 +7,16 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
-module: comfyui_listeners
+module: listeners
 short_description: List the listening TCP ports of a host with their owners
 description:
   - Reads C(/proc/net/tcp) and C(/proc/net/tcp6) and maps each listening socket to the process
     and systemd unit that hold it, so a port layout can be checked against what already runs
     on the host (ports held by O(ignore_units) are left out, since those are the instances being reconfigured).
 version_added: "0.1.0"
-author: comfybake contributors
+author: comfybake contributors (@comfybake)
+extends_documentation_fragment:
+  - comfybake.core.attributes
 requirements:
   - python >= 3.10
   - Linux /proc
@@ -36,7 +38,7 @@ options:
 
 EXAMPLES = r"""
 - name: Find the ports something other than an instance already uses
-  comfyui_listeners:
+  comfybake.core.listeners:
   register: listeners
 """
 
@@ -60,8 +62,8 @@ listeners:
 
 import re
 
-from ansible.module_utils._comfybake_runtime import listeners
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.comfybake.core.plugins.module_utils.runtime import listeners
 
 ARGUMENT_SPEC = {
     "ignore_units": {"type": "str", "default": "^comfyui@.+[.]service$"},

@@ -2,7 +2,7 @@
 # Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
 """Build ComfyUI environments as releases: pinned ComfyUI, pinned custom nodes, one venv.
 
-Private to comfybake: the `comfyui_environment` module runs it on managed hosts and the
+Private to comfybake: the `comfybake.core.environment` module runs it on managed hosts and the
 `comfybake` package imports it on the controller (through a link), so it needs only the
 standard library, `git` and `uv`, and runs on Python 3.10+.
 
@@ -332,7 +332,7 @@ class Git:
         done = self.git("ls-remote", repo, f"refs/tags/{version}", f"refs/tags/{version}^{{}}", f"refs/heads/{version}")
         refs: dict[str, str] = {}
         for line in done.stdout.splitlines():
-            sha, _, ref = line.partition("\t")
+            sha, _tab, ref = line.partition("\t")
             refs[ref] = sha
         for ref, kind in ((f"refs/tags/{version}^{{}}", "tag"), (f"refs/tags/{version}", "tag")):
             if ref in refs:

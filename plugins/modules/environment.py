@@ -7,7 +7,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
-module: comfyui_environment
+module: environment
 short_description: Build a ComfyUI environment (ComfyUI, custom nodes, venv) as a checked release
 description:
   - Brings one environment in line with its inputs, which are ComfyUI from git at a tag or full commit,
@@ -26,7 +26,9 @@ description:
     inputs match the live release's lock, nothing is fetched or built; the live work trees are
     checked for local modifications, which fail the task rather than being overwritten.
 version_added: "0.1.0"
-author: comfybake contributors
+author: comfybake contributors (@comfybake)
+extends_documentation_fragment:
+  - comfybake.core.attributes
 requirements:
   - python >= 3.10
   - git
@@ -193,7 +195,7 @@ options:
 
 EXAMPLES = r"""
 - name: Build the comm environment
-  comfyui_environment:
+  comfybake.core.environment:
     name: comm
     root: /opt/comfybake/envs/comm
     uv: /opt/comfybake/tools/bin/uv
@@ -209,7 +211,7 @@ EXAMPLES = r"""
     run_as: comfybake
 
 - name: Build offline from a wheelhouse and git mirrors
-  comfyui_environment:
+  comfybake.core.environment:
     name: aua-sp
     root: /opt/comfybake/envs/aua-sp
     uv: /opt/comfybake/tools/bin/uv
@@ -254,8 +256,14 @@ timings:
 
 import traceback
 
-from ansible.module_utils._comfybake_env import Builder, EnvError, Source, Spec, node_name_from_repo
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.comfybake.core.plugins.module_utils.environment import (
+    Builder,
+    EnvError,
+    Source,
+    Spec,
+    node_name_from_repo,
+)
 
 SOURCE_SPEC = {
     "repo": {"type": "str", "required": True},

@@ -1,4 +1,6 @@
-"""Filter `comfyui_instance_layout`: validate `comfyui_instances` and expand it for the units.
+"""Filters `instance_layout` (validate `comfyui_instances` and expand it for the units) and
+`instance_route` (an instance's entry in the routing file); their documentation is in the
+`.yml` files beside this one.
 
 Pure: it reads only its arguments, so it is unit-tested without Ansible running, and every
 problem is found before any file is written. All problems are reported at once, each naming
@@ -12,48 +14,6 @@ import re
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
-
-DOCUMENTATION = r"""
-name: comfyui_instance_layout
-short_description: Validate and expand comfyui_instances
-description:
-  - Checks every instance of O(_input) against the environments and the settings, then returns
-    one expanded record per instance (its unit, paths, environment file and ComfyUI arguments).
-  - Fails, naming every offending instance, on unknown keys, bad or duplicate names, ports out
-    of range, reserved, busy or shared, unknown environments, GPUs shared without C(share_gpus),
-    wildcard (outside containers) or unguarded non-loopback listen addresses, and extra arguments
-    that comfybake sets.
-positional: environments, settings
-options:
-  _input:
-    description: The list of instances (C(comfyui_instances)).
-    type: list
-    required: true
-  environments:
-    description: The environments (C(comfyui_environments)); only their names and required node classes are read.
-    type: dict
-    required: true
-  settings:
-    description:
-      - C(listen), C(state_root), C(cache_root), C(config_root), C(code_root), C(extra_args),
-        C(allowed_clients), C(reserved_ports), C(busy_ports) (port to a description of its
-        owner), C(log_dir), C(manager) (C(systemd) or C(supervisor); under supervisor, in a
-        container, C(0.0.0.0) and C(::) are allowed, since only published ports are reachable).
-    type: dict
-    required: true
-"""
-
-EXAMPLES = r"""
-_comfyui_instances_layout: "{{ comfyui_instances | comfyui_instance_layout(comfyui_environments, settings) }}"
-routes: "{{ _comfyui_instances_layout | map('comfyui_instance_route', {'main': ['KSampler']}) }}"
-"""
-
-RETURN = r"""
-_value:
-  description: One record per instance, in inventory order.
-  type: list
-  elements: dict
-"""
 
 KEYS = {
     "name",
@@ -318,7 +278,7 @@ def _collisions(layout: list[dict[str, Any]], settings: dict[str, Any], problems
                 )
 
 
-def comfyui_instance_layout(instances: Any, environments: Any, settings: dict[str, Any]) -> list[dict[str, Any]]:
+def instance_layout(instances: Any, environments: Any, settings: dict[str, Any]) -> list[dict[str, Any]]:
     if instances in (None, ""):
         instances = []
     if not isinstance(instances, list) or not all(isinstance(item, dict) for item in instances):
@@ -335,7 +295,7 @@ def comfyui_instance_layout(instances: Any, environments: Any, settings: dict[st
     return layout
 
 
-def comfyui_instance_route(record: dict[str, Any], node_classes: dict[str, list[str]]) -> dict[str, Any]:
+def instance_route(record: dict[str, Any], node_classes: dict[str, list[str]]) -> dict[str, Any]:
     """An instance's entry in the routing file: where it answers and which node classes it serves."""
     return {
         "name": record["name"],
@@ -352,4 +312,4 @@ def comfyui_instance_route(record: dict[str, Any], node_classes: dict[str, list[
 
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"comfyui_instance_layout": comfyui_instance_layout, "comfyui_instance_route": comfyui_instance_route}
+        return {"instance_layout": instance_layout, "instance_route": instance_route}
