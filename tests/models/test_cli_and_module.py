@@ -1,4 +1,4 @@
-"""The two front ends of the engine: `comfybake models fetch|lock` and the comfyui_models module,
+"""The two front ends of the engine: `comfybake models fetch|lock` and the comfybake.core.models module,
 run as real processes (the module through ansible-playbook) against loopback hubs."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def playbook(tmp_path: Path, module_args: dict[str, object], *extra: str) -> sub
             "hosts": "localhost",
             "gather_facts": False,
             "tasks": [
-                {"name": "Fetch models", "comfyui_models": module_args, "register": "out"},
+                {"name": "Fetch models", "comfybake.core.models": module_args, "register": "out"},
                 {"name": "Show", "ansible.builtin.debug": {"var": "out"}},
             ],
         }

@@ -84,7 +84,7 @@ def test_molecule_scenario(scenario: str, docker_engine: None, ansible_env: dict
     if returncode < 0:
         pytest.fail(f"molecule test -s {scenario} was killed after {TIMEOUT} s in {running} (full log: {log_path})")
     if returncode != 0:
-        failed = next((action for action, result, _ in actions if result != "Successful"), "an action")
+        failed = running or next((action for action, result, _ in actions if result != "Successful"), "an action")
         pytest.fail(
             f"molecule test -s {scenario} failed in {failed}: {failure_reason(report)} (full log: {log_path})\n"
             + failure_excerpt(report),
