@@ -13,7 +13,7 @@ from harness.tools import venv_bin
 def show_config(root: Path, env: dict[str, str], inventory: Path) -> dict[str, dict[str, object]]:
     env = {**env, "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1"}
     done = subprocess.run(
-        [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/show-config.yml"],
+        [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/show_config.yml"],
         cwd=root, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
