@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from ansible.errors import AnsibleFilterError
 
@@ -65,7 +65,7 @@ def _reach(listen: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -211,7 +211,8 @@ def _expand(
     wants_log = raw.get("log_file", bool(log_dir)) is True
     if wants_log and not log_dir:
         problems.append(f"{label}: log_file is true but comfyui_instances_log_dir is empty; set a folder for the logs")
-    environment_settings = environments.get(environment) if isinstance(environments.get(environment), dict) else {}
+    chosen = environments.get(environment) if isinstance(environment, str) else None
+    environment_settings: dict[str, Any] = chosen if isinstance(chosen, dict) else {}
     return {
         "name": name,
         "environment": environment,

@@ -255,6 +255,7 @@ timings:
 """
 
 import traceback
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.comfybake.core.plugins.module_utils.environment import (
@@ -307,11 +308,11 @@ ARGUMENT_SPEC = {
 }
 
 
-def _source(item, default_name):
+def _source(item: dict[str, Any], default_name: str) -> Source:
     return Source(name=item.get("name") or default_name, repo=item["repo"], version=str(item["version"]).strip())
 
 
-def spec_from(params):
+def spec_from(params: dict[str, Any]) -> Spec:
     return Spec(
         name=params["name"],
         root=params["root"],
@@ -322,9 +323,9 @@ def spec_from(params):
     )
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    result = {"changed": False, "release": None, "fingerprint": None, "warnings_env": [], "timings": {}}
+    result: dict[str, Any] = {"changed": False, "release": None, "fingerprint": None, "warnings_env": [], "timings": {}}
     builder = None
     try:
         builder = Builder(spec_from(module.params))

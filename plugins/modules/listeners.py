@@ -70,7 +70,7 @@ ARGUMENT_SPEC = {
 }
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     try:
         ignore = re.compile(module.params["ignore_units"])

@@ -290,6 +290,8 @@ import grp
 import os
 import pwd
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
 from ansible_collections.comfybake.core.plugins.module_utils.fetch import (
@@ -339,7 +341,7 @@ ARGUMENT_SPEC = {
 }
 
 
-def _id(value, lookup, what):
+def _id(value: str | None, lookup: Callable[[str], int], what: str) -> int | None:
     if value is None:
         return None
     if value.isdigit():
@@ -350,20 +352,21 @@ def _id(value, lookup, what):
         raise FetchError(f"{what} {value!r} does not exist on this host; create it first or fix {what}") from None
 
 
-def _mode(value, what):
+def _mode(value: str, what: str) -> int:
     try:
         return int(value, 8)
     except ValueError:
         raise FetchError(f"{what} must be an octal string such as '0640', got {value!r}") from None
 
 
-def _entries(models):
+def _entries(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Drop the keys the argument spec filled with defaults so the engine sees the manifest as written."""
     return [{k: v for k, v in item.items() if v is not None} for item in models]
 
 
-def _diff(results):
-    before, after = [], []
+def _diff(results: list[dict[str, Any]]) -> dict[str, str]:
+    before: list[str] = []
+    after: list[str] = []
     for item in results:
         if not item.get("changed"):
             continue
@@ -379,10 +382,10 @@ def _diff(results):
     return {"before": "".join(before), "after": "".join(after)}
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     params = module.params
-    result = {"changed": False, "models": [], "bytes": 0}
+    result: dict[str, Any] = {"changed": False, "models": [], "bytes": 0}
     if not HAS_REQUESTS:
         if module.check_mode:
             # A fresh host in check mode: the comfyui role would install python3-requests first.

@@ -108,7 +108,7 @@ ARGUMENT_SPEC = {
 }
 
 
-def main():
+def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     params = module.params
     try:

@@ -172,8 +172,10 @@ def status(args: argparse.Namespace) -> int:
 def control(args: argparse.Namespace) -> int:
     host = load_host(args.config_root)
     chosen = select(host, args)
-    if args.action == "restart" and args.drain:
-        for drained in runtime.drain_all([runtime.Instance(record) for record in chosen], args.drain):
+    report: dict[str, Any] = {"action": args.action, "instances": [record["name"] for record in chosen]}
+    if getattr(args, "drain", 0):
+        report["drained"] = runtime.drain_all([runtime.Instance(record) for record in chosen], args.drain)
+        for drained in report["drained"]:
             if not drained["drained"]:
                 print(
                     f"{drained['name']}: {drained['queue']} prompts still queued after {args.drain:g} s",
@@ -191,17 +193,29 @@ def control(args: argparse.Namespace) -> int:
         done = runtime.systemctl(args.action, *units)
         tool = "systemctl"
     if done.returncode != 0:
-        print(f"{tool} {args.action} failed: {(done.stderr or done.stdout).strip()}", file=sys.stderr)
-        return 1
+        report["error"] = f"{tool} {args.action} failed: {(done.stderr or done.stdout).strip()}"
+        print(report["error"], file=sys.stderr)
+        return _reported(args, report, 1)
     if args.action == "stop" or args.no_wait:
-        print(f"{args.action}: {' '.join(record['name'] for record in chosen)}")
-        return 0
+        if not args.json:
+            print(f"{args.action}: {' '.join(report['instances'])}")
+        return _reported(args, report, 0)
     results = runtime.wait_all(
         [runtime.Instance(record) for record in chosen], args.timeout, use_systemd=not supervised(host)
     )
-    for result in results:
-        print(f"{result['name']}: ready in {result['seconds']} s" if result["ready"] else result["message"])
-    return 0 if all(result["ready"] for result in results) else 1
+    report["results"] = results
+    if not args.json:
+        for result in results:
+            print(f"{result['name']}: ready in {result['seconds']} s" if result["ready"] else result["message"])
+    return _reported(args, report, 0 if all(result["ready"] for result in results) else 1)
+
+
+def _reported(args: argparse.Namespace, report: dict[str, Any], code: int) -> int:
+    """With --json, the whole report on stdout; the exit status either way."""
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    return code
 
 
 # --------------------------------------------------------------------------- diagnose
@@ -350,21 +364,48 @@ def configure(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--environment", help="only the instances of this environment")
         sub.add_argument("--ports", help="only the instances on these ports: 8188 or 8188-8190")
 
-    status_parser = actions.add_parser("status", help="a table of instances: unit state, readiness, queue")
+    def action(name: str, help_text: str, exit_codes: str) -> argparse.ArgumentParser:
+        epilog = f"exit status:\n{exit_codes}  2  the host's files or the selection are wrong; nothing was done"
+        formatter = argparse.RawDescriptionHelpFormatter
+        return actions.add_parser(name, help=help_text, epilog=epilog, formatter_class=formatter)
+
+    status_parser = action(
+        "status",
+        "a table of instances: unit state, readiness, queue",
+        "  0  every enabled instance is ready\n  1  some enabled instance is not\n",
+    )
     selection(status_parser)
     status_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status_parser.set_defaults(func=guarded(status))
-    for action, text in (("start", "start"), ("stop", "stop"), ("restart", "restart")):
-        sub = actions.add_parser(action, help=f"{text} instances, then wait until they are ready")
-        selection(sub)
-        sub.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default 300)")
-        sub.add_argument("--no-wait", action="store_true", help="do not wait for readiness")
-        sub.add_argument(
-            "--drain", type=float, default=0, help="restart: first wait up to this many seconds for an empty queue"
+    controls = {
+        "start": "start instances, then wait until they are ready",
+        "stop": "stop instances (with --drain, once their queues are empty)",
+        "restart": "restart instances (with --drain, once their queues are empty), then wait until they are ready",
+    }
+    for name, help_text in controls.items():
+        waits = name != "stop"
+        codes = (
+            "  0  every instance is ready\n  1  {0} failed, or an instance is not ready\n"
+            if waits
+            else "  0  done\n  1  {0} failed\n"
         )
+        sub = action(name, help_text, codes.format(name))
+        selection(sub)
+        if name != "start":
+            sub.add_argument(
+                "--drain", type=float, default=0, help="first wait up to this many seconds for empty queues"
+            )
+        if waits:
+            sub.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default 300)")
+            sub.add_argument("--no-wait", action="store_true", help="do not wait for readiness")
+        else:
+            sub.set_defaults(no_wait=True)
+        sub.add_argument("--json", action="store_true", help="print what was done (and each readiness) as JSON")
         sub.set_defaults(func=guarded(control))
-    diagnose_parser = actions.add_parser(
-        "diagnose", help="models with sizes, nodes with commits, disk, failing imports"
+    diagnose_parser = action(
+        "diagnose",
+        "models with sizes, nodes with commits, disk, failing imports",
+        "  0  no custom node failed to import\n  1  some custom node failed to import\n",
     )
     diagnose_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     diagnose_parser.set_defaults(func=guarded(diagnose))

@@ -17,6 +17,11 @@ from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import fetch as engine
 
 LOCK_FORMAT = 1
+EXIT_CODES = {
+    "fetch": "exit status:\n  0  the store holds the manifest\n  1  some entries failed (each is named)\n"
+    "  2  the manifest, an option or the store is wrong; nothing was fetched",
+    "lock": "exit status:\n  0  the lock file is written\n  2  the manifest, an option or a source is wrong",
+}
 
 
 def load_manifest(path: Path) -> list[Any]:
@@ -50,6 +55,17 @@ def read_token(explicit: Path | None, credential: str, variable: str) -> str | N
     return os.environ.get(variable) or None
 
 
+def octal_mode(text: str) -> int:
+    """An argparse type: a file mode such as 0640 (a bad one is a usage error, not a traceback)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0640") from None
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (0000 to 7777)")
+    return mode
+
+
 def options_from(args: argparse.Namespace, check_mode: bool = False) -> engine.Options:
     return engine.Options(
         store=str(args.store) if getattr(args, "store", None) else ".",
@@ -65,8 +81,8 @@ def options_from(args: argparse.Namespace, check_mode: bool = False) -> engine.O
         ca_bundle=args.ca_bundle,
         retries=args.retries,
         timeout=args.timeout,
-        mode=int(getattr(args, "mode", "0640"), 8),
-        directory_mode=int(getattr(args, "directory_mode", "2750"), 8),
+        mode=getattr(args, "mode", 0o640),
+        directory_mode=getattr(args, "directory_mode", 0o2750),
         check_mode=check_mode,
     )
 
@@ -173,6 +189,9 @@ def lock(args: argparse.Namespace) -> int:
     temporary.write_text(header + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     temporary.replace(output)
     print(f"locked {len(locked)} model(s) into {output}", file=sys.stderr)
+    if args.json:
+        json.dump({"output": str(output), "models": locked}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
     return 0
 
 
@@ -192,19 +211,32 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    fetch_parser = actions.add_parser("fetch", help="download and verify a manifest into a model store")
+    fetch_parser = actions.add_parser(
+        "fetch",
+        help="download and verify a manifest into a model store",
+        epilog=EXIT_CODES["fetch"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(fetch_parser)
     fetch_parser.add_argument("--store", type=Path, required=True, help="the model store (its root folder)")
     fetch_parser.add_argument("--mirror", action="append", help="mirror base URL tried first (repeatable)")
     fetch_parser.add_argument("--verify", choices=("recorded", "full"), default="recorded")
-    fetch_parser.add_argument("--mode", default="0640", help="file mode (default 0640)")
-    fetch_parser.add_argument("--directory-mode", default="2750", help="mode of created folders (default 2750)")
+    fetch_parser.add_argument("--mode", type=octal_mode, default="0640", help="file mode (default 0640)")
+    fetch_parser.add_argument(
+        "--directory-mode", type=octal_mode, default="2750", help="mode of created folders (default 2750)"
+    )
     fetch_parser.add_argument("--check", action="store_true", help="dry run: probe sources, write nothing")
     fetch_parser.add_argument("--json", action="store_true", help="print the results as JSON")
     fetch_parser.set_defaults(func=fetch)
-    lock_parser = actions.add_parser("lock", help="pin a manifest: exact revisions, file names, sizes, SHA-256")
+    lock_parser = actions.add_parser(
+        "lock",
+        help="pin a manifest: exact revisions, file names, sizes, SHA-256",
+        epilog=EXIT_CODES["lock"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(lock_parser)
     lock_parser.add_argument("-o", "--output", type=Path, help="lock file (default <manifest>.lock.yml)")
+    lock_parser.add_argument("--json", action="store_true", help="also print the lock file and its models as JSON")
     lock_parser.set_defaults(func=lock)
 
 

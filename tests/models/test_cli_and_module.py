@@ -53,6 +53,10 @@ def test_cli_fetch_reports_json_and_exit_codes(hub: MockHub, cdn: MockHub, store
     invalid = cli("fetch", str(manifest), "--store", str(store), hub=hub)
     assert invalid.returncode == 2
     assert "unsupported url scheme 'ftp'" in invalid.stderr
+    bad_mode = cli("fetch", str(manifest), "--store", str(store), "--mode", "0999", hub=hub)
+    assert bad_mode.returncode == 2
+    assert "argument --mode: '0999' is not an octal mode such as 0640" in bad_mode.stderr
+    assert "Traceback" not in bad_mode.stderr
 
 
 def test_cli_lock_pins_and_its_output_fetches(hub: MockHub, cdn: MockHub, store: Path, tmp_path: Path) -> None:
@@ -69,9 +73,10 @@ def test_cli_lock_pins_and_its_output_fetches(hub: MockHub, cdn: MockHub, store:
             {"url": "civitai://42", "dest": "loras/"},
         ],
     )
-    done = cli("lock", str(manifest), hub=hub)
+    done = cli("lock", str(manifest), "--json", hub=hub)
     assert done.returncode == 0, done.stderr
     lock = yaml.safe_load((tmp_path / "models.lock.yml").read_text())
+    assert json.loads(done.stdout) == {"output": str(tmp_path / "models.lock.yml"), "models": lock["models"]}
     assert lock["comfybake_models_lock"] == 1
     assert lock["models"] == [
         {

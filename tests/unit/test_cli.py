@@ -30,3 +30,28 @@ def test_console_script_is_installed() -> None:
     done = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert done.returncode == 0
     assert done.stdout.startswith("comfybake ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "offered", "not_offered"),
+    [
+        (["instances", "start"], ["--timeout", "--no-wait", "--json"], ["--drain"]),
+        (["instances", "stop"], ["--drain", "--json"], ["--timeout", "--no-wait", "until they are ready"]),
+        (["instances", "restart"], ["--drain", "--timeout", "--no-wait", "--json"], []),
+        (["instances", "status"], ["--json"], ["--drain"]),
+        (["models", "fetch"], ["--json", "--mode"], []),
+        (["models", "lock"], ["--json", "--output"], ["--mode"]),
+    ],
+)
+def test_each_command_offers_what_it_does_and_names_its_exit_codes(
+    argv: list[str], offered: list[str], not_offered: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*argv, "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit status:\n  0  " in text and "\n  2  " in text
+    for option in offered:
+        assert option in text, option
+    for option in not_offered:
+        assert option not in text, option
