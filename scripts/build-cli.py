@@ -33,8 +33,12 @@ def sources() -> list[tuple[str, bytes]]:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     found = [(f"comfybake/{path.name}", path.read_bytes()) for path in PACKAGE.glob("*.py")]
     found.append(("comfybake/VERSION", f"{version}\n".encode()))
-    found += [(f"comfybake/engine/{path.name}", path.read_bytes()) for path in ENGINES.glob("*.py")]
-    if not any(name == "comfybake/engine/fetch.py" for name, _content in found):
+    found += [
+        (f"comfybake/engine/{path.relative_to(ENGINES).as_posix()}", path.read_bytes())
+        for path in ENGINES.rglob("*.py")
+        if "__pycache__" not in path.parts
+    ]
+    if not any(name == "comfybake/engine/fetch/__init__.py" for name, _content in found):
         sys.exit(f"build-cli: no engines in {ENGINES}")
     return sorted(found)
 

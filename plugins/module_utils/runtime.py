@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .environment import gate_failures
+from .comfyui_log import gate_failures
 
 JOURNAL_LINES = 40
 _HTTP_TIMEOUT = 5.0

@@ -1,26 +1,6 @@
 # Copyright: comfybake contributors
-# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
-"""Build ComfyUI environments as releases: pinned ComfyUI, pinned custom nodes, one venv.
-
-Private to comfybake: the `comfybake.core.environment` module runs it on managed hosts and the
-`comfybake` package imports it on the controller (through a link), so it needs only the
-standard library, `git` and `uv`, and runs on Python 3.10+.
-
-An environment lives in `<root>`:
-
-    <root>/current -> releases/<id>         the live release, switched atomically
-    <root>/releases/<id>/ComfyUI/            ComfyUI checkout, custom_nodes/<name>/ checkouts
-    <root>/releases/<id>/venv/               the release's own venv
-    <root>/releases/<id>/comfybake.lock.json what was built (read by the status tooling)
-    <root>/releases/<id>/requirements.lock.txt  the resolved set with hashes (uv pip compile)
-
-`<id>` is derived from every input that shapes the build (the fingerprint), so a run whose
-inputs match the live release's lock changes nothing. A release is built next to the live
-one, checked (one resolution of all requirements with torch held as a constraint, `uv pip
-check`, and ComfyUI's `--quick-test-for-ci` import gate) and only then made live. A release
-still being built carries the marker file `.comfybake-building` and is removed when its
-build fails.
-"""
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""The build of a release: resolve, install, check, gate, lock, then switch `current`."""
 
 from __future__ import annotations
 
@@ -32,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,409 +19,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..comfyui_log import gate_failures
+from .errors import EnvError, redact
+from .gitcache import Git
+from .process import python_identity, run, tail
+from .requirements import Requirements, Resolved, canonical_name, parse_compiled, read_requirements, requirement_name
+from .spec import Spec, torch_constraint, validate
+
 SCHEMA = 1
 LOCK_NAME = "comfybake.lock.json"
 RESOLVED_NAME = "requirements.lock.txt"
 BUILDING_MARKER = ".comfybake-building"
 DEFAULT_PROTECTED = ("torch", "torchvision", "torchaudio", "xformers")
-
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_REQ_NAME = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
-_USERINFO = re.compile(r"(://)[^/@\s]+@")
-_IMPORT_FAILED = re.compile(r"\(IMPORT FAILED\):\s*(\S.*?)\s*$")
-_CANNOT_IMPORT = re.compile(r"Cannot import (\S.*?) module for custom nodes:\s*(.*)$")
-
-
-class EnvError(Exception):
-    """A failure the user can act on; the message names the item, the cause and the fix."""
-
-
-def redact(text: str) -> str:
-    """Drop credentials embedded in URLs (`https://user:token@host` -> `https://***@host`)."""
-    return _USERINFO.sub(r"\1***@", text)
-
-
-def canonical_name(name: str) -> str:
-    """PEP 503 normalisation of a distribution name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def requirement_name(line: str) -> str | None:
-    match = _REQ_NAME.match(line)
-    return canonical_name(match.group(1)) if match else None
-
-
-def _tail(text: str, lines: int = 30) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-# --------------------------------------------------------------------------- the inputs
-
-
-@dataclass(frozen=True)
-class Source:
-    """A git repository pinned to a version (a full commit, a tag, or an allowed branch)."""
-
-    name: str
-    repo: str
-    version: str
-
-
-@dataclass
-class Spec:
-    """Everything that describes one environment and how to build it."""
-
-    name: str
-    root: str
-    comfyui: Source
-    uv: str
-    custom_nodes: list[Source] = field(default_factory=list)
-    allow_moving_refs: bool = False
-    allowed_repos: list[str] = field(default_factory=list)
-    torch_flavor: str = ""
-    torch_packages: list[str] = field(default_factory=list)
-    torch_index_url: str | None = None
-    protected_packages: list[str] = field(default_factory=list)
-    pip_constraints: list[str] = field(default_factory=list)
-    pip_packages: list[str] = field(default_factory=list)
-    allow_source_builds: bool = False
-    allow_direct_references: bool = False
-    hook: str | None = None
-    revision: str = ""
-    python: str = "python3"
-    index_url: str | None = None
-    extra_index_urls: list[str] = field(default_factory=list)
-    find_links: list[str] = field(default_factory=list)
-    wheelhouse: str | None = None
-    cache_dir: str | None = None
-    git_cache: str | None = None
-    git_mirrors: dict[str, str] = field(default_factory=dict)
-    ca_bundle: str | None = None
-    extra_model_paths: str | None = None
-    user_files: dict[str, str] = field(default_factory=dict)
-    import_gate: bool = True
-    gate_timeout: int = 900
-    run_as: str | None = None
-    keep_releases: int = 2
-
-
-def node_name_from_repo(repo: str) -> str:
-    base = repo.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
-    return base[:-4] if base.endswith(".git") else base
-
-
-def validate(spec: Spec, check_mode: bool = False) -> None:
-    """Refuse what must never be built, before any git or network access.
-
-    Check mode on a fresh host runs before the role pushed the hook and the wheelhouse, so their
-    presence is checked only when building.
-    """
-    where = f"environment {spec.name}"
-    if not _NODE_NAME.match(spec.name):
-        raise EnvError(f"{where}: the name must be letters, digits, '.', '_' or '-'")
-    _check_repo(where, "ComfyUI", spec.comfyui.repo, [])
-    if not spec.comfyui.version:
-        raise EnvError(f"{where}: comfyui_version is empty; pin a tag (v0.8.0) or a full commit")
-    seen: dict[str, str] = {}
-    for node in spec.custom_nodes:
-        label = f"{where}: custom node {node.name}"
-        if not _NODE_NAME.match(node.name) or node.name in {"__pycache__"}:
-            raise EnvError(f"{label}: invalid directory name; set name: to letters, digits, '.', '_' or '-'")
-        if node.name in seen:
-            raise EnvError(
-                f"{where}: custom nodes {seen[node.name]} and {node.repo} both install as {node.name}; set name: on one"
-            )
-        seen[node.name] = node.repo
-        _check_repo(where, f"custom node {node.name}", node.repo, spec.allowed_repos)
-        if not _COMMIT.match(node.version) and not spec.allow_moving_refs:
-            raise EnvError(
-                f"{label}: version must be a full 40-hex commit (got {node.version!r}); pin the commit,"
-                " or set allow_moving_refs: true for this environment"
-            )
-    for entry in spec.torch_packages:
-        _torch_constraint(where, entry)
-    if spec.keep_releases < 1:
-        raise EnvError(f"{where}: keep_releases must be at least 1 (got {spec.keep_releases})")
-    if check_mode:
-        return
-    if spec.hook and not os.path.isfile(spec.hook):
-        raise EnvError(f"{where}: hook {spec.hook} does not exist on the host")
-    if spec.wheelhouse and not os.path.isdir(spec.wheelhouse):
-        raise EnvError(f"{where}: wheelhouse {spec.wheelhouse} is not a directory on the host; push it first")
-
-
-def _check_repo(where: str, what: str, repo: str, allowed: Sequence[str]) -> None:
-    if not repo:
-        raise EnvError(f"{where}: {what} has no repository URL")
-    if re.match(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", repo):
-        raise EnvError(
-            f"{where}: {what} repository {redact(repo)} embeds credentials in its URL; use an SSH key"
-            " or a git credential helper instead"
-        )
-    if allowed and not any(repo.startswith(prefix) for prefix in allowed):
-        raise EnvError(
-            f"{where}: {what} repository {repo} is not allowlisted (allowed_repos: {', '.join(allowed)});"
-            " check the owner name, or add the prefix to allowed_repos"
-        )
-
-
-def _torch_constraint(where: str, entry: str) -> str:
-    """`torch==2.13.0+cpu` stays as is; a wheel path or URL becomes `name==version`."""
-    base = entry.rsplit("/", 1)[-1]
-    if base.endswith(".whl"):
-        parts = base.split("-")
-        if len(parts) < 5:
-            raise EnvError(f"{where}: torch package {entry!r} is not a wheel file name (name-version-tags.whl)")
-        return f"{canonical_name(parts[0])}=={parts[1]}"
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[^=<>!~,;\s]+$", entry):
-        raise EnvError(
-            f"{where}: torch package {entry!r} must be an exact pin such as torch==2.13.0+cpu, or a wheel file"
-        )
-    return entry
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def run(
-    args: Sequence[str],
-    *,
-    cwd: str | None = None,
-    env: Mapping[str, str] | None = None,
-    timeout: float | None = None,
-    user: str | None = None,
-    merge: bool = False,
-) -> subprocess.CompletedProcess[str]:
-    """Run a command, capturing its output (stderr into stdout with `merge`); the caller judges failure."""
-    kwargs: dict[str, Any] = {}
-    if user is not None and os.geteuid() == 0:
-        kwargs.update(user=user, group=_primary_group(user), extra_groups=[])
-    try:
-        process = subprocess.Popen(
-            list(args),
-            cwd=cwd,
-            env=dict(env) if env is not None else None,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if merge else subprocess.PIPE,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-            **kwargs,
-        )
-    except OSError as exc:
-        raise EnvError(f"cannot run {args[0]}: {exc}") from exc
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise EnvError(f"{args[0]} did not finish within {timeout} s; output:\n{_tail(stdout or '')}") from None
-    return subprocess.CompletedProcess(list(args), process.returncode, stdout or "", stderr or "")
-
-
-def _primary_group(user: str) -> int:
-    import pwd
-
-    return pwd.getpwnam(user).pw_gid
-
-
-# --------------------------------------------------------------------------- git
-
-
-class Git:
-    """Pinned checkouts through a cache of bare repositories (one per URL) on the host."""
-
-    def __init__(self, cache: str, mirrors: Mapping[str, str], ca_bundle: str | None) -> None:
-        self.cache = cache
-        self.config: list[str] = []
-        for prefix, target in sorted(mirrors.items()):
-            self.config += ["-c", f"url.{target}.insteadOf={prefix}"]
-        self.env = {
-            **os.environ,
-            "GIT_TERMINAL_PROMPT": "0",
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_ASKPASS": "/bin/false",
-            "LC_ALL": "C",
-        }
-        if ca_bundle:
-            self.env["GIT_SSL_CAINFO"] = ca_bundle
-
-    def git(self, *args: str, cwd: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = run(["git", *self.config, *args], cwd=cwd, env=self.env)
-        if check and done.returncode != 0:
-            raise EnvError(redact(f"git {' '.join(args)} failed: {_tail(done.stderr)}"))
-        return done
-
-    def bare(self, repo: str) -> str:
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", node_name_from_repo(repo))[:48]
-        return os.path.join(self.cache, f"{slug}-{hashlib.sha256(repo.encode()).hexdigest()[:12]}.git")
-
-    def _has_commit(self, bare: str, rev: str) -> str | None:
-        if not os.path.isdir(bare):
-            return None
-        done = self.git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", cwd=bare, check=False)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    def _fetch(self, bare: str, repo: str, *refspecs: str) -> subprocess.CompletedProcess[str]:
-        if not os.path.isdir(bare):
-            os.makedirs(os.path.dirname(bare), mode=0o700, exist_ok=True)
-            self.git("init", "--quiet", "--bare", bare)
-        specs = refspecs or ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
-        return self.git("fetch", "--quiet", "--prune", "--no-write-fetch-head", repo, *specs, cwd=bare, check=False)
-
-    def resolve(self, what: str, source: Source, allow_moving: bool, dry_run: bool) -> tuple[str, str]:
-        """The commit a pin names, and its kind (commit, tag or branch); fetches only when needed."""
-        repo, version = source.repo, source.version
-        bare = self.bare(repo)
-        if _COMMIT.match(version):
-            if self._has_commit(bare, version) or dry_run:
-                return version, "commit"
-            fetched = self._fetch(bare, repo)
-            if not self._has_commit(bare, version):
-                self._fetch(bare, repo, version)
-            if not self._has_commit(bare, version):
-                cause = f"; git said: {_tail(fetched.stderr, 3)}" if fetched.returncode else ""
-                raise EnvError(
-                    redact(
-                        f"{what}: commit {version} not found in {repo} (repository deleted or history rewritten)"
-                        f"{cause}. Pin a commit that exists, or point a git mirror at a copy that still has it"
-                    )
-                )
-            return version, "commit"
-        tag = self._has_commit(bare, f"refs/tags/{version}")
-        if tag and not allow_moving:
-            return tag, "tag"
-        if dry_run:
-            return self._ls_remote(what, repo, version, allow_moving)
-        fetched = self._fetch(bare, repo)
-        if fetched.returncode != 0:
-            raise EnvError(redact(f"{what}: cannot fetch {repo}: {_tail(fetched.stderr, 5)}"))
-        tag = self._has_commit(bare, f"refs/tags/{version}")
-        if tag:
-            return tag, "tag"
-        branch = self._has_commit(bare, f"refs/heads/{version}")
-        if branch:
-            if not allow_moving:
-                raise EnvError(_moving(what, version))
-            return branch, "branch"
-        raise EnvError(f"{what}: {repo} has no tag or branch {version!r}; pin an existing tag or a full commit")
-
-    def _ls_remote(self, what: str, repo: str, version: str, allow_moving: bool) -> tuple[str, str]:
-        done = self.git("ls-remote", repo, f"refs/tags/{version}", f"refs/tags/{version}^{{}}", f"refs/heads/{version}")
-        refs: dict[str, str] = {}
-        for line in done.stdout.splitlines():
-            sha, _tab, ref = line.partition("\t")
-            refs[ref] = sha
-        for ref, kind in ((f"refs/tags/{version}^{{}}", "tag"), (f"refs/tags/{version}", "tag")):
-            if ref in refs:
-                return refs[ref], kind
-        if f"refs/heads/{version}" in refs:
-            if not allow_moving:
-                raise EnvError(_moving(what, version))
-            return refs[f"refs/heads/{version}"], "branch"
-        raise EnvError(f"{what}: {repo} has no tag or branch {version!r}; pin an existing tag or a full commit")
-
-    def checkout(self, repo: str, commit: str, dest: str, exclude: Sequence[str] = ()) -> None:
-        """A detached work tree at `commit`, cloned from the cache (objects are hard-linked)."""
-        self.git("clone", "--quiet", "--no-checkout", self.bare(repo), dest)
-        self.git("checkout", "--quiet", "--detach", commit, cwd=dest)
-        self.git("remote", "set-url", "origin", repo, cwd=dest)
-        if os.path.isfile(os.path.join(dest, ".gitmodules")):
-            done = self.git("submodule", "update", "--init", "--recursive", "--quiet", cwd=dest, check=False)
-            if done.returncode != 0:
-                raise EnvError(redact(f"{dest}: submodules of {repo} cannot be fetched: {_tail(done.stderr, 5)}"))
-        with open(os.path.join(dest, ".git", "info", "exclude"), "a", encoding="utf-8") as handle:
-            handle.write("\n# comfybake\n__pycache__/\n*.py[co]\n" + "".join(f"{line}\n" for line in exclude))
-
-    def state(self, path: str) -> tuple[str, list[str]]:
-        """HEAD and the changed files of a work tree (untracked ones included)."""
-        head = self.git("rev-parse", "HEAD", cwd=path).stdout.strip()
-        status = self.git("status", "--porcelain", "--untracked-files=all", cwd=path).stdout
-        return head, [line[3:] for line in status.splitlines() if line.strip()]
-
-
-def _moving(what: str, version: str) -> str:
-    return (
-        f"{what}: version {version!r} is a branch, which moves; pin a tag or a full commit,"
-        " or set allow_moving_refs: true for this environment"
-    )
-
-
-# --------------------------------------------------------------------------- requirements
-
-
-@dataclass
-class Requirements:
-    """One requirement source: a label for messages, the file given to uv, its lines."""
-
-    label: str
-    file: str
-    lines: list[str]
-
-    def names(self) -> set[str]:
-        return {name for name in map(requirement_name, self.lines) if name}
-
-
-def read_requirements(label: str, path: str, spec: Spec) -> list[str]:
-    """The requirement lines of a file, refusing installer options and (by default) direct references."""
-    if not os.path.isfile(path):
-        return []
-    lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, raw in enumerate(handle, 1):
-            line = re.sub(r"(^|\s)#.*$", "", raw).strip()
-            if not line:
-                continue
-            where = f"{label}: {os.path.basename(path)} line {number} {line!r}"
-            if line.startswith("-"):
-                raise EnvError(
-                    f"{where} is an installer option; comfybake resolves every environment against its own"
-                    " indexes. Add what it needs to pip_packages (or an index to the environment), and drop the line"
-                    " by pinning a fork of the node"
-                )
-            direct = "://" in line or line.startswith(("git+", ".", "/")) or re.search(r"\s@\s", line)
-            if direct and not spec.allow_direct_references:
-                raise EnvError(
-                    f"{where} is a direct reference (URL or path), which bypasses the indexes and hashes;"
-                    " set allow_direct_references: true for this environment to accept it"
-                )
-            lines.append(line)
-    return lines
-
-
-@dataclass
-class Resolved:
-    """One package of the resolved set."""
-
-    name: str
-    version: str
-    hashes: list[str]
-    via: list[str]
-
-
-def parse_compiled(text: str) -> dict[str, Resolved]:
-    """Read `uv pip compile --generate-hashes` output."""
-    found: dict[str, Resolved] = {}
-    current: Resolved | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*(?:==\s*([^\s\\;]+)|@\s*(\S+))", raw)
-        if match:
-            version = match.group(2) or match.group(3)
-            current = Resolved(canonical_name(match.group(1)), version, [], [])
-            found[current.name] = current
-        elif current and line.startswith("--hash="):
-            current.hashes.append(line.split("=", 1)[1].rstrip(" \\"))
-        elif current and line.startswith("#"):
-            via = line.lstrip("#").strip()
-            via = via[4:] if via.startswith("via ") else via
-            if via and via != "via":
-                current.via.append(via)
-    return found
-
-
-# --------------------------------------------------------------------------- the build
 
 
 @dataclass
@@ -535,7 +123,7 @@ class Builder:
                 hook = hashlib.sha256(handle.read()).hexdigest()
         inputs = {
             "schema": SCHEMA,
-            "python": _python_identity(spec.python),
+            "python": python_identity(spec.python),
             "comfyui": [spec.comfyui.repo, pins.comfyui],
             "custom_nodes": [[node.name, node.repo, pins.nodes[node.name]] for node in spec.custom_nodes],
             "torch": [spec.torch_flavor, spec.torch_packages],
@@ -672,7 +260,7 @@ class Builder:
             "environment": spec.name,
             "fingerprint": fingerprint,
             "built_at": _now(),
-            "python": _python_identity(spec.python),
+            "python": python_identity(spec.python),
             **pins.summary(spec),
             "protected_packages": sorted(self.protected()),
             "packages": [
@@ -696,7 +284,7 @@ class Builder:
         where = f"environment {spec.name}"
         inputs = os.path.join(release, "inputs")
         os.makedirs(inputs)
-        constraints = [_torch_constraint(where, entry) for entry in spec.torch_packages] + spec.pip_constraints
+        constraints = [torch_constraint(where, entry) for entry in spec.torch_packages] + spec.pip_constraints
         _write_lines(os.path.join(inputs, "constraints.txt"), constraints)
         sources = [
             Requirements("torch flavour " + (spec.torch_flavor or "override"), "inputs/torch.txt", spec.torch_packages)
@@ -742,7 +330,7 @@ class Builder:
                 f"{where}: the torch flavour, ComfyUI's requirements and pip_packages do not resolve together:"
                 f" {failure}"
             )
-        pins = ", ".join(_torch_constraint(where, e) for e in self.spec.torch_packages) or "-"
+        pins = ", ".join(torch_constraint(where, e) for e in self.spec.torch_packages) or "-"
         problems: list[str] = []
         accepted: list[Requirements] = []
         for node in nodes:
@@ -796,7 +384,7 @@ class Builder:
         if done.returncode != 0:
             raise EnvError(
                 f"environment {self.spec.name}: hook {hook} failed with exit code {done.returncode}:"
-                f"\n{redact(_tail(done.stdout + done.stderr))}"
+                f"\n{redact(tail(done.stdout + done.stderr))}"
             )
 
     def _pip_check(self, python: str) -> None:
@@ -854,7 +442,7 @@ class Builder:
         if done.returncode != 0:
             raise EnvError(
                 f"environment {spec.name}: ComfyUI exited with code {done.returncode} during the import gate"
-                f" (main.py --quick-test-for-ci --cpu); its last lines:\n{redact(_tail(output))}"
+                f" (main.py --quick-test-for-ci --cpu); its last lines:\n{redact(tail(output))}"
             )
         for name in sorted(set(failed) - configured):
             self.warnings.append(f"{name} (not a configured custom node) failed to import: {failed[name]}")
@@ -924,38 +512,9 @@ class Builder:
         if check and done.returncode != 0:
             raise EnvError(
                 f"environment {self.spec.name}: uv {args[0]} {args[1] if len(args) > 1 else ''} failed:"
-                f" {redact(_tail(done.stderr or done.stdout, 20))}"
+                f" {redact(tail(done.stderr or done.stdout, 20))}"
             )
         return done
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def gate_failures(output: str, comfyui: str) -> dict[str, str]:
-    """Custom nodes ComfyUI reported as `IMPORT FAILED`, each with its error and traceback."""
-    lines = output.splitlines()
-    errors: dict[str, str] = {}
-    for index, line in enumerate(lines):
-        cannot = _CANNOT_IMPORT.search(line)
-        if cannot:
-            start = index
-            while start > 0 and not lines[start - 1].lstrip().startswith("Traceback"):
-                start -= 1
-                if index - start > 40:
-                    break
-            trace = [text for text in lines[max(start - 1, 0) : index] if text.strip()]
-            detail = cannot.group(2)
-            if trace:
-                detail += "\n    " + "\n    ".join(trace[-12:])
-            errors[os.path.basename(cannot.group(1).rstrip("/"))] = detail
-    failed: dict[str, str] = {}
-    for line in lines:
-        match = _IMPORT_FAILED.search(line)
-        if match:
-            name = os.path.basename(match.group(1).rstrip("/"))
-            failed[name] = errors.get(name, "see the output of main.py --quick-test-for-ci")
-    return failed
 
 
 def describe(lock: dict[str, Any]) -> str:
@@ -971,20 +530,6 @@ def describe(lock: dict[str, Any]) -> str:
 def _uv_error(stderr: str) -> str:
     text = " ".join(line.strip() for line in stderr.strip().splitlines() if line.strip())
     return redact(re.sub(r"^error:\s*", "", text))
-
-
-_PYTHON_IDS: dict[str, str] = {}
-
-
-def _python_identity(python: str) -> str:
-    """`<realpath> <version>` of the interpreter the venv is built on."""
-    if python not in _PYTHON_IDS:
-        path = shutil.which(python) or python
-        done = run([path, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
-        if done.returncode != 0:
-            raise EnvError(f"python {python!r} does not run: {_tail(done.stderr, 3)}; set python: to an interpreter")
-        _PYTHON_IDS[python] = f"{os.path.realpath(path)} {done.stdout.strip()}"
-    return _PYTHON_IDS[python]
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:

@@ -1,0 +1,18 @@
+# Copyright: comfybake contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""The environment engine's error, and the redaction every message that names a URL goes through."""
+
+from __future__ import annotations
+
+import re
+
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
+
+
+class EnvError(Exception):
+    """A failure the user can act on; the message names the item, the cause and the fix."""
+
+
+def redact(text: str) -> str:
+    """Drop credentials embedded in URLs (`https://user:token@host` -> `https://***@host`)."""
+    return _USERINFO.sub(r"\1***@", text)

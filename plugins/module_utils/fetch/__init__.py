@@ -1,0 +1,83 @@
+# PRIVATE to comfybake: not a public API; it may change without notice.
+#
+# The one download engine of comfybake. The comfybake.core.models module and the
+# `comfybake models` CLI both drive it; nothing else in comfybake downloads.
+# It needs only the standard library and requests, and runs on the managed
+# host's Python (3.10 or later). One concept per module:
+#   errors    the errors, each naming the entry or value at fault
+#   manifest  options, entries and their validation, source and file names
+#   report    results, the report, progress callbacks
+#   store     the store: paths, verification records, locks, staging names
+#   hashing   SHA-256 of files and of out-of-order streams, the model-header check
+#   client    HTTP with retries, auth by origin and redirects; the probe of a source
+#   transfer  one file's transfer: a stream or parallel ranges, resumable
+#   archives  safe extraction of zip and tar archives
+#   engine    the Fetcher: probe, preflight, download, verify, record
+"""Fetch, verify and record the files of a model manifest in a model store."""
+
+from __future__ import annotations
+
+from .client import HAS_REQUESTS, REQUESTS_IMPORT_ERROR, Client, Remote
+from .engine import Fetcher
+from .errors import (
+    ArchiveError,
+    AuthError,
+    ChecksumError,
+    ContentError,
+    DiskFullError,
+    FetchError,
+    HTTPStatusError,
+    ManifestError,
+    NotFoundError,
+    PathError,
+    RedirectError,
+    TransferError,
+)
+from .hashing import StreamHasher, check_model_header, hash_file
+from .manifest import (
+    Entry,
+    Options,
+    check_relative_path,
+    display_url,
+    human,
+    parse_civitai_url,
+    parse_hf_url,
+    parse_manifest,
+)
+from .report import Progress, Report, Result
+from .store import Store
+
+__all__ = [
+    "HAS_REQUESTS",
+    "REQUESTS_IMPORT_ERROR",
+    "ArchiveError",
+    "AuthError",
+    "ChecksumError",
+    "Client",
+    "ContentError",
+    "DiskFullError",
+    "Entry",
+    "FetchError",
+    "Fetcher",
+    "HTTPStatusError",
+    "ManifestError",
+    "NotFoundError",
+    "Options",
+    "PathError",
+    "Progress",
+    "RedirectError",
+    "Remote",
+    "Report",
+    "Result",
+    "Store",
+    "StreamHasher",
+    "TransferError",
+    "check_model_header",
+    "check_relative_path",
+    "display_url",
+    "hash_file",
+    "human",
+    "parse_civitai_url",
+    "parse_hf_url",
+    "parse_manifest",
+]

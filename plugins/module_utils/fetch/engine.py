@@ -1,0 +1,602 @@
+# PRIVATE to comfybake: not a public API; it may change without notice.
+"""The engine: bring a store in line with a manifest (probe, preflight, download, verify, record)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .archives import extract_archive
+from .client import HAS_REQUESTS, REQUESTS_IMPORT_ERROR, Client, Remote
+from .errors import (
+    ArchiveError,
+    ChecksumError,
+    DiskFullError,
+    FetchError,
+    HTTPStatusError,
+    NotFoundError,
+    PathError,
+    TransferError,
+)
+from .hashing import BLOCK, StreamHasher, check_model_header, hash_file
+from .manifest import (
+    SHA256_HEX,
+    Entry,
+    Options,
+    display_url,
+    human,
+    parse_civitai_url,
+    parse_hf_url,
+    sanitize_filename,
+    source_label,
+)
+from .report import Progress, Report, Result
+from .store import Store, fsync_dir, staging_path, stat_matches, stat_record
+from .transfer import Services, Transfer
+
+with contextlib.suppress(ImportError):  # its absence is reported by client.HAS_REQUESTS
+    pass
+
+
+@dataclass
+class _Plan:
+    entry: Entry
+    result: Result
+    relpath: str | None = None  # the file (or extract folder) inside the store
+    remote: Remote | None = None
+    sources: list[Remote] = field(default_factory=list)
+    expected: str | None = None  # sha256 to verify against
+    needs_fetch: bool = False
+    local: tuple[str, int] | None = None  # (sha256, size) of the file already at the path, once hashed
+    started: float = 0.0
+
+    def where(self) -> str:
+        """`relpath`, which inspection or the probe sets before any step that reads it."""
+        if self.relpath is None:
+            raise FetchError(f"internal error: {self.entry.name} has no path in the store yet")
+        return self.relpath
+
+    def probed(self) -> Remote:
+        """`remote`, which the probe sets (or fails) before any step that reads it."""
+        if self.remote is None:
+            raise FetchError(f"internal error: {self.entry.name} was not probed")
+        return self.remote
+
+
+class Fetcher:
+    """Bring a store in line with a manifest: probe, preflight, download, verify, record."""
+
+    def __init__(
+        self,
+        options: Options,
+        progress: Progress | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if not HAS_REQUESTS:
+            raise FetchError(f"the Python library requests is required: {REQUESTS_IMPORT_ERROR}")
+        self.options = options
+        self.progress = progress or Progress()
+        self._log = log
+        self.warnings: list[str] = []
+        self._warn_lock = threading.Lock()
+        self.client = Client(options, self.warn)
+        self.store = Store(options)
+        self.services = Services(self.client, options, self.progress, self.warn)
+
+    def warn(self, message: str) -> None:
+        with self._warn_lock:
+            self.warnings.append(message)
+        if self._log:
+            self._log(message)
+
+    # public ------------------------------------------------------------------
+
+    def run(self, entries: Sequence[Entry]) -> Report:
+        """Converge the store; per-entry failures are reported, the others still run."""
+        plans = [_Plan(e, Result(name=e.name, source=source_label(e.url)), started=time.monotonic()) for e in entries]
+        self._each(plans, self._inspect)  # no network: stat and records, hash unrecorded files
+        self._each([p for p in plans if p.needs_fetch], self._probe)  # HEAD and API calls, no body
+        self._each([p for p in plans if p.needs_fetch], self._settle)  # keep a local file that matches
+        fetching = [p for p in plans if p.needs_fetch]
+        try:
+            self._preflight_space(fetching)
+        except DiskFullError as error:
+            for plan in fetching:
+                self._fail(plan, error)
+            fetching = []
+        for plan in fetching:
+            if plan.local is not None:
+                plan.result.replaced = plan.local[0]
+        if self.options.check_mode:
+            for plan in fetching:
+                plan.result.action = "would_extract" if plan.entry.extract else "would_download"
+                plan.result.changed = True
+                plan.result.size = plan.remote.size if plan.remote else plan.entry.size
+                plan.result.sha256 = plan.expected
+        else:
+            self._each(fetching, self._fetch)
+        for plan in plans:
+            plan.result.seconds = round(time.monotonic() - plan.started, 3)
+        return Report([p.result for p in plans], list(self.warnings))
+
+    def resolve(self, entries: Sequence[Entry]) -> list[dict[str, Any]]:
+        """Pin every entry: exact revision, exact file name, size and SHA-256 (the lock)."""
+        plans = [_Plan(e, Result(name=e.name, source=source_label(e.url))) for e in entries if e.state == "present"]
+        self._each(plans, self._probe)
+        self._each([p for p in plans if p.result.action != "failed" and not p.expected], self._hash_remote)
+        failures = [p.result.msg for p in plans if p.result.action == "failed"]
+        if failures:
+            raise FetchError("could not lock the manifest:\n  " + "\n  ".join(str(f) for f in failures))
+        locked: list[dict[str, Any]] = []
+        for plan in plans:
+            entry, remote = plan.entry, plan.probed()
+            url = entry.url
+            if url.startswith("hf://") and remote.commit:
+                repo, path, _revision = parse_hf_url(url)
+                url = f"hf://{repo}/{path}@{remote.commit}"
+            item: dict[str, Any] = {"url": url, "dest": entry.dest if entry.extract else plan.relpath}
+            item["sha256"] = plan.expected
+            if remote.size is not None:
+                item["size"] = remote.size
+            if entry.extract:
+                item["extract"] = True
+                if entry.files:
+                    item["files"] = list(entry.files)
+            if url.startswith("http://"):
+                item["allow_http"] = True
+            locked.append(item)
+        return locked
+
+    # phases -------------------------------------------------------------------
+
+    def _each(self, plans: Sequence[_Plan], step: Callable[[_Plan], None]) -> None:
+        def guarded(plan: _Plan) -> None:
+            try:
+                step(plan)
+            except FetchError as error:
+                self._fail(plan, error)
+            except OSError as error:
+                self._fail(plan, self._os_error(plan, error))
+
+        if len(plans) <= 1 or self.options.parallel <= 1:
+            for plan in plans:
+                guarded(plan)
+            return
+        with ThreadPoolExecutor(max_workers=min(self.options.parallel, len(plans))) as pool:
+            list(pool.map(guarded, plans))
+
+    def _fail(self, plan: _Plan, error: FetchError) -> None:
+        plan.result.action = "failed"
+        plan.result.changed = False
+        plan.result.msg = str(error) if error.entry else f"{plan.entry.name}: {error}"
+        plan.needs_fetch = False
+
+    def _os_error(self, plan: _Plan, error: OSError) -> FetchError:
+        where = error.filename or self.store.root
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFullError(f"disk full while writing {where}; free space and run again", plan.entry.name)
+        return FetchError(f"{error.strerror or error} ({where})", plan.entry.name)
+
+    def _inspect(self, plan: _Plan) -> None:
+        """Decide from the store alone: present (trusted or re-hashed), absent, or to fetch."""
+        entry, result = plan.entry, plan.result
+        relpath = entry.dest.rstrip("/") if not entry.folder or entry.extract else self.store.name_for(entry.key)
+        plan.relpath = relpath
+        if entry.state == "absent":
+            self._remove(plan)
+            return
+        if relpath is None:
+            plan.needs_fetch = True
+            return
+        path = self.store.path(relpath)
+        result.path = path
+        if entry.extract:
+            if self._archive_present(plan, path):
+                result.action = "present"
+            else:
+                plan.needs_fetch = True
+            return
+        if not os.path.lexists(path):
+            plan.needs_fetch = True
+            return
+        if not os.path.isfile(path):
+            raise PathError(f"{path} exists and is not a regular file; remove it or choose another dest", entry.name)
+        record = self.store.file_record(relpath)
+        # Without a hash in the manifest, a record vouches only for the source it came from.
+        vouched = record is not None and (
+            entry.sha256 == record.get("sha256")
+            or (entry.sha256 is None and record.get("source") == source_label(entry.url))
+        )
+        if vouched and record is not None and self.options.verify == "recorded" and stat_matches(path, record):
+            if entry.size is not None and entry.size != record.get("size"):
+                plan.needs_fetch = True
+                return
+            result.action, result.sha256, result.size = "present", record["sha256"], record["size"]
+            return
+        expected = entry.sha256 or (record.get("sha256") if vouched and record is not None else None)
+        if expected is None:
+            plan.needs_fetch = True  # the source's published hash decides, after the probe
+            return
+        digest, size = plan.local = hash_file(path)
+        if digest == expected and entry.size in (None, size):
+            self._record_file(relpath, path, digest, entry)
+            result.action, result.sha256, result.size = "present", digest, size
+            return
+        if self.options.verify == "full" and record is not None and digest != record.get("sha256"):
+            self.warn(
+                f"{entry.name}: sha256 changed on disk since it was verified ({record.get('sha256')} -> {digest})"
+            )
+        plan.needs_fetch = True
+
+    def _archive_present(self, plan: _Plan, path: str) -> bool:
+        relpath = plan.where()
+        record = self.store.archive_record(relpath)
+        entry = plan.entry
+        if record is None or record.get("source") != source_label(entry.url):
+            return False
+        if entry.sha256 not in (None, record.get("sha256")):
+            return False
+        files: dict[str, Any] = record.get("files") or {}
+        if any(name not in files for name in entry.files):
+            return False
+        for name, info in files.items():
+            member = os.path.join(path, name)
+            if self.options.verify == "full":
+                if not os.path.isfile(member) or hash_file(member)[0] != info.get("sha256"):
+                    return False
+            elif not stat_matches(member, info):
+                return False
+        plan.result.sha256 = record.get("sha256")
+        plan.result.files = sorted(files)
+        return True
+
+    def _remove(self, plan: _Plan) -> None:
+        entry, result, relpath = plan.entry, plan.result, plan.relpath
+        result.action = "absent"
+        if relpath is None:
+            return  # a folder dest that was never fetched here: nothing to remove
+        path = self.store.path(relpath)
+        result.path = path
+        if not os.path.lexists(path):
+            return
+        result.action, result.changed = "removed", True
+        if self.options.check_mode:
+            result.action = "would_remove"
+            return
+        with self.store.locked(relpath):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+                self.store.record("archives", relpath, None)
+            else:
+                os.unlink(path)
+                self.store.record("files", relpath, None)
+            if entry.folder and not entry.extract:
+                self.store.record("names", entry.key, None)
+
+    def _probe(self, plan: _Plan) -> None:
+        """Learn name, size, validators and published SHA-256 without transferring the body."""
+        entry = plan.entry
+        origin = self._origin_remote(entry)
+        if not entry.url.startswith("file://"):
+            self.client.probe(origin, entry)
+        if plan.relpath is None:
+            exact = not entry.folder or entry.extract
+            plan.relpath = (
+                entry.dest.rstrip("/") if exact else entry.dest + sanitize_filename(origin.filename or "", entry)
+            )
+        plan.result.path = self.store.path(plan.relpath)
+        if entry.sha256 and origin.sha256 and entry.sha256 != origin.sha256:
+            raise ChecksumError(
+                f"sha256 mismatch for {entry.name}: expected {entry.sha256}, the source publishes {origin.sha256}; "
+                "update the manifest (or its lock) if the model changed upstream",
+                entry.name,
+            )
+        if entry.size is not None and origin.size is not None and entry.size != origin.size:
+            raise ChecksumError(
+                f"size mismatch for {entry.name}: the manifest says {entry.size} bytes, the source has {origin.size}",
+                entry.name,
+            )
+        if origin.size is None:
+            origin.size = entry.size
+        plan.expected = entry.sha256 or origin.sha256
+        plan.remote = origin
+        plan.sources = [Remote(url=f"{base.rstrip('/')}/{plan.relpath}", mirror=True) for base in self.options.mirrors]
+        if not plan.expected:
+            plan.sources = []  # a mirror's bytes are trusted only against a known hash
+        plan.sources.append(origin)
+
+    def _settle(self, plan: _Plan) -> None:
+        """After the probe: refuse unverifiable entries; keep a local file that has the published hash."""
+        entry = plan.entry
+        relpath = plan.where()
+        if plan.expected is None and not entry.allow_unverified:
+            raise ChecksumError(
+                f"no sha256 for {entry.name}: the manifest gives none and {display_url(entry.url)} publishes none; "
+                "add sha256 (or run `comfybake models lock`), or set allow_unverified: true",
+                entry.name,
+            )
+        path = self.store.path(relpath)
+        if entry.extract or not plan.expected or not os.path.isfile(path):
+            return
+        record = self.store.file_record(relpath)
+        if plan.local is not None:
+            digest, size = plan.local
+        elif self.options.verify == "recorded" and record and stat_matches(path, record):
+            digest, size = plan.local = record.get("sha256", ""), record["size"]
+        else:
+            digest, size = plan.local = hash_file(path)
+        if digest == plan.expected:
+            self._record_file(relpath, path, digest, entry)
+            self._remember_name(plan)
+            plan.result.action, plan.result.sha256, plan.result.size = "present", digest, size
+            plan.needs_fetch = False
+
+    def _origin_remote(self, entry: Entry) -> Remote:
+        url = entry.url
+        if url.startswith("hf://"):
+            repo, path, revision = parse_hf_url(url)
+            base = self.options.hf_endpoint.rstrip("/")
+            quoted = urllib.parse.quote(revision, safe="")
+            return Remote(url=f"{base}/{repo}/resolve/{quoted}/{path}", filename=path.rsplit("/", 1)[-1])
+        if url.startswith("civitai://"):
+            return self._civitai_remote(entry, parse_civitai_url(url))
+        if url.startswith("file://"):
+            source = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
+            try:
+                size = os.stat(source).st_size
+            except OSError as error:
+                raise NotFoundError(f"cannot read {source}: {error.strerror}; check the file url", entry.name) from None
+            return Remote(url=url, size=size, filename=os.path.basename(source))
+        return Remote(url=url, filename=urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]))
+
+    def _civitai_remote(self, entry: Entry, version: int) -> Remote:
+        base = self.options.civitai_endpoint.rstrip("/")
+        response = self.client.request("GET", f"{base}/api/v1/model-versions/{version}", entry)
+        if response.status_code != 200:
+            raise self.client.status_error(response, entry)
+        try:
+            data = response.json()
+            files = data.get("files") or []
+            chosen = next((f for f in files if f.get("primary")), files[0] if files else None)
+        except (ValueError, AttributeError):
+            chosen = None
+        if not isinstance(chosen, dict):
+            raise NotFoundError(f"civitai model version {version} lists no files", entry.name)
+        published = (chosen.get("hashes") or {}).get("SHA256")
+        return Remote(
+            url=f"{base}/api/download/models/{version}",
+            sha256=published.lower() if isinstance(published, str) and SHA256_HEX.match(published) else None,
+            filename=chosen.get("name"),
+        )
+
+    def _hash_remote(self, plan: _Plan) -> None:
+        """For the lock: stream a source that publishes no SHA-256 through the hash, writing nothing."""
+        remote = plan.probed()
+        entry, digest = plan.entry, hashlib.sha256()
+        if entry.url.startswith("file://"):
+            plan.expected = hash_file(urllib.parse.unquote(urllib.parse.urlsplit(entry.url).path))[0]
+            return
+        response = self.client.request("GET", remote.url, entry, stream=True)
+        if response.status_code != 200:
+            raise self.client.status_error(response, entry)
+        total = 0
+        for chunk in response.iter_content(BLOCK):
+            digest.update(chunk)
+            total += len(chunk)
+        if remote.size is not None and total != remote.size:
+            raise TransferError(f"incomplete read {human(total)} of {human(remote.size)}", entry.name)
+        remote.size = total
+        plan.expected = digest.hexdigest()
+
+    def _preflight_space(self, plans: Sequence[_Plan]) -> None:
+        """Fail before the first GET when the downloads cannot fit."""
+        need: dict[int, list[Any]] = {}
+        for plan in plans:
+            if plan.relpath is None or plan.remote is None or plan.remote.size is None:
+                continue
+            path = self.store.path(plan.relpath)
+            existing = path
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            device = os.stat(existing).st_dev
+            partial = 0
+            with contextlib.suppress(OSError):
+                partial = os.stat(staging_path(path, plan.entry.extract)).st_size
+            slot = need.setdefault(device, [0, existing, []])
+            slot[0] += max(0, plan.remote.size - partial)
+            slot[2].append(plan.entry.name)
+        for amount, where, names in need.values():
+            info = os.statvfs(where)
+            free = info.f_bavail * info.f_frsize
+            if amount > free:
+                raise DiskFullError(
+                    f"need {human(amount)} on {where} (free {human(free)}) for {', '.join(names)}; "
+                    "free space or grow the volume, then run again"
+                )
+
+    # transfer -----------------------------------------------------------------
+
+    def _fetch(self, plan: _Plan) -> None:
+        relpath = plan.where()
+        entry, result = plan.entry, plan.result
+        path = self.store.path(relpath)
+        self.store.makedirs(os.path.dirname(path))
+        with self.store.locked(relpath):
+            self.store.refresh()
+            if not entry.extract:
+                record = self.store.file_record(relpath)
+                fresh = plan.local is None  # a file this run hashed and found wrong is not trusted by stat
+                if fresh and record and stat_matches(path, record) and record.get("sha256") == plan.expected:
+                    result.action, result.sha256, result.size = "present", record["sha256"], record["size"]
+                    return  # another run fetched it while we waited for the lock
+            staging = staging_path(path, entry.extract)
+            last_error: FetchError | None = None
+            for source in plan.sources:
+                try:
+                    digest, size, transferred = self._transfer(plan, source, staging)
+                    break
+                except FetchError as error:
+                    if not source.mirror:
+                        raise
+                    last_error = error
+                    self.warn(f"{entry.name}: mirror {display_url(source.url)} failed ({error.reason}); trying next")
+            else:  # pragma: no cover - the origin is always last and raises
+                raise last_error or FetchError("no source", entry.name)
+            result.bytes += transferred
+            result.sha256, result.size = digest, size
+            if entry.extract:
+                self._extract(plan, staging, digest)
+                result.action, result.changed = "extracted", True
+            else:
+                os.replace(staging, path)
+                fsync_dir(os.path.dirname(path))
+                self._record_file(relpath, path, digest, entry)
+                self._remember_name(plan)
+                result.action, result.changed = "downloaded", True
+        self.progress.finish(entry.name, result.action)
+
+    def _transfer(self, plan: _Plan, source: Remote, staging: str) -> tuple[str, int, int]:
+        """Fill `staging` from `source` and verify it; returns (sha256, size, bytes transferred)."""
+        entry = plan.entry
+        if source.mirror:
+            self.client.probe(source, replace(entry, auth="none"))
+        elif source.final_url is None and not source.url.startswith("file://"):
+            self.client.probe(source, entry)
+        sidecar = staging + ".json"
+        state = self._resume_state(plan, source, staging, sidecar)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(staging, flags, 0o600)
+        keep = False
+        try:
+            offset = state.get("prefix", 0) if state else 0
+            done: list[int] = list(state.get("segments", [])) if state else []
+            if not state:
+                os.ftruncate(fd, 0)
+            hasher = StreamHasher(fd, offset)
+            for index in done:
+                start = index * self.options.segment_size
+                hasher.done(start, min(start + self.options.segment_size, source.size or 0))
+            job = Transfer(self.services, entry, plan.where(), plan.expected, source, fd, hasher, sidecar, offset, done)
+            self.progress.start(entry.name, source.size)
+            try:
+                job.run()
+            except BaseException as error:
+                transient = isinstance(error, (TransferError, HTTPStatusError)) or not isinstance(error, Exception)
+                keep = job.resumable and transient
+                if keep:
+                    job.checkpoint(force=True)
+                hasher.abort()
+                raise
+            digest, size = hasher.finish()
+            if source.size is not None and size != source.size:
+                raise TransferError(f"incomplete read {human(size)} of {human(source.size)}", entry.name)
+            expected = plan.expected
+            if expected and digest != expected:
+                if state:  # the kept bytes may be stale: discard them and fetch once from the first byte
+                    self.warn(f"{entry.name}: the resumed download did not verify ({digest}); fetching it again")
+                    os.ftruncate(fd, 0)
+                    with contextlib.suppress(OSError):
+                        os.unlink(sidecar)
+                    return self._transfer(plan, source, staging)
+                raise ChecksumError(f"sha256 mismatch for {entry.name}: expected {expected} got {digest}", entry.name)
+            if not entry.extract:
+                check_model_header(staging, plan.relpath or entry.dest, source.content_type)
+            os.fsync(fd)
+            self.store.apply_attributes(staging, self.options.mode, fd)
+            return digest, size, job.transferred
+        except BaseException:
+            if not keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(staging)
+                with contextlib.suppress(OSError):
+                    os.unlink(sidecar)
+            raise
+        finally:
+            os.close(fd)
+            if not keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(sidecar)
+
+    def _resume_state(self, plan: _Plan, source: Remote, staging: str, sidecar: str) -> dict[str, Any] | None:
+        """The checkpoint of an earlier interrupted transfer, if it can be trusted for this source."""
+        try:
+            with open(sidecar, encoding="utf-8") as handle:
+                state = json.load(handle)
+            partial = os.stat(staging).st_size
+        except (OSError, ValueError):
+            for leftover in (staging, sidecar):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+            return None
+        why = None
+        if state.get("url") != display_url(source.url) or state.get("sha256") != plan.expected:
+            why = "it belongs to another source"
+        elif state.get("size") != source.size or partial > (source.size or 0):
+            why = f"the remote size changed ({state.get('size')} -> {source.size})"
+        elif state.get("validator") != source.validator:
+            why = f"the remote changed (validator {state.get('validator')} -> {source.validator})"
+        elif not source.ranges and state.get("prefix", 0) < (source.size or 0):
+            why = "the server no longer accepts Range requests"
+        if why:
+            self.warn(f"{plan.entry.name}: discarding the partial download: {why}; fetching again")
+            os.unlink(staging)
+            os.unlink(sidecar)
+            return None
+        return dict(state)
+
+    def _extract(self, plan: _Plan, archive: str, digest: str) -> None:
+        relpath = plan.where()
+        target = self.store.path(relpath)
+        parent = os.path.dirname(target)
+        work = os.path.join(parent, f".{os.path.basename(target)}.comfybake-extract")
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(work)
+        try:
+            files = extract_archive(archive, work, plan.entry, self.options, self.store)
+            missing = [name for name in plan.entry.files if name not in files]
+            if missing:
+                raise ArchiveError(
+                    f"the archive lacks expected file(s) {', '.join(missing)}; it holds {', '.join(sorted(files))}",
+                    plan.entry.name,
+                )
+            old = None
+            if os.path.lexists(target):
+                old = os.path.join(parent, f".{os.path.basename(target)}.comfybake-old")
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(old)
+                os.rename(target, old)
+            os.rename(work, target)
+            fsync_dir(parent)
+            if old:
+                shutil.rmtree(old)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(work)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(archive)
+        records = {}
+        for name, sha in files.items():
+            info = stat_record(os.path.join(target, name))
+            records[name] = {**info, "sha256": sha}
+        self.store.record(
+            "archives", relpath, {"sha256": digest, "source": source_label(plan.entry.url), "files": records}
+        )
+        plan.result.files = sorted(files)
+
+    def _record_file(self, relpath: str, path: str, digest: str, entry: Entry) -> None:
+        self.store.record("files", relpath, {**stat_record(path), "sha256": digest, "source": source_label(entry.url)})
+
+    def _remember_name(self, plan: _Plan) -> None:
+        if plan.entry.folder and not plan.entry.extract and plan.relpath:
+            self.store.record("names", plan.entry.key, plan.relpath)

@@ -1,0 +1,174 @@
+# PRIVATE to comfybake: not a public API; it may change without notice.
+"""The model store: paths inside it, its verification records, locks and staging names."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .errors import PathError
+from .manifest import Options, check_relative_path
+
+STATE_DIR = ".comfybake"  # per-store records and locks, at the store root
+RECORDS_FILE = "verified.json"
+PARTIAL_SUFFIX = ".comfybake-partial"  # staging files: hidden, no model extension
+SIDECAR_SUFFIX = PARTIAL_SUFFIX + ".json"
+
+
+class Store:
+    """The model store: path containment, the verification records and per-file locks."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.root = os.path.realpath(options.store)
+        self.state_dir = os.path.join(self.root, STATE_DIR)
+        self._lock = threading.Lock()
+        self.records: dict[str, Any] = {"version": 1, "files": {}, "archives": {}, "names": {}}
+        self._dirty: dict[str, dict[str, Any]] = {"files": {}, "archives": {}, "names": {}}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the records another process may have written (after waiting for a lock)."""
+        loaded = _read_records(os.path.join(self.state_dir, RECORDS_FILE))
+        with self._lock:
+            if not self._dirty["files"] and not self._dirty["archives"] and not self._dirty["names"]:
+                self.records = loaded  # every change of this run is saved already
+
+    def path(self, relpath: str) -> str:
+        """The absolute path of `relpath`, refusing one that resolves outside the store."""
+        check_relative_path(relpath, "destination")
+        full = os.path.join(self.root, relpath)
+        real = os.path.realpath(full)
+        if os.path.commonpath([real, self.root]) != self.root:
+            raise PathError(
+                f"destination resolves outside the model root ({relpath} -> {real}); "
+                "remove the symlink or choose another dest",
+                relpath,
+            )
+        return full
+
+    def makedirs(self, directory: str) -> None:
+        """Create missing directories with the store's directory mode and ownership."""
+        missing: list[str] = []
+        current = directory
+        while not os.path.isdir(current):
+            missing.append(current)
+            current = os.path.dirname(current)
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+                self.apply_attributes(path, self.options.directory_mode)
+
+    def apply_attributes(self, path: str, mode: int, fd: int | None = None) -> None:
+        owner = -1 if self.options.owner is None else self.options.owner
+        group = -1 if self.options.group is None else self.options.group
+        if fd is not None:
+            if owner != -1 or group != -1:
+                os.fchown(fd, owner, group)
+            os.fchmod(fd, mode)
+        else:
+            if owner != -1 or group != -1:
+                os.chown(path, owner, group)
+            os.chmod(path, mode)
+
+    @contextlib.contextmanager
+    def locked(self, relpath: str) -> Iterator[None]:
+        """Serialise work on one destination across threads and processes."""
+        locks = os.path.join(self.state_dir, "locks")
+        os.makedirs(locks, mode=0o700, exist_ok=True)
+        name = hashlib.sha1(relpath.encode(), usedforsecurity=False).hexdigest()
+        with open(os.path.join(locks, name + ".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # records ------------------------------------------------------------------
+
+    def file_record(self, relpath: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self.records["files"].get(relpath)
+            return dict(record) if record else None
+
+    def archive_record(self, reldir: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self.records["archives"].get(reldir)
+            return dict(record) if record else None
+
+    def name_for(self, key: str) -> str | None:
+        with self._lock:
+            name = self.records["names"].get(key)
+            return name if isinstance(name, str) else None
+
+    def record(self, section: str, key: str, value: Any) -> None:
+        """Set (or with None, drop) a record and persist it at once, merged under a store lock."""
+        with self._lock:
+            if value is None:
+                self.records[section].pop(key, None)
+            else:
+                self.records[section][key] = value
+            if not self.options.check_mode:
+                self._dirty[section][key] = value
+                self._save()
+
+    def _save(self) -> None:
+        os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
+        path = os.path.join(self.state_dir, RECORDS_FILE)
+        with open(os.path.join(self.state_dir, "records.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = _read_records(path)
+            for section, changes in self._dirty.items():
+                for key, value in changes.items():
+                    if value is None:
+                        current[section].pop(key, None)
+                    else:
+                        current[section][key] = value
+            temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(current, handle, indent=1, sort_keys=True)
+            os.replace(temporary, path)
+            self.records = current
+            self._dirty = {"files": {}, "archives": {}, "names": {}}
+
+
+def _read_records(path: str) -> dict[str, Any]:
+    records: dict[str, Any] = {"version": 1, "files": {}, "archives": {}, "names": {}}
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        with open(path, encoding="utf-8") as handle:
+            loaded = json.load(handle)
+        if isinstance(loaded, dict) and loaded.get("version") == 1:
+            records.update({k: dict(loaded.get(k) or {}) for k in ("files", "archives", "names")})
+    return records
+
+
+def stat_record(path: str) -> dict[str, int]:
+    info = os.stat(path)
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ino": info.st_ino}
+
+
+def stat_matches(path: str, record: Mapping[str, Any]) -> bool:
+    try:
+        current = stat_record(path)
+    except OSError:
+        return False
+    return all(record.get(key) == value for key, value in current.items())
+
+
+def staging_path(path: str, archive: bool = False) -> str:
+    directory, name = os.path.split(path.rstrip("/"))
+    return os.path.join(directory, f".{name}{'.archive' if archive else ''}{PARTIAL_SUFFIX}")
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
