@@ -66,7 +66,7 @@ def consumer(artifact: Path, tmp_path: Path, docker_engine: None) -> Iterator[di
     collection.install(artifact, project / "collections")
     (project / "ansible.cfg").write_text("[defaults]\ncollections_path = ./collections\ninventory = hosts.yml\n")
     (project / "hosts.yml").write_text(
-        f"consumers:\n  hosts:\n    {HOST}:\n      ansible_connection: community.docker.docker_api\n"
+        f"consumers:\n  hosts:\n    {HOST}:\n      ansible_connection: community.docker.docker\n"
     )
     (project / "site.yml").write_text(PLAYBOOK)
     (project / "model.json").write_text(json.dumps({"model": MODEL.decode()}))
