@@ -9,10 +9,12 @@ import os
 import re
 import subprocess
 import tarfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from harness import collection
 from harness.tools import ROOT, venv_bin
 from harness.wheelhouse import CACHE
@@ -26,6 +28,12 @@ MODEL = b"a model fetched by a user's own playbook"
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return collection.build(tmp_path_factory.mktemp("dist"))
+
+
+def test_the_collection_and_the_command_share_one_version() -> None:
+    galaxy = yaml.safe_load((ROOT / "galaxy.yml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert galaxy["version"] == project["version"], "set the same version in galaxy.yml and pyproject.toml"
 
 
 def test_the_artifact_holds_the_collection_and_nothing_else_of_the_checkout(artifact: Path) -> None:
