@@ -35,6 +35,7 @@ version_added: "0.1.0"
 author: comfybake contributors (@comfybake)
 extends_documentation_fragment:
   - comfybake.core.attributes
+  - comfybake.core.fetch_options
 requirements:
   - python >= 3.10
   - requests
@@ -48,143 +49,6 @@ attributes:
   idempotent:
     support: full
     details: A converged store reports no change and transfers no bytes.
-options:
-  models:
-    description:
-      - The manifest, or the C(models) list of a lock written by C(comfybake models lock).
-    type: list
-    elements: dict
-    required: true
-    suboptions:
-      url:
-        description: Where the file comes from.
-        type: str
-        required: true
-      dest:
-        description:
-          - Path relative to O(store). Ending in C(/) it names a folder (such as C(loras/)) and the
-            file name comes from the source (Civitai's file name, the Hub path, the URL, or a
-            sanitised C(Content-Disposition)); otherwise it is the exact file path.
-          - Absolute paths, C(..), backslashes and hidden components are refused, and so is any
-            destination that resolves outside the store through a symlink.
-        type: str
-        required: true
-      sha256:
-        description: Expected SHA-256 (64 hex digits).
-        type: str
-      size:
-        description: Expected size in bytes.
-        type: int
-      extract:
-        description:
-          - Unpack a zip or tar archive into the folder O(models[].dest). A single wrapping folder
-            named like the destination is dropped (C(antelopev2.zip) holding C(antelopev2/*)).
-          - Archives with members that escape the folder, links, devices or FIFOs, or that expand
-            past O(archive_max_bytes) or O(archive_max_members), are refused whole.
-        type: bool
-        default: false
-      files:
-        description: Files the extracted folder must contain.
-        type: list
-        elements: str
-      state:
-        description: C(absent) removes the file (or extracted folder) and its record.
-        type: str
-        choices: [present, absent]
-        default: present
-      auth:
-        description:
-          - Which token the entry may use. Inferred from the URL (C(hf://) and the Hub host use
-            O(hf_token), C(civitai://) and the Civitai host use O(civitai_token)); naming a token
-            for any other host is an error.
-        type: str
-        choices: [hf, civitai, none]
-      allow_http:
-        description: Permit a plain http URL or redirect for this entry.
-        type: bool
-        default: false
-      allow_unverified:
-        description: Accept a file whose SHA-256 neither the entry nor the source gives (recorded on first fetch).
-        type: bool
-        default: false
-  store:
-    description: Root of the model store (C(<folder>/<file>)).
-    type: path
-    required: true
-  parallel:
-    description: Files fetched at the same time.
-    type: int
-    default: 4
-  connections:
-    description: Ranged connections per file of 64 MiB or more, when the server supports ranges.
-    type: int
-    default: 4
-  verify:
-    description:
-      - C(recorded) trusts a recorded verification while size, mtime and inode are unchanged.
-      - C(full) re-hashes every file in the store that the manifest names.
-    type: str
-    choices: [recorded, full]
-    default: recorded
-  hf_token:
-    description:
-      - Hugging Face token, sent only to O(hf_endpoint). Falls back to E(HF_TOKEN).
-    type: str
-  civitai_token:
-    description: Civitai token, sent only to O(civitai_endpoint). Falls back to E(CIVITAI_TOKEN).
-    type: str
-  hf_endpoint:
-    description: The Hugging Face Hub (or a compatible mirror of its API). Falls back to E(HF_ENDPOINT).
-    type: str
-    default: https://huggingface.co
-  civitai_endpoint:
-    description: The Civitai site.
-    type: str
-    default: https://civitai.com
-  mirrors:
-    description:
-      - Base URLs tried before the origin, as C(<mirror>/<dest path>) (C(https://), C(http://) or
-        C(file://)). Used only for entries whose SHA-256 is known; no token is ever sent to a mirror.
-    type: list
-    elements: str
-    default: []
-  allow_http:
-    description: Permit plain http for every entry (for sites with an internal http mirror).
-    type: bool
-    default: false
-  ca_bundle:
-    description: CA bundle used to verify TLS (a proxy's CA); the system bundle otherwise.
-    type: path
-  owner:
-    description: Owner of the files and created folders (name or uid); the running user otherwise.
-    type: str
-  group:
-    description: Group of the files and created folders (name or gid), usually the service group.
-    type: str
-  mode:
-    description: Mode of the model files.
-    type: str
-    default: "0640"
-  directory_mode:
-    description: Mode of the folders the module creates.
-    type: str
-    default: "2750"
-  retries:
-    description: Retries of a request after 408, 429, 5xx or a broken connection.
-    type: int
-    default: 5
-  timeout:
-    description: Connect and read timeout in seconds.
-    type: float
-    default: 30
-  archive_max_bytes:
-    description: Largest total uncompressed size of an archive.
-    type: int
-    default: 34359738368
-  archive_max_members:
-    description: Largest number of members in an archive.
-    type: int
-    default: 10000
 notes:
   - The staging files are hidden and have no model extension, so ComfyUI never lists a partial file.
   - Two runs against one store (two plays, or the module and the boot-time CLI) take a lock per file;
@@ -286,77 +150,24 @@ bytes:
   sample: 0
 """
 
-import grp
 import os
-import pwd
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
 from ansible_collections.comfybake.core.plugins.module_utils.fetch import (
     HAS_REQUESTS,
     REQUESTS_IMPORT_ERROR,
+    SETTINGS,
     Fetcher,
     FetchError,
     Options,
+    argument_spec,
     human,
     parse_manifest,
 )
 
-ENTRY_SPEC = {
-    "url": {"type": "str", "required": True},
-    "dest": {"type": "str", "required": True},
-    "sha256": {"type": "str"},
-    "size": {"type": "int"},
-    "extract": {"type": "bool", "default": False},
-    "files": {"type": "list", "elements": "str"},
-    "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
-    "auth": {"type": "str", "choices": ["hf", "civitai", "none"]},
-    "allow_http": {"type": "bool", "default": False},
-    "allow_unverified": {"type": "bool", "default": False},
-}
-
-ARGUMENT_SPEC = {
-    "models": {"type": "list", "elements": "dict", "required": True, "options": ENTRY_SPEC},
-    "store": {"type": "path", "required": True},
-    "parallel": {"type": "int", "default": 4},
-    "connections": {"type": "int", "default": 4},
-    "verify": {"type": "str", "choices": ["recorded", "full"], "default": "recorded"},
-    "hf_token": {"type": "str", "no_log": True, "fallback": (env_fallback, ["HF_TOKEN"])},
-    "civitai_token": {"type": "str", "no_log": True, "fallback": (env_fallback, ["CIVITAI_TOKEN"])},
-    "hf_endpoint": {"type": "str", "default": "https://huggingface.co", "fallback": (env_fallback, ["HF_ENDPOINT"])},
-    "civitai_endpoint": {"type": "str", "default": "https://civitai.com"},
-    "mirrors": {"type": "list", "elements": "str", "default": []},
-    "allow_http": {"type": "bool", "default": False},
-    "ca_bundle": {"type": "path"},
-    "owner": {"type": "str"},
-    "group": {"type": "str"},
-    "mode": {"type": "str", "default": "0640"},
-    "directory_mode": {"type": "str", "default": "2750"},
-    "retries": {"type": "int", "default": 5},
-    "timeout": {"type": "float", "default": 30},
-    "archive_max_bytes": {"type": "int", "default": 32 << 30},
-    "archive_max_members": {"type": "int", "default": 10000},
-}
-
-
-def _id(value: str | None, lookup: Callable[[str], int], what: str) -> int | None:
-    if value is None:
-        return None
-    if value.isdigit():
-        return int(value)
-    try:
-        return lookup(value)
-    except KeyError:
-        raise FetchError(f"{what} {value!r} does not exist on this host; create it first or fix {what}") from None
-
-
-def _mode(value: str, what: str) -> int:
-    try:
-        return int(value, 8)
-    except ValueError:
-        raise FetchError(f"{what} must be an octal string such as '0640', got {value!r}") from None
+ARGUMENT_SPEC = argument_spec(env_fallback)
 
 
 def _entries(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -397,28 +208,7 @@ def main() -> None:
         module.fail_json(msg=missing_required_lib("requests"), exception=str(REQUESTS_IMPORT_ERROR), **result)
 
     try:
-        options = Options(
-            store=params["store"],
-            parallel=max(1, params["parallel"]),
-            connections=max(1, params["connections"]),
-            verify=params["verify"],
-            hf_token=params["hf_token"],
-            civitai_token=params["civitai_token"],
-            hf_endpoint=params["hf_endpoint"],
-            civitai_endpoint=params["civitai_endpoint"],
-            mirrors=tuple(params["mirrors"]),
-            allow_http=params["allow_http"],
-            ca_bundle=params["ca_bundle"],
-            owner=_id(params["owner"], lambda name: pwd.getpwnam(name).pw_uid, "owner"),
-            group=_id(params["group"], lambda name: grp.getgrnam(name).gr_gid, "group"),
-            mode=_mode(params["mode"], "mode"),
-            directory_mode=_mode(params["directory_mode"], "directory_mode"),
-            retries=params["retries"],
-            timeout=params["timeout"],
-            archive_max_bytes=params["archive_max_bytes"],
-            archive_max_members=params["archive_max_members"],
-            check_mode=module.check_mode,
-        )
+        options = Options.from_params({name: params[name] for name in SETTINGS}, check_mode=module.check_mode)
         entries = parse_manifest(_entries(params["models"]), options)
         if not os.path.isdir(options.store):
             raise FetchError(f"model store {options.store} does not exist; create it first (the comfyui role does)")

@@ -17,6 +17,7 @@ from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import fetch as engine
 
 LOCK_FORMAT = 1
+MANIFEST_HELP = "YAML/JSON list of models, a lock file, a vars file, or a models file with settings"
 EXIT_CODES = {
     "fetch": "exit status:\n  0  the store holds the manifest\n  1  some entries failed (each is named)\n"
     "  2  the manifest, an option or the store is wrong; nothing was fetched",
@@ -24,21 +25,34 @@ EXIT_CODES = {
 }
 
 
-def load_manifest(path: Path) -> list[Any]:
-    """A manifest is a YAML/JSON list, a lock (`models:`), or a vars file with `comfyui_models:`."""
+def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
+    """The manifest and the settings a file holds.
+
+    A file is a YAML/JSON list of entries, a lock (`models:`), a vars file with `comfyui_models:`,
+    or a models file: `models:` with any of the module's settings beside it (the role writes one
+    for the boot-time fetch). Tokens never come from a file.
+    """
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise engine.ManifestError(f"cannot read manifest {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise engine.ManifestError(f"manifest {path} is not valid YAML: {error}") from None
-    if isinstance(data, dict):
-        for key in ("models", "comfyui_models"):
-            if isinstance(data.get(key), list):
-                return list(data[key])
-        raise engine.ManifestError(f"manifest {path} has no 'models' or 'comfyui_models' list")
     if isinstance(data, list):
-        return data
+        return data, {}
+    if isinstance(data, dict) and isinstance(data.get("comfyui_models"), list):
+        return list(data["comfyui_models"]), {}
+    if isinstance(data, dict) and isinstance(data.get("models"), list):
+        settings = {k: v for k, v in data.items() if k not in ("models", "comfybake_models_lock")}
+        secrets = sorted(name for name, declared in engine.SETTINGS.items() if declared.secret and name in settings)
+        if secrets:
+            raise engine.ManifestError(
+                f"{path} holds {', '.join(secrets)}: a token does not belong in a file others can read; "
+                "use --hf-token-file/--civitai-token-file, a systemd credential or HF_TOKEN/CIVITAI_TOKEN"
+            )
+        return list(data["models"]), settings
+    if isinstance(data, dict):
+        raise engine.ManifestError(f"manifest {path} has no 'models' or 'comfyui_models' list")
     raise engine.ManifestError(f"manifest {path} must hold a list of models, got {type(data).__name__}")
 
 
@@ -55,36 +69,14 @@ def read_token(explicit: Path | None, credential: str, variable: str) -> str | N
     return os.environ.get(variable) or None
 
 
-def octal_mode(text: str) -> int:
-    """An argparse type: a file mode such as 0640 (a bad one is a usage error, not a traceback)."""
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0640") from None
-    if not 0 <= mode <= 0o7777:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range (0000 to 7777)")
-    return mode
-
-
-def options_from(args: argparse.Namespace, check_mode: bool = False) -> engine.Options:
-    return engine.Options(
-        store=str(args.store) if getattr(args, "store", None) else ".",
-        parallel=args.parallel,
-        connections=args.connections,
-        verify=getattr(args, "verify", "recorded"),
-        hf_token=read_token(args.hf_token_file, "hf_token", "HF_TOKEN"),
-        civitai_token=read_token(args.civitai_token_file, "civitai_token", "CIVITAI_TOKEN"),
-        hf_endpoint=args.hf_endpoint,
-        civitai_endpoint=args.civitai_endpoint,
-        mirrors=tuple(getattr(args, "mirror", None) or ()),
-        allow_http=args.allow_http,
-        ca_bundle=args.ca_bundle,
-        retries=args.retries,
-        timeout=args.timeout,
-        mode=getattr(args, "mode", 0o640),
-        directory_mode=getattr(args, "directory_mode", 0o2750),
-        check_mode=check_mode,
-    )
+def options_from(args: argparse.Namespace, settings: dict[str, Any], check_mode: bool = False) -> engine.Options:
+    """The run's options: flags over the file's settings, then the environment, then the defaults."""
+    given = {**settings, **{name: getattr(args, name) for name in engine.SETTINGS if hasattr(args, name)}}
+    given["hf_token"] = read_token(getattr(args, "hf_token_file", None), "hf_token", "HF_TOKEN")
+    given["civitai_token"] = read_token(getattr(args, "civitai_token_file", None), "civitai_token", "CIVITAI_TOKEN")
+    if args.action == "lock":
+        given["store"] = "."  # a lock resolves sources; it never touches a store
+    return engine.Options.from_params(given, check_mode=check_mode)
 
 
 class Bars(engine.Progress):
@@ -153,8 +145,11 @@ def print_summary(report: engine.Report, stream: TextIO) -> None:
 
 def fetch(args: argparse.Namespace) -> int:
     try:
-        options = options_from(args, check_mode=args.check)
-        entries = engine.parse_manifest(load_manifest(args.manifest), options)
+        models, settings = read_models_file(args.manifest)
+        if "store" not in settings and not hasattr(args, "store"):
+            raise engine.ManifestError(f"{args.manifest} names no store: give --store DIR")
+        options = options_from(args, settings, check_mode=args.check)
+        entries = engine.parse_manifest(models, options)
         if not Path(options.store).is_dir():
             raise engine.ManifestError(f"model store {options.store} does not exist; create it or fix --store")
         fetcher = engine.Fetcher(options, progress=Bars(sys.stderr), log=lambda line: print(line, file=sys.stderr))
@@ -174,8 +169,9 @@ def fetch(args: argparse.Namespace) -> int:
 def lock(args: argparse.Namespace) -> int:
     output: Path = args.output or args.manifest.with_name(args.manifest.stem + ".lock.yml")
     try:
-        options = options_from(args)
-        entries = engine.parse_manifest(load_manifest(args.manifest), options)
+        models, settings = read_models_file(args.manifest)
+        options = options_from(args, settings)
+        entries = engine.parse_manifest(models, options)
         locked = engine.Fetcher(options, log=lambda line: print(line, file=sys.stderr)).resolve(entries)
     except engine.FetchError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -195,20 +191,6 @@ def lock(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", type=Path, help="YAML/JSON list of models, a lock file, or a vars file")
-    parser.add_argument("--parallel", type=int, default=4, help="files fetched at once (default 4)")
-    parser.add_argument("--connections", type=int, default=4, help="ranged connections per large file (default 4)")
-    parser.add_argument("--hf-endpoint", default=os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    parser.add_argument("--civitai-endpoint", default=os.environ.get("CIVITAI_ENDPOINT", "https://civitai.com"))
-    parser.add_argument("--hf-token-file", type=Path, help="file holding the Hugging Face token (else HF_TOKEN)")
-    parser.add_argument("--civitai-token-file", type=Path, help="file holding the Civitai token (else CIVITAI_TOKEN)")
-    parser.add_argument("--allow-http", action="store_true", help="permit plain http sources and redirects")
-    parser.add_argument("--ca-bundle", help="CA bundle for TLS (a proxy's CA)")
-    parser.add_argument("--retries", type=int, default=5, help="retries for 408/429/5xx and broken connections")
-    parser.add_argument("--timeout", type=float, default=30.0, help="connect and read timeout in seconds")
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     fetch_parser = actions.add_parser(
@@ -217,14 +199,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         epilog=EXIT_CODES["fetch"],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(fetch_parser)
-    fetch_parser.add_argument("--store", type=Path, required=True, help="the model store (its root folder)")
-    fetch_parser.add_argument("--mirror", action="append", help="mirror base URL tried first (repeatable)")
-    fetch_parser.add_argument("--verify", choices=("recorded", "full"), default="recorded")
-    fetch_parser.add_argument("--mode", type=octal_mode, default="0640", help="file mode (default 0640)")
-    fetch_parser.add_argument(
-        "--directory-mode", type=octal_mode, default="2750", help="mode of created folders (default 2750)"
-    )
+    fetch_parser.add_argument("manifest", type=Path, help=MANIFEST_HELP)
+    engine.add_arguments(fetch_parser, "fetch")
     fetch_parser.add_argument("--check", action="store_true", help="dry run: probe sources, write nothing")
     fetch_parser.add_argument("--json", action="store_true", help="print the results as JSON")
     fetch_parser.set_defaults(func=fetch)
@@ -234,7 +210,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         epilog=EXIT_CODES["lock"],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(lock_parser)
+    lock_parser.add_argument("manifest", type=Path, help=MANIFEST_HELP)
+    engine.add_arguments(lock_parser, "lock")
     lock_parser.add_argument("-o", "--output", type=Path, help="lock file (default <manifest>.lock.yml)")
     lock_parser.add_argument("--json", action="store_true", help="also print the lock file and its models as JSON")
     lock_parser.set_defaults(func=lock)

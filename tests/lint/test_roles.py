@@ -7,6 +7,7 @@ from pathlib import Path
 import jinja2
 import pytest
 import yaml
+from ansible_collections.comfybake.core.plugins.module_utils.fetch import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = sorted(p for p in (ROOT / "roles").iterdir() if (p / "tasks" / "main.yml").exists())
@@ -39,3 +40,13 @@ def test_every_template_parses() -> None:
     env = jinja2.Environment(extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"])  # noqa: S701 - parse only
     for template in templates:
         env.parse(template.read_text())
+
+
+def test_the_models_role_defaults_are_the_engines() -> None:
+    """Each setting the models role exposes (comfyui_models_<setting>) defaults to the engine's default."""
+    defaults = load(ROOT / "roles" / "comfyui_models" / "defaults" / "main.yml")
+    exposed = {name: defaults[f"comfyui_models_{name}"] for name in SETTINGS if f"comfyui_models_{name}" in defaults}
+    assert {"parallel", "connections", "verify", "mirrors", "allow_http", "retries"} <= set(exposed)
+    for name, value in exposed.items():
+        expected = "" if SETTINGS[name].secret else SETTINGS[name].default  # an empty token means "none given"
+        assert value == expected, f"comfyui_models_{name} defaults to {value!r}, the engine to {expected!r}"

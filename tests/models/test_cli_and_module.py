@@ -55,8 +55,37 @@ def test_cli_fetch_reports_json_and_exit_codes(hub: MockHub, cdn: MockHub, store
     assert "unsupported url scheme 'ftp'" in invalid.stderr
     bad_mode = cli("fetch", str(manifest), "--store", str(store), "--mode", "0999", hub=hub)
     assert bad_mode.returncode == 2
-    assert "argument --mode: '0999' is not an octal mode such as 0640" in bad_mode.stderr
+    assert "argument --mode: mode must be an octal string such as '0640', got '0999'" in bad_mode.stderr
     assert "Traceback" not in bad_mode.stderr
+
+
+def test_cli_takes_its_settings_from_a_models_file_and_flags_win(hub: MockHub, store: Path, tmp_path: Path) -> None:
+    """The boot-time fetch's file: the manifest and the module's settings; a flag overrides the file."""
+    first, second = os.urandom(2000), os.urandom(3000)
+    hub.add("/files/a.bin", first)
+    hub.add("/files/b.bin", second)
+    entry = {"url": f"{hub.url}/files/a.bin", "dest": "vae/a.bin", "sha256": sha256(first)}
+    settings = {"store": str(store), "group": str(os.getgid()), "mode": "0600", "directory_mode": "0700"}
+    models_file = write(tmp_path / "models.yml", {**settings, "models": [entry]})
+    done = cli("fetch", str(models_file), hub=hub)
+    assert done.returncode == 0, done.stderr
+    assert (store / "vae" / "a.bin").stat().st_mode & 0o7777 == 0o600
+    assert (store / "vae").stat().st_mode & 0o7777 == 0o700
+    more = {"url": f"{hub.url}/files/b.bin", "dest": "vae/b.bin", "sha256": sha256(second)}
+    write(models_file, {**settings, "models": [entry, more]})
+    done = cli("fetch", str(models_file), "--mode", "0644", hub=hub)
+    assert done.returncode == 0, done.stderr
+    assert (store / "vae" / "b.bin").stat().st_mode & 0o7777 == 0o644
+    for wrong, message in [
+        ({"models": [entry]}, "names no store: give --store DIR"),
+        ({**settings, "hf_token": "x", "models": []}, "holds hf_token: a token does not belong in a file"),
+        ({**settings, "paralel": 2, "models": []}, "unknown option(s) paralel; allowed: store, parallel,"),
+        ({**settings, "parallel": 0, "models": []}, "parallel must be 1 or more, got 0"),
+        ({**settings, "owner": "no-such-user", "models": []}, "owner 'no-such-user' does not exist on this host"),
+    ]:
+        write(models_file, wrong)
+        refused = cli("fetch", str(models_file), hub=hub)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
 def test_cli_lock_pins_and_its_output_fetches(hub: MockHub, cdn: MockHub, store: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@
 # It needs only the standard library and requests, and runs on the managed
 # host's Python (3.10 or later). One concept per module:
 #   errors    the errors, each naming the entry or value at fault
-#   manifest  options, entries and their validation, source and file names
+#   options   the settings of a run and the keys of an entry, each declared once
+#   manifest  entries and their validation, source and file names
 #   report    results, the report, progress callbacks
 #   store     the store: paths, verification records, locks, staging names
 #   hashing   SHA-256 of files and of out-of-order streams, the model-header check
@@ -36,7 +37,6 @@ from .errors import (
 from .hashing import StreamHasher, check_model_header, hash_file
 from .manifest import (
     Entry,
-    Options,
     check_relative_path,
     display_url,
     human,
@@ -44,12 +44,15 @@ from .manifest import (
     parse_hf_url,
     parse_manifest,
 )
+from .options import ENTRY, SETTINGS, Options, Setting, add_arguments, argument_spec, render_documentation
 from .report import Progress, Report, Result
 from .store import Store
 
 __all__ = [
+    "ENTRY",
     "HAS_REQUESTS",
     "REQUESTS_IMPORT_ERROR",
+    "SETTINGS",
     "ArchiveError",
     "AuthError",
     "ChecksumError",
@@ -69,9 +72,12 @@ __all__ = [
     "Remote",
     "Report",
     "Result",
+    "Setting",
     "Store",
     "StreamHasher",
     "TransferError",
+    "add_arguments",
+    "argument_spec",
     "check_model_header",
     "check_relative_path",
     "display_url",
@@ -80,4 +86,5 @@ __all__ = [
     "parse_civitai_url",
     "parse_hf_url",
     "parse_manifest",
+    "render_documentation",
 ]

@@ -17,7 +17,8 @@ from typing import IO, Any
 
 from .errors import ArchiveError, DiskFullError, ManifestError
 from .hashing import BLOCK
-from .manifest import Entry, Options, check_relative_path, human
+from .manifest import Entry, check_relative_path, human
+from .options import Options
 from .store import Store
 
 

@@ -16,13 +16,13 @@ from .errors import AuthError, FetchError, HTTPStatusError, NotFoundError, Redir
 from .manifest import (
     SHA256_HEX,
     Entry,
-    Options,
     display_url,
     filename_from_disposition,
     hf_repo,
     origin_of,
     parse_civitai_url,
 )
+from .options import Options
 
 try:
     import requests

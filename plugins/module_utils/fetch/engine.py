@@ -33,7 +33,6 @@ from .hashing import BLOCK, StreamHasher, check_model_header, hash_file
 from .manifest import (
     SHA256_HEX,
     Entry,
-    Options,
     display_url,
     human,
     parse_civitai_url,
@@ -41,6 +40,7 @@ from .manifest import (
     sanitize_filename,
     source_label,
 )
+from .options import Options
 from .report import Progress, Report, Result
 from .store import Store, fsync_dir, staging_path, stat_matches, stat_record
 from .transfer import Services, Transfer

@@ -10,7 +10,8 @@ import os
 import threading
 
 from .errors import ContentError
-from .manifest import MODEL_EXTENSIONS, MiB
+from .manifest import MODEL_EXTENSIONS
+from .options import MiB
 
 BLOCK = MiB  # read and hash in 1 MiB pieces: large enough for hashlib to release the GIL
 

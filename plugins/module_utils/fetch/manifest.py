@@ -1,54 +1,21 @@
 # PRIVATE to comfybake: not a public API; it may change without notice.
-"""The manifest: options, entries, their validation, and the names of sources and files."""
+"""The manifest: entries, their validation, and the names of sources and files."""
 
 from __future__ import annotations
 
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ManifestError
+from .options import ENTRY, Options
 
-MiB = 1 << 20
-SEGMENT = 16 * MiB  # unit of parallel ranges and of resume checkpoints
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".sft", ".onnx", ".gguf")
-ENTRY_KEYS = frozenset(
-    {"url", "dest", "sha256", "size", "extract", "files", "state", "auth", "allow_http", "allow_unverified"}
-)
+ENTRY_KEYS = frozenset(ENTRY)
 SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
-
-
-@dataclass(frozen=True)
-class Options:
-    """Settings of one run. Tokens live here and nowhere else."""
-
-    store: str
-    parallel: int = 4
-    connections: int = 4
-    verify: str = "recorded"  # recorded | full
-    hf_token: str | None = field(default=None, repr=False)
-    civitai_token: str | None = field(default=None, repr=False)
-    hf_endpoint: str = "https://huggingface.co"
-    civitai_endpoint: str = "https://civitai.com"
-    mirrors: tuple[str, ...] = ()
-    allow_http: bool = False
-    ca_bundle: str | None = None
-    owner: int | None = None
-    group: int | None = None
-    mode: int = 0o640
-    directory_mode: int = 0o2750
-    retries: int = 5
-    backoff: float = 1.0
-    max_retry_wait: float = 120.0
-    timeout: float = 30.0
-    segment_size: int = SEGMENT
-    min_split_size: int = 4 * SEGMENT
-    archive_max_bytes: int = 32 << 30
-    archive_max_members: int = 10_000
-    check_mode: bool = False
 
 
 @dataclass(frozen=True)

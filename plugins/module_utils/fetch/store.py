@@ -13,7 +13,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .errors import PathError
-from .manifest import Options, check_relative_path
+from .manifest import check_relative_path
+from .options import Options
 
 STATE_DIR = ".comfybake"  # per-store records and locks, at the store root
 RECORDS_FILE = "verified.json"

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from .client import Client, Remote
 from .errors import ContentError, TransferError
 from .hashing import BLOCK, StreamHasher
-from .manifest import MODEL_EXTENSIONS, Entry, Options, display_url, human
+from .manifest import MODEL_EXTENSIONS, Entry, display_url, human
+from .options import Options
 from .report import Progress
 
 with contextlib.suppress(ImportError):  # its absence is reported by client.HAS_REQUESTS
