@@ -12,13 +12,15 @@ short_description: Build a ComfyUI environment (ComfyUI, custom nodes, venv) as 
 description:
   - Brings one environment in line with its inputs, which are ComfyUI from git at a tag or full commit,
     custom nodes each pinned to a full commit, and a venv of its own.
+  - The environment is passed as written in C(comfyui_environments) (O(environment)); the module is
+    the one reader of its keys, and the other options are the site-wide settings.
   - All requirements (the torch flavour, ComfyUI's C(requirements.txt), every node's
-    C(requirements.txt) and O(pip_packages)) are resolved together in one C(uv pip compile),
-    with the torch packages and O(pip_constraints) held as constraints. A conflict fails before
+    C(requirements.txt) and the environment's C(pip_packages)) are resolved together in one
+    C(uv pip compile), with the torch packages and C(pip_constraints) held as constraints. A conflict fails before
     anything is installed and names the nodes and packages involved; a node asking for another
     torch fails with a message naming it.
   - A changed environment is built as a new release next to the live one, installed from the
-    resolved set (with hashes), run through O(hook), C(uv pip check) and ComfyUI's
+    resolved set (with hashes), run through the environment's C(hook), C(uv pip check) and ComfyUI's
     C(--quick-test-for-ci --cpu) import gate, and only then made live by replacing the
     C(current) link in one rename. A failed build is removed and the live release keeps serving.
   - Each release holds C(comfybake.lock.json) (ComfyUI and node commits, the torch flavour,
@@ -50,86 +52,53 @@ options:
     description: Name of the environment (letters, digits, C(.), C(_) and C(-)).
     type: str
     required: true
+  environment:
+    description:
+      - The environment as written in C(comfyui_environments), a mapping of its keys
+        (C(comfyui_repo), C(comfyui_version), C(torch_flavor), C(custom_nodes), ...; the table of
+        keys is in docs/environments.md).
+      - The module reads and validates every key itself; an unknown key or a value of the wrong
+        type fails naming the environment, the key and what it accepts.
+      - What the environment leaves out comes from the other options, which hold the site-wide
+        settings. Its torch flavour is looked up in O(torch_flavors), its C(protected_packages)
+        are added to O(protected_packages), and its C(import_gate) overrides O(import_gate).
+    type: dict
+    required: true
   root:
     description: Folder of the environment; releases go to C(<root>/releases), the live one is C(<root>/current).
     type: path
     required: true
-  comfyui:
-    description: ComfyUI's repository and version (a tag or a full commit; a branch only with O(allow_moving_refs)).
+  config_dir:
+    description:
+      - Folder of the environment's configuration on the host. When the environment sets C(hook), the script
+        run is C(<config_dir>/hook) (where the role installs it), and the import gate reads
+        C(<config_dir>/extra_model_paths.yaml).
+      - Without it, the environment's C(hook) is a path on the host and the gate reads no model paths.
+    type: path
+  torch_flavors:
+    description:
+      - Torch flavour name to C(packages) (exact pins or wheel files, installed and held as constraints),
+        C(index_url) (the index that serves them, searched before O(index_url)) and optionally
+        C(xformers) (a pin added when the environment sets C(xformers) to V(true)).
+      - An environment that sets C(torch_packages) needs no flavour from this table.
     type: dict
-    required: true
-    suboptions: &source
-      repo:
-        description: Git URL. URLs with embedded credentials are refused.
-        type: str
-        required: true
-      version:
-        description: A full 40-hex commit; for ComfyUI also a tag; a branch only with O(allow_moving_refs).
-        type: str
-        required: true
-      name:
-        description: Directory name under C(custom_nodes/); defaults to the repository name.
-        type: str
-  custom_nodes:
-    description: Custom nodes, each cloned into C(ComfyUI/custom_nodes/<name>) at its commit.
-    type: list
-    elements: dict
-    default: []
-    suboptions: *source
-  allow_moving_refs:
-    description: Accept branches (and tags for nodes); the environment then follows them on every run.
-    type: bool
-    default: false
+    default: {}
+  default_torch_flavor:
+    description: Flavour of an environment that names none.
+    type: str
+    default: ""
   allowed_repos:
     description: When not empty, custom node repositories must start with one of these prefixes.
     type: list
     elements: str
     default: []
-  torch_flavor:
-    description: Name of the torch flavour, recorded in the lock.
-    type: str
-    default: ""
-  torch_packages:
-    description:
-      - Exact pins (C(torch==2.13.0+cpu)) or wheel files, installed and held as constraints.
-    type: list
-    elements: str
-    default: []
-  torch_index_url:
-    description: Index that serves the torch packages; it takes priority over O(index_url).
-    type: str
   protected_packages:
-    description: Packages no node may change, besides torch, torchvision, torchaudio, xformers and O(torch_packages).
-    type: list
-    elements: str
-    default: []
-  pip_constraints:
-    description: Extra constraints (C(numpy<2)) applied to the whole resolution.
-    type: list
-    elements: str
-    default: []
-  pip_packages:
-    description: Extra requirements installed with the rest (what a node forgot to declare).
-    type: list
-    elements: str
-    default: []
-  allow_source_builds:
-    description: Allow building sdists; by default only wheels are installed.
-    type: bool
-    default: false
-  allow_direct_references:
-    description: Accept URL and path requirements in requirement files.
-    type: bool
-    default: false
-  hook:
     description:
-      - Script on the host run after install and before the checks, with C(VIRTUAL_ENV) and
-        C(COMFYUI_PATH) set.
-    type: path
-  revision:
-    description: Any string; changing it forces a rebuild with unchanged pins (to pick up new wheels).
-    type: str
-    default: ""
+      - Packages no node may change in any environment, besides torch, torchvision, torchaudio, xformers
+        and the torch packages; each environment's own C(protected_packages) are added.
+    type: list
+    elements: str
+    default: []
   python:
     description: Interpreter the venv is built on.
     type: str
@@ -167,9 +136,6 @@ options:
   ca_bundle:
     description: CA bundle for git and uv (sites behind a TLS-intercepting proxy).
     type: path
-  extra_model_paths:
-    description: C(extra_model_paths.yaml) passed to the import gate.
-    type: path
   user_files:
     description:
       - Files copied into the import gate's user directory, relative path to a file on the host
@@ -177,7 +143,9 @@ options:
     type: dict
     default: {}
   import_gate:
-    description: Run C(main.py --quick-test-for-ci --cpu) and fail when a configured custom node does not import.
+    description:
+      - Run C(main.py --quick-test-for-ci --cpu) and fail when a configured custom node does not import.
+      - The default of environments that do not set C(import_gate) themselves.
     type: bool
     default: true
   gate_timeout:
@@ -194,29 +162,37 @@ options:
 """
 
 EXAMPLES = r"""
-- name: Build the comm environment
+- name: Build the comm environment as written in comfyui_environments
   comfybake.core.environment:
     name: comm
+    environment:
+      comfyui_repo: https://github.com/comfyanonymous/ComfyUI.git
+      comfyui_version: v0.8.0
+      torch_flavor: cu128
+      xformers: true
+      custom_nodes:
+        - repo: https://github.com/pythongosssss/ComfyUI-Custom-Scripts.git
+          version: 0123456789abcdef0123456789abcdef01234567
+      pip_constraints: ["numpy<2"]
+    torch_flavors:
+      cu128:
+        index_url: https://download.pytorch.org/whl/cu128
+        packages: [torch==2.13.0+cu128, torchvision==0.28.0+cu128, torchaudio==2.11.0]
+        xformers: xformers==0.0.35
     root: /opt/comfybake/envs/comm
+    config_dir: /etc/comfybake/envs/comm
     uv: /opt/comfybake/tools/bin/uv
-    comfyui:
-      repo: https://github.com/comfyanonymous/ComfyUI.git
-      version: v0.8.0
-    custom_nodes:
-      - repo: https://github.com/pythongosssss/ComfyUI-Custom-Scripts.git
-        version: 0123456789abcdef0123456789abcdef01234567
-    torch_flavor: cu128
-    torch_index_url: https://download.pytorch.org/whl/cu128
-    torch_packages: [torch==2.13.0+cu128, torchvision==0.28.0+cu128]
     run_as: comfybake
 
-- name: Build offline from a wheelhouse and git mirrors
+- name: Build offline from a wheelhouse and git mirrors, with torch from a wheel file
   comfybake.core.environment:
     name: aua-sp
+    environment:
+      comfyui_repo: https://github.com/comfyanonymous/ComfyUI.git
+      comfyui_version: v0.8.0
+      torch_packages: [/var/cache/comfybake/wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl]
     root: /opt/comfybake/envs/aua-sp
     uv: /opt/comfybake/tools/bin/uv
-    comfyui: {repo: https://github.com/comfyanonymous/ComfyUI.git, version: v0.8.0}
-    torch_packages: [torch==2.13.0+cpu]
     wheelhouse: /var/cache/comfybake/wheelhouse
     git_mirrors:
       https://github.com/: https://git.mirror.internal/github/
@@ -261,34 +237,20 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.comfybake.core.plugins.module_utils.environment import (
     Builder,
     EnvError,
-    Source,
-    Spec,
-    node_name_from_repo,
+    environment_spec,
 )
 
-SOURCE_SPEC = {
-    "repo": {"type": "str", "required": True},
-    "version": {"type": "str", "required": True},
-    "name": {"type": "str"},
-}
-
+# One way to pass an environment: as written (`environment`, read and validated by the engine),
+# with the site-wide settings that fill in what it leaves out.
 ARGUMENT_SPEC = {
     "name": {"type": "str", "required": True},
+    "environment": {"type": "dict", "required": True},
     "root": {"type": "path", "required": True},
-    "comfyui": {"type": "dict", "required": True, "options": SOURCE_SPEC},
-    "custom_nodes": {"type": "list", "elements": "dict", "default": [], "options": SOURCE_SPEC},
-    "allow_moving_refs": {"type": "bool", "default": False},
+    "config_dir": {"type": "path"},
+    "torch_flavors": {"type": "dict", "default": {}},
+    "default_torch_flavor": {"type": "str", "default": ""},
     "allowed_repos": {"type": "list", "elements": "str", "default": []},
-    "torch_flavor": {"type": "str", "default": ""},
-    "torch_packages": {"type": "list", "elements": "str", "default": []},
-    "torch_index_url": {"type": "str"},
     "protected_packages": {"type": "list", "elements": "str", "default": []},
-    "pip_constraints": {"type": "list", "elements": "str", "default": []},
-    "pip_packages": {"type": "list", "elements": "str", "default": []},
-    "allow_source_builds": {"type": "bool", "default": False},
-    "allow_direct_references": {"type": "bool", "default": False},
-    "hook": {"type": "path"},
-    "revision": {"type": "str", "default": ""},
     "python": {"type": "str", "default": "python3"},
     "uv": {"type": "path", "required": True},
     "index_url": {"type": "str"},
@@ -299,7 +261,6 @@ ARGUMENT_SPEC = {
     "git_cache": {"type": "path"},
     "git_mirrors": {"type": "dict", "default": {}},
     "ca_bundle": {"type": "path"},
-    "extra_model_paths": {"type": "path"},
     "user_files": {"type": "dict", "default": {}},
     "import_gate": {"type": "bool", "default": True},
     "gate_timeout": {"type": "int", "default": 900},
@@ -308,27 +269,13 @@ ARGUMENT_SPEC = {
 }
 
 
-def _source(item: dict[str, Any], default_name: str) -> Source:
-    return Source(name=item.get("name") or default_name, repo=item["repo"], version=str(item["version"]).strip())
-
-
-def spec_from(params: dict[str, Any]) -> Spec:
-    return Spec(
-        name=params["name"],
-        root=params["root"],
-        comfyui=_source(params["comfyui"], "ComfyUI"),
-        uv=params["uv"],
-        custom_nodes=[_source(item, node_name_from_repo(item["repo"])) for item in params["custom_nodes"]],
-        **{key: params[key] for key in ARGUMENT_SPEC if key not in {"name", "root", "comfyui", "uv", "custom_nodes"}},
-    )
-
-
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     result: dict[str, Any] = {"changed": False, "release": None, "fingerprint": None, "warnings_env": [], "timings": {}}
     builder = None
     try:
-        builder = Builder(spec_from(module.params))
+        site = {key: value for key, value in module.params.items() if key not in ("name", "environment")}
+        builder = Builder(environment_spec(module.params["name"], module.params["environment"], **site))
         outcome = builder.run(check_mode=module.check_mode)
     except EnvError as error:
         if builder is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import yaml
 from harness import repos
 from harness.double import DOUBLE, run_double
 from harness.repos import git
+from harness.tools import venv_bin
 
 
 @pytest.fixture
@@ -241,6 +244,71 @@ def test_yaml_subset_matches_pyyaml(text: str) -> None:
     from utils import extra_config
 
     assert extra_config.parse(text) == yaml.safe_load(text)
+
+
+# What comfybake's template writes, and values that make PyYAML pick every style it has: plain
+# over several lines (long, with spaces), single-quoted (several lines, a quote, a colon, a
+# YAML word), double-quoted (a control character, with escapes), and keys it must quote.
+TO_NICE_YAML: dict[str, object] = {
+    "comfybake_store": {
+        "base_path": "/srv/comfybake/models",
+        "is_default": True,
+        "checkpoints": "checkpoints/",
+        "text_encoders": "text_encoders\nclip\n",
+        "diffusion_models": "diffusion_models\nunet",
+        "spaced": "/srv/a folder/with spaces " * 8,
+        "quoted": 'it\'s "here": # not a comment',
+        "word": "no",
+        "empty": "",
+        "bell": "one\x07\n  two\t\n\n",
+        "no": "the key is a YAML word",
+        "a key: with colon": "x",
+    },
+    "other": {"loras": "loras", "nothing": None},
+}
+
+
+@pytest.mark.parametrize("indent", [2, 4])
+@pytest.mark.parametrize("width", [80, 24])
+def test_yaml_subset_reads_what_to_nice_yaml_writes(indent: int, width: int) -> None:
+    from ansible.plugins.filter.core import to_nice_yaml
+    from utils import extra_config
+
+    text = to_nice_yaml(TO_NICE_YAML, indent=indent, width=width, sort_keys=False)
+    assert "'text_encoders\n" in text and '"one' in text  # several lines, both quotes
+    assert extra_config.parse(text) == yaml.safe_load(text) == TO_NICE_YAML
+
+
+def test_the_role_writes_model_paths_the_double_reads(root: Path, ansible_env: dict[str, str], tmp_path: Path) -> None:
+    """The environments role's template, rendered by Ansible, means what the old hand-written YAML meant."""
+    from utils import extra_config
+
+    rendered = tmp_path / "extra_model_paths.yaml"
+    settings = {
+        "comfyui_model_store": "/srv/comfybake/models",
+        "comfyui_environments_extra_model_folders": ["insightface", "loras"],
+        "item": {"key": "comm", "value": {"extra_model_folders": ["ipadapter", "insightface"]}},
+        "ansible_python_interpreter": sys.executable,
+    }
+    template = root / "roles/comfyui_environments/templates/extra_model_paths.yaml.j2"
+    subprocess.run(
+        [venv_bin("ansible"), "localhost", "-c", "local", "-i", "localhost,", "-m", "ansible.builtin.template",
+         "-a", f"src={template} dest={rendered} mode=0644",
+         "-e", f"@{root / 'roles/comfyui_environments/defaults/main.yml'}", "-e", json.dumps(settings)],
+        cwd=root, env=ansible_env, check=True, capture_output=True,
+    )  # fmt: skip
+    text = rendered.read_text()
+    assert text.startswith("#\n# Ansible managed") and "# Environment comm:" in text
+    store = extra_config.parse(text)["comfybake_store"]
+    assert extra_config.parse(text) == yaml.safe_load(text)
+    assert isinstance(store, dict)
+    assert list(store)[:5] == ["base_path", "is_default", "checkpoints", "configs", "loras"]
+    assert store["base_path"] == "/srv/comfybake/models" and store["is_default"] is True
+    assert store["checkpoints"] == "checkpoints/"
+    assert store["text_encoders"] == "text_encoders\nclip\n"  # what `|` gave before
+    assert store["controlnet"] == "controlnet\nt2i_adapter\n"
+    assert list(store)[-2:] == ["insightface", "ipadapter"]  # the extra keys, once each
+    assert store["insightface"] == "insightface/" and store["ipadapter"] == "ipadapter/"
 
 
 @pytest.mark.parametrize("text", ["a:\n  k: [1, 2]\n", "a:\n  - item\n", "a:\n\tk: v\n", "  k: v\n"])

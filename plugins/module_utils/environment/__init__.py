@@ -21,16 +21,26 @@ check`, and ComfyUI's `--quick-test-for-ci` import gate) and only then made live
 still being built carries the marker file `.comfybake-building` and is removed when its
 build fails.
 
-One concept per module: `spec` (what an environment is made of, validated), `process` (running
-git, uv and python), `gitcache` (bare repositories and pinned checkouts), `requirements` (what
-each part asks for, what one resolution gave), `builder` (the build of a release); ComfyUI's
-log is read by `..comfyui_log`, which readiness shares.
+One concept per module: `spec` (what an environment is made of: the keys a user writes, read
+and validated into a Spec), `process` (running git, uv and python), `gitcache` (bare
+repositories and pinned checkouts), `requirements` (what each part asks for, what one
+resolution gave), `builder` (the build of a release); ComfyUI's log is read by
+`..comfyui_log`, which readiness shares.
 """
 
 from __future__ import annotations
 
 from .builder import Builder, Result
 from .errors import EnvError
-from .spec import Source, Spec, node_name_from_repo
+from .spec import ENVIRONMENT_KEYS, Source, Spec, environment_spec, node_name_from_repo
 
-__all__ = ["Builder", "EnvError", "Result", "Source", "Spec", "node_name_from_repo"]
+__all__ = [
+    "ENVIRONMENT_KEYS",
+    "Builder",
+    "EnvError",
+    "Result",
+    "Source",
+    "Spec",
+    "environment_spec",
+    "node_name_from_repo",
+]
