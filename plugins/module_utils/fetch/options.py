@@ -100,10 +100,11 @@ def _account(name: str, kind: str, value: str) -> int:
 def setting(type: str, *description: str, default: Any = None, **how: Any) -> Any:  # noqa: A002 - Ansible's word
     """A dataclass field of Options declared with how a user gives it."""
     declared = Setting(type, description, default, **how)
+    # pylint cannot see that these fields end up in the class body of Options, where they belong.
     if declared.required:
-        return field(metadata={"setting": declared})
+        return field(metadata={"setting": declared})  # pylint: disable=invalid-field-call
     value = None if default is None else _convert("default", declared, default)
-    return field(default=value, repr=not declared.secret, metadata={"setting": declared})
+    return field(default=value, repr=not declared.secret, metadata={"setting": declared})  # pylint: disable=invalid-field-call
 
 
 @dataclass(frozen=True)
@@ -182,9 +183,7 @@ class Options:
     check_mode: bool = False
 
     @classmethod
-    def from_params(
-        cls, params: Mapping[str, Any], check_mode: bool = False, environ: Mapping[str, str] = os.environ
-    ) -> Options:
+    def from_params(cls, params: Mapping[str, Any], check_mode: bool = False) -> Options:
         """The one conversion from what a user wrote (module parameters, a models file, CLI flags).
 
         A missing or None value falls back to its environment variable, then to its default.
@@ -198,7 +197,7 @@ class Options:
         for name, declared in SETTINGS.items():
             value = params.get(name)
             if value is None and declared.env:
-                value = environ.get(declared.env) or None
+                value = os.environ.get(declared.env) or None
             if value is None and declared.required:
                 raise ManifestError(f"{name} is required")
             if value is not None:
