@@ -1,6 +1,10 @@
-"""Filters `instance_layout` (validate `comfyui_instances` and expand it for the units) and
-`instance_route` (an instance's entry in the routing file); their documentation is in the
-`.yml` files beside this one.
+"""Filters `instance_layout` (validate `comfyui_instances` and expand it for the units),
+`instance_route` (an instance's entry in the routing file) and `instance_quote` (a value of a
+record written into one kind of file); their documentation is in the `.yml` files beside this one.
+
+The layout is the one place that declares what an instance process gets: its environment
+variables, its command line and its resource limits. The systemd files and supervisord's
+configuration only render those fields, each with its own quoting (`instance_quote`).
 
 Pure: it reads only its arguments, so it is unit-tested without Ansible running, and every
 problem is found before any file is written. All problems are reported at once, each naming
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any, TypeGuard
 
 from ansible.errors import AnsibleFilterError
@@ -33,7 +38,39 @@ KEYS = {
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,22}$")  # becomes the user comfyui-<name> (at most 31 characters)
 GPU = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-fA-F/-]+)$")
 MEMORY = re.compile(r"^(\d+[KMGT]?|\d+%|infinity)$")
+# Every value that reaches a rendered file (an environment value, a word of the command line,
+# a limit, a path) holds only these characters: no space, quote, backslash, `$`, `;` or line
+# break, so no file can read it as more than one value. `%` is escaped where a file expands it.
+SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]*$")
 SAFE_ARG = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9_@+=:,./-]*$")
+ENVIRONMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # as the environment engine names them
+TEXT = re.compile(r"^[^\x00-\x1f\x7f]*$")  # one line: a description lands in a comment
+# The settings that become paths, with the variable that sets each.
+PATH_SETTINGS = {
+    "state_root": "comfyui_state_root",
+    "cache_root": "comfyui_cache_root",
+    "config_root": "comfyui_config_root",
+    "code_root": "comfyui_code_root",
+    "log_dir": "comfyui_instances_log_dir",
+}
+MEMORY_SETTINGS = {"memory_high": "comfyui_instances_memory_high", "memory_max": "comfyui_instances_memory_max"}
+# Resource limits of every instance, by their systemd names (supervisord has none: a
+# container's limits are those of `docker run`). MemoryHigh and MemoryMax come from the layout.
+TASKS_MAX = "4096"
+OPEN_FILES = "65536"
+# How `instance_quote` writes a safe value into each kind of file.
+QUOTING: dict[str, Callable[[str], str]] = {
+    # where nothing is expanded: a value of systemd's EnvironmentFile= (the rest of the line),
+    # or a unit setting that takes no specifiers (MemoryMax=80% and the other limits).
+    "plain": lambda text: text,
+    # a unit setting that expands %-specifiers: one word of ExecStart=, a path.
+    "systemd": lambda text: text.replace("%", "%%"),
+    # supervisord.conf: a value or one word of command=; supervisord expands %(name)s.
+    "supervisor": lambda text: text.replace("%", "%%"),
+    # a value of supervisord's environment=: quoted, since its pairs are split on commas.
+    "supervisor_env": lambda text: '"' + text.replace("%", "%%") + '"',
+}
 # Flags comfybake sets itself, with the instance key that controls each.
 MANAGED_FLAGS = {
     "--listen": "listen",
@@ -83,6 +120,9 @@ def _check_listen(label: str, address: Any, allowed_clients: list[str], containe
         parsed = ipaddress.ip_address(text)
     except ValueError:
         problems.append(f"{label}: listen {text!r} is not one IP address; set an address such as 127.0.0.1")
+        return text
+    if not SAFE_ARG.match(str(parsed)):  # an IPv6 scope (fe80::1%eth0) may hold anything but '%'
+        problems.append(f"{label}: listen {text!r} has a space, quote or shell character in its scope")
         return text
     if not parsed.is_loopback and not allowed_clients:
         problems.append(
@@ -158,11 +198,17 @@ def _expand(
         name = str(name)
 
     environment = raw.get("environment")
-    if environment not in environments:
+    if not isinstance(environment, str) or environment not in environments:
         known = ", ".join(sorted(environments)) or "none"
         problems.append(
             f"{label}: environment {environment!r} is not defined in comfyui_environments (defined: {known})"
         )
+    elif not ENVIRONMENT.match(environment):
+        problems.append(
+            f"{label}: environment {environment!r} is not a name of letters, digits, '.', '_' or '-'; "
+            "rename it in comfyui_environments"
+        )
+    environment = str(environment)
     port = raw.get("port")
     if not _is_int(port) or not MIN_PORT <= port <= MAX_PORT:
         problems.append(
@@ -182,15 +228,24 @@ def _expand(
     extra_args = _check_extra_args(
         label, list(settings.get("extra_args") or []) + list(raw.get("extra_args") or []), problems
     )
-    for key in ("memory_high", "memory_max"):
+    limits: dict[str, str] = {}
+    for key, directive in (("memory_high", "MemoryHigh"), ("memory_max", "MemoryMax")):
         if raw.get(key) not in (None, "") and not MEMORY.match(str(raw[key])):
             problems.append(f"{label}: {key} {raw[key]!r} is not a size such as 48G, 80% or infinity")
+        size = str(raw.get(key) or settings.get(key) or "")
+        if size:
+            limits[directive] = size
+    limits |= {"TasksMax": TASKS_MAX, "LimitNOFILE": OPEN_FILES}
     for key in ("enabled", "share_gpus", "log_file"):
         if key in raw and not isinstance(raw[key], bool):
             problems.append(f"{label}: {key} must be true or false, not {raw[key]!r}")
+    description = str(raw.get("description", ""))
+    if not TEXT.match(description):
+        problems.append(f"{label}: description {description!r} must be one line, without control characters")
 
     state = f"{settings['state_root']}/instances/{name}"
     cache = f"{settings['cache_root']}/instances/{name}"
+    code = f"{settings['code_root']}/instances/{name}"
     env_config = f"{settings['config_root']}/envs/{environment}"
     args = [
         "--listen", listen,
@@ -211,8 +266,27 @@ def _expand(
     wants_log = raw.get("log_file", bool(log_dir)) is True
     if wants_log and not log_dir:
         problems.append(f"{label}: log_file is true but comfyui_instances_log_dir is empty; set a folder for the logs")
-    chosen = environments.get(environment) if isinstance(environment, str) else None
+    chosen = environments.get(environment)
     environment_settings: dict[str, Any] = chosen if isinstance(chosen, dict) else {}
+    # What the process gets, whichever service manager starts it.
+    process_environment = {
+        "COMFYUI_INSTANCE": name,
+        "COMFYUI_ENVIRONMENT": environment,
+        "COMFYUI_PORT": str(port),
+        "CUDA_VISIBLE_DEVICES": ",".join(gpus),  # empty: no GPU at all (with --cpu)
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # the indexes of nvidia-smi, not fastest-first
+        "HOME": state,
+        "XDG_CACHE_HOME": cache,
+        "TRITON_CACHE_DIR": f"{cache}/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
+        "HF_HUB_OFFLINE": "1",  # libraries do not try the network
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",  # output reaches the journal or the log at once
+        "PYTHONDONTWRITEBYTECODE": "1",  # the code is read-only
+    }
+    argv = [f"{code}/venv/bin/python", "-s", f"{code}/ComfyUI/main.py", *args]
     return {
         "name": name,
         "environment": environment,
@@ -222,21 +296,61 @@ def _expand(
         "gpus": gpus,
         "share_gpus": raw.get("share_gpus", False) is True,
         "enabled": raw.get("enabled", True) is not False,
-        "description": str(raw.get("description", "")),
+        "description": description,
         "extra_args": extra_args,
-        "args": args,
+        "args": args,  # what readiness compares with system.argv[1:] in /system_stats
+        "argv": argv,
+        "working_dir": f"{code}/ComfyUI",
+        "env": process_environment,
+        "limits": limits,
         "required_node_classes": list(environment_settings.get("required_node_classes") or []),
         "required_models": _check_models(label, raw.get("required_models", {}), problems),
         "log_file": f"{log_dir}/comfyui_instance_{name}.log" if wants_log and log_dir else "",
-        "memory_high": str(raw.get("memory_high") or ""),
-        "memory_max": str(raw.get("memory_max") or ""),
         "unit": f"comfyui@{name}.service",
         "user": f"comfyui-{name}",
         "state_dir": state,
         "cache_dir": cache,
-        "code_dir": f"{settings['code_root']}/instances/{name}",
+        "code_dir": code,
         "env_file": f"{settings['config_root']}/instances/{name}.env",
     }
+
+
+def _rendered(record: dict[str, Any]) -> list[str]:
+    """Every value of a record that a template writes into a file."""
+    return [
+        *record["env"].values(),
+        *record["argv"],
+        *record["limits"].values(),
+        record["working_dir"],
+        record["log_file"],
+    ]
+
+
+def _check_settings(settings: dict[str, Any]) -> list[str]:
+    """Problems with the role-wide settings, named by their variables."""
+    problems = []
+    for key, variable in PATH_SETTINGS.items():
+        value = settings.get(key)
+        if key == "log_dir" and value in (None, ""):
+            continue
+        if not isinstance(value, str) or not SAFE_PATH.match(value):
+            problems.append(
+                f"{variable} {value!r} must be an absolute path of letters, digits and _@+=:,./- "
+                "(it is written into the units and supervisord's configuration)"
+            )
+    for key, variable in MEMORY_SETTINGS.items():
+        value = settings.get(key)
+        if value not in (None, "") and not MEMORY.match(str(value)):
+            problems.append(f"{variable} {value!r} is not a size such as 48G, 80% or infinity")
+    clients = settings.get("allowed_clients") or []
+    for client in clients if isinstance(clients, list) else [clients]:
+        try:
+            ipaddress.ip_network(str(client), strict=False)
+        except ValueError:
+            problems.append(
+                f"comfyui_instances_allowed_clients: {client!r} is not an address or a CIDR range such as 10.0.0.0/24"
+            )
+    return problems
 
 
 def _collisions(layout: list[dict[str, Any]], settings: dict[str, Any], problems: list[str]) -> None:
@@ -288,9 +402,19 @@ def instance_layout(instances: Any, environments: Any, settings: dict[str, Any])
         )
     if not isinstance(environments, dict):
         raise AnsibleFilterError("comfyui_environments must be a mapping of environment names to settings")
-    problems: list[str] = []
+    problems = _check_settings(settings)
+    if problems:  # every instance would repeat them
+        raise AnsibleFilterError("the instance settings are invalid:\n- " + "\n- ".join(problems))
     layout = [_expand(raw, index, environments, settings, problems) for index, raw in enumerate(instances)]
     _collisions(layout, settings, problems)
+    if not problems:  # each part is checked above; this keeps a new field from escaping the checks
+        for record in layout:
+            problems += [
+                f"instance {record['name']!r}: {value!r} would be written into its files, but holds a "
+                "character other than letters, digits and _@%+=:,./-"
+                for value in _rendered(record)
+                if not SAFE.match(value)
+            ]
     if problems:
         raise AnsibleFilterError("comfyui_instances is invalid:\n- " + "\n- ".join(problems))
     return layout
@@ -311,6 +435,25 @@ def instance_route(record: dict[str, Any], node_classes: dict[str, list[str]]) -
     }
 
 
+def instance_quote(value: Any, target: str) -> str:
+    """`value` (from a record of the layout) written into one kind of file, `target` (see QUOTING).
+
+    A value outside the safe characters is refused, not quoted: the layout never holds one, so
+    meeting one here means a template renders something the layout did not check.
+    """
+    if target not in QUOTING:
+        raise AnsibleFilterError(f"instance_quote - target {target!r} is not one of {', '.join(QUOTING)}")
+    text = str(value)
+    if not SAFE.match(text):
+        raise AnsibleFilterError(
+            f"instance_quote - {text!r} cannot be written safely into a {target} file: only letters, "
+            "digits and _@%+=:,./- can (the instance_layout filter checks every value of a record)"
+        )
+    if not text and target in ("systemd", "supervisor"):
+        raise AnsibleFilterError(f"instance_quote - an empty word would vanish from a {target} file")
+    return QUOTING[target](text)
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"instance_layout": instance_layout, "instance_route": instance_route}
+        return {"instance_layout": instance_layout, "instance_route": instance_route, "instance_quote": instance_quote}

@@ -1,4 +1,5 @@
-"""The `comfybake.core.instance_layout` filter: a valid layout expands fully; every problem is named at once."""
+"""The `comfybake.core.instance_layout` filter: a valid layout expands fully, down to what each process
+gets; every problem is named at once; `instance_quote` writes only checked values, per kind of file."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import pytest
 from ansible.errors import AnsibleFilterError
-from ansible_collections.comfybake.core.plugins.filter.instances import instance_layout, instance_route
+from ansible_collections.comfybake.core.plugins.filter.instances import instance_layout, instance_quote, instance_route
 
 ENVIRONMENTS = {"comm": {"required_node_classes": ["ComfybakeEcho"]}, "aua-sp": {}}
 SETTINGS: dict[str, Any] = {
@@ -55,6 +56,127 @@ def test_a_valid_layout_expands_every_instance() -> None:
     assert c["args"][-2:] == ["--reserve-vram", "1"] and c["description"] == "SP"
     assert [item["enabled"] for item in (a, b, c)] == [True, True, True]
     assert b["share_gpus"] and not a["share_gpus"] and a["log_file"] == ""
+
+
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+
+def test_the_record_declares_the_environment_command_line_and_limits_of_the_process() -> None:
+    (a,) = layout([A])
+    assert a["env"] == {
+        "COMFYUI_INSTANCE": "a",
+        "COMFYUI_ENVIRONMENT": "comm",
+        "COMFYUI_PORT": "8188",
+        "CUDA_VISIBLE_DEVICES": "0",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "HOME": "/var/lib/comfybake/instances/a",
+        "XDG_CACHE_HOME": "/var/cache/comfybake/instances/a",
+        "TRITON_CACHE_DIR": "/var/cache/comfybake/instances/a/triton",
+        "TORCHINDUCTOR_CACHE_DIR": "/var/cache/comfybake/instances/a/inductor",
+        **OFFLINE,
+    }
+    assert a["argv"] == [
+        "/opt/comfybake/instances/a/venv/bin/python", "-s", "/opt/comfybake/instances/a/ComfyUI/main.py",
+        *a["args"],
+    ]  # fmt: skip
+    assert a["working_dir"] == "/opt/comfybake/instances/a/ComfyUI"
+    assert a["limits"] == {"TasksMax": "4096", "LimitNOFILE": "65536"}
+
+
+def test_a_cpu_instance_gets_no_gpu_and_the_role_wide_memory_limits_unless_it_sets_its_own() -> None:
+    cpu, big = layout(
+        [
+            {"name": "cpu", "environment": "aua-sp", "port": 8200, "gpus": [], "extra_args": ["--reserve-vram", "5%"]},
+            {"name": "big", "environment": "comm", "port": 8201, "gpus": ["GPU-8f6e1c2a-0000"], "memory_max": "48G"},
+        ],
+        state_root="/var/lib/cb",
+        code_root="/srv/code",
+        memory_high="80%",
+        memory_max="90%",
+    )
+    assert cpu["env"] == {
+        "COMFYUI_INSTANCE": "cpu",
+        "COMFYUI_ENVIRONMENT": "aua-sp",
+        "COMFYUI_PORT": "8200",
+        "CUDA_VISIBLE_DEVICES": "",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "HOME": "/var/lib/cb/instances/cpu",
+        "XDG_CACHE_HOME": "/var/cache/comfybake/instances/cpu",
+        "TRITON_CACHE_DIR": "/var/cache/comfybake/instances/cpu/triton",
+        "TORCHINDUCTOR_CACHE_DIR": "/var/cache/comfybake/instances/cpu/inductor",
+        **OFFLINE,
+    }
+    assert cpu["argv"] == [
+        "/srv/code/instances/cpu/venv/bin/python", "-s", "/srv/code/instances/cpu/ComfyUI/main.py",
+        "--listen", "127.0.0.1", "--port", "8200", "--disable-auto-launch",
+        "--extra-model-paths-config", "/etc/comfybake/envs/aua-sp/extra_model_paths.yaml",
+        "--user-directory", "/var/lib/cb/instances/cpu/user",
+        "--input-directory", "/var/lib/cb/instances/cpu/input",
+        "--output-directory", "/var/lib/cb/instances/cpu/output",
+        "--temp-directory", "/var/cache/comfybake/instances/cpu",
+        "--database-url", "sqlite:////var/lib/cb/instances/cpu/comfyui.db",
+        "--cpu", "--reserve-vram", "5%",
+    ]  # fmt: skip
+    assert cpu["limits"] == {"MemoryHigh": "80%", "MemoryMax": "90%", "TasksMax": "4096", "LimitNOFILE": "65536"}
+    assert big["env"]["CUDA_VISIBLE_DEVICES"] == "GPU-8f6e1c2a-0000"
+    assert big["limits"] == {"MemoryHigh": "80%", "MemoryMax": "48G", "TasksMax": "4096", "LimitNOFILE": "65536"}
+
+
+@pytest.mark.parametrize(
+    ("instances", "settings", "expected"),
+    [
+        ([A | {"description": "SP\nExecStartPre=/bin/sh"}], {}, "'SP\\nExecStartPre=/bin/sh' must be one line"),
+        ([A | {"extra_args": ["--x", "$(id)"]}], {}, "instance 'a': extra_args value '$(id)' has a space, quote"),
+        ([A | {"extra_args": ['--x="1"']}], {}, "extra_args value '--x=\"1\"' has a space, quote or shell character"),
+        ([A | {"environment": "my env"}], {}, "instance 'a': environment 'my env' is not a name of letters, digits"),
+        ([A], {"state_root": "/var/lib/my state"}, "comfyui_state_root '/var/lib/my state' must be an absolute path"),
+        ([A], {"code_root": "opt/comfybake"}, "comfyui_code_root 'opt/comfybake' must be an absolute path"),
+        ([A], {"log_dir": "/var/log/x\ny"}, "comfyui_instances_log_dir '/var/log/x\\ny' must be an absolute path"),
+        ([A | {"listen": "fe80::1%eth0\nX=1"}], {"allowed_clients": ["fe80::/10"]}, "'fe80::1%eth0\\nX=1' has a"),
+        ([A], {"memory_max": "48 G"}, "comfyui_instances_memory_max '48 G' is not a size"),
+        ([A], {"allowed_clients": ["10.0.0.0/8 1.2.3.4"]}, "allowed_clients: '10.0.0.0/8 1.2.3.4' is not an address"),
+    ],
+)  # fmt: skip
+def test_a_string_that_a_file_could_misread_is_refused(
+    instances: list[dict[str, Any]], settings: dict[str, Any], expected: str
+) -> None:
+    environments = {**ENVIRONMENTS, "my env": {}}
+    with pytest.raises(AnsibleFilterError) as raised:
+        instance_layout(instances, environments, {**SETTINGS, **settings})
+    assert expected in str(raised.value.message)
+
+
+def test_each_file_gets_its_own_quoting_of_a_checked_value() -> None:
+    assert instance_quote("--reserve-vram=5%", "plain") == "--reserve-vram=5%"
+    assert instance_quote("--reserve-vram=5%", "systemd") == "--reserve-vram=5%%"
+    assert instance_quote("--reserve-vram=5%", "supervisor") == "--reserve-vram=5%%"
+    assert instance_quote("0,1", "supervisor_env") == '"0,1"'
+    assert instance_quote("", "supervisor_env") == '""' and instance_quote("", "plain") == ""
+    assert instance_quote(8188, "plain") == "8188"
+
+
+@pytest.mark.parametrize(
+    ("value", "target", "expected"),
+    [
+        ("a b", "plain", "'a b' cannot be written safely into a plain file"),
+        ('x"', "supervisor_env", "cannot be written safely into a supervisor_env file"),
+        ("x\nExecStart=/bin/sh", "systemd", "cannot be written safely into a systemd file"),
+        ("$HOME", "systemd", "cannot be written safely"),
+        ("", "systemd", "an empty word would vanish from a systemd file"),
+        ("x", "shell", "target 'shell' is not one of plain, systemd, supervisor, supervisor_env"),
+    ],
+)
+def test_quoting_refuses_what_it_cannot_write_safely(value: str, target: str, expected: str) -> None:
+    with pytest.raises(AnsibleFilterError, match=r"^instance_quote - ") as raised:
+        instance_quote(value, target)
+    assert expected in str(raised.value.message)
 
 
 def test_cpu_instances_log_files_and_common_args() -> None:
