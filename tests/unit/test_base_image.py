@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -24,17 +25,20 @@ def test_base_image_is_labelled_and_cached(root: Path, docker_engine: None) -> N
 
 
 def test_base_image_boots_systemd_without_privileges(root: Path, docker_engine: None) -> None:
-    # The container the main job runs: scripts/local.sh holds the one copy of its flags.
+    # The container the main job runs (scripts/local.sh holds the one copy of its flags), under a
+    # name of its own: test_main_job converges comfybake-local at the same time on another worker.
     local = str(root / "scripts" / "local.sh")
-    subprocess.run([local, "down"], capture_output=True)
+    name = "comfybake-base-image-test"
+    env = {**os.environ, "COMFYBAKE_LOCAL_NAME": name}
+    subprocess.run([local, "down"], env=env, capture_output=True)
     try:
-        started = subprocess.run([local, "start"], capture_output=True, text=True)
+        started = subprocess.run([local, "start"], env=env, capture_output=True, text=True)
         assert started.returncode == 0, started.stdout + started.stderr
-        probe = ["docker", "exec", "comfybake-local", "systemctl", "is-system-running"]
+        probe = ["docker", "exec", name, "systemctl", "is-system-running"]
         assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "running"
-        pid1 = ["docker", "exec", "comfybake-local", "cat", "/proc/1/comm"]
+        pid1 = ["docker", "exec", name, "cat", "/proc/1/comm"]
         assert subprocess.run(pid1, capture_output=True, text=True).stdout.strip() == "systemd"
-        privileged = ["docker", "inspect", "--format", "{{.HostConfig.Privileged}}", "comfybake-local"]
+        privileged = ["docker", "inspect", "--format", "{{.HostConfig.Privileged}}", name]
         assert subprocess.run(privileged, capture_output=True, text=True).stdout.strip() == "false"
     finally:
-        subprocess.run([local, "down"], capture_output=True)
+        subprocess.run([local, "down"], env=env, capture_output=True)
