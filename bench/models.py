@@ -273,10 +273,10 @@ def s5(work: Path, files: int, total: int) -> None:
         manifest.write_text(json.dumps(models))
         module = timed(lambda: subprocess.run(
             [str(ROOT / ".venv/bin/ansible"), "localhost", "-c", "local", "-i", "localhost,",
-             "-e", f"ansible_python_interpreter={sys.executable}", "-m", "comfyui_models",
+             "-e", f"ansible_python_interpreter={sys.executable}", "-m", "comfybake.core.models",
              "-a", json.dumps({"store": str(store), "models": models, "allow_http": True})],
             check=True, capture_output=True, cwd=ROOT))  # fmt: skip
-        row("S5", "comfyui_models via `ansible` (whole)", f"{module:.2f} s", "includes Ansible's start-up")
+        row("S5", "comfybake.core.models via `ansible` (whole)", f"{module:.2f} s", "includes Ansible's start-up")
         one = store / "checkpoints" / "m00.bin"
         per_file = timed(lambda: get_url(f"{hub.url}/m0.bin", one, digest))
         row("S5", "get_url checksum:, 1 file", f"{per_file:.2f} s", "re-hashes; x files for the manifest")

@@ -1,0 +1,21 @@
+"""The models benchmark still drives comfybake's front ends (a rename once broke it unseen).
+
+A tiny S5 runs the engine, the module through `ansible` by its FQCN, and get_url side by side;
+nothing here looks at the figures.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_models_benchmark_runs_the_engine_the_module_and_get_url(root: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/models.py", "S5", "--s5-total", "0.01", "--work", str(tmp_path)],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for row in ("comfybake engine, warm", "comfybake.core.models via `ansible`", "get_url checksum:, 1 file"):
+        assert row in done.stdout, done.stdout
