@@ -1,6 +1,13 @@
-"""A model origin for the molecule scenario: a Hub-like origin plus a CDN (another port, so
-another origin for tokens), serving a small manifest of deterministic models. It publishes its
-URL, the manifest and its counters in a JSON state file and exits when that file is removed.
+"""A model origin for the molecule scenarios and the bake: a Hub-like origin plus a CDN (another
+port, so another origin for tokens), serving a small manifest of deterministic models. It
+publishes its URL, the manifest and its counters in a JSON state file and exits when that file
+is removed.
+
+With --tls DIR every server speaks https with a certificate signed by a throwaway CA written to
+DIR (the state's "ca"): hosts trust it only through comfyui_extra_ca_certificates, as behind a
+TLS-intercepting proxy. --packages serves a wheel folder as a package index (the simple API, at
+the state's "index") and --repos serves bare git repositories over http(s) (the dumb protocol,
+under the state's "git"), both from a third server whose bytes are not counted as models.
 
     python tests/harness/serve_models.py --bind "$(python tests/harness/bridge.py)" --state /path/origin.json
 """
@@ -13,8 +20,11 @@ import io
 import ipaddress
 import json
 import os
+import re
+import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 import zipfile
 from pathlib import Path
@@ -22,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.archives import antelopev2_zip
-from harness.mockhub import MockHub, VirtualFile, body_sha256
+from harness.mockhub import FileBody, MockHub, VirtualFile, body_sha256
+from harness.tls import TLSFiles, make_tls
 
 MiB = 1 << 20
 
@@ -56,14 +67,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bind", type=concrete_address, default="127.0.0.1")
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--lifetime", type=float, default=3600)
+    parser.add_argument("--tls", type=Path, help="serve https; the throwaway CA goes to this folder")
+    parser.add_argument("--packages", type=Path, help="a wheel folder to serve as a package index")
+    parser.add_argument("--repos", type=Path, help="a folder of bare git repositories to serve")
     return parser.parse_args(argv)
+
+
+def serve_packages(hub: MockHub, wheelhouse: Path) -> None:
+    """The wheels under /files/ and a simple-API page per project under /simple/<name>/, each
+    link carrying the wheel's sha256 as pip and uv expect."""
+    projects: dict[str, list[str]] = {}
+    for wheel in sorted(wheelhouse.glob("*.whl")):
+        body = FileBody(wheel)
+        digest = body.sha256()
+        quoted = urllib.parse.quote(wheel.name)
+        for path in {f"/files/{wheel.name}", f"/files/{quoted}"}:  # pip sends "+" as %2B, uv as "+"
+            hub.add(path, body, etag=f'"{digest}"')
+        project = re.sub(r"[-_.]+", "-", wheel.name.split("-", 1)[0]).lower()
+        projects.setdefault(project, []).append(f'<a href="/files/{quoted}#sha256={digest}">{wheel.name}</a><br>')
+    for project, links in projects.items():
+        page = f"<!DOCTYPE html><html><body>{''.join(links)}</body></html>"
+        hub.add(f"/simple/{project}/", page.encode(), content_type="text/html")
+    index = "".join(f'<a href="/simple/{project}/">{project}</a><br>' for project in sorted(projects))
+    hub.add("/simple/", f"<!DOCTYPE html><html><body>{index}</body></html>".encode(), content_type="text/html")
+
+
+def serve_repos(hub: MockHub, repos: Path) -> None:
+    """Every file of every bare repository under /git/, after `git update-server-info`: git's
+    dumb http protocol, which a static server can serve."""
+    for bare in sorted(repos.rglob("*.git")):
+        if (bare / "HEAD").is_file():
+            subprocess.run(["git", "update-server-info"], cwd=bare, check=True, capture_output=True)
+    for path in sorted(repos.rglob("*")):
+        if path.is_file():
+            hub.add(f"/git/{path.relative_to(repos).as_posix()}", path.read_bytes())
 
 
 def main() -> int:
     args = parse_args()
     token = os.environ.get("COMFYBAKE_CANARY") or f"hf_CANARY_{uuid.uuid4().hex}"
 
-    with MockHub(args.bind) as origin, MockHub(args.bind) as cdn:
+    tls: TLSFiles | None = make_tls(args.tls, hosts=(args.bind,)) if args.tls else None
+
+    with (
+        MockHub(args.bind, tls=tls) as origin,
+        MockHub(args.bind, tls=tls) as cdn,
+        MockHub(args.bind, tls=tls) as packages,
+    ):
+        if args.packages:
+            serve_packages(packages, args.packages)
+        if args.repos:
+            serve_repos(packages, args.repos)
         big = safetensors(80 * MiB, seed=1)  # over 64 MiB: fetched with parallel ranges
         lora = safetensors(2 * MiB, seed=2)
         vae = VirtualFile(3 * MiB + 17, seed=3)
@@ -101,6 +155,9 @@ def main() -> int:
         while time.monotonic() < deadline:
             state = {
                 "url": origin.url,
+                "ca": str(tls.ca) if tls else None,
+                "index": f"{packages.url}/simple",
+                "git": f"{packages.url}/git",
                 "token": token,
                 "manifest": manifest,
                 "expected": expected,
