@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .comfyui_log import gate_failures
+from .comfyui_log import gate_failures, optional_node_failures
 
 JOURNAL_LINES = 40
 _HTTP_TIMEOUT = 5.0
@@ -180,17 +180,28 @@ def wait_ready(instance: Instance, timeout: float, interval: float = 0.25, use_s
     if stage != "ready":
         log = recent_log(instance, state.get("InvocationID", "")) if use_systemd or instance.log_file else ""
         failures = import_failures(log)
+        optional = optional_node_failures(log)
         result["error"] = missing
         result["import_failures"] = failures
+        result["optional_node_failures"] = optional
         result["log"] = log.splitlines()[-JOURNAL_LINES:]
-        result["message"] = describe_failure(instance, missing, failures, result["seconds"])
+        result["message"] = describe_failure(instance, missing, failures, result["seconds"], optional)
     return result
 
 
-def describe_failure(instance: Instance, missing: str, failures: dict[str, str], seconds: float) -> str:
+def describe_failure(
+    instance: Instance,
+    missing: str,
+    failures: dict[str, str],
+    seconds: float,
+    optional: dict[str, str] | None = None,
+) -> str:
     text = f"instance {instance.name} (port {instance.port}) is not ready after {seconds:g} s: {missing}"
     for node, error in failures.items():
         text += f"\n  IMPORT FAILED: custom node {node}: {error}"
+    for node, error in (optional or {}).items():
+        # ComfyUI starts without its own optional nodes; their classes are missing too.
+        text += f"\n  ComfyUI's optional node {node} failed to import: {error.splitlines()[0]}"
     return text
 
 

@@ -152,6 +152,13 @@ options:
     description: Seconds the import gate may take.
     type: int
     default: 900
+  import_names:
+    description:
+      - Top-level import names mapped to the distribution that provides them (C(cv2) to
+        C(opencv-python)), for the import gate's message about a node that lacks a package. They
+        come before the engine's own table (C(DISTRIBUTIONS) in C(plugins/module_utils/environment/imports.py)).
+    type: dict
+    default: {}
   run_as:
     description: User that runs the import gate (the service account, so the code tree is read-only to it).
     type: str
@@ -264,6 +271,7 @@ ARGUMENT_SPEC = {
     "user_files": {"type": "dict", "default": {}},
     "import_gate": {"type": "bool", "default": True},
     "gate_timeout": {"type": "int", "default": 900},
+    "import_names": {"type": "dict", "default": {}},
     "run_as": {"type": "str"},
     "keep_releases": {"type": "int", "default": 2},
 }

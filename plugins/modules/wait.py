@@ -19,7 +19,9 @@ description:
     does a node class missing from an instance that answers (ComfyUI imports every custom node
     before it serves, so the class cannot appear later).
   - A failure reports the instance's output since it last started (its journal, or its log
-    file), with every custom node that logged C(IMPORT FAILED) and its error.
+    file), with every custom node that logged C(IMPORT FAILED) and its error, and every one of
+    ComfyUI's own optional nodes (C(comfy_extras/)) that did not import, which ComfyUI logs as a
+    warning and starts without.
   - With O(state=drained), waits until each instance's C(/queue) is empty (or the instance does
     not answer), at most O(timeout) seconds, and never fails; it reports what was still queued.
 version_added: "0.1.0"
@@ -93,6 +95,7 @@ instances:
       seconds: 2.4
       error: node class ComfybakeBroken is missing
       import_failures: {ComfyUI-Comfybake-Broken: "ModuleNotFoundError: No module named 'nonexistent'"}
+      optional_node_failures: {comfy_extras/nodes_audio.py: "No module named 'torchaudio'"}
       log: ["...", "   0.0 seconds (IMPORT FAILED): /opt/.../custom_nodes/ComfyUI-Comfybake-Broken"]
 """
 

@@ -1,9 +1,12 @@
-"""Node registry of the ComfyUI test double: a few built-in classes, then custom nodes.
+"""Node registry of the ComfyUI test double: a few built-in classes, its optional nodes, then custom nodes.
 
-Custom nodes are imported the way ComfyUI imports them: every package (a folder with
-`__init__.py`) or single `.py` file under each `custom_nodes` path, skipping `*.disabled`
-and `__pycache__`. A node that raises on import is logged with ComfyUI's own wording
-(`Cannot import ... module for custom nodes:` and `(IMPORT FAILED)`) and start-up goes on.
+ComfyUI's optional nodes are the files `init_builtin_extra_nodes` lists in `comfy_extras/`;
+custom nodes are every package (a folder with `__init__.py`) or single `.py` file under each
+`custom_nodes` path, skipping `*.disabled` and `__pycache__`. All are imported by one function,
+so a failure is logged the same way (its traceback, then `Cannot import ... module for custom
+nodes:`), and start-up goes on. A failed custom node is marked `(IMPORT FAILED)` in the import
+times; failed optional nodes are listed after the custom nodes, under ComfyUI's
+`WARNING: some comfy_extras/ nodes did not import correctly` line, one `IMPORT FAILED: <file>` each.
 """
 
 from __future__ import annotations
@@ -48,18 +51,22 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SaveImage": _builtin("SaveImage"),
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
-# Where each custom node class came from: class name -> module folder name.
+# Where each class from a module came from: class name -> its python_module (`custom_nodes.<folder>`).
 NODE_SOURCES: dict[str, str] = {}
+# ComfyUI's optional nodes, in the order init_builtin_extra_nodes imports them.
+EXTRAS_FILES = ("nodes_latent.py", "nodes_audio.py")
 
 
-def load_custom_node(module_path: str) -> bool:
-    """Import one custom node; on failure log ComfyUI's lines and return False."""
+def load_custom_node(module_path: str, module_parent: str = "custom_nodes") -> bool:
+    """Import one custom (or optional) node; on failure log ComfyUI's lines and return False."""
     module_name = os.path.basename(module_path)
     if os.path.isfile(module_path):
         module_name = os.path.splitext(module_name)[0]
         location = module_path
     else:
         location = os.path.join(module_path, "__init__.py")
+    if module_parent != "custom_nodes":
+        module_name = f"{module_parent}.{module_name}"
     try:
         spec = importlib.util.spec_from_file_location(
             module_name, location, submodule_search_locations=None if os.path.isfile(module_path) else [module_path]
@@ -75,7 +82,7 @@ def load_custom_node(module_path: str) -> bool:
             return False
         for name, node_class in mappings.items():
             NODE_CLASS_MAPPINGS[name] = node_class
-            NODE_SOURCES[name] = module_name
+            NODE_SOURCES[name] = module_name if module_parent != "custom_nodes" else f"custom_nodes.{module_name}"
         NODE_DISPLAY_NAME_MAPPINGS.update(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", {}) or {})
         return True
     except Exception as exc:  # noqa: BLE001 - a broken node must not stop the server (ComfyUI behaviour)
@@ -125,12 +132,36 @@ def run_prestartup_scripts() -> None:
         logging.info("")
 
 
+def init_builtin_extra_nodes() -> list[str]:
+    """Import ComfyUI's optional nodes from comfy_extras/; return the files that failed."""
+    extras_dir = os.path.join(os.path.dirname(os.path.realpath(__file__)), "comfy_extras")
+    return [name for name in EXTRAS_FILES if not load_custom_node(os.path.join(extras_dir, name), "comfy_extras")]
+
+
 def init_extra_nodes(init_custom_nodes: bool = True) -> list[str]:
-    """Import every custom node; return the module paths that failed."""
-    failed: list[str] = []
+    """Import ComfyUI's optional nodes, then every custom node; return the custom node paths that failed."""
+    import_failed = init_builtin_extra_nodes()
+    failed = init_external_custom_nodes() if init_custom_nodes else []
     if not init_custom_nodes:
         logging.info("Skipping loading of custom nodes")
-        return failed
+    if import_failed:
+        logging.warning(
+            "WARNING: some comfy_extras/ nodes did not import correctly. This may be because they are missing"
+            " some dependencies.\n"
+        )
+        for name in import_failed:
+            logging.warning("IMPORT FAILED: %s", name)
+        logging.warning(
+            "\nThis issue might be caused by new missing dependencies added the last time you updated ComfyUI."
+        )
+        logging.warning("Please do a: pip install -r requirements.txt")
+        logging.warning("")
+    return failed
+
+
+def init_external_custom_nodes() -> list[str]:
+    """Import every custom node; return the module paths that failed."""
+    failed: list[str] = []
     times = []
     for custom_node_path in folder_paths.get_folder_paths("custom_nodes"):
         for module_path in _candidates(custom_node_path):

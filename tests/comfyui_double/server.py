@@ -53,7 +53,7 @@ def node_info(name: str, node_class: type) -> dict[str, object]:
         "name": name,
         "display_name": nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name, name),
         "category": getattr(node_class, "CATEGORY", ""),
-        "python_module": f"custom_nodes.{source}" if source else "nodes",
+        "python_module": source or "nodes",
     }
 
 

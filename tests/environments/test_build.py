@@ -20,6 +20,7 @@ SIX_OLD = ("ComfyUI-Comfybake-SixOld", "initial")
 SIX_NEW = ("ComfyUI-Comfybake-SixNew", "initial")
 TORCH_CHANGER = ("ComfyUI-Comfybake-TorchChanger", "initial")
 BROKEN = ("ComfyUI-Comfybake-Broken", "initial")
+UNDECLARED = ("ComfyUI-Comfybake-Undeclared", "initial")
 
 
 def venv_six(spec: engine.Spec) -> str:
@@ -76,12 +77,36 @@ def test_a_node_asking_for_another_torch_is_named(make_spec: Any) -> None:
     assert releases(make_spec()) == []
 
 
-def test_a_node_that_fails_to_import_is_named_with_its_error(make_spec: Any) -> None:
+def test_a_node_that_fails_to_import_is_named_with_its_error_and_likely_missing_package(make_spec: Any) -> None:
     good = make_spec(BASIC)
     built = engine.Builder(good).run()
-    message = build_fails(make_spec(BASIC, BROKEN))
+    # ComfyUI's own audio nodes need torchaudio, which these torch_packages leave out: ComfyUI
+    # starts without them, and so does the gate, with a warning that says why and what adds it.
+    [audio] = [warning for warning in built.warnings if "comfy_extras/nodes_audio.py" in warning]
+    assert audio.startswith(
+        "ComfyUI's optional node comfy_extras/nodes_audio.py failed to import, so its node classes are missing:"
+        " No module named 'torchaudio'"
+    )
+    assert "likely missing package torchaudio: `import torchaudio` (nodes_audio.py line 4)" in audio
+    assert "add torchaudio to torch_packages, or pick a torch flavour that includes it" in audio
+    assert audio in built.lock["warnings"]
+
+    message = build_fails(make_spec(BASIC, BROKEN, UNDECLARED))
     assert "custom node ComfyUI-Comfybake-Broken failed to import" in message
     assert "ModuleNotFoundError: No module named 'comfybake_fixture_missing_module'" in message
+    # A pack that swallows the ImportError of a package it never declared: ComfyUI only says
+    # `name 'yaml' is not defined`; the gate reads the pack's imports and names the distribution.
+    assert "custom node ComfyUI-Comfybake-Undeclared failed to import: name 'yaml' is not defined" in message
+    assert (
+        "likely missing package PyYAML: `import yaml` (__init__.py line 15, inside a try that swallows its"
+        " ImportError), and nothing installed in the venv provides yaml; add PyYAML to the environment's pip_packages"
+    ) in message
+    # Only what nothing provides: not jinja2 (installed, undeclared), the pack's lib/ module, ComfyUI's, the stdlib.
+    likely = [line.split(":")[0].strip() for line in message.splitlines() if line.startswith("  likely missing")]
+    assert likely == [
+        "likely missing package comfybake_fixture_missing_module",
+        "likely missing package PyYAML",
+    ]
     assert live(good) == built.release and releases(good) == [Path(built.release).name]
 
 

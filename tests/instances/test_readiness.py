@@ -105,6 +105,10 @@ def test_a_missing_node_class_names_the_class_and_the_failed_import(start: Start
         f"instance a (port {result['port']}) is not ready after {result['seconds']:g} s: "
     )
     assert "\n  IMPORT FAILED: custom node ComfyUI-Comfybake-Broken: " in result["message"]
+    # ComfyUI's own audio nodes need torchaudio (not in this venv): not a custom node, but named.
+    assert list(result["optional_node_failures"]) == ["comfy_extras/nodes_audio.py"]
+    audio = "comfy_extras/nodes_audio.py failed to import: No module named 'torchaudio'"
+    assert f"\n  ComfyUI's optional node {audio}" in result["message"]
     assert any("IMPORT FAILED" in line for line in result["log"])
 
 

@@ -24,8 +24,8 @@ build fails.
 One concept per module: `spec` (what an environment is made of: the keys a user writes, read
 and validated into a Spec), `process` (running git, uv and python), `gitcache` (bare
 repositories and pinned checkouts), `requirements` (what each part asks for, what one
-resolution gave), `builder` (the build of a release); ComfyUI's log is read by
-`..comfyui_log`, which readiness shares.
+resolution gave), `imports` (what a node that failed to import most likely lacks), `builder`
+(the build of a release); ComfyUI's log is read by `..comfyui_log`, which readiness shares.
 """
 
 from __future__ import annotations

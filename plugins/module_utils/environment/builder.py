@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..comfyui_log import gate_failures
+from ..comfyui_log import gate_failures, optional_node_failures
 from .errors import EnvError, redact
 from .gitcache import Git
+from .imports import likely_missing
 from .process import python_identity, run, tail
 from .requirements import Requirements, Resolved, canonical_name, parse_compiled, read_requirements, requirement_name
 from .spec import Spec, torch_constraint, validate
@@ -432,8 +433,14 @@ class Builder:
         failed = gate_failures(output, comfyui)
         configured = {node.name for node in spec.custom_nodes}
         ours = {name: error for name, error in failed.items() if name in configured}
+        env = self._env()
         if ours:
-            lines = [f"- custom node {name} failed to import: {error}" for name, error in sorted(ours.items())]
+            lines = []
+            for name, error in sorted(ours.items()):
+                lines.append(f"- custom node {name} failed to import: {error}")
+                lines += likely_missing(
+                    os.path.join(comfyui, "custom_nodes", name), comfyui, python, error, env, spec.import_names
+                )
             raise EnvError(
                 f"environment {spec.name}: the import gate (main.py --quick-test-for-ci --cpu) failed; the live"
                 " release is untouched.\n" + "\n".join(lines) + "\nFix: pin a node commit that imports, add the"
@@ -446,6 +453,13 @@ class Builder:
             )
         for name in sorted(set(failed) - configured):
             self.warnings.append(f"{name} (not a configured custom node) failed to import: {failed[name]}")
+        for name, error in sorted(optional_node_failures(output).items()):
+            # ComfyUI starts without its own optional nodes; so does the gate, but it says so.
+            causes = likely_missing(os.path.join(comfyui, name), comfyui, python, error, env, spec.import_names)
+            self.warnings.append(
+                f"ComfyUI's optional node {name} failed to import, so its node classes are missing: {error}"
+                + "".join(f"\n{line}" for line in causes)
+            )
 
     def _switch(self, release: str) -> None:
         """Point `current` at the new release in one rename."""

@@ -62,6 +62,8 @@ class Spec:
     user_files: dict[str, str] = field(default_factory=dict)
     import_gate: bool = True
     gate_timeout: int = 900
+    # Import name -> distribution, for the import gate's diagnosis (beside imports.DISTRIBUTIONS).
+    import_names: dict[str, str] = field(default_factory=dict)
     run_as: str | None = None
     keep_releases: int = 2
 
@@ -318,6 +320,12 @@ def validate(spec: Spec, check_mode: bool = False) -> None:
         torch_constraint(where, entry)
     if spec.keep_releases < 1:
         raise EnvError(f"{where}: keep_releases must be at least 1 (got {spec.keep_releases})")
+    for module, package in spec.import_names.items():
+        if not (isinstance(module, str) and module.isidentifier() and isinstance(package, str) and package.strip()):
+            raise EnvError(
+                f"{where}: import_names (comfyui_environments_import_names) must map a top-level import name"
+                f" to the distribution that provides it (cv2: opencv-python), got {module!r}: {package!r}"
+            )
     if check_mode:
         return
     if spec.hook and not os.path.isfile(spec.hook):
