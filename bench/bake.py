@@ -2,9 +2,10 @@
 re-bake with a warm wheel cache, side by side in one run.
 
 Every bake is a real `packer build` of packer/targets/test.pkrvars.hcl (local base image, the
-ComfyUI test double and fixture nodes from mounted mirrors, the fixture wheelhouse, models
-from a loopback origin). The warm re-bake mounts a uv cache from this machine into the bake
-container (`docker_volumes`), filled by the bake before it; the cache never enters the image.
+ComfyUI test double and fixture nodes, the fixture wheelhouse as a package index and the
+models, all over https from an origin on this machine, tests/harness/bake.py). The warm
+re-bake mounts a uv cache from this machine into the bake container (`docker_volumes`), filled
+by the bake before it; the cache never enters the image.
 Nothing here asserts a time: it measures.
 
     .venv/bin/python bench/bake.py             # one round

@@ -1,7 +1,10 @@
-"""Bake the `test` target with Packer: the fixtures, a model origin on the Docker bridge, `packer build`.
+"""Bake the `test` target with Packer: the fixtures, an origin on the Docker bridge, `packer build`.
 
-Used by tests/packer and bench/bake.py. The bake runs the air-gapped way: git mirrors and the
-wheelhouse are mounted into the bake container, models come from the loopback origin, whose
+Used by tests/packer and bench/bake.py. The bake runs as behind a TLS-intercepting proxy:
+everything comes over https from the origin on this machine (tests/harness/serve_models.py),
+whose certificates a throwaway CA signed that the bake container trusts only through
+`extra_ca_bundle`: packages from its package index (the fixture wheelhouse), ComfyUI and the
+nodes from its git remotes (the fixture repositories), models from its model origin, whose
 token is a canary handed to Packer only as HF_TOKEN. A step that fails says why in one line and
 keeps its whole log under build/test-logs/.
 """
@@ -41,7 +44,7 @@ def docker(*args: str, check: bool = True, timeout: float = 300) -> subprocess.C
 
 @dataclass
 class Origin:
-    """The fixtures (git repositories, wheelhouse) and the running model origin."""
+    """The fixtures (git repositories, wheelhouse) and the running origin that serves them and the models."""
 
     state: Path
     token: str
@@ -51,8 +54,9 @@ class Origin:
         return json.loads(self.state.read_text())
 
     @property
-    def wheelhouse(self) -> str:
-        return str(json.loads((self.fixtures / "environments.json").read_text())["wheelhouse"])
+    def ca(self) -> str:
+        """The throwaway CA that signed the origin's certificates (the proxy's CA of a real site)."""
+        return str(self.read()["ca"])
 
 
 @dataclass
@@ -65,7 +69,7 @@ class Bake:
 
 @contextmanager
 def origin(work: Path) -> Iterator[Origin]:
-    """Build the fixtures under `work` and serve the test models on the Docker bridge."""
+    """Build the fixtures under `work` and serve them and the test models over https on the Docker bridge."""
     fixtures = subprocess.run(
         [str(PYTHON), "-m", "harness.wheelhouse", str(work / "fixtures")],
         cwd=ROOT / "tests", capture_output=True, text=True,
@@ -73,13 +77,15 @@ def origin(work: Path) -> Iterator[Origin]:
     if fixtures.returncode != 0:
         log = fixtures.stdout + fixtures.stderr
         raise BakeError(f"building the fixtures failed: {failure_reason(log)} (full log: {save_log('fixtures', log)})")
+    wheelhouse = json.loads((work / "fixtures" / "environments.json").read_text())["wheelhouse"]
     address = host_address()  # where the bake container reaches this host
     token = f"hf_CANARY_{uuid.uuid4().hex}"
     state = work / "origin.json"
     with (work / "origin.log").open("w") as log_file:
         server = subprocess.Popen(
             [str(PYTHON), str(ROOT / "tests" / "harness" / "serve_models.py"),
-             "--bind", address, "--state", str(state)],
+             "--bind", address, "--state", str(state), "--tls", str(work / "tls"),
+             "--packages", wheelhouse, "--repos", str(work / "fixtures" / "repos")],
             env={**os.environ, "COMFYBAKE_CANARY": token}, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
@@ -107,12 +113,12 @@ def bake(origin: Origin, policy: str, version: str, volumes: dict[str, str] | No
         "COMFYBAKE_ORIGIN": str(origin.state),
         "HF_TOKEN": origin.token,
     }
-    mounts = {str(origin.fixtures / "repos"): "/srv/mirrors", origin.wheelhouse: "/srv/wheelhouse", **(volumes or {})}
+    mounts = dict(volumes or {})
     started = time.monotonic()
     done = subprocess.run(
         ["packer", "build", "-color=false", "-only=comfybake.docker.comfybake", f"-var-file={TARGET}",
          f"-var=models_policy={policy}", f"-var=image_version={version}", f"-var=docker_volumes={json.dumps(mounts)}",
-         "-var=extra_ca_bundle=/etc/ssl/certs/ca-certificates.crt", "packer"],
+         f"-var=extra_ca_bundle={origin.ca}", "packer"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     log = done.stdout + done.stderr

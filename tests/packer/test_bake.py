@@ -1,7 +1,9 @@
 """A real `packer build` of the `test` target, then the image run with `docker run` and no extra privileges.
 
-The bake uses the local base image, the ComfyUI test double and fixture nodes from mounted git
-mirrors, the fixture wheelhouse and a loopback model origin whose token is a canary.
+The bake uses the local base image and, over https from an origin on this machine whose
+certificates a throwaway CA signed (handed to the bake only as extra_ca_bundle, as a proxy's CA),
+the ComfyUI test double and fixture nodes from git remotes, the fixture wheelhouse as a package
+index, and the models, whose token is a canary.
 """
 
 from __future__ import annotations
@@ -169,14 +171,12 @@ def test_two_bakes_of_the_same_inputs_give_the_same_bom(baked: Bake, origin: Ori
 
 def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, root: Path) -> None:
     """scripts/up.sh (`make up`) on the test target, models policy boot, the token from HF_TOKEN."""
-    volumes = json.dumps(
-        {str(origin.fixtures / "repos"): "/srv/mirrors", origin.wheelhouse: "/srv/wheelhouse"}, separators=(",", ":")
-    )
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "COMFYBAKE_TARGET": "test",
-        "COMFYBAKE_PACKER_ARGS": f"-var models_policy=boot -var docker_volumes={volumes}",
+        # The origin's CA, as a proxy's: the image fetches the models over https when it starts.
+        "COMFYBAKE_PACKER_ARGS": f"-var models_policy=boot -var extra_ca_bundle={origin.ca}",
         "COMFYBAKE_FIXTURES": str(origin.fixtures / "environments.json"),
         "COMFYBAKE_ORIGIN": str(origin.state),
         "HF_TOKEN": origin.token,
