@@ -40,22 +40,25 @@ while (($#)); do
   esac
 done
 
-for tool in docker debootstrap; do
-  if ! command -v "$tool" >/dev/null; then
-    echo "base-image: '$tool' is not installed; install it (Debian: apt-get install docker.io debootstrap)" >&2
-    exit 1
-  fi
-done
-if [[ $(id -u) -ne 0 ]]; then
-  echo "base-image: debootstrap needs root; run it as root (or with sudo)" >&2
+if ! command -v docker >/dev/null; then
+  echo "base-image: 'docker' is not installed; install it (Debian: apt-get install docker.io)" >&2
   exit 1
 fi
-
 recipe=$(printf '%s\n' "$suite" "$mirror" "$packages" | cat - "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)
 current=$(docker image inspect --format '{{ index .Config.Labels "org.comfybake.recipe" }}' "$tag" 2>/dev/null || true)
 if [[ $force == false && $current == "$recipe" ]]; then
   echo "base-image: $tag is up to date (recipe $recipe)"
   exit 0
+fi
+
+# Only a build needs debootstrap and root; an image that is up to date needs neither.
+if ! command -v debootstrap >/dev/null; then
+  echo "base-image: $tag must be built and 'debootstrap' is not installed; install it (Debian: apt-get install debootstrap)" >&2
+  exit 1
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  echo "base-image: $tag must be built and debootstrap needs root; run it as root (or with sudo)" >&2
+  exit 1
 fi
 
 rootfs=$(mktemp -d /var/tmp/comfybake-rootfs.XXXXXX)

@@ -43,6 +43,11 @@ def load_host(config_root: str) -> dict[str, Any]:
 def select(host: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Instances named, of an environment, or in a port range; all when nothing narrows it."""
     instances: list[dict[str, Any]] = host["instances"]
+    if not instances:
+        raise HostError(
+            "no instances are configured on this host (comfyui_instances is empty): define some "
+            "(docs/instances.md) and converge it with the comfyui_instances role"
+        )
     names = set(getattr(args, "names", None) or [])
     unknown = names - {item["name"] for item in instances}
     if unknown:

@@ -202,6 +202,10 @@ def test_the_command_line_names_what_is_missing_or_unknown(tmp_path: Path) -> No
     assert done.returncode != 0 and "--ports '81x' is not a port or a range such as 8188-8190" in done.stderr
     done = cli(tmp_path, "stop", "--environment", "nope")
     assert done.returncode != 0 and "no instance matches the selection" in done.stderr
+    (tmp_path / "instances.json").write_text(json.dumps({"format": 1, "instances": []}))
+    done = cli(tmp_path, "status")
+    assert done.returncode == 2
+    assert "no instances are configured on this host (comfyui_instances is empty)" in done.stderr
 
 
 def test_a_wait_is_not_fooled_by_a_slow_start(start: Start, code: Path) -> None:

@@ -42,3 +42,27 @@ def test_base_image_boots_systemd_without_privileges(root: Path, docker_engine: 
         assert subprocess.run(privileged, capture_output=True, text=True).stdout.strip() == "false"
     finally:
         subprocess.run([local, "down"], env=env, capture_output=True)
+
+
+def test_a_user_without_root_gets_an_up_to_date_image_and_is_told_why_a_build_needs_root(
+    root: Path, docker_engine: None
+) -> None:
+    """Only a build needs root (debootstrap): an unprivileged member of the socket's group may check the cache."""
+    script = str(root / "scripts" / "base-image.sh")
+    unprivileged = [
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        "--groups",
+        str(os.stat("/var/run/docker.sock").st_gid),
+    ]
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp"}
+    cached = subprocess.run([*unprivileged, script, "--tag", BASE_IMAGE], env=env, capture_output=True, text=True)
+    assert cached.returncode == 0 and "is up to date" in cached.stdout, cached.stdout + cached.stderr
+    missing = subprocess.run(
+        [*unprivileged, script, "--tag", "comfybake/test-missing:never"], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 1
+    assert "comfybake/test-missing:never must be built and debootstrap needs root" in missing.stderr
