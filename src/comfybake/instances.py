@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from comfybake.cli import SUBCOMMANDS
-from comfybake.engine import runtime
+from comfybake.engine import comfyui_log, runtime
 
 DEFAULT_CONFIG_ROOT = "/etc/comfybake"
 
@@ -256,14 +256,16 @@ def diagnose_report(host: dict[str, Any]) -> dict[str, Any]:
             "torch": lock["torch"],
             "packages": len(lock.get("packages") or []),
         }
-    failing = {}
+    failing, optional = {}, {}
     for record in host["instances"]:
         instance = runtime.Instance(record)
         state = process_state(host, record)
         if state["InvocationID"] or instance.log_file:
-            failures = runtime.import_failures(runtime.recent_log(instance, state["InvocationID"], lines=2000))
-            if failures:
+            log = runtime.recent_log(instance, state["InvocationID"], lines=2000)
+            if failures := runtime.import_failures(log):
                 failing[record["name"]] = failures
+            if missing := comfyui_log.optional_node_failures(log):
+                optional[record["name"]] = missing
     return {
         "model_store": {
             "path": str(store),
@@ -274,6 +276,7 @@ def diagnose_report(host: dict[str, Any]) -> dict[str, Any]:
         "models": folders,
         "environments": environments,
         "import_failures": failing,
+        "optional_node_failures": optional,
     }
 
 
@@ -316,6 +319,11 @@ def diagnose(args: argparse.Namespace) -> int:
                 print(f"IMPORT FAILED in instance {instance}: {node}: {error.splitlines()[0]}")
     else:
         print("No instance reports an IMPORT FAILED custom node.")
+    # ComfyUI's own optional nodes (comfy_extras): their classes are missing, the instance still serves.
+    for instance, failures in report["optional_node_failures"].items():
+        for node, error in failures.items():
+            first = error.splitlines()[0]
+            print(f"warning: ComfyUI's optional node {node} did not import in instance {instance}: {first}")
     return 1 if report["import_failures"] else 0
 
 
