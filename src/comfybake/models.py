@@ -56,8 +56,8 @@ def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     raise engine.ManifestError(f"manifest {path} must hold a list of models, got {type(data).__name__}")
 
 
-def read_token(explicit: Path | None, credential: str, variable: str) -> str | None:
-    """A token file, else a systemd credential, else the environment; never a command-line value."""
+def read_token(explicit: Path | None, credential: str) -> str | None:
+    """A token file, else a systemd credential; never a command-line value (the environment comes after, in Options)."""
     candidates = [explicit] if explicit else []
     if os.environ.get("CREDENTIALS_DIRECTORY"):
         candidates.append(Path(os.environ["CREDENTIALS_DIRECTORY"]) / credential)
@@ -66,14 +66,15 @@ def read_token(explicit: Path | None, credential: str, variable: str) -> str | N
             return candidate.read_text(encoding="utf-8").strip() or None
         if candidate is explicit:
             raise engine.ManifestError(f"token file {candidate} does not exist")
-    return os.environ.get(variable) or None
+    return None
 
 
 def options_from(args: argparse.Namespace, settings: dict[str, Any], check_mode: bool = False) -> engine.Options:
     """The run's options: flags over the file's settings, then the environment, then the defaults."""
     given = {**settings, **{name: getattr(args, name) for name in engine.SETTINGS if hasattr(args, name)}}
-    given["hf_token"] = read_token(getattr(args, "hf_token_file", None), "hf_token", "HF_TOKEN")
-    given["civitai_token"] = read_token(getattr(args, "civitai_token_file", None), "civitai_token", "CIVITAI_TOKEN")
+    for name, declared in engine.SETTINGS.items():
+        if declared.secret:  # its flag is --<name>-file (add_arguments); the credential has its name
+            given[name] = read_token(getattr(args, f"{name}_file", None), name)
     if args.action == "lock":
         given["store"] = "."  # a lock resolves sources; it never touches a store
     return engine.Options.from_params(given, check_mode=check_mode)
