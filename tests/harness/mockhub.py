@@ -149,6 +149,7 @@ class MockHub:
         self.tls = tls
         self._port = port
         self.routes: dict[str, Route] = {}
+        self.folders: dict[str, Path] = {}
         self.missing_repos: set[str] = set()
         self.hf_repos: set[str] = set()
         self._log: list[Request] = []
@@ -208,6 +209,11 @@ class MockHub:
             route.fail_first = list(route.fail_first)
         self.routes[path] = route
         return body_sha256(body)
+
+    def add_folder(self, prefix: str, folder: Path) -> None:
+        """Serve every file under `folder` at `prefix` + its relative path, read when asked for:
+        files written after the server started are served too (a git push to a served repository)."""
+        self.folders[prefix] = folder.resolve()
 
     def add_hf(
         self,
@@ -390,6 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.reply(404, f"Repository Not Found for url: {self.route_path}", {"X-Error-Code": "RepoNotFound"})
             return
         if route is None:
+            route = self._folder_route()
+        if route is None:
             hub_repo = any(self.route_path.startswith(f"/{r}/resolve/") for r in self.owner.hf_repos)
             extra = {"X-Error-Code": "EntryNotFound"} if hub_repo else {}
             self.reply(404, "Not found", extra)
@@ -398,6 +406,14 @@ class _Handler(BaseHTTPRequestHandler):
             route.handler(self)
             return
         self.serve(route)
+
+    def _folder_route(self) -> Route | None:
+        for prefix, folder in self.owner.folders.items():
+            if self.route_path.startswith(prefix):
+                path = (folder / urllib.parse.unquote(self.route_path[len(prefix) :])).resolve()
+                if path.is_file() and path.is_relative_to(folder):
+                    return Route(body=FileBody(path))
+        return None
 
     # responses ----------------------------------------------------------------------
 

@@ -93,14 +93,13 @@ def serve_packages(hub: MockHub, wheelhouse: Path) -> None:
 
 
 def serve_repos(hub: MockHub, repos: Path) -> None:
-    """Every file of every bare repository under /git/, after `git update-server-info`: git's
-    dumb http protocol, which a static server can serve."""
+    """Every bare repository under /git/, after `git update-server-info`: git's dumb http
+    protocol, which a static server can serve. Files are read from disk when asked for, so a push
+    to a repository (followed by `git update-server-info`) is served as upstream's new history."""
     for bare in sorted(repos.rglob("*.git")):
         if (bare / "HEAD").is_file():
             subprocess.run(["git", "update-server-info"], cwd=bare, check=True, capture_output=True)
-    for path in sorted(repos.rglob("*")):
-        if path.is_file():
-            hub.add(f"/git/{path.relative_to(repos).as_posix()}", path.read_bytes())
+    hub.add_folder("/git/", repos)
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,6 +64,28 @@ def _download(dest: Path, requirements: tuple[str, ...], no_deps: tuple[str, ...
     (partial / ".complete").write_text("\n".join(sorted(p.name for p in partial.glob("*.whl"))) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     partial.rename(dest)
+
+
+def stand_in(folder: Path, name: str, version: str, files: dict[str, str], requires: tuple[str, ...] = ()) -> Path:
+    """A small pure-Python wheel `name==version` with these files and Requires-Dist lines: a
+    stand-in for a package too large to download in a test (torch), shaped like it for pip and
+    uv (a name, a version, the dependencies that tie a release set together)."""
+    distribution = name.replace("-", "_")
+    wheel = folder / f"{distribution}-{version}-py3-none-any.whl"
+    info = f"{distribution}-{version}.dist-info"
+    metadata = "".join(
+        [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)]
+    )
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+        archive.writestr(f"{info}/METADATA", metadata)
+        archive.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: comfybake-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        archive.writestr(f"{info}/RECORD", "")
+    return wheel
 
 
 def build(dest: Path) -> dict[str, object]:
