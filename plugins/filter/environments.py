@@ -25,6 +25,7 @@ def environment_problems(
     torch_flavors: Mapping[str, Any] | None = None,
     default_torch_flavor: str = "",
     allowed_repos: list[str] | None = None,
+    writable_paths: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """One message per invalid environment (each names the environment, the key and the fix); [] when all are valid."""
     if not isinstance(environments, Mapping):
@@ -38,6 +39,7 @@ def environment_problems(
                 torch_flavors=torch_flavors or {},
                 default_torch_flavor=default_torch_flavor,
                 allowed_repos=list(allowed_repos or []),
+                writable_paths=dict(writable_paths or {}),
                 root="",
                 uv="",
             )

@@ -300,7 +300,8 @@ def _expand(
         "extra_args": extra_args,
         "args": args,  # what readiness compares with system.argv[1:] in /system_stats
         "argv": argv,
-        "working_dir": f"{code}/ComfyUI",
+        # Its own folder: the writable paths of the release link into it (module_utils/environment/writable.py).
+        "working_dir": state,
         "env": process_environment,
         "limits": limits,
         "required_node_classes": list(environment_settings.get("required_node_classes") or []),

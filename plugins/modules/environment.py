@@ -159,6 +159,16 @@ options:
         come before the engine's own table (C(DISTRIBUTIONS) in C(plugins/module_utils/environment/imports.py)).
     type: dict
     default: {}
+  writable_paths:
+    description:
+      - Node folder or repository name (or C(ComfyUI) for its own tree) mapped to the paths it writes
+        inside its own folder (C(settings.json), C(cache/) for a folder). They come before the engine's
+        table of known packs (C(KNOWN) in C(plugins/module_utils/environment/writable.py)); a node's own
+        C(writable) key adds more.
+      - Each becomes a link to the working directory of the process that runs ComfyUI, so every
+        instance and the import gate write their own copy and the code stays read-only.
+    type: dict
+    default: {}
   run_as:
     description: User that runs the import gate (the service account, so the code tree is read-only to it).
     type: str
@@ -272,6 +282,7 @@ ARGUMENT_SPEC = {
     "import_gate": {"type": "bool", "default": True},
     "gate_timeout": {"type": "int", "default": 900},
     "import_names": {"type": "dict", "default": {}},
+    "writable_paths": {"type": "dict", "default": {}},
     "run_as": {"type": "str"},
     "keep_releases": {"type": "int", "default": 2},
 }

@@ -21,6 +21,7 @@ from typing import Any
 
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import comfyui_log, runtime
+from comfybake.engine.environment import writable
 
 DEFAULT_CONFIG_ROOT = "/etc/comfybake"
 
@@ -331,7 +332,8 @@ def diagnose(args: argparse.Namespace) -> int:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    """Create an instance's folders and install its environment's user files (the unit's ExecStartPre)."""
+    """Create an instance's folders, its copy of the release's writable paths, and its environment's user
+    files (the unit's ExecStartPre; the container's entrypoint before supervisord)."""
     host = load_host(args.config_root)
     record = next((item for item in host["instances"] if item["name"] == args.name), None)
     if record is None:
@@ -345,6 +347,11 @@ def prepare(args: argparse.Namespace) -> int:
         target = state / "user" / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
+    # What the node packs write in their own folder: the release links it into the working directory.
+    code = Path(record["code_dir"])
+    lock_path = code / "comfybake.lock.json"
+    lock = json.loads(lock_path.read_text(encoding="utf-8")) if lock_path.is_file() else {}
+    writable.provide(str(code / writable.SEEDS), record["working_dir"], lock.get("writable", []))
     return 0
 
 

@@ -132,7 +132,7 @@ def test_custom_nodes_are_checked_key_by_key() -> None:
     message = problem({"comfyui_repo": COMFYUI, "comfyui_version": "v0.8.0", "custom_nodes": nodes})
     assert message.splitlines() == [
         "environment comm:",
-        "- custom_nodes[1]: unknown key 'ref'; a custom node takes repo, version, name",
+        "- custom_nodes[1]: unknown key 'ref'; a custom node takes repo, version, name, writable",
         "- custom_nodes[1]: version is missing",
         "- custom_nodes[2]: version must be a full 40-hex commit, a string, got true (a boolean)",
     ]

@@ -86,7 +86,7 @@ def test_the_record_declares_the_environment_command_line_and_limits_of_the_proc
         "/opt/comfybake/instances/a/venv/bin/python", "-s", "/opt/comfybake/instances/a/ComfyUI/main.py",
         *a["args"],
     ]  # fmt: skip
-    assert a["working_dir"] == "/opt/comfybake/instances/a/ComfyUI"
+    assert a["working_dir"] == "/var/lib/comfybake/instances/a"
     assert a["limits"] == {"TasksMax": "4096", "LimitNOFILE": "65536"}
 
 

@@ -28,6 +28,7 @@ def test_every_fixture_node_is_a_repo_with_two_commits(fixture_repos: dict[str, 
         "ComfyUI-Comfybake-SixOld",
         "ComfyUI-Comfybake-TorchChanger",
         "ComfyUI-Comfybake-Undeclared",
+        "ComfyUI-Comfybake-Writer",
         "ComfyUI-Manager",
     ]
     for repo in nodes.values():

@@ -13,6 +13,7 @@ An environment lives in `<root>`:
     <root>/releases/<id>/venv/               the release's own venv
     <root>/releases/<id>/comfybake.lock.json what was built (read by the status tooling)
     <root>/releases/<id>/requirements.lock.txt  the resolved set with hashes (uv pip compile)
+    <root>/releases/<id>/writable/           the seeds of the paths node packs write (writable.py)
 
 `<id>` is derived from every input that shapes the build (the fingerprint), so a run whose
 inputs match the live release's lock changes nothing. A release is built next to the live
@@ -24,7 +25,8 @@ build fails.
 One concept per module: `spec` (what an environment is made of: the keys a user writes, read
 and validated into a Spec), `process` (running git, uv and python), `gitcache` (bare
 repositories and pinned checkouts), `requirements` (what each part asks for, what one
-resolution gave), `imports` (what a node that failed to import most likely lacks), `builder`
+resolution gave), `imports` (what a node that failed to import most likely lacks), `writable`
+(the paths node packs write in their own folder, a copy per process), `builder`
 (the build of a release); ComfyUI's log is read by `..comfyui_log`, which readiness shares.
 """
 

@@ -25,7 +25,8 @@ from .gitcache import Git
 from .imports import likely_missing
 from .process import python_identity, run, tail
 from .requirements import Requirements, Resolved, canonical_name, parse_compiled, read_requirements, requirement_name
-from .spec import Spec, torch_constraint, validate
+from .spec import Source, Spec, torch_constraint, validate
+from .writable import SEEDS, keep_as_seeds, link_release, permission_hint, provide
 
 SCHEMA = 1
 LOCK_NAME = "comfybake.lock.json"
@@ -50,9 +51,16 @@ class Pins:
                 "version": spec.comfyui.version,
                 "kind": self.comfyui_kind,
                 "commit": self.comfyui,
+                **_writable(spec.comfyui),
             },
             "custom_nodes": [
-                {"name": node.name, "repo": node.repo, "version": node.version, "commit": self.nodes[node.name]}
+                {
+                    "name": node.name,
+                    "repo": node.repo,
+                    "version": node.version,
+                    "commit": self.nodes[node.name],
+                    **_writable(node),
+                }
                 for node in spec.custom_nodes
             ],
             "torch": {"flavor": spec.torch_flavor, "packages": spec.torch_packages, "index_url": spec.torch_index_url},
@@ -125,8 +133,11 @@ class Builder:
         inputs = {
             "schema": SCHEMA,
             "python": python_identity(spec.python),
-            "comfyui": [spec.comfyui.repo, pins.comfyui],
-            "custom_nodes": [[node.name, node.repo, pins.nodes[node.name]] for node in spec.custom_nodes],
+            # Writable paths change the release's layout; without any, the fingerprint is as before.
+            "comfyui": [spec.comfyui.repo, pins.comfyui, *_writable(spec.comfyui).values()],
+            "custom_nodes": [
+                [node.name, node.repo, pins.nodes[node.name], *_writable(node).values()] for node in spec.custom_nodes
+            ],
             "torch": [spec.torch_flavor, spec.torch_packages],
             "protected": sorted(self.protected()),
             "pip_constraints": spec.pip_constraints,
@@ -188,13 +199,17 @@ class Builder:
     def _verify_live(self, lock: dict[str, Any]) -> None:
         release = lock["release"]
         comfyui = os.path.join(release, "ComfyUI")
-        trees = [("ComfyUI", comfyui, lock["comfyui"]["commit"])]
+        trees = [("ComfyUI", comfyui, lock["comfyui"])]
         trees += [
-            (f"custom_nodes/{node['name']}", os.path.join(comfyui, "custom_nodes", node["name"]), node["commit"])
+            (f"custom_nodes/{node['name']}", os.path.join(comfyui, "custom_nodes", node["name"]), node)
             for node in lock["custom_nodes"]
         ]
-        for label, path, commit in trees:
+        for label, path, entry in trees:
+            commit = entry["commit"]
             head, changed = self.git.state(path)
+            # A writable path is a link in the release by design (writable.py).
+            links = [written.rstrip("/") for written in entry.get("writable", [])]
+            changed = [name for name in changed if not any(_within(name.rstrip("/"), link) for link in links)]
             if head != commit or changed:
                 detail = f"HEAD is {head}, the lock says {commit}" if head != commit else ", ".join(changed[:10])
                 raise EnvError(
@@ -238,6 +253,7 @@ class Builder:
                     )
 
         self._timed("checkout", checkout)
+        link_release(comfyui, os.path.join(release, SEEDS), self._writable_paths())
         sources = self._timed("collect requirements", lambda: self._collect(release, comfyui))
         venv = os.path.join(release, "venv")
         self._timed("create venv", lambda: self._uv("venv", "--quiet", "--relocatable", "--python", spec.python, venv))
@@ -273,6 +289,7 @@ class Builder:
                 }
                 for item in sorted(installed, key=lambda item: canonical_name(item["name"]))
             ],
+            "writable": self._writable_paths(),
             "warnings": self.warnings,
         }
         _write_json(os.path.join(release, LOCK_NAME), lock)
@@ -402,11 +419,18 @@ class Builder:
             )
 
     def _gate(self, release: str, python: str, comfyui: str) -> None:
-        """Import everything with `--quick-test-for-ci --cpu`; fail naming each node that did not import."""
+        """Import everything with `--quick-test-for-ci --cpu`; fail naming each node that did not import.
+
+        The gate runs in a scratch folder, as an instance runs in its state folder: its working
+        directory holds its own copy of the writable paths, and what a pack writes there at import
+        becomes the seed of a path that had none.
+        """
         spec = self.spec
         scratch = os.path.join(release, ".gate")
+        seeds = os.path.join(release, SEEDS)
         for sub in ("user", "input", "output", "temp"):
             os.makedirs(os.path.join(scratch, sub), exist_ok=True)
+        provide(seeds, scratch, self._writable_paths())
         for relative, source in spec.user_files.items():
             target = os.path.normpath(os.path.join(scratch, "user", relative))
             if not target.startswith(os.path.join(scratch, "user") + os.sep):
@@ -417,16 +441,19 @@ class Builder:
             import pwd
 
             account = pwd.getpwnam(spec.run_as)
-            for folder, _subdirs, _files in os.walk(scratch):
-                os.chown(folder, account.pw_uid, account.pw_gid)
-        args = [python, "main.py", "--quick-test-for-ci", "--cpu", "--disable-auto-launch"]
+            for folder, _subdirs, files in os.walk(scratch):
+                for path in (folder, *(os.path.join(folder, name) for name in files)):
+                    os.lchown(path, account.pw_uid, account.pw_gid)
+        main = os.path.join(comfyui, "main.py")
+        args = [python, main, "--quick-test-for-ci", "--cpu", "--disable-auto-launch"]
         args += [f"--{sub}-directory={os.path.join(scratch, sub)}" for sub in ("user", "input", "output", "temp")]
         args += [f"--database-url=sqlite:///{os.path.join(scratch, 'comfyui.db')}"]
         if spec.extra_model_paths:
             args += ["--extra-model-paths-config", spec.extra_model_paths]
         env = {**self._env(), "HOME": scratch, "PYTHONDONTWRITEBYTECODE": "1"}
         try:
-            done = run(args, cwd=comfyui, env=env, timeout=spec.gate_timeout, user=spec.run_as, merge=True)
+            done = run(args, cwd=scratch, env=env, timeout=spec.gate_timeout, user=spec.run_as, merge=True)
+            keep_as_seeds(scratch, seeds, self._writable_paths())
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         output = done.stdout
@@ -438,6 +465,8 @@ class Builder:
             lines = []
             for name, error in sorted(ours.items()):
                 lines.append(f"- custom node {name} failed to import: {error}")
+                hint = permission_hint(error, comfyui, name)
+                lines += [hint] if hint else []
                 lines += likely_missing(
                     os.path.join(comfyui, "custom_nodes", name), comfyui, python, error, env, spec.import_names
                 )
@@ -447,9 +476,11 @@ class Builder:
                 " missing package to pip_packages, or remove the node"
             )
         if done.returncode != 0:
+            hint = permission_hint(output, comfyui)
             raise EnvError(
                 f"environment {spec.name}: ComfyUI exited with code {done.returncode} during the import gate"
                 f" (main.py --quick-test-for-ci --cpu); its last lines:\n{redact(tail(output))}"
+                + (f"\n{hint}" if hint else "")
             )
         for name in sorted(set(failed) - configured):
             self.warnings.append(f"{name} (not a configured custom node) failed to import: {failed[name]}")
@@ -460,6 +491,14 @@ class Builder:
                 f"ComfyUI's optional node {name} failed to import, so its node classes are missing: {error}"
                 + "".join(f"\n{line}" for line in causes)
             )
+
+    def _writable_paths(self) -> list[str]:
+        """Every declared writable path, relative to the ComfyUI folder."""
+        spec = self.spec
+        paths = list(spec.comfyui.writable)
+        for node in spec.custom_nodes:
+            paths += [f"custom_nodes/{node.name}/{path}" for path in node.writable]
+        return paths
 
     def _switch(self, release: str) -> None:
         """Point `current` at the new release in one rename."""
@@ -531,10 +570,21 @@ class Builder:
         return done
 
 
+def _writable(tree: Source) -> dict[str, list[str]]:
+    """A tree's writable paths for its lock entry, or nothing when it has none."""
+    return {"writable": list(tree.writable)} if tree.writable else {}
+
+
+def _within(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + "/")
+
+
 def describe(lock: dict[str, Any]) -> str:
     """A lock's pins as lines, for diffs."""
     lines = [f"ComfyUI {lock['comfyui']['version']} ({lock['comfyui']['commit']})"]
-    lines += [f"custom_nodes/{node['name']} {node['commit']}" for node in lock["custom_nodes"]]
+    for node in lock["custom_nodes"]:
+        writable = f" writable {' '.join(node['writable'])}" if "writable" in node else ""
+        lines.append(f"custom_nodes/{node['name']} {node['commit']}{writable}")
     lines += [f"torch flavour {lock['torch']['flavor'] or '-'}: {' '.join(lock['torch']['packages']) or '-'}"]
     lines += [f"pip_constraints: {' '.join(lock['pip_constraints']) or '-'}"]
     lines += [f"pip_packages: {' '.join(lock['pip_packages']) or '-'}"]

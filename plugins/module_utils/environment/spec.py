@@ -14,6 +14,8 @@ from typing import Any
 
 from .errors import EnvError, redact
 from .requirements import canonical_name
+from .writable import COMFYUI, declared
+from .writable import problem as writable_problem
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -26,6 +28,8 @@ class Source:
     name: str
     repo: str
     version: str
+    # Paths the tree writes inside its own folder (writable.py), a trailing / for a folder.
+    writable: tuple[str, ...] = ()
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Spec:
     gate_timeout: int = 900
     # Import name -> distribution, for the import gate's diagnosis (beside imports.DISTRIBUTIONS).
     import_names: dict[str, str] = field(default_factory=dict)
+    # Node folder or repository name (or ComfyUI) -> paths it writes, before writable.KNOWN.
+    writable_paths: dict[str, list[str]] = field(default_factory=dict)
     run_as: str | None = None
     keep_releases: int = 2
 
@@ -148,6 +154,7 @@ NODE_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "repo": (_text, "a git URL, a string"),
     "version": (_version, "a full 40-hex commit, a string"),
     "name": (_text, "a folder name under custom_nodes/, a string"),
+    "writable": (_texts, "a list of paths inside the node's folder that it writes (a trailing / for a folder)"),
 }
 FLAVOR_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "index_url": (_text_or_empty, "a URL, a string"),
@@ -237,7 +244,10 @@ def environment_spec(
         node_problems += [f"{key} is missing" for key in ("repo", "version") if key not in node]
         problems += [f"{label}: {problem}" for problem in node_problems]
         if not node_problems:
-            nodes.append(Source(read.get("name") or node_name_from_repo(read["repo"]), read["repo"], read["version"]))
+            folder = read.get("name") or node_name_from_repo(read["repo"])
+            site = settings.get("writable_paths") or {}
+            writable = declared(folder, node_name_from_repo(read["repo"]), read.get("writable", []), site)
+            nodes.append(Source(folder, read["repo"], read["version"], tuple(writable)))
     flavors = torch_flavors or {}
     flavor_name = env.get("torch_flavor", default_torch_flavor)
     flavor: dict[str, Any] = {}
@@ -264,7 +274,12 @@ def environment_spec(
         hook = os.path.join(config_dir, HOOK_FILE) if config_dir else env["hook"]
     return Spec(
         name=name,
-        comfyui=Source("ComfyUI", env["comfyui_repo"], env["comfyui_version"]),
+        comfyui=Source(
+            "ComfyUI",
+            env["comfyui_repo"],
+            env["comfyui_version"],
+            tuple(declared(COMFYUI, "", [], settings.get("writable_paths") or {})),
+        ),
         custom_nodes=nodes,
         allow_moving_refs=env.get("allow_moving_refs", False),
         torch_flavor=flavor_name,
@@ -316,6 +331,20 @@ def validate(spec: Spec, check_mode: bool = False) -> None:
                 f"{label}: version must be a full 40-hex commit (got {node.version!r}); pin the commit,"
                 " or set allow_moving_refs: true for this environment"
             )
+    for name, paths in spec.writable_paths.items():
+        if not (isinstance(paths, (list, tuple)) and all(isinstance(path, str) for path in paths)):
+            raise EnvError(
+                f"{where}: writable_paths (comfyui_environments_writable_paths) must map a node folder or"
+                f" repository name (or ComfyUI) to a list of paths, got {name!r}: {yaml_kind(paths)}"
+            )
+    for tree in (spec.comfyui, *spec.custom_nodes):
+        for path in tree.writable:
+            why = writable_problem(path)
+            if why:
+                raise EnvError(
+                    f"{where}: writable path {path!r} of {tree.name} {why}; declare paths such as settings.json"
+                    " or cache/ (custom node writable:, or comfyui_environments_writable_paths)"
+                )
     for entry in spec.torch_packages:
         torch_constraint(where, entry)
     if spec.keep_releases < 1:
