@@ -10,11 +10,12 @@ export PATH := $(VENV)/bin:$(PATH)
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
-up: bootstrap ## The main job: bake a container image (TARGET=cpu), run it, print where ComfyUI answers
-	COMFYBAKE_TARGET=$(or $(TARGET),cpu) scripts/up.sh
+# `make up` checks its sources (scripts/preflight.py) before bootstrap and the bake: up.sh runs both.
+up: ## The main job: bake a container image (TARGET=cpu; OFFLINE=<folder of mirrors>), run it, print where ComfyUI answers
+	COMFYBAKE_TARGET=$(or $(TARGET),cpu) COMFYBAKE_OFFLINE="$(or $(OFFLINE),$(COMFYBAKE_OFFLINE))" COMFYBAKE_BOOTSTRAP=scripts/bootstrap.sh scripts/up.sh
 
-provision: bootstrap ## Converge a local systemd container with playbooks/site.yml (a host, not an image)
-	scripts/local.sh up
+provision: bootstrap ## Converge a local systemd container (INVENTORY=inventories/local, MOUNTS="src:dst ...")
+	$(if $(INVENTORY),COMFYBAKE_INVENTORY=$(INVENTORY)) $(if $(MOUNTS),COMFYBAKE_MOUNTS="$(MOUNTS)") scripts/local.sh up
 
 down: ## Remove the containers made by `make up` and `make provision`
 	docker rm -f comfybake-up >/dev/null 2>&1 || true

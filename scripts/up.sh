@@ -2,30 +2,96 @@
 # comfybake's main job on a machine with Docker and no GPU: bake the container image of a
 # target (packer/targets/<target>.pkrvars.hcl, default cpu: real ComfyUI and CPU torch from
 # public sources), run it with its instances' ports published on loopback, wait until every
-# instance is ready, and print where they answer.
+# instance is ready, and print where they answer. Before anything long, scripts/preflight.py
+# checks in seconds every source the target needs (base image, apt archives, git remotes,
+# package indexes, model origins) and stops with what replaces each unreachable one.
 #   COMFYBAKE_TARGET=cpu                 the target to bake
+#   COMFYBAKE_OFFLINE=<folder>           bake from a folder of mirrors instead of the network
+#                                        (make up OFFLINE=<folder>; docs/bake.md)
 #   COMFYBAKE_PACKER_ARGS="-var ..."     more Packer arguments (an inventory, mirrors, ...)
+#   COMFYBAKE_BOOTSTRAP=<script>         run it after the preflight, before the bake (make up
+#                                        sets scripts/bootstrap.sh)
+#   COMFYBAKE_PREFLIGHT=0                skip the preflight (it cannot see a proxy the bake uses)
 #   HF_TOKEN / CIVITAI_TOKEN             tokens for the models (never stored in the image)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 target=${COMFYBAKE_TARGET:-cpu}
+offline=${COMFYBAKE_OFFLINE:-}
 name=comfybake-up
 image_name=comfybake/${target}
 image=${image_name}:local
 
 say() { printf 'up: %s\n' "$*"; }
+die() { printf 'up: %s\n' "$@" >&2; exit "${code:-1}"; }
 
-[[ -f $root/packer/targets/$target.pkrvars.hcl ]] || {
-  echo "up: no target '$target': choose one of $(cd "$root/packer/targets" && ls | sed 's/.pkrvars.hcl//' | xargs)" >&2
-  exit 2
+targets=("$root"/packer/targets/*.pkrvars.hcl)
+targets=("${targets[@]##*/}")
+[[ -f $root/packer/targets/$target.pkrvars.hcl ]] || code=2 die \
+  "no target '$target' (packer/targets/$target.pkrvars.hcl)" \
+  "what to do next: choose one of ${targets[*]%.pkrvars.hcl}, such as make up TARGET=cpu"
+if [[ -n $offline && ! -d $offline ]]; then
+  code=2 die "the offline folder '$offline' does not exist" \
+    "what to do next: build it on a connected machine as docs/bake.md shows (\"Offline: a folder of mirrors\"), then make up OFFLINE=<folder>"
+fi
+
+# The preflight needs only Python and PyYAML: the venv's, else the system's, else bootstrap first.
+preflight_python() {
+  local candidate
+  for candidate in "${COMFYBAKE_VENV:-$root/.venv}/bin/python" python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import yaml' 2>/dev/null; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
 }
+
+bootstrapped=false
+bootstrap() {
+  if [[ -n ${COMFYBAKE_BOOTSTRAP:-} && $bootstrapped == false ]]; then
+    "$COMFYBAKE_BOOTSTRAP"
+    bootstrapped=true
+  fi
+}
+
+offline_out=$root/build/offline/$target
+if [[ ${COMFYBAKE_PREFLIGHT:-1} != 0 || -n $offline ]]; then
+  python=$(preflight_python) || {
+    say "the preflight needs Python with PyYAML, which comes with the venv: bootstrapping first"
+    bootstrap
+    python=$(preflight_python) || die "no Python with PyYAML after bootstrap" \
+      "what to do next: run scripts/bootstrap.sh and read its errors"
+  }
+  checks=(--target "$target")
+  [[ -n $offline ]] && checks+=(--offline "$offline" --out "$offline_out")
+  status=0
+  "$python" "$root/scripts/preflight.py" "${checks[@]}" || status=$?
+  if ((status != 0)); then
+    code=$status die "stopped before the bake: nothing was built or started (the table above says what to change)"
+  fi
+fi
+bootstrap
+
+offline_args=()
+if [[ -n $offline ]]; then
+  if [[ -s $offline_out/load ]]; then
+    say "loading the base image from $(<"$offline_out/load")"
+    docker load --input "$(<"$offline_out/load")"
+  fi
+  mapfile -t offline_args <"$offline_out/packer.args"
+  say "baking from the folder of mirrors $offline (Ansible variables: ${offline_out#"$root/"}/vars.json)"
+fi
 
 cd "$root"
 say "baking $image from packer/targets/$target.pkrvars.hcl"
+# The offline arguments come last: they already hold the user's volumes and vars files.
 # shellcheck disable=SC2086 # COMFYBAKE_PACKER_ARGS is a list of arguments
 packer build -only=comfybake.docker.comfybake -var-file="packer/targets/$target.pkrvars.hcl" \
-  -var "image_name=$image_name" -var image_version=local ${COMFYBAKE_PACKER_ARGS:-} packer
+  -var "image_name=$image_name" -var image_version=local ${COMFYBAKE_PACKER_ARGS:-} "${offline_args[@]}" packer ||
+  die "the bake of target $target failed: the first 'fatal:' or 'Error' line above says why" \
+    "what to do next: fix that setting (COMFYBAKE_PACKER_ARGS for Packer variables, extra_vars_files or the" \
+    "inventory for Ansible ones), check the sources again with scripts/preflight.py --target $target, then make up again"
 
 ports=$(docker run --rm "$image" python3 -c \
   'import json; print(" ".join(str(i["port"]) for i in json.load(open("/etc/comfybake/instances.json"))["instances"] if i["enabled"]))')
@@ -40,17 +106,18 @@ docker run --detach --name "$name" "${publish[@]}" "${env_args[@]}" "$image" >/d
 for _ in $(seq 600); do
   if [[ $(docker inspect -f '{{.State.Running}}' "$name") != true ]]; then
     docker logs --tail 50 "$name" >&2
-    echo "up: $name stopped (see above)" >&2
-    exit 1
+    die "$name stopped (its last lines are above)" \
+      "what to do next: fix what they name (a model fetch needs HF_TOKEN or CIVITAI_TOKEN), then make up again"
   fi
   if docker exec "$name" comfybake instances status >/dev/null 2>&1; then
     docker exec "$name" comfybake instances status
     for port in $ports; do say "ComfyUI answers at http://127.0.0.1:$port"; done
-    say "logs: docker logs -f $name; remove: make down"
+    say "what to do next: open a URL above; logs: docker logs -f $name; status: docker exec $name comfybake instances status"
+    say "remove it with make down; bake another target with make up TARGET=<target> (docs/bake.md)"
     exit 0
   fi
   sleep 1
 done
 docker exec "$name" comfybake instances status >&2 || true
-echo "up: the instances were not ready after 600 s; see docker logs $name" >&2
-exit 1
+die "the instances were not ready after 600 s" \
+  "what to do next: docker logs $name and docker exec $name comfybake instances diagnose say why; make down removes it"
