@@ -92,9 +92,9 @@ def read_pkrvars(path: Path) -> dict[str, Any]:
 
 
 def packer_overrides(args: str, cwd: Path) -> dict[str, Any]:
-    """The -var and -var-file arguments of COMFYBAKE_PACKER_ARGS, in order."""
+    """The -var and -var-file arguments of COMFYBAKE_PACKER_ARGS, in order (split on blanks, as up.sh does)."""
     values: dict[str, Any] = {}
-    words = shlex.split(args)
+    words = args.split()
     for index, word in enumerate(words):
         name, _, inline = word.partition("=")
         if name not in ("-var", "--var", "-var-file", "--var-file"):
@@ -241,7 +241,9 @@ def bake_plan(target: str, packer_args: str, offline: Path | None) -> Plan:
             f"the inventory_dir {packer['inventory_dir']} of target {target} does not exist\n"
             "what to do next: pass -var inventory_dir=<folder> in COMFYBAKE_PACKER_ARGS (copy inventories/bake)"
         )
-    extra_files = [Path(f) if Path(f).is_absolute() else ROOT / f for f in packer.get("extra_vars_files") or []]
+    listed = packer.get("extra_vars_files") or []
+    listed = listed if isinstance(listed, list) else [listed]
+    extra_files = [Path(f) if Path(f).is_absolute() else ROOT / f for f in listed]
     missing = [display(f) for f in extra_files if not f.is_file()]
     if missing:
         raise SetupError(
@@ -868,7 +870,8 @@ def report(plan: Plan, mode: str, offline: bool) -> int:
     if any(c.problem and "certificate verify failed" in c.problem for c in failed):
         print("  - behind a TLS-intercepting proxy: COMFYBAKE_EXTRA_CA_BUNDLE=/path/to/proxy-ca.pem (and for a bake")
         print("    -var extra_ca_bundle=/path/to/proxy-ca.pem), then run this again")
-    print("  - then check again in seconds: " + shlex.join([display(Path(sys.argv[0]).resolve()), *sys.argv[1:]]))
+    again = [display(Path(arg)) if arg.startswith(str(ROOT)) else arg for arg in sys.argv[1:]]
+    print("  - then check again in seconds: " + shlex.join([display(Path(sys.argv[0]).resolve()), *again]))
     return 1
 
 

@@ -78,6 +78,9 @@ if [[ -n $offline ]]; then
   if [[ -s $offline_out/load ]]; then
     say "loading the base image from $(<"$offline_out/load")"
     docker load --input "$(<"$offline_out/load")"
+    # Loaded, the image can be looked into: does it need apt archives the folder cannot hold?
+    "$python" "$root/scripts/preflight.py" "${checks[@]}" ||
+      die "stopped before the bake: the loaded base image needs what the table above names"
   fi
   mapfile -t offline_args <"$offline_out/packer.args"
   say "baking from the folder of mirrors $offline (Ansible variables: ${offline_out#"$root/"}/vars.json)"
