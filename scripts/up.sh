@@ -35,6 +35,19 @@ if [[ -n $offline && ! -d $offline ]]; then
     "what to do next: build it on a connected machine as docs/bake.md shows (\"Offline: a folder of mirrors\"), then make up OFFLINE=<folder>"
 fi
 
+# A CUDA target's instances need a GPU to start: Docker must have NVIDIA's runtime.
+gpu_args=()
+flavor=$(sed -n 's/^torch_flavor *= *"\(.*\)"/\1/p' "$root/packer/targets/$target.pkrvars.hcl")
+if [[ $flavor != cpu ]]; then
+  runtimes=$(docker info --format '{{range $name, $_ := .Runtimes}}{{$name}} {{end}}' 2>/dev/null || true)
+  [[ " $runtimes" == *" nvidia "* ]] || code=2 die \
+    "target $target bakes CUDA torch ($flavor): its instances need an NVIDIA GPU, which Docker here cannot give" \
+    "(no 'nvidia' runtime in docker info: the NVIDIA driver and the NVIDIA Container Toolkit are missing)" \
+    "what to do next: make up (the cpu target runs without a GPU); or bake the image here and run it on a GPU host:" \
+    "packer build -only=comfybake.docker.comfybake -var-file=packer/targets/$target.pkrvars.hcl packer (docs/bake.md)"
+  gpu_args=(--gpus all)
+fi
+
 # The preflight needs only Python and PyYAML: the venv's, else the system's, else bootstrap first.
 preflight_python() {
   local candidate
@@ -104,7 +117,7 @@ docker rm -f "$name" >/dev/null 2>&1 || true
 env_args=()
 for token in HF_TOKEN CIVITAI_TOKEN; do [[ -n ${!token:-} ]] && env_args+=(--env "$token"); done
 say "starting $name (ports ${ports:-none})"
-docker run --detach --name "$name" "${publish[@]}" "${env_args[@]}" "$image" >/dev/null
+docker run --detach --name "$name" "${gpu_args[@]}" "${publish[@]}" "${env_args[@]}" "$image" >/dev/null
 
 for _ in $(seq 600); do
   if [[ $(docker inspect -f '{{.State.Running}}' "$name") != true ]]; then

@@ -306,3 +306,16 @@ def test_the_offline_folder_names_each_missing_piece_then_maps_onto_the_settings
     for repo in ("https://github.com/comfyanonymous/ComfyUI.git", "https://github.com/someone/ComfyUI-Node.git"):
         here = mirrors["https://github.com/"].replace("/srv/comfybake-offline", str(folder))
         assert git("-c", f"url.{here}.insteadOf=https://github.com/", "ls-remote", repo, "HEAD").strip()
+
+
+def test_make_up_of_a_cuda_target_says_up_front_that_it_needs_a_gpu(root: Path, tmp_path: Path) -> None:
+    runtimes = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, text=True)
+    # An inventory that does not exist stops a machine with a GPU in the preflight, before any bake.
+    done = up(root, COMFYBAKE_TARGET="cu128-py312", COMFYBAKE_PACKER_ARGS=f"-var inventory_dir={tmp_path / 'none'}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    if '"nvidia"' in runtimes.stdout:
+        assert "does not exist" in done.stderr
+    else:
+        assert "its instances need an NVIDIA GPU" in done.stderr
+        assert "what to do next: make up (the cpu target runs without a GPU)" in done.stderr
+    assert "up: baking" not in done.stdout
