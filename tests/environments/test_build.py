@@ -8,12 +8,21 @@ release serving with no half-built release beside it.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from harness import repos, wheelhouse
 from harness.environments import engine, live, node_repo, releases
+from harness.mockhub import MockHub
+from harness.serve_models import serve_packages
+from harness.tools import ROOT, venv_bin
 
 BASIC = ("ComfyUI-Comfybake-Basic", "initial")
 SIX_OLD = ("ComfyUI-Comfybake-SixOld", "initial")
@@ -230,3 +239,84 @@ def test_comfyui_manager_imports_only_with_the_locked_down_settings(make_spec: A
     config.write_text("[default]\nnetwork_mode = offline\nsecurity_level = strong\n")
     spec = make_spec(manager, user_files={"__manager/config.ini": str(config)})
     assert engine.Builder(spec).run().changed
+
+
+def cpu_recipe() -> tuple[dict[str, Any], str]:
+    """The settings (the yaml block) and the wheelhouse commands (the sh block) of the section
+    "CPU torch from PyPI" in docs/environments.md, as a user copies them."""
+    text = (ROOT / "docs" / "environments.md").read_text()
+    section = text.split("\n## CPU torch from PyPI\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```(\w+)\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    [settings] = [yaml.safe_load(body) for language, body in blocks if language == "yaml"]
+    [commands] = [body for language, body in blocks if language == "sh"]
+    return settings, commands
+
+
+def test_the_documented_cpu_recipe_builds_offline_from_the_documented_wheelhouse(
+    fixture_repos: dict[str, repos.Repo], wheels: Path, uv_cache: Path, tmp_path: Path
+) -> None:
+    """docs/environments.md's CPU recipe as written: its commands download the wheelhouse from a
+    package index (a local one serving stand-ins for torch, torchvision and torchaudio, and the
+    real uv), its environment builds from that folder with no index, and its torch set imports."""
+    settings, commands = cpu_recipe()
+    [(name, written)] = settings["comfyui_environments"].items()
+    versions = dict(pin.split("==") for pin in written["torch_packages"])
+    assert f"uv=={wheelhouse.UV_VERSION}" in commands, "the docs download the uv the role installs"
+    assert set(re.findall(r"uv==([\w.]+)", (ROOT / "docs" / "environments.md").read_text())) == {wheelhouse.UV_VERSION}
+
+    index = tmp_path / "index"
+    index.mkdir()
+    torch = versions["torch"]
+    wheelhouse.stand_in(index, "torch", torch, {"torch/__init__.py": f"__version__ = {torch!r}\n"})
+    vision = {
+        "torchvision/__init__.py": "from . import ops\n",
+        "torchvision/ops.py": "def nms(*args):\n    return []\n",
+    }
+    wheelhouse.stand_in(index, "torchvision", versions["torchvision"], vision, requires=(f"torch=={torch}",))
+    wheelhouse.stand_in(
+        index, "torchaudio", versions["torchaudio"], {"torchaudio/__init__.py": ""}, (f"torch=={torch}",)
+    )
+    shutil.copy(next(wheels.glob(f"uv-{wheelhouse.UV_VERSION}-*.whl")), index)
+
+    work = tmp_path / "controller"
+    work.mkdir()
+    github = f"{Path(fixture_repos['ComfyUI'].path).parent.as_uri()}/"
+    env = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 with pip
+        "HOME": str(tmp_path / "home"),
+        "PIP_CONFIG_FILE": os.devnull,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_COUNT": "1",  # GitHub is the fixture repositories
+        "GIT_CONFIG_KEY_0": f"url.{github}.insteadOf",
+        "GIT_CONFIG_VALUE_0": "https://github.com/comfyanonymous/",
+    }
+    with MockHub() as hub:
+        serve_packages(hub, index)
+        env["PIP_INDEX_URL"] = f"{hub.url}/simple"  # PyPI
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", commands], cwd=work, env=env, capture_output=True, text=True
+        )
+    assert done.returncode == 0, f"the documented commands failed: {done.stdout}{done.stderr}"
+    folder = work / settings["comfyui_environments_wheelhouse_src"]
+    assert sorted(p.name.split("-")[0] for p in folder.glob("*.whl")) == ["torch", "torchaudio", "torchvision", "uv"]
+
+    flavors = yaml.safe_load((ROOT / "roles/comfyui_environments/defaults/main.yml").read_text())
+    spec = engine.environment_spec(
+        name,
+        written,
+        torch_flavors=flavors["comfyui_environments_torch_flavors"],
+        root=str(tmp_path / "envs" / name),
+        uv=venv_bin("uv"),
+        wheelhouse=str(folder),  # what the role passes once it pushed comfyui_environments_wheelhouse_src
+        cache_dir=str(uv_cache),
+        git_cache=str(tmp_path / "git-cache"),
+        git_mirrors={"https://github.com/comfyanonymous/": github},
+        python=sys.executable,
+    )
+    built = engine.Builder(spec).run()
+    packages = {p["name"]: p["version"] for p in built.lock["packages"]}
+    assert {key: packages[key] for key in versions} == versions
+    assert built.lock["torch"]["index_url"] == "" and not any("nodes_audio" in w for w in built.warnings)
+    python = Path(built.release) / "venv" / "bin" / "python"
+    check = "import torch, torchvision, torchaudio; torchvision.ops.nms; print(torch.__version__)"
+    assert subprocess.run([python, "-c", check], capture_output=True, text=True).stdout.strip() == torch
