@@ -35,17 +35,20 @@ KEYS = {
     "memory_high",
     "memory_max",
 }
-NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,22}$")  # becomes the user comfyui-<name> (at most 31 characters)
-GPU = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-fA-F/-]+)$")
-MEMORY = re.compile(r"^(\d+[KMGT]?|\d+%|infinity)$")
+# Every pattern below is used with `fullmatch`: `match` with `$` accepts a trailing line break.
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,22}")  # becomes the user comfyui-<name> (at most 31 characters)
+GPU = re.compile(r"\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-fA-F/-]+")
+MEMORY = re.compile(r"\d+[KMGT]?|\d+%|infinity")
 # Every value that reaches a rendered file (an environment value, a word of the command line,
 # a limit, a path) holds only these characters: no space, quote, backslash, `$`, `;` or line
 # break, so no file can read it as more than one value. `%` is escaped where a file expands it.
-SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]*$")
-SAFE_ARG = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
-SAFE_PATH = re.compile(r"^/[A-Za-z0-9_@+=:,./-]*$")
-ENVIRONMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # as the environment engine names them
-TEXT = re.compile(r"^[^\x00-\x1f\x7f]*$")  # one line: a description lands in a comment
+SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]*")
+SAFE_ARG = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+SAFE_PATH = re.compile(r"/[A-Za-z0-9_@+=:,./-]*")
+ENVIRONMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as the environment engine names them
+# What ends a line somewhere: C0 and C1 controls (NEL too), DEL, and Unicode's line and
+# paragraph separators. No string that reaches a file may hold one, not even a description.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # The settings that become paths, with the variable that sets each.
 PATH_SETTINGS = {
     "state_root": "comfyui_state_root",
@@ -53,7 +56,9 @@ PATH_SETTINGS = {
     "config_root": "comfyui_config_root",
     "code_root": "comfyui_code_root",
     "log_dir": "comfyui_instances_log_dir",
+    "model_store": "comfyui_model_store",
 }
+OPTIONAL_PATHS = {"log_dir", "model_store"}  # empty: no log folder; absent: a caller that renders no unit
 MEMORY_SETTINGS = {"memory_high": "comfyui_instances_memory_high", "memory_max": "comfyui_instances_memory_max"}
 # Resource limits of every instance, by their systemd names (supervisord has none: a
 # container's limits are those of `docker run`). MemoryHigh and MemoryMax come from the layout.
@@ -71,6 +76,41 @@ QUOTING: dict[str, Callable[[str], str]] = {
     # a value of supervisord's environment=: quoted, since its pairs are split on commas.
     "supervisor_env": lambda text: '"' + text.replace("%", "%%") + '"',
 }
+# ComfyUI's long options, as its argument parser (argparse) knows them, read from
+# comfyanonymous/ComfyUI comfy/cli_args.py at commit 005d79c828d88f60e356fe4b422a21ae8a595442
+# (the 0.3 series), with the ComfyUI-Manager options added in v0.4.0 (--enable-manager,
+# --disable-manager-ui, --enable-manager-legacy-ui) and argparse's own --help. argparse takes
+# any unambiguous prefix of one of them (allow_abbrev), `--flag=value` too, so extra_args are
+# resolved against this list before the flags below are checked (`resolve_option`). A newer
+# ComfyUI may add options: a word that begins a flag comfybake sets is refused even where the
+# newer list makes it ambiguous (argparse refuses those too), and a word that begins no option
+# known here is passed through, as ComfyUI itself decides what it is.
+COMFYUI_OPTIONS = (
+    "--help",
+    "--listen", "--port", "--tls-keyfile", "--tls-certfile", "--enable-cors-header", "--max-upload-size",
+    "--base-directory", "--extra-model-paths-config", "--output-directory", "--temp-directory",
+    "--input-directory", "--models-directory", "--auto-launch", "--disable-auto-launch", "--cuda-device",
+    "--cuda-malloc", "--disable-cuda-malloc",
+    "--force-fp32", "--force-fp16",
+    "--fp32-unet", "--fp64-unet", "--bf16-unet", "--fp16-unet", "--fp8_e4m3fn-unet", "--fp8_e5m2-unet",
+    "--fp8_e8m0fnu-unet",
+    "--fp16-vae", "--fp32-vae", "--bf16-vae", "--cpu-vae",
+    "--fp8_e4m3fn-text-enc", "--fp8_e5m2-text-enc", "--fp16-text-enc", "--fp32-text-enc", "--bf16-text-enc",
+    "--force-channels-last", "--directml", "--oneapi-device-selector", "--disable-ipex-optimize",
+    "--supports-fp8-compute", "--preview-method", "--preview-size",
+    "--cache-classic", "--cache-lru", "--cache-none",
+    "--use-split-cross-attention", "--use-quad-cross-attention", "--use-pytorch-cross-attention",
+    "--use-sage-attention", "--use-flash-attention", "--disable-xformers",
+    "--force-upcast-attention", "--dont-upcast-attention",
+    "--enable-manager", "--disable-manager-ui", "--enable-manager-legacy-ui",
+    "--gpu-only", "--highvram", "--normalvram", "--lowvram", "--novram", "--cpu",
+    "--reserve-vram", "--async-offload", "--default-hashing-function", "--disable-smart-memory",
+    "--deterministic", "--fast", "--mmap-torch-files", "--disable-mmap", "--dont-print-server",
+    "--quick-test-for-ci", "--windows-standalone-build", "--disable-metadata", "--disable-all-custom-nodes",
+    "--whitelist-custom-nodes", "--disable-api-nodes", "--multi-user", "--verbose", "--log-stdout",
+    "--front-end-version", "--front-end-root", "--user-directory", "--enable-compress-response-body",
+    "--comfy-api-base", "--database-url",
+)  # fmt: skip
 # Flags comfybake sets itself, with the instance key that controls each.
 MANAGED_FLAGS = {
     "--listen": "listen",
@@ -84,13 +124,20 @@ MANAGED_FLAGS = {
     "--temp-directory": "the layout (comfyui_cache_root)",
     "--database-url": "the layout (comfyui_state_root)",
     "--extra-model-paths-config": "the environment's extra_model_folders",
+    "--models-directory": "the environment's extra_model_folders (the shared model store)",
     "--auto-launch": "nothing: a service never opens a browser",
+    "--windows-standalone-build": "nothing: it turns on --auto-launch",
     "--quick-test-for-ci": "nothing: the import gate runs it while building the environment",
 }
 REFUSED_FLAGS = {
     "--enable-manager": "ComfyUI-Manager then installs packages into the live venv at start-up; "
     "install custom nodes through the environment instead",
+    "--enable-manager-legacy-ui": "it implies --enable-manager, and ComfyUI-Manager then installs packages "
+    "into the live venv at start-up; install custom nodes through the environment instead",
 }
+# Refused unless the operator opts in (comfyui_instances_allow_cors): it turns off the check
+# that keeps other web sites, open in a browser on a client, from driving the instance.
+CORS_FLAG = "--enable-cors-header"
 MIN_PORT = 1024
 MAX_PORT = 65535
 WILDCARDS = ("", "0.0.0.0", "::", "0.0.0.0,::", "[::]")  # noqa: S104 - the addresses refused
@@ -107,7 +154,13 @@ def _is_int(value: Any) -> TypeGuard[int]:
 
 
 def _check_listen(label: str, address: Any, allowed_clients: list[str], container: bool, problems: list[str]) -> str:
-    text = "" if address is None else str(address).strip()
+    text = "" if address is None else str(address)
+    if CONTROL.search(text):
+        problems.append(
+            f"{label}: listen {text!r} has a line break or another control character; set one address such as 127.0.0.1"
+        )
+        return text
+    text = text.strip()
     if container and text in ("0.0.0.0", "::"):  # noqa: S104 - the container's namespace is the boundary
         return text  # in a container only what `docker run -p` publishes is reachable
     if text in WILDCARDS:
@@ -121,7 +174,7 @@ def _check_listen(label: str, address: Any, allowed_clients: list[str], containe
     except ValueError:
         problems.append(f"{label}: listen {text!r} is not one IP address; set an address such as 127.0.0.1")
         return text
-    if not SAFE_ARG.match(str(parsed)):  # an IPv6 scope (fe80::1%eth0) may hold anything but '%'
+    if not SAFE_ARG.fullmatch(str(parsed)):  # an IPv6 scope (fe80::1%eth0) may hold anything but '%'
         problems.append(f"{label}: listen {text!r} has a space, quote or shell character in its scope")
         return text
     if not parsed.is_loopback and not allowed_clients:
@@ -133,18 +186,48 @@ def _check_listen(label: str, address: Any, allowed_clients: list[str], containe
     return str(parsed)
 
 
-def _check_extra_args(label: str, args: Any, problems: list[str]) -> list[str]:
+def resolve_option(word: str) -> list[str]:
+    """The options ComfyUI's parser may read `word` as, the way argparse resolves them.
+
+    An option given in full (`--port`, `--port=9000`) is itself. Any other word starting with
+    `--` stands for every option it begins, the part before `=` included (`--por` is `--port`,
+    `--cu` is `--cuda-device` or `--cuda-malloc`, which argparse refuses as ambiguous). A
+    single-dash word (`-listen`) abbreviates nothing: argparse matches `-x` prefixes only
+    against single-dash options, and ComfyUI has only `-h`. [] for a value, `--` alone, or a
+    word that begins no option known here.
+    """
+    flag = word.split("=", 1)[0]
+    if not flag.startswith("--") or flag == "--":
+        return []
+    known = {*COMFYUI_OPTIONS, *MANAGED_FLAGS, *REFUSED_FLAGS, CORS_FLAG}
+    if flag in known:
+        return [flag]
+    return sorted(option for option in known if option.startswith(flag))
+
+
+def _check_extra_args(label: str, args: Any, allow_cors: bool, problems: list[str]) -> list[str]:
     if not isinstance(args, list) or not all(isinstance(arg, (str, int, float)) for arg in args):
         problems.append(f"{label}: extra_args must be a list of strings, such as ['--reserve-vram', '2']")
         return []
     words = [str(arg) for arg in args]
     for word in words:
+        if CONTROL.search(word):
+            problems.append(f"{label}: extra_args value {word!r} holds a line break or another control character")
+            continue
         flag = word.split("=", 1)[0]
-        if flag in MANAGED_FLAGS:
-            problems.append(f"{label}: extra_args sets {flag}, which comfybake sets from {MANAGED_FLAGS[flag]}")
-        elif flag in REFUSED_FLAGS:
-            problems.append(f"{label}: extra_args sets {flag}, which comfybake refuses: {REFUSED_FLAGS[flag]}")
-        elif not SAFE_ARG.match(word):
+        for option in resolve_option(word):
+            named = option if option == flag else f"{option} (as {flag}: ComfyUI takes a prefix of an option for it)"
+            if option in MANAGED_FLAGS:
+                problems.append(f"{label}: extra_args sets {named}, which comfybake sets from {MANAGED_FLAGS[option]}")
+            elif option in REFUSED_FLAGS:
+                problems.append(f"{label}: extra_args sets {named}, which comfybake refuses: {REFUSED_FLAGS[option]}")
+            elif option == CORS_FLAG and not allow_cors:
+                problems.append(
+                    f"{label}: extra_args sets {named}, which turns off ComfyUI's same-origin check, so any web "
+                    "page open in a client's browser may drive the instance; set comfyui_instances_allow_cors: "
+                    "true to allow it"
+                )
+        if not SAFE_ARG.fullmatch(word):
             problems.append(
                 f"{label}: extra_args value {word!r} has a space, quote or shell character; "
                 "pass each word as its own list item, using only letters, digits and _@%+=:,./-"
@@ -161,7 +244,7 @@ def _check_gpus(label: str, gpus: Any, problems: list[str]) -> list[str]:
     result = []
     for gpu in gpus:
         text = str(gpu)
-        if isinstance(gpu, bool) or not GPU.match(text):
+        if isinstance(gpu, bool) or not GPU.fullmatch(text):
             problems.append(f"{label}: GPU {gpu!r} is not an index (0, 1, ...) or a GPU-/MIG- UUID")
         elif text in result:
             problems.append(f"{label}: GPU {text} is listed twice")
@@ -190,7 +273,7 @@ def _expand(
     label = f"instance {name!r}" if name is not None else f"comfyui_instances[{index}]"
     for key in sorted(set(raw) - KEYS):
         problems.append(f"{label}: unknown key {key!r}; the keys are {', '.join(sorted(KEYS))}")
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         problems.append(
             f"{label}: the name must be 1 to 23 lower-case letters, digits or '-', starting with a letter "
             "or digit (it names the unit comfyui@<name> and its user comfyui-<name>)"
@@ -203,7 +286,7 @@ def _expand(
         problems.append(
             f"{label}: environment {environment!r} is not defined in comfyui_environments (defined: {known})"
         )
-    elif not ENVIRONMENT.match(environment):
+    elif not ENVIRONMENT.fullmatch(environment):
         problems.append(
             f"{label}: environment {environment!r} is not a name of letters, digits, '.', '_' or '-'; "
             "rename it in comfyui_environments"
@@ -225,12 +308,16 @@ def _expand(
         settings.get("manager") == "supervisor",
         problems,
     )
+    common, own = settings.get("extra_args") or [], raw.get("extra_args") or []
     extra_args = _check_extra_args(
-        label, list(settings.get("extra_args") or []) + list(raw.get("extra_args") or []), problems
+        label,
+        common + own if isinstance(common, list) and isinstance(own, list) else None,
+        str(settings.get("allow_cors", False)).lower() == "true",
+        problems,
     )
     limits: dict[str, str] = {}
     for key, directive in (("memory_high", "MemoryHigh"), ("memory_max", "MemoryMax")):
-        if raw.get(key) not in (None, "") and not MEMORY.match(str(raw[key])):
+        if raw.get(key) not in (None, "") and not MEMORY.fullmatch(str(raw[key])):
             problems.append(f"{label}: {key} {raw[key]!r} is not a size such as 48G, 80% or infinity")
         size = str(raw.get(key) or settings.get(key) or "")
         if size:
@@ -239,9 +326,13 @@ def _expand(
     for key in ("enabled", "share_gpus", "log_file"):
         if key in raw and not isinstance(raw[key], bool):
             problems.append(f"{label}: {key} must be true or false, not {raw[key]!r}")
-    description = str(raw.get("description", ""))
-    if not TEXT.match(description):
-        problems.append(f"{label}: description {description!r} must be one line, without control characters")
+    description = raw.get("description") or ""
+    if not isinstance(description, str) or CONTROL.search(description):
+        problems.append(
+            f"{label}: description {description!r} must be one line of text, without line breaks or other "
+            "control characters (it is written into a comment of the environment file)"
+        )
+        description = str(description)
 
     state = f"{settings['state_root']}/instances/{name}"
     cache = f"{settings['cache_root']}/instances/{name}"
@@ -324,6 +415,9 @@ def _rendered(record: dict[str, Any]) -> list[str]:
         *record["limits"].values(),
         record["working_dir"],
         record["log_file"],
+        record["env_file"],
+        record["unit"],
+        record["user"],
     ]
 
 
@@ -332,26 +426,44 @@ def _check_settings(settings: dict[str, Any]) -> list[str]:
     problems = []
     for key, variable in PATH_SETTINGS.items():
         value = settings.get(key)
-        if key == "log_dir" and value in (None, ""):
+        if key in OPTIONAL_PATHS and value in (None, ""):
             continue
-        if not isinstance(value, str) or not SAFE_PATH.match(value):
+        if not isinstance(value, str) or not SAFE_PATH.fullmatch(value):
             problems.append(
                 f"{variable} {value!r} must be an absolute path of letters, digits and _@+=:,./- "
                 "(it is written into the units and supervisord's configuration)"
             )
     for key, variable in MEMORY_SETTINGS.items():
         value = settings.get(key)
-        if value not in (None, "") and not MEMORY.match(str(value)):
+        if value not in (None, "") and not MEMORY.fullmatch(str(value)):
             problems.append(f"{variable} {value!r} is not a size such as 48G, 80% or infinity")
     clients = settings.get("allowed_clients") or []
-    for client in clients if isinstance(clients, list) else [clients]:
-        try:
-            ipaddress.ip_network(str(client), strict=False)
-        except ValueError:
-            problems.append(
-                f"comfyui_instances_allowed_clients: {client!r} is not an address or a CIDR range such as 10.0.0.0/24"
-            )
+    if not isinstance(clients, list):
+        problems.append(f"comfyui_instances_allowed_clients {clients!r} must be a list of addresses or CIDR ranges")
+        clients = []
+    for client in clients:
+        problems += _check_client(client)
+    common = settings.get("extra_args") or []
+    if not isinstance(common, list):
+        problems.append(
+            f"comfyui_instances_extra_args {common!r} must be a list of strings, such as ['--reserve-vram', '2']"
+        )
     return problems
+
+
+def _check_client(client: Any) -> list[str]:
+    """A client of comfyui_instances_allowed_clients: one address or network, as `IPAddressAllow=` takes it."""
+    text = str(client)
+    what = f"comfyui_instances_allowed_clients: {client!r}"
+    if not isinstance(client, str) or CONTROL.search(text) or not SAFE_ARG.fullmatch(text):
+        return [f"{what} must be one address or CIDR range, without spaces, line breaks or other control characters"]
+    if "%" in text:
+        return [f"{what} has an IPv6 zone (%...), which IPAddressAllow= does not take; give the address alone"]
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return [f"{what} is not an address or a CIDR range such as 10.0.0.0/24"]
+    return []
 
 
 def _collisions(layout: list[dict[str, Any]], settings: dict[str, Any], problems: list[str]) -> None:
@@ -414,7 +526,7 @@ def instance_layout(instances: Any, environments: Any, settings: dict[str, Any])
                 f"instance {record['name']!r}: {value!r} would be written into its files, but holds a "
                 "character other than letters, digits and _@%+=:,./-"
                 for value in _rendered(record)
-                if not SAFE.match(value)
+                if not SAFE.fullmatch(value)
             ]
     if problems:
         raise AnsibleFilterError("comfyui_instances is invalid:\n- " + "\n- ".join(problems))
@@ -445,7 +557,7 @@ def instance_quote(value: Any, target: str) -> str:
     if target not in QUOTING:
         raise AnsibleFilterError(f"instance_quote - target {target!r} is not one of {', '.join(QUOTING)}")
     text = str(value)
-    if not SAFE.match(text):
+    if not SAFE.fullmatch(text):
         raise AnsibleFilterError(
             f"instance_quote - {text!r} cannot be written safely into a {target} file: only letters, "
             "digits and _@%+=:,./- can (the instance_layout filter checks every value of a record)"

@@ -3,11 +3,21 @@ gets; every problem is named at once; `instance_quote` writes only checked value
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import pytest
 from ansible.errors import AnsibleFilterError
-from ansible_collections.comfybake.core.plugins.filter.instances import instance_layout, instance_quote, instance_route
+from ansible_collections.comfybake.core.plugins.filter.instances import (
+    COMFYUI_OPTIONS,
+    CORS_FLAG,
+    MANAGED_FLAGS,
+    REFUSED_FLAGS,
+    instance_layout,
+    instance_quote,
+    instance_route,
+    resolve_option,
+)
 
 ENVIRONMENTS = {"comm": {"required_node_classes": ["ComfybakeEcho"]}, "aua-sp": {}}
 SETTINGS: dict[str, Any] = {
@@ -141,7 +151,7 @@ def test_a_cpu_instance_gets_no_gpu_and_the_role_wide_memory_limits_unless_it_se
         ([A], {"log_dir": "/var/log/x\ny"}, "comfyui_instances_log_dir '/var/log/x\\ny' must be an absolute path"),
         ([A | {"listen": "fe80::1%eth0\nX=1"}], {"allowed_clients": ["fe80::/10"]}, "'fe80::1%eth0\\nX=1' has a"),
         ([A], {"memory_max": "48 G"}, "comfyui_instances_memory_max '48 G' is not a size"),
-        ([A], {"allowed_clients": ["10.0.0.0/8 1.2.3.4"]}, "allowed_clients: '10.0.0.0/8 1.2.3.4' is not an address"),
+        ([A], {"allowed_clients": ["10.0.0.0/8 1.2.3.4"]}, "allowed_clients: '10.0.0.0/8 1.2.3.4' must be one address"),
     ],
 )  # fmt: skip
 def test_a_string_that_a_file_could_misread_is_refused(
@@ -151,6 +161,149 @@ def test_a_string_that_a_file_could_misread_is_refused(
     with pytest.raises(AnsibleFilterError) as raised:
         instance_layout(instances, environments, {**SETTINGS, **settings})
     assert expected in str(raised.value.message)
+
+
+# A trailing line break passed `re.match(...$)`, and a zone or C1 control passed the other
+# checks; each would add a line to the environment file or the unit (ExecStartPre=+ runs as root).
+@pytest.mark.parametrize(
+    ("instances", "settings", "expected"),
+    [
+        ([A | {"name": "a\n"}], {}, "instance 'a\\n': the name must be 1 to 23"),
+        ([A | {"gpus": ["0\n"]}], {}, "instance 'a': GPU '0\\n' is not an index"),
+        ([A | {"memory_max": "48G\n"}], {}, "instance 'a': memory_max '48G\\n' is not a size"),
+        ([A | {"environment": "comm\n"}], {}, "environment 'comm\\n' is not a name of letters"),
+        ([A | {"description": "SP\n"}], {}, "description 'SP\\n' must be one line of text"),
+        ([A | {"description": "SP\x85HF_HUB_OFFLINE=0"}], {}, "must be one line of text"),
+        ([A | {"description": "SP\u2028LD_PRELOAD=/tmp/x.so"}], {}, "must be one line of text"),
+        ([A | {"description": ["SP"]}], {}, "description ['SP'] must be one line of text"),
+        ([A | {"listen": "127.0.0.1\n"}], {}, "listen '127.0.0.1\\n' has a line break or another control"),
+        ([A | {"extra_args": ["--fast\n", "ExecStartPre=+/usr/bin/touch", "/root/pwned"]}], {},
+         "extra_args value '--fast\\n' holds a line break"),
+        ([A | {"extra_args": "--reserve-vram 2"}], {}, "instance 'a': extra_args must be a list of strings"),
+        ([A], {"extra_args": "--reserve-vram 2"}, "comfyui_instances_extra_args '--reserve-vram 2' must be a list"),
+        ([A], {"allowed_clients": ["::1%x\nExecStartPre=+touch pwned"]}, "allowed_clients: '::1%x\\nExecStartPre"),
+        ([A], {"allowed_clients": ["10.0.0.0/8\n"]}, "must be one address or CIDR range, without spaces"),
+        ([A], {"allowed_clients": ["fe80::1%eth0"]}, "'fe80::1%eth0' has an IPv6 zone"),
+        ([A], {"allowed_clients": "10.0.0.0/8"}, "comfyui_instances_allowed_clients '10.0.0.0/8' must be a list"),
+        ([A], {"model_store": "/srv/m\nExecStartPre=+touch pwned"}, "comfyui_model_store '/srv/m\\nExec"),
+        ([A], {"model_store": "/srv/a /"}, "comfyui_model_store '/srv/a /' must be an absolute path"),
+        ([A], {"config_root": "/etc/comfybake\n"}, "comfyui_config_root '/etc/comfybake\\n' must be an absolute"),
+        ([A], {"memory_high": "80%\n"}, "comfyui_instances_memory_high '80%\\n' is not a size"),
+    ],
+)  # fmt: skip
+def test_a_line_break_or_control_character_is_refused_in_every_string(
+    instances: list[dict[str, Any]], settings: dict[str, Any], expected: str
+) -> None:
+    environments = {**ENVIRONMENTS, "comm\n": {}}
+    with pytest.raises(AnsibleFilterError) as raised:
+        instance_layout(instances, environments, {**SETTINGS, **settings})
+    assert expected in str(raised.value.message)
+
+
+def test_a_valid_model_store_and_allowed_clients_pass() -> None:
+    (lan,) = layout([A | {"listen": "10.0.0.5"}], allowed_clients=["10.0.0.0/24", "2001:db8::/32", "192.0.2.7"])
+    assert lan["listen"] == "10.0.0.5"
+    assert layout([A], model_store="/srv/comfybake/models")[0]["name"] == "a"
+
+
+# ComfyUI's parser (argparse) reads any unambiguous prefix of an option as the option.
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--liste", "10.0.0.5"], "extra_args sets --listen (as --liste: ComfyUI takes a prefix of an option"),
+        (["--liste=10.0.0.5"], "extra_args sets --listen (as --liste:"),
+        (["--li"], "extra_args sets --listen (as --li:"),
+        (["--por", "9999"], "extra_args sets --port (as --por:"),
+        (["--por=9999"], "extra_args sets --port (as --por:"),
+        (["--output-dir", "/srv/comfybake/models/loras"], "sets --output-directory (as --output-dir:"),
+        (["--cuda-dev", "1"], "extra_args sets --cuda-device (as --cuda-dev:"),
+        (["--cuda-dev=1"], "extra_args sets --cuda-device (as --cuda-dev:"),
+        (["--cu", "1"], "extra_args sets --cuda-device (as --cu:"),
+        (["--base-dir", "/tmp"], "sets --base-directory (as --base-dir:"),
+        (["--user-dir=/tmp"], "sets --user-directory (as --user-dir:"),
+        (["--input-dir", "/tmp"], "sets --input-directory (as --input-dir:"),
+        (["--temp-dir", "/tmp"], "sets --temp-directory (as --temp-dir:"),
+        (["--database", "sqlite:///tmp/x.db"], "sets --database-url (as --database:"),
+        (["--extra-model", "/tmp/x.yaml"], "sets --extra-model-paths-config (as --extra-model:"),
+        (["--models-dir", "/tmp"], "sets --models-directory (as --models-dir:"),
+        (["--auto-l"], "sets --auto-launch (as --auto-l:"),
+        (["--quick-test"], "sets --quick-test-for-ci (as --quick-test:"),
+        (["--windows-standalone-build"], "sets --windows-standalone-build, which comfybake sets from nothing"),
+        (["--enable-man"], "sets --enable-manager (as --enable-man:"),
+        (["--enable-manager-legacy-ui"], "sets --enable-manager-legacy-ui, which comfybake refuses: it implies"),
+    ],
+)  # fmt: skip
+def test_a_managed_flag_is_refused_under_any_prefix_argparse_takes_for_it(args: list[str], expected: str) -> None:
+    assert expected in problems([A | {"extra_args": args}])
+    assert expected.replace("'a'", "'b'") in problems([A], extra_args=args)  # the role-wide arguments too
+
+
+def test_prefixes_of_other_options_and_single_dash_words_pass() -> None:
+    args = ["--preview-m", "auto", "--reserve-v=2", "--fast", "--disable-smart", "--cpu-vae", "-listen"]
+    (a,) = layout([A | {"extra_args": args}])
+    assert a["args"][-len(args) :] == args
+    assert resolve_option("-liste") == [] and resolve_option("10.0.0.5") == [] and resolve_option("--") == []
+    assert resolve_option("--cpu") == ["--cpu"]  # given in full: not a prefix of --cpu-vae
+    assert resolve_option("--cuda") == ["--cuda-device", "--cuda-malloc"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--enable-cors-header"],
+        ["--enable-cors-header", "https://app.example"],
+        ["--enable-cors-header=https://app.example"],
+        ["--enable-cor"],
+        ["--enable-c=https://app.example"],
+    ],
+)
+def test_cors_is_refused_unless_the_operator_allows_it(args: list[str]) -> None:
+    message = problems([A | {"extra_args": args}])
+    assert "--enable-cors-header" in message and "turns off ComfyUI's same-origin check" in message
+    assert "set comfyui_instances_allow_cors: true" in message
+    assert "same-origin" in problems([A | {"extra_args": args}], allow_cors=False)
+    (a,) = layout([A | {"extra_args": args}], allow_cors=True)
+    assert a["args"][-len(args) :] == args
+
+
+def test_the_option_table_holds_every_flag_comfybake_checks() -> None:
+    assert len(set(COMFYUI_OPTIONS)) == len(COMFYUI_OPTIONS)
+    assert {*MANAGED_FLAGS, *REFUSED_FLAGS, CORS_FLAG} <= set(COMFYUI_OPTIONS)
+    assert all(option.startswith("--") for option in COMFYUI_OPTIONS)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own is NoReturn
+        raise ValueError(message)
+
+
+def _argparse_reads(word: str) -> list[str] | None:
+    """The options a parser with ComfyUI's options sets from `word` ([] for none), None when it refuses it."""
+    parser = _Parser(add_help=False)
+    for option in COMFYUI_OPTIONS:
+        parser.add_argument(option, nargs="?", const="", default=argparse.SUPPRESS)
+    try:
+        namespace, _ = parser.parse_known_args([word])
+    except ValueError:
+        return None
+    return [option for option in COMFYUI_OPTIONS if option[2:].replace("-", "_") in vars(namespace)]
+
+
+CHECKED = [*MANAGED_FLAGS, *REFUSED_FLAGS, CORS_FLAG]
+WORDS = sorted(
+    {flag[:end] for flag in CHECKED for end in range(3, len(flag) + 1)}
+    | {f"{flag[:end]}=x" for flag in CHECKED for end in (4, len(flag) - 1)}
+    | {"--preview-m", "--reserve-v", "--fast=x", "-liste", "-h", "--", "--x", "-1", "10.0.0.5"}
+)
+
+
+@pytest.mark.parametrize("word", WORDS)
+def test_options_resolve_as_argparse_reads_them(word: str) -> None:
+    read = _argparse_reads(word)
+    if read is None:  # argparse refuses an ambiguous prefix
+        assert len(resolve_option(word)) > 1
+    else:
+        assert resolve_option(word) == read
 
 
 def test_each_file_gets_its_own_quoting_of_a_checked_value() -> None:
@@ -168,6 +321,8 @@ def test_each_file_gets_its_own_quoting_of_a_checked_value() -> None:
         ("a b", "plain", "'a b' cannot be written safely into a plain file"),
         ('x"', "supervisor_env", "cannot be written safely into a supervisor_env file"),
         ("x\nExecStart=/bin/sh", "systemd", "cannot be written safely into a systemd file"),
+        ("x\n", "plain", "cannot be written safely into a plain file"),
+        ("/srv/models\n", "systemd", "cannot be written safely into a systemd file"),
         ("$HOME", "systemd", "cannot be written safely"),
         ("", "systemd", "an empty word would vanish from a systemd file"),
         ("x", "shell", "target 'shell' is not one of plain, systemd, supervisor, supervisor_env"),

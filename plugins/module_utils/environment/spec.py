@@ -17,8 +17,8 @@ from .requirements import canonical_name
 from .writable import COMFYUI, declared
 from .writable import problem as writable_problem
 
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+COMMIT = re.compile(r"^[0-9a-f]{40}\Z")  # \Z, not $: $ also matches before a final line break
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 @dataclass(frozen=True)
@@ -386,7 +386,7 @@ def torch_constraint(where: str, entry: str) -> str:
         if len(parts) < 5:
             raise EnvError(f"{where}: torch package {entry!r} is not a wheel file name (name-version-tags.whl)")
         return f"{canonical_name(parts[0])}=={parts[1]}"
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[^=<>!~,;\s]+$", entry):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[^=<>!~,;\s]+", entry):
         raise EnvError(
             f"{where}: torch package {entry!r} must be an exact pin such as torch==2.13.0+cpu, or a wheel file"
         )

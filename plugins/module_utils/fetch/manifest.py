@@ -14,7 +14,7 @@ from .options import ENTRY, Options
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".sft", ".onnx", ".gguf")
 ENTRY_KEYS = frozenset(ENTRY)
-SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}\Z")  # \Z, not $: $ also matches before a final line break
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
 
 
