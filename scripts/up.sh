@@ -81,7 +81,7 @@ if [[ ${COMFYBAKE_PREFLIGHT:-1} != 0 || -n $offline ]]; then
   status=0
   "$python" "$root/scripts/preflight.py" "${checks[@]}" || status=$?
   if ((status != 0)); then
-    code=$status die "stopped before the bake: nothing was built or started (the table above says what to change)"
+    code=$status die "stopped before the bake: nothing was built or started (what to change is above)"
   fi
 fi
 bootstrap
