@@ -88,7 +88,10 @@ options:
     type: str
     default: ""
   allowed_repos:
-    description: When not empty, custom node repositories must start with one of these prefixes.
+    description:
+      - When not empty, custom node and submodule repositories must match one of these entries.
+      - An entry is a git URL compared on its parsed scheme, host and whole path segments, so
+        C(https://github.com/owner) admits that owner's repositories and not C(owner-other)'s.
     type: list
     elements: str
     default: []
@@ -170,7 +173,11 @@ options:
     type: dict
     default: {}
   run_as:
-    description: User that runs the import gate (the service account, so the code tree is read-only to it).
+    description:
+      - User that runs the import gate, C(uv pip check) and the environment's C(hook) unless it sets
+        C(hook_as_root) (the service account, so the code tree is read-only to it and no code of a
+        package or a node runs as root).
+      - Without it, a build run as root runs those as root, with a warning.
     type: str
   keep_releases:
     description: Releases kept, the live one included.

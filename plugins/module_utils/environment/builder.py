@@ -21,11 +21,28 @@ from typing import Any
 
 from ..comfyui_log import gate_failures, optional_node_failures
 from .errors import EnvError, redact
-from .gitcache import Git
-from .imports import likely_missing
+from .gitcache import Git, Submodule, SubmodulePolicy
+from .imports import likely_missing, site_packages
 from .process import python_identity, run, tail
-from .requirements import Requirements, Resolved, canonical_name, parse_compiled, read_requirements, requirement_name
-from .spec import Source, Spec, torch_constraint, validate
+from .requirements import (
+    Requirements,
+    Resolved,
+    canonical_name,
+    direct_entries,
+    parse_compiled,
+    read_requirements,
+    requirement_name,
+)
+from .spec import (
+    Source,
+    Spec,
+    allowlist_entries,
+    check_node_folder,
+    check_repo,
+    comfyui_modules,
+    torch_constraint,
+    validate,
+)
 from .writable import SEEDS, keep_as_seeds, link_release, permission_hint, provide
 
 SCHEMA = 1
@@ -98,6 +115,9 @@ class Builder:
         )
         self.warnings: list[str] = []
         self.timings: dict[str, float] = {}
+        # The interpreter the release's venv was made from, found before anything is installed in it:
+        # the one root runs (isolated) where the build needs a python, never a file of the venv.
+        self.interpreter = ""
 
     # ----------------------------------------------------------------- public
 
@@ -147,6 +167,8 @@ class Builder:
             "hook": hook,
             "revision": spec.revision,
         }
+        if spec.hook and spec.hook_as_root:
+            inputs["hook_as_root"] = True  # who runs the hook shapes what it can do
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
     def protected(self) -> set[str]:
@@ -241,11 +263,33 @@ class Builder:
         spec = self.spec
         comfyui = os.path.join(release, "ComfyUI")
 
+        where = f"environment {spec.name}"
+        submodules: list[dict[str, str]] = []
+
         def checkout() -> None:
             names = [f"/custom_nodes/{node.name}/" for node in spec.custom_nodes]
-            self.git.checkout(spec.comfyui.repo, pins.comfyui, comfyui, exclude=names)
+            policy = self._submodule_policy
+            found = self.git.checkout(
+                spec.comfyui.repo,
+                pins.comfyui,
+                comfyui,
+                exclude=names,
+                submodules=policy("ComfyUI"),
+                what=f"{where}: ComfyUI",
+            )
+            submodules.extend(_submodule_entry("ComfyUI", sub) for sub in found)
+            taken = comfyui_modules(comfyui)
             for node in spec.custom_nodes:
-                self.git.checkout(node.repo, pins.nodes[node.name], os.path.join(comfyui, "custom_nodes", node.name))
+                check_node_folder(where, node, taken)
+            for node in spec.custom_nodes:
+                found = self.git.checkout(
+                    node.repo,
+                    pins.nodes[node.name],
+                    os.path.join(comfyui, "custom_nodes", node.name),
+                    submodules=policy(f"custom node {node.name}"),
+                    what=f"{where}: custom node {node.name}",
+                )
+                submodules.extend(_submodule_entry(f"custom_nodes/{node.name}", sub) for sub in found)
                 if os.path.isfile(os.path.join(comfyui, "custom_nodes", node.name, "install.py")):
                     self.warnings.append(
                         f"custom node {node.name} has an install.py, which comfybake does not run;"
@@ -258,6 +302,9 @@ class Builder:
         venv = os.path.join(release, "venv")
         self._timed("create venv", lambda: self._uv("venv", "--quiet", "--relocatable", "--python", spec.python, venv))
         python = os.path.join(venv, "bin", "python")
+        self.interpreter = os.path.realpath(python)
+        if _within(self.interpreter, os.path.realpath(venv)):
+            self.interpreter = os.path.realpath(shutil.which(spec.python) or spec.python)
         compiled = self._timed("resolve", lambda: self._resolve(release, python, sources))
         self._timed(
             "install",
@@ -267,11 +314,13 @@ class Builder:
         )
         if spec.hook:
             self._timed("hook", lambda: self._hook(release, venv, comfyui))
-        self._timed("dependency check", lambda: self._pip_check(python))
-        run([python, "-m", "compileall", "-q", "-j", "0", comfyui], env=self._env())
+        self._timed("dependency check", lambda: self._pip_check(release, python))
+        # Bytecode for the read-only tree, written as root: by the interpreter the venv was made from,
+        # isolated (-I) and without site (-S), so no .pth file or module of any package runs.
+        run([self.interpreter, "-I", "-S", "-m", "compileall", "-q", "-j", "0", comfyui], cwd=release, env=self._env())
         if spec.import_gate:
             self._timed("import gate", lambda: self._gate(release, python, comfyui))
-        installed = json.loads(self._uv("pip", "list", "--format", "json", "--python", python).stdout or "[]")
+        installed = _installed(venv)
         lock = {
             "schema": SCHEMA,
             "environment": spec.name,
@@ -292,6 +341,8 @@ class Builder:
             "writable": self._writable_paths(),
             "warnings": self.warnings,
         }
+        if submodules:
+            lock["submodules"] = submodules
         _write_json(os.path.join(release, LOCK_NAME), lock)
         lock["release"] = release
         return lock
@@ -331,7 +382,35 @@ class Builder:
         if done.returncode != 0:
             raise EnvError(self._explain_conflict(release, args, sources, done.stderr))
         with open(os.path.join(release, RESOLVED_NAME), encoding="utf-8") as handle:
-            return parse_compiled(handle.read())
+            text = handle.read()
+        self._check_direct(text)
+        return parse_compiled(text)
+
+    def _check_direct(self, compiled: str) -> None:
+        """Refuse a resolved package that comes from a URL or a path, unless allowed: uv's own reading of
+        every requirement, whatever form a line took. Wheel files named in torch_packages are the
+        operator's own and always accepted."""
+        spec = self.spec
+        if spec.allow_direct_references:
+            return
+        where = f"environment {spec.name}"
+        files = {
+            canonical_name(torch_constraint(where, entry).split("==")[0])
+            for entry in spec.torch_packages
+            if entry.endswith(".whl")
+        }
+        found = [(name, line) for name, line in direct_entries(compiled) if name not in files]
+        if found:
+            resolved = parse_compiled(compiled)
+            lines = [
+                f"- {line} (via {', '.join(resolved[name].via) if name in resolved else 'unknown'})"
+                for name, line in found
+            ]
+            raise EnvError(
+                f"{where}: the resolution installs packages from a URL or a path (direct references), which bypass"
+                " the indexes and their hashes:\n" + redact("\n".join(lines)) + "\nset allow_direct_references:"
+                " true for this environment to accept them"
+            )
 
     def _explain_conflict(self, release: str, args: list[str], sources: list[Requirements], error: str) -> str:
         where = f"environment {self.spec.name}"
@@ -386,27 +465,72 @@ class Builder:
         )
 
     def _hook(self, release: str, venv: str, comfyui: str) -> None:
-        hook = self.spec.hook or ""
+        """Run the environment's hook: as the service account (run_as), which owns the venv for the hook's
+        duration only, unless hook_as_root; the venv then belongs to root again, with no group or other
+        write and no setuid or setgid bit, before anything else runs."""
+        spec = self.spec
+        hook = spec.hook or ""
         command = [hook] if os.access(hook, os.X_OK) else ["/bin/sh", hook]
+        as_account = bool(spec.run_as) and not spec.hook_as_root and os.geteuid() == 0
+        scratch = os.path.join(release, ".hook")
+        os.makedirs(scratch, mode=0o700)
         env = {
             **self._env(),
             "VIRTUAL_ENV": venv,
             "PATH": ":".join(
-                (os.path.join(venv, "bin"), os.path.dirname(self.spec.uv), os.environ.get("PATH", "/usr/bin:/bin"))
+                (os.path.join(venv, "bin"), os.path.dirname(spec.uv), os.environ.get("PATH", "/usr/bin:/bin"))
             ),
             "COMFYUI_PATH": comfyui,
-            "COMFYBAKE_ENVIRONMENT": self.spec.name,
+            "COMFYBAKE_ENVIRONMENT": spec.name,
             "COMFYBAKE_RELEASE": release,
         }
-        done = run(command, cwd=release, env=env)
+        if as_account:
+            # uv's shared cache belongs to root: the account's installs use a cache of their own.
+            env.update(HOME=scratch, UV_CACHE_DIR=os.path.join(scratch, "uv-cache"), TMPDIR=scratch)
+            _lend(scratch, spec.run_as or "")
+            _lend(venv, spec.run_as or "")
+        elif os.geteuid() == 0:
+            self.warnings.append(
+                f"the hook {hook} ran as root ("
+                + ("hook_as_root is set" if spec.hook_as_root else "run_as is not set")
+                + "): it, and any package code it runs, had full control of the host"
+            )
+        try:
+            done = run(command, cwd=release, env=env, user=spec.run_as if as_account else None, kill_group=True)
+        finally:
+            if as_account:
+                _reclaim(venv, spec.run_as or "")
+            shutil.rmtree(scratch, ignore_errors=True)
         if done.returncode != 0:
             raise EnvError(
-                f"environment {self.spec.name}: hook {hook} failed with exit code {done.returncode}:"
+                f"environment {spec.name}: hook {hook} failed with exit code {done.returncode}:"
                 f"\n{redact(tail(done.stdout + done.stderr))}"
             )
 
-    def _pip_check(self, python: str) -> None:
-        done = self._uv("pip", "check", "--python", python, check=False)
+    def _submodule_policy(self, label: str) -> SubmodulePolicy:
+        """What the checkout of a tree does with its submodules: refuse them, unless allow_submodules;
+        then check each URL as the tree's own (known kinds only, and the allowlist)."""
+        spec = self.spec
+        if not spec.allow_submodules:
+            return None
+        where = f"environment {spec.name}"
+        allowlist = allowlist_entries(where, spec.allowed_repos)
+
+        def check(sub: Submodule) -> None:
+            check_repo(where, f"{label}: submodule {sub.path}", sub.url, allowlist)
+
+        return check
+
+    def _pip_check(self, release: str, python: str) -> None:
+        """`uv pip check`. uv runs the venv's interpreter to read it, with site, so every .pth file of
+        the installed packages runs: as the service account (run_as), never root, with no cache."""
+        env = self._env()
+        user = None
+        if self.spec.run_as and os.geteuid() == 0:
+            user = self.spec.run_as
+            env.pop("UV_CACHE_DIR", None)
+            env["UV_NO_CACHE"] = "1"
+        done = run([self.spec.uv, "pip", "check", "--python", python], cwd=release, env=env, user=user)
         if done.returncode != 0:
             report = [
                 line
@@ -451,6 +575,11 @@ class Builder:
         if spec.extra_model_paths:
             args += ["--extra-model-paths-config", spec.extra_model_paths]
         env = {**self._env(), "HOME": scratch, "PYTHONDONTWRITEBYTECODE": "1"}
+        if os.geteuid() == 0 and not spec.run_as:
+            self.warnings.append(
+                "the import gate ran ComfyUI and every custom node as root (run_as is not set); set run_as to the"
+                " service account"
+            )
         try:
             done = run(args, cwd=scratch, env=env, timeout=spec.gate_timeout, user=spec.run_as, merge=True)
             keep_as_seeds(scratch, seeds, self._writable_paths())
@@ -468,7 +597,13 @@ class Builder:
                 hint = permission_hint(error, comfyui, name)
                 lines += [hint] if hint else []
                 lines += likely_missing(
-                    os.path.join(comfyui, "custom_nodes", name), comfyui, python, error, env, spec.import_names
+                    os.path.join(comfyui, "custom_nodes", name),
+                    comfyui,
+                    self.interpreter,
+                    error,
+                    env,
+                    spec.import_names,
+                    site_packages(os.path.dirname(os.path.dirname(python))),
                 )
             raise EnvError(
                 f"environment {spec.name}: the import gate (main.py --quick-test-for-ci --cpu) failed; the live"
@@ -486,7 +621,15 @@ class Builder:
             self.warnings.append(f"{name} (not a configured custom node) failed to import: {failed[name]}")
         for name, error in sorted(optional_node_failures(output).items()):
             # ComfyUI starts without its own optional nodes; so does the gate, but it says so.
-            causes = likely_missing(os.path.join(comfyui, name), comfyui, python, error, env, spec.import_names)
+            causes = likely_missing(
+                os.path.join(comfyui, name),
+                comfyui,
+                self.interpreter,
+                error,
+                env,
+                spec.import_names,
+                site_packages(os.path.dirname(os.path.dirname(python))),
+            )
             self.warnings.append(
                 f"ComfyUI's optional node {name} failed to import, so its node classes are missing: {error}"
                 + "".join(f"\n{line}" for line in causes)
@@ -568,6 +711,55 @@ class Builder:
                 f" {redact(tail(done.stderr or done.stdout, 20))}"
             )
         return done
+
+
+def _submodule_entry(tree: str, sub: Submodule) -> dict[str, str]:
+    return {"tree": tree, "path": sub.path, "url": sub.url, "commit": sub.commit}
+
+
+def _installed(venv: str) -> list[dict[str, str]]:
+    """Name and version of each distribution in the venv, read from its metadata files (no
+    interpreter runs, so no package code does)."""
+    import importlib.metadata
+
+    found: dict[str, dict[str, str]] = {}
+    for dist in importlib.metadata.distributions(path=site_packages(venv)):
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(canonical_name(name), {"name": name, "version": dist.version})
+    return list(found.values())
+
+
+def _lend(top: str, user: str) -> None:
+    """Let `user` add, replace and remove entries in a tree: its folders become the user's, its files
+    stay root's. Files of a venv are hard links into uv's shared cache (so into other releases);
+    the user can replace a file, never change one of those in place."""
+    import pwd
+
+    account = pwd.getpwnam(user)
+    for folder, _dirs, _files in os.walk(top):
+        os.lchown(folder, account.pw_uid, account.pw_gid)
+
+
+def _reclaim(top: str, user: str) -> None:
+    """Take a lent tree back: everything root's, no group or other write, no setuid or setgid bit.
+    A file the user made that has other links is copied first, so no other path changes owner.
+    Links are changed themselves, never followed."""
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid
+    for folder, dirs, files in os.walk(top):
+        links = [os.path.join(folder, name) for name in dirs if os.path.islink(os.path.join(folder, name))]
+        for path in (folder, *links, *(os.path.join(folder, name) for name in files)):
+            stat = os.lstat(path)
+            if stat.st_uid == uid and stat.st_nlink > 1 and os.path.isfile(path) and not os.path.islink(path):
+                copy = f"{path}.comfybake-copy"
+                shutil.copy2(path, copy, follow_symlinks=False)
+                os.replace(copy, path)
+                stat = os.lstat(path)
+            os.lchown(path, 0, 0)
+            if not os.path.islink(path):
+                os.chmod(path, stat.st_mode & 0o7777 & ~0o6022)
 
 
 def _writable(tree: Source) -> dict[str, list[str]]:

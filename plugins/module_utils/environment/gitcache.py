@@ -8,11 +8,27 @@ import hashlib
 import os
 import re
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from .errors import EnvError, redact
 from .process import run, tail
-from .spec import COMMIT, Source, node_name_from_repo
+from .spec import COMMIT, GIT_PROTOCOLS, Source, node_name_from_repo
+
+
+@dataclass(frozen=True)
+class Submodule:
+    """A submodule of a checkout: its path (relative to the top checkout), its URL as .gitmodules
+    has it (a relative one resolved against the superproject's), and the commit the superproject pins."""
+
+    path: str
+    url: str
+    commit: str
+
+
+# What a checkout does with the submodules it finds: `None` refuses them; otherwise a function
+# that checks one (its URL against the scheme rules and the allowlist) before it is fetched.
+SubmodulePolicy = Callable[[Submodule], None] | None
 
 
 class Git:
@@ -29,6 +45,9 @@ class Git:
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_ASKPASS": "/bin/false",
             "LC_ALL": "C",
+            # Only the transports comfybake accepts, for every URL git meets (insteadOf rewrites,
+            # redirects and submodules included): no ext::, fd::, http:// or git://.
+            "GIT_ALLOW_PROTOCOL": ":".join(GIT_PROTOCOLS),
         }
         if ca_bundle:
             self.env["GIT_SSL_CAINFO"] = ca_bundle
@@ -52,9 +71,11 @@ class Git:
     def _fetch(self, bare: str, repo: str, *refspecs: str) -> subprocess.CompletedProcess[str]:
         if not os.path.isdir(bare):
             os.makedirs(os.path.dirname(bare), mode=0o700, exist_ok=True)
-            self.git("init", "--quiet", "--bare", bare)
+            self.git("init", "--quiet", "--bare", "--", bare)
         specs = refspecs or ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
-        return self.git("fetch", "--quiet", "--prune", "--no-write-fetch-head", repo, *specs, cwd=bare, check=False)
+        return self.git(
+            "fetch", "--quiet", "--prune", "--no-write-fetch-head", "--", repo, *specs, cwd=bare, check=False
+        )
 
     def resolve(self, what: str, source: Source, allow_moving: bool, dry_run: bool) -> tuple[str, str]:
         """The commit a pin names, and its kind (commit, tag or branch); fetches only when needed."""
@@ -94,7 +115,9 @@ class Git:
         raise EnvError(f"{what}: {repo} has no tag or branch {version!r}; pin an existing tag or a full commit")
 
     def _ls_remote(self, what: str, repo: str, version: str, allow_moving: bool) -> tuple[str, str]:
-        done = self.git("ls-remote", repo, f"refs/tags/{version}", f"refs/tags/{version}^{{}}", f"refs/heads/{version}")
+        done = self.git(
+            "ls-remote", "--", repo, f"refs/tags/{version}", f"refs/tags/{version}^{{}}", f"refs/heads/{version}"
+        )
         refs: dict[str, str] = {}
         for line in done.stdout.splitlines():
             sha, _tab, ref = line.partition("\t")
@@ -108,17 +131,80 @@ class Git:
             return refs[f"refs/heads/{version}"], "branch"
         raise EnvError(f"{what}: {repo} has no tag or branch {version!r}; pin an existing tag or a full commit")
 
-    def checkout(self, repo: str, commit: str, dest: str, exclude: Sequence[str] = ()) -> None:
-        """A detached work tree at `commit`, cloned from the cache (objects are hard-linked)."""
-        self.git("clone", "--quiet", "--no-checkout", self.bare(repo), dest)
+    def checkout(
+        self,
+        repo: str,
+        commit: str,
+        dest: str,
+        exclude: Sequence[str] = (),
+        submodules: SubmodulePolicy = None,
+        what: str = "",
+    ) -> list[Submodule]:
+        """A detached work tree at `commit`, cloned from the cache (objects are hard-linked).
+
+        Submodules are never fetched by git from the URLs in `.gitmodules`: each is refused
+        (`submodules` is None) or checked by `submodules`, then resolved through this cache like
+        any pinned repository (so mirrors apply and a cached commit needs no network) and checked
+        out in place, recursively. Returns the submodules checked out.
+        """
+        self.git("clone", "--quiet", "--no-checkout", "--", self.bare(repo), dest)
         self.git("checkout", "--quiet", "--detach", commit, cwd=dest)
-        self.git("remote", "set-url", "origin", repo, cwd=dest)
-        if os.path.isfile(os.path.join(dest, ".gitmodules")):
-            done = self.git("submodule", "update", "--init", "--recursive", "--quiet", cwd=dest, check=False)
-            if done.returncode != 0:
-                raise EnvError(redact(f"{dest}: submodules of {repo} cannot be fetched: {tail(done.stderr, 5)}"))
+        self.git("remote", "set-url", "--", "origin", repo, cwd=dest)
         with open(os.path.join(dest, ".git", "info", "exclude"), "a", encoding="utf-8") as handle:
             handle.write("\n# comfybake\n__pycache__/\n*.py[co]\n" + "".join(f"{line}\n" for line in exclude))
+        found: list[Submodule] = []
+        for sub in self.submodules(repo, dest):
+            if submodules is None:
+                raise EnvError(
+                    redact(
+                        f"{what or repo}: {repo} has git submodules ({sub.path} from {sub.url}), which comfybake"
+                        " does not fetch unless allowed; set allow_submodules: true for this environment (each"
+                        " submodule URL is then checked against allowed_repos and fetched through the git cache and"
+                        " mirrors)"
+                    )
+                )
+            submodules(sub)
+            self.resolve(f"{repo}: submodule {sub.path}", Source(sub.path, sub.url, sub.commit), False, False)
+            inner = self.checkout(
+                sub.url,
+                sub.commit,
+                os.path.join(dest, sub.path),
+                submodules=submodules,
+                what=f"{what}: submodule {sub.path}",
+            )
+            found += [sub, *(Submodule(f"{sub.path}/{i.path}", i.url, i.commit) for i in inner)]
+        return found
+
+    def submodules(self, repo: str, dest: str) -> list[Submodule]:
+        """The submodules a checkout pins: gitlinks in its tree that `.gitmodules` names."""
+        links = self.git("ls-files", "--stage", "-z", cwd=dest).stdout.split("\0")
+        pinned = {}
+        for entry in links:
+            meta, _tab, path = entry.partition("\t")
+            if meta.startswith("160000 "):
+                pinned[path] = meta.split()[1]
+        if not pinned:
+            return []
+        if not os.path.isfile(os.path.join(dest, ".gitmodules")):
+            raise EnvError(f"{repo}: gitlinks {', '.join(sorted(pinned))} have no .gitmodules entry")
+        done = self.git(
+            "config", "--file", ".gitmodules", "--null", "--get-regexp", r"^submodule\..*\.(path|url)$",
+            cwd=dest, check=False,
+        )  # fmt: skip
+        names: dict[str, dict[str, str]] = {}
+        for item in done.stdout.split("\0"):
+            key, _newline, value = item.partition("\n")
+            if not key.startswith("submodule."):
+                continue
+            name, _dot, field = key[len("submodule.") :].rpartition(".")
+            names.setdefault(name, {})[field] = value
+        found = []
+        by_path = {entry.get("path"): entry.get("url", "") for entry in names.values()}
+        for path, commit in sorted(pinned.items()):
+            if path not in by_path:
+                raise EnvError(f"{repo}: the gitlink {path} has no entry in .gitmodules")
+            found.append(Submodule(path, resolve_relative(repo, by_path[path]), commit))
+        return found
 
     def state(self, path: str) -> tuple[str, list[str]]:
         """HEAD and the changed files of a work tree (untracked ones included)."""
@@ -132,3 +218,18 @@ def _moving(what: str, version: str) -> str:
         f"{what}: version {version!r} is a branch, which moves; pin a tag or a full commit,"
         " or set allow_moving_refs: true for this environment"
     )
+
+
+def resolve_relative(repo: str, url: str) -> str:
+    """A submodule URL as git reads it: `./x` and `../x` are relative to the superproject's URL."""
+    if not url.startswith(("./", "../")):
+        return url
+    base = repo.rstrip("/")
+    scp = "://" not in base and not base.startswith("/") and ":" in base
+    head, path = base.split(":", 1) if scp else ("", base)
+    for part in url.split("/"):
+        if part == "..":
+            path = path.rsplit("/", 1)[0] if "/" in path.strip("/") else ""
+        elif part not in ("", "."):
+            path = f"{path}/{part}" if path else part
+    return f"{head}:{path}" if scp else path

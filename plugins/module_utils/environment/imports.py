@@ -18,10 +18,11 @@ other name is suggested as it is written.
 from __future__ import annotations
 
 import ast
+import glob
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import EnvError
@@ -65,10 +66,15 @@ _MAX_FILES = 2000
 _NO_MODULE = re.compile(r"No module named '([^']+)'")
 _NOT_DEFINED = re.compile(r"name '([^']+)' is not defined")
 
-# Run by the venv's interpreter (isolated, so the working directory is not on sys.path):
-# argv holds the candidate names; prints those it cannot import.
+# Run isolated (-I: the working directory and PYTHON* variables ignored) and without site (-S: no
+# .pth file runs, no sitecustomize): argv[1] is a JSON list of the venv's site-packages folders,
+# put at the end of sys.path, so the standard library comes first and no module of a package is
+# ever imported (only its metadata files are read); the other arguments are the candidate names.
+# Prints those it cannot import.
 _PROBE = """
-import importlib.metadata as md, importlib.util, inspect, json, sys
+import sys
+sys.path += __import__("json").loads(sys.argv.pop(1))
+import importlib.metadata as md, importlib.util, inspect, json
 names = set(md.packages_distributions())
 for dist in md.distributions():
     names.update(line.strip() for line in (dist.read_text("top_level.txt") or "").splitlines() if line.strip())
@@ -191,14 +197,35 @@ def imports(path: str) -> list[Import]:
     return found
 
 
+def site_packages(venv: str) -> list[str]:
+    """The site-packages folders of a venv (or any prefix laid out as one)."""
+    return sorted(glob.glob(os.path.join(glob.escape(venv), "lib", "python*", "site-packages")))
+
+
 def missing_modules(
-    python: str, names: Iterable[str], env: Mapping[str, str] | None = None, timeout: float = 120
+    python: str,
+    names: Iterable[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    site: Sequence[str] | None = None,
 ) -> list[str]:
-    """Which of these top-level module names the interpreter (a venv's python) cannot import."""
+    """Which of these top-level module names an environment cannot import.
+
+    `site` are the environment's site-packages folders, read by `python` (the interpreter the venv
+    was made from, or the venv's own) with no package code run; by default those of the venv
+    `python` belongs to, else that interpreter's own.
+    """
     candidates = sorted({n for n in names if n.isidentifier()})
     if not candidates:
         return []
-    done = run([python, "-I", "-c", _PROBE, *candidates], env=env, timeout=timeout)
+    if site is None:
+        prefix = os.path.dirname(os.path.dirname(os.path.abspath(python)))
+        site = site_packages(prefix) if os.path.isfile(os.path.join(prefix, "pyvenv.cfg")) else None
+    if site is None:
+        query = "import site, json; print(json.dumps(site.getsitepackages()))"
+        done = run([python, "-I", "-S", "-c", query], env=env, timeout=timeout)
+        site = json.loads(done.stdout) if done.returncode == 0 else []
+    done = run([python, "-I", "-S", "-c", _PROBE, json.dumps(list(site)), *candidates], env=env, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{python} could not list its installed packages: {tail(done.stderr, 5)}")
     missing: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -218,6 +245,7 @@ def likely_missing(
     error: str,
     env: Mapping[str, str] | None = None,
     names: Mapping[str, str] | None = None,
+    site: Sequence[str] | None = None,
 ) -> list[str]:
     """Lines naming the packages a failed node most likely lacks, each with the setting that adds it.
 
@@ -233,7 +261,7 @@ def likely_missing(
     local |= module_names_at(os.path.join(comfyui, "custom_nodes"))
     wanted = {item.module for item in found if item.module not in local}
     try:
-        missing = set(missing_modules(python, wanted, env))
+        missing = set(missing_modules(python, wanted, env, site=site))
     except (EnvError, RuntimeError, ValueError, IndexError) as failure:
         return [f"  (could not check its imports against the venv: {failure})"]
     if not missing:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,8 +27,13 @@ def run(
     timeout: float | None = None,
     user: str | None = None,
     merge: bool = False,
+    kill_group: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command, capturing its output (stderr into stdout with `merge`); the caller judges failure."""
+    """Run a command, capturing its output (stderr into stdout with `merge`); the caller judges failure.
+
+    `user` runs it as that account (when running as root), with its primary group and no other.
+    `kill_group` kills what the command left running in its process group once it exits.
+    """
     kwargs: dict[str, Any] = {}
     if user is not None and os.geteuid() == 0:
         kwargs.update(user=user, group=_primary_group(user), extra_groups=[])
@@ -51,6 +57,9 @@ def run(
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         raise EnvError(f"{args[0]} did not finish within {timeout} s; output:\n{tail(stdout or '')}") from None
+    if kill_group:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(list(args), process.returncode, stdout or "", stderr or "")
 
 

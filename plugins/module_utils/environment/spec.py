@@ -11,9 +11,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import EnvError, redact
-from .requirements import canonical_name
+from .requirements import canonical_name, direct_reference
 from .writable import COMFYUI, declared
 from .writable import problem as writable_problem
 
@@ -51,7 +52,9 @@ class Spec:
     pip_packages: list[str] = field(default_factory=list)
     allow_source_builds: bool = False
     allow_direct_references: bool = False
+    allow_submodules: bool = False
     hook: str | None = None
+    hook_as_root: bool = False
     revision: str = ""
     python: str = "python3"
     index_url: str | None = None
@@ -143,7 +146,9 @@ ENVIRONMENT_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "allow_moving_refs": (_flag, "true or false"),
     "allow_source_builds": (_flag, "true or false"),
     "allow_direct_references": (_flag, "true or false"),
+    "allow_submodules": (_flag, "true or false"),
     "hook": (_text, "the path of a script on the controller, a string"),
+    "hook_as_root": (_flag, "true or false"),
     "revision": (_revision, "any string"),
     "extra_model_folders": (_texts, "a list of model folder keys, strings"),
     "required_node_classes": (_texts, "a list of node class names, strings"),
@@ -290,7 +295,9 @@ def environment_spec(
         pip_packages=env.get("pip_packages", []),
         allow_source_builds=env.get("allow_source_builds", False),
         allow_direct_references=env.get("allow_direct_references", False),
+        allow_submodules=env.get("allow_submodules", False),
         hook=hook,
+        hook_as_root=env.get("hook_as_root", False),
         revision=env.get("revision", ""),
         extra_model_paths=os.path.join(config_dir, MODEL_PATHS_FILE) if config_dir else None,
         import_gate=env.get("import_gate", import_gate),
@@ -312,20 +319,25 @@ def validate(spec: Spec, check_mode: bool = False) -> None:
     where = f"environment {spec.name}"
     if not _NODE_NAME.match(spec.name):
         raise EnvError(f"{where}: the name must be letters, digits, '.', '_' or '-'")
-    _check_repo(where, "ComfyUI", spec.comfyui.repo, [])
+    allowlist = allowlist_entries(where, spec.allowed_repos)
+    check_mirrors(where, spec.git_mirrors)
+    check_repo(where, "ComfyUI", spec.comfyui.repo, [])
     if not spec.comfyui.version:
         raise EnvError(f"{where}: comfyui_version is empty; pin a tag (v0.8.0) or a full commit")
+    _check_version(where, "ComfyUI", spec.comfyui.version)
     seen: dict[str, str] = {}
     for node in spec.custom_nodes:
         label = f"{where}: custom node {node.name}"
         if not _NODE_NAME.match(node.name) or node.name in {"__pycache__"}:
             raise EnvError(f"{label}: invalid directory name; set name: to letters, digits, '.', '_' or '-'")
+        check_node_folder(where, node, COMFYUI_MODULES)
         if node.name in seen:
             raise EnvError(
                 f"{where}: custom nodes {seen[node.name]} and {node.repo} both install as {node.name}; set name: on one"
             )
         seen[node.name] = node.repo
-        _check_repo(where, f"custom node {node.name}", node.repo, spec.allowed_repos)
+        check_repo(where, f"custom node {node.name}", node.repo, allowlist)
+        _check_version(where, f"custom node {node.name}", node.version)
         if not COMMIT.match(node.version) and not spec.allow_moving_refs:
             raise EnvError(
                 f"{label}: version must be a full 40-hex commit (got {node.version!r}); pin the commit,"
@@ -347,6 +359,14 @@ def validate(spec: Spec, check_mode: bool = False) -> None:
                 )
     for entry in spec.torch_packages:
         torch_constraint(where, entry)
+    for key, lines in (("pip_packages", spec.pip_packages), ("pip_constraints", spec.pip_constraints)):
+        for line in lines:
+            why = direct_reference(line)
+            if why and (line.lstrip().startswith("-") or not spec.allow_direct_references):
+                raise EnvError(
+                    f"{where}: {key} entry {line!r} {why}; write a requirement such as numpy<2"
+                    + ("" if line.lstrip().startswith("-") else ", or set allow_direct_references: true")
+                )
     if spec.keep_releases < 1:
         raise EnvError(f"{where}: keep_releases must be at least 1 (got {spec.keep_releases})")
     for module, package in spec.import_names.items():
@@ -363,18 +383,215 @@ def validate(spec: Spec, check_mode: bool = False) -> None:
         raise EnvError(f"{where}: wheelhouse {spec.wheelhouse} is not a directory on the host; push it first")
 
 
-def _check_repo(where: str, what: str, repo: str, allowed: Sequence[str]) -> None:
+# Folder names a custom node must not take: ComfyUI's own top-level modules and packages (and the
+# folders it keeps beside them). ComfyUI imports a custom node under its folder name, so a node
+# called `comfy` or `nodes` replaces ComfyUI's module of that name and breaks it without an error
+# that names the cause. This list is checked before any checkout; the build checks the top level of
+# the checked-out ComfyUI as well (`comfyui_modules`), so names a later ComfyUI adds are refused too.
+COMFYUI_MODULES = frozenset(
+    {
+        "alembic_db", "api_server", "app", "comfy", "comfy_api", "comfy_api_nodes", "comfy_config",
+        "comfy_execution", "comfy_extras", "comfyui_version", "cuda_malloc", "custom_nodes", "execution",
+        "folder_paths", "hook_breaker_ac10a0", "latent_preview", "main", "middleware", "model_management",
+        "new_updater", "node_helpers", "nodes", "protocol", "server", "utils",
+    }
+)  # fmt: skip
+
+
+def comfyui_modules(comfyui: str) -> set[str]:
+    """The top-level modules and packages of a ComfyUI checkout: its `.py` files and folders."""
+    names: set[str] = set()
+    for entry in os.listdir(comfyui):
+        if entry.startswith("."):
+            continue
+        if entry.endswith(".py"):
+            names.add(entry[:-3])
+        elif os.path.isdir(os.path.join(comfyui, entry)):
+            names.add(entry)
+    return names
+
+
+def check_node_folder(where: str, node: Source, taken: Sequence[str] | frozenset[str] | set[str]) -> None:
+    """Refuse a node folder that shadows one of ComfyUI's modules, or that ComfyUI skips."""
+    if node.name in taken:
+        raise EnvError(
+            f"{where}: custom node {node.name} ({node.repo}) would be installed as custom_nodes/{node.name}, the name"
+            f" of ComfyUI's own module {node.name}, which the node would replace and so break ComfyUI without a"
+            f" clear error; set name: on this custom node to another folder name (for example ComfyUI-{node.name})"
+        )
+    if node.name.endswith(".disabled"):
+        raise EnvError(
+            f"{where}: custom node {node.name} ({node.repo}): ComfyUI skips folders whose name ends in .disabled;"
+            " set name: on this custom node to another folder name, or remove the node"
+        )
+
+
+# Git URLs comfybake accepts. https, ssh (ssh:// and scp-like user@host:path) and local repositories
+# (file:// or an absolute path); http:// and git:// are refused, as neither authenticates the server
+# nor protects what it sends. Git itself is held to the same list (GIT_ALLOW_PROTOCOL in gitcache).
+GIT_PROTOCOLS = ("https", "ssh", "file")
+_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+_IPV6 = re.compile(r"^\[[0-9A-Fa-f:.]+\]$")
+_SCP = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(?P<path>.*)$")
+_USER = re.compile(r"^[A-Za-z0-9._-]+$")
+_UNSAFE = re.compile(r"[\x00-\x20\x7f\\%?#]")
+_DEFAULT_PORTS = {"https": "443", "ssh": "22"}
+
+
+@dataclass(frozen=True)
+class RepoUrl:
+    """A git URL taken apart: what the allowlist compares. `path` has no empty, '.' or '..' segment,
+    and its last segment no `.git`."""
+
+    scheme: str
+    user: str
+    host: str  # lower case, with a port other than the scheme's default
+    path: tuple[str, ...]
+
+
+def parse_repo_url(url: str, *, prefix: bool = False) -> RepoUrl:
+    """A git URL of a known kind, or ValueError saying why not.
+
+    `prefix` accepts a URL that stops at a host or a folder (an allowlist entry, a mirror target).
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError("is empty")
+    if url.startswith("-"):
+        raise ValueError("starts with '-', which git would read as an option")
+    if _UNSAFE.search(url):
+        raise ValueError("contains a space, a control character, a backslash, '%', '?' or '#'")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*::", url):
+        raise ValueError("names a git remote helper (<transport>::<address>), which runs a program")
+    if "://" in url:
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in GIT_PROTOCOLS:
+            raise ValueError(
+                f"uses {scheme}://; comfybake accepts https://, ssh:// (or user@host:path), file:// and absolute paths"
+            )
+        parts = urlsplit(url)
+        user = parts.username or ""
+        if parts.password is not None or (user and scheme != "ssh"):
+            raise ValueError("embeds credentials in its URL")
+        if scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                raise ValueError("names a host; a file:// URL is file:///absolute/path")
+            host = ""
+        else:
+            host = _host(parts.hostname or "", parts.netloc)
+            try:
+                port = parts.port
+            except ValueError:
+                raise ValueError("has an invalid port") from None
+            if port is not None and str(port) != _DEFAULT_PORTS[scheme]:
+                host = f"{host}:{port}"
+        if user and not _USER.fullmatch(user):
+            raise ValueError("has an invalid user name")
+        return RepoUrl(scheme, user, host, _segments(parts.path, prefix))
+    if url.startswith("/"):
+        return RepoUrl("file", "", "", _segments(url, prefix))
+    match = _SCP.fullmatch(url)
+    if match and "/" not in url.split(":", 1)[0]:
+        path = match.group("path")
+        if path.startswith("-"):
+            raise ValueError("has a path that starts with '-'")
+        return RepoUrl("ssh", match.group("user") or "", _host(match.group("host"), url), _segments(path, prefix))
+    raise ValueError(
+        "is not a git URL comfybake accepts: https://host/path, ssh://host/path, user@host:path, file:///path or /path"
+    )
+
+
+def _host(host: str, written: str) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # urlsplit drops an IPv6 address's brackets
+    if not host or not (_HOST.fullmatch(host) or _IPV6.fullmatch(host)):
+        raise ValueError(f"has no valid host name ({written.split('/')[0] or written})")
+    return host.lower()
+
+
+def _segments(path: str, prefix: bool) -> tuple[str, ...]:
+    parts = path.strip("/").split("/") if path.strip("/") else []
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError("has an empty, '.' or '..' segment in its path")
+    if not parts and not prefix:
+        raise ValueError("names no repository")
+    if parts and parts[-1].endswith(".git"):
+        parts[-1] = parts[-1][:-4]
+    return tuple(parts)
+
+
+def allowed(url: RepoUrl, entry: RepoUrl) -> bool:
+    """Whether an allowlist entry admits a URL: same scheme, user (when the entry names one) and
+    host, and the entry's path segments are the URL's first ones, each matched exactly."""
+    return (
+        url.scheme == entry.scheme
+        and (not entry.user or url.user == entry.user)
+        and url.host == entry.host
+        and url.path[: len(entry.path)] == entry.path
+    )
+
+
+def allowlist_entries(where: str, written: Sequence[str]) -> list[tuple[str, RepoUrl]]:
+    entries = []
+    for entry in written:
+        try:
+            entries.append((entry, parse_repo_url(entry, prefix=True)))
+        except ValueError as why:
+            raise EnvError(
+                f"{where}: allowed_repos entry {redact(str(entry))!r} {why}; write an entry such as"
+                " https://github.com/owner (an owner) or https://github.com/owner/repo (one repository)"
+            ) from None
+    return entries
+
+
+def check_repo(where: str, what: str, repo: str, allowlist: Sequence[tuple[str, RepoUrl]]) -> RepoUrl:
+    """Refuse a repository URL of an unknown kind, with credentials, or outside the allowlist."""
     if not repo:
         raise EnvError(f"{where}: {what} has no repository URL")
-    if re.match(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", repo):
+    try:
+        url = parse_repo_url(repo)
+    except ValueError as why:
+        if "credentials" in str(why):
+            raise EnvError(
+                f"{where}: {what} repository {redact(repo)} embeds credentials in its URL; use an SSH key"
+                " or a git credential helper instead"
+            ) from None
+        raise EnvError(f"{where}: {what} repository {redact(repo)!r} {why}") from None
+    if allowlist and not any(allowed(url, entry) for _written, entry in allowlist):
         raise EnvError(
-            f"{where}: {what} repository {redact(repo)} embeds credentials in its URL; use an SSH key"
-            " or a git credential helper instead"
+            f"{where}: {what} repository {repo} is not allowlisted (allowed_repos:"
+            f" {', '.join(written for written, _entry in allowlist)}); an entry admits its scheme, host and path"
+            " segments exactly (https://github.com/owner admits that owner's repositories, not owner-other's):"
+            " check the owner name, or add the repository to allowed_repos"
         )
-    if allowed and not any(repo.startswith(prefix) for prefix in allowed):
+    return url
+
+
+def check_mirrors(where: str, mirrors: Mapping[str, str]) -> None:
+    """A mirror rewrites URL prefixes (git's insteadOf): its target must be a git URL of a known kind."""
+    for prefix, target in mirrors.items():
+        try:
+            if not isinstance(prefix, str) or not prefix or prefix.startswith("-") or _UNSAFE.search(prefix):
+                raise ValueError(f"has a prefix {prefix!r} that is empty, starts with '-' or holds unsafe characters")
+            if not isinstance(target, str):
+                raise ValueError("must be a string")
+            parse_repo_url(target, prefix=True)
+            if "=" in target:
+                raise ValueError("must be a string without '='")
+        except ValueError as why:
+            raise EnvError(
+                f"{where}: git mirror {redact(str(prefix))} -> {redact(str(target))} {why}"
+                " (comfyui_environments_git_mirrors maps URL prefixes to https://, ssh:// or file:// mirrors)"
+            ) from None
+
+
+_REF = re.compile(r"^[^\x00-\x20\x7f~^:?*\[\\-][^\x00-\x20\x7f~^:?*\[\\]*$")
+
+
+def _check_version(where: str, what: str, version: str) -> None:
+    if not _REF.fullmatch(version) or ".." in version or version.endswith((".", "/", ".lock")):
         raise EnvError(
-            f"{where}: {what} repository {repo} is not allowlisted (allowed_repos: {', '.join(allowed)});"
-            " check the owner name, or add the prefix to allowed_repos"
+            f"{where}: {what}: version {version!r} is not a tag, branch or commit name"
+            " (it must not start with '-' or hold spaces or any of ~^:?*[\\)"
         )
 
 
