@@ -102,14 +102,16 @@ def test_known_cases_and_the_site_table_declare_paths_by_folder_or_repository_na
         "settings.json",
     ]
     for name, paths in writable.KNOWN.items():
-        assert paths and all(writable.problem(path) is None for path in paths), name
+        assert paths and all(writable.problem(name, path) is None for path in paths), name
+    assert writable.in_comfyui("Renamed", "../../web/extensions/renamed/") == "web/extensions/renamed/"
 
 
 @pytest.mark.parametrize(
     ("path", "why"),
     [
         ("/etc/passwd", "must be relative to the node's folder"),
-        ("../ComfyUI-Other/settings.json", "must be normalised"),
+        ("../ComfyUI-Other/settings.json", "must not reach into the folder of another custom node"),
+        ("../../../settings.json", "must stay inside ComfyUI's folder"),
         ("a//b", "must be normalised"),
         (".git/config", "must not be inside .git"),
         ("settings.json\nExecStartPre=+/bin/sh", "must not contain control characters"),
@@ -120,16 +122,20 @@ def test_writable_paths_outside_the_node_or_with_control_characters_are_refused(
 ) -> None:
     with pytest.raises(engine.EnvError) as failure:
         engine.Builder(service_spec(make_spec, root, path)).run()
-    assert f"writable path {path!r} of ComfyUI-Comfybake-Writer {why}" in str(failure.value)
+    assert f"writable path {path!r} of custom node ComfyUI-Comfybake-Writer {why}" in str(failure.value)
 
 
-def test_a_write_into_comfyuis_own_folder_names_the_comfyui_key() -> None:
-    comfyui = "/opt/comfybake/envs/comm/releases/0123/ComfyUI"
-    error = f"PermissionError: [Errno 13] Permission denied: '{comfyui}/web/extensions/example'"
+def test_a_folder_made_in_comfyuis_own_folder_is_named_relative_to_the_node_as_a_folder(tmp_path: Path) -> None:
+    # os.makedirs names the first folder it cannot create; the hint declares it as a folder.
+    comfyui = str(tmp_path / "ComfyUI")
+    error = (
+        f'  File "/usr/lib/python3.11/os.py", line 225, in makedirs\n'
+        f"PermissionError: [Errno 13] Permission denied: '{comfyui}/web'"
+    )
     assert writable.permission_hint(error, comfyui, "ComfyUI-Example") == (
-        "  custom node ComfyUI-Example writes web/extensions/example inside ComfyUI's folder, which is read-only"
-        " code. Add ComfyUI: [web/extensions/example] to comfyui_environments_writable_paths (a trailing /"
-        " declares a folder), so that each instance and the import gate get their own copy"
-        " (docs/environments.md, writable paths)"
+        "  custom node ComfyUI-Example writes ../../web/ inside ComfyUI's folder, which is read-only code. Add"
+        " writable: [../../web/] to this custom node, or ComfyUI-Example: [../../web/] to"
+        " comfyui_environments_writable_paths (relative to the node's folder, a trailing / for a folder), so"
+        " that each instance and the import gate get their own copy (docs/environments.md, writable paths)"
     )
     assert writable.permission_hint(error.replace(comfyui, "/home/user"), comfyui, "ComfyUI-Example") is None

@@ -111,6 +111,7 @@ def test_the_bom_records_commits_packages_and_model_hashes(baked: Bake, origin: 
     assert nodes == {
         "ComfyUI-Comfybake-Basic": fixtures["commits"]["ComfyUI-Comfybake-Basic"]["initial"],
         "ComfyUI-Comfybake-SixOld": fixtures["commits"]["ComfyUI-Comfybake-SixOld"]["initial"],
+        "ComfyUI-Comfybake-Writer": fixtures["commits"]["ComfyUI-Comfybake-Writer"]["initial"],
     }
     packages = {package["name"]: package["version"] for package in environment["packages"]}
     assert packages["torch"].startswith("2.13.0") and "six" in packages
@@ -148,6 +149,10 @@ def test_the_image_runs_unprivileged_and_every_instance_is_ready(baked: Bake) ->
         time.sleep(1)
         again = {row["name"]: row["pid"] for row in wait_ready(name)}
         assert again["a"] not in (0, pid)
+        # The writer node wrote at import into each instance's own copy of its writable paths.
+        for instance in ("a", "b"):
+            log = f"/var/lib/comfybake/instances/{instance}/custom_nodes/ComfyUI-Comfybake-Writer/history/imports.log"
+            assert set(docker("exec", name, "cat", log).stdout.split()) == {instance}
         # docker stop reaches supervisord through tini, which stops the instances cleanly.
         docker("stop", "--time", "30", name)
         assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"

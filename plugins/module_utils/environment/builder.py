@@ -43,7 +43,7 @@ from .spec import (
     torch_constraint,
     validate,
 )
-from .writable import SEEDS, keep_as_seeds, link_release, permission_hint, provide
+from .writable import SEEDS, in_comfyui, keep_as_seeds, link_release, permission_hint, provide
 
 SCHEMA = 1
 LOCK_NAME = "comfybake.lock.json"
@@ -68,7 +68,6 @@ class Pins:
                 "version": spec.comfyui.version,
                 "kind": self.comfyui_kind,
                 "commit": self.comfyui,
-                **_writable(spec.comfyui),
             },
             "custom_nodes": [
                 {
@@ -153,8 +152,8 @@ class Builder:
         inputs = {
             "schema": SCHEMA,
             "python": python_identity(spec.python),
+            "comfyui": [spec.comfyui.repo, pins.comfyui],
             # Writable paths change the release's layout; without any, the fingerprint is as before.
-            "comfyui": [spec.comfyui.repo, pins.comfyui, *_writable(spec.comfyui).values()],
             "custom_nodes": [
                 [node.name, node.repo, pins.nodes[node.name], *_writable(node).values()] for node in spec.custom_nodes
             ],
@@ -221,17 +220,17 @@ class Builder:
     def _verify_live(self, lock: dict[str, Any]) -> None:
         release = lock["release"]
         comfyui = os.path.join(release, "ComfyUI")
-        trees = [("ComfyUI", comfyui, lock["comfyui"])]
+        trees = [("ComfyUI", "", lock["comfyui"]["commit"])]
         trees += [
-            (f"custom_nodes/{node['name']}", os.path.join(comfyui, "custom_nodes", node["name"]), node)
+            (f"custom_nodes/{node['name']}", f"custom_nodes/{node['name']}/", node["commit"])
             for node in lock["custom_nodes"]
         ]
-        for label, path, entry in trees:
-            commit = entry["commit"]
+        # A writable path is a link in the release by design (writable.py).
+        links = [written.rstrip("/") for written in lock.get("writable", [])]
+        for label, prefix, commit in trees:
+            path = os.path.join(comfyui, prefix)
             head, changed = self.git.state(path)
-            # A writable path is a link in the release by design (writable.py).
-            links = [written.rstrip("/") for written in entry.get("writable", [])]
-            changed = [name for name in changed if not any(_within(name.rstrip("/"), link) for link in links)]
+            changed = [name for name in changed if not any(_within(prefix + name.rstrip("/"), link) for link in links)]
             if head != commit or changed:
                 detail = f"HEAD is {head}, the lock says {commit}" if head != commit else ", ".join(changed[:10])
                 raise EnvError(
@@ -611,11 +610,9 @@ class Builder:
                 " missing package to pip_packages, or remove the node"
             )
         if done.returncode != 0:
-            hint = permission_hint(output, comfyui)
             raise EnvError(
                 f"environment {spec.name}: ComfyUI exited with code {done.returncode} during the import gate"
                 f" (main.py --quick-test-for-ci --cpu); its last lines:\n{redact(tail(output))}"
-                + (f"\n{hint}" if hint else "")
             )
         for name in sorted(set(failed) - configured):
             self.warnings.append(f"{name} (not a configured custom node) failed to import: {failed[name]}")
@@ -638,10 +635,7 @@ class Builder:
     def _writable_paths(self) -> list[str]:
         """Every declared writable path, relative to the ComfyUI folder."""
         spec = self.spec
-        paths = list(spec.comfyui.writable)
-        for node in spec.custom_nodes:
-            paths += [f"custom_nodes/{node.name}/{path}" for path in node.writable]
-        return paths
+        return [in_comfyui(node.name, path) for node in spec.custom_nodes for path in node.writable]
 
     def _switch(self, release: str) -> None:
         """Point `current` at the new release in one rename."""

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from .errors import EnvError, redact
 from .requirements import canonical_name, direct_reference
-from .writable import COMFYUI, declared
+from .writable import declared
 from .writable import problem as writable_problem
 
 COMMIT = re.compile(r"^[0-9a-f]{40}\Z")  # \Z, not $: $ also matches before a final line break
@@ -29,7 +29,7 @@ class Source:
     name: str
     repo: str
     version: str
-    # Paths the tree writes inside its own folder (writable.py), a trailing / for a folder.
+    # Paths a node writes, relative to its folder (writable.py), a trailing / for a folder.
     writable: tuple[str, ...] = ()
 
 
@@ -71,7 +71,7 @@ class Spec:
     gate_timeout: int = 900
     # Import name -> distribution, for the import gate's diagnosis (beside imports.DISTRIBUTIONS).
     import_names: dict[str, str] = field(default_factory=dict)
-    # Node folder or repository name (or ComfyUI) -> paths it writes, before writable.KNOWN.
+    # Node folder or repository name -> paths it writes, before writable.KNOWN.
     writable_paths: dict[str, list[str]] = field(default_factory=dict)
     run_as: str | None = None
     keep_releases: int = 2
@@ -279,12 +279,7 @@ def environment_spec(
         hook = os.path.join(config_dir, HOOK_FILE) if config_dir else env["hook"]
     return Spec(
         name=name,
-        comfyui=Source(
-            "ComfyUI",
-            env["comfyui_repo"],
-            env["comfyui_version"],
-            tuple(declared(COMFYUI, "", [], settings.get("writable_paths") or {})),
-        ),
+        comfyui=Source("ComfyUI", env["comfyui_repo"], env["comfyui_version"]),
         custom_nodes=nodes,
         allow_moving_refs=env.get("allow_moving_refs", False),
         torch_flavor=flavor_name,
@@ -347,15 +342,16 @@ def validate(spec: Spec, check_mode: bool = False) -> None:
         if not (isinstance(paths, (list, tuple)) and all(isinstance(path, str) for path in paths)):
             raise EnvError(
                 f"{where}: writable_paths (comfyui_environments_writable_paths) must map a node folder or"
-                f" repository name (or ComfyUI) to a list of paths, got {name!r}: {yaml_kind(paths)}"
+                f" repository name to a list of paths, got {name!r}: {yaml_kind(paths)}"
             )
-    for tree in (spec.comfyui, *spec.custom_nodes):
-        for path in tree.writable:
-            why = writable_problem(path)
+    for node in spec.custom_nodes:
+        for path in node.writable:
+            why = writable_problem(node.name, path)
             if why:
                 raise EnvError(
-                    f"{where}: writable path {path!r} of {tree.name} {why}; declare paths such as settings.json"
-                    " or cache/ (custom node writable:, or comfyui_environments_writable_paths)"
+                    f"{where}: writable path {path!r} of custom node {node.name} {why}; declare paths such as"
+                    " settings.json, cache/ or ../../web/extensions/<name>/ (custom node writable:, or"
+                    " comfyui_environments_writable_paths)"
                 )
     for entry in spec.torch_packages:
         torch_constraint(where, entry)

@@ -4,8 +4,9 @@
 
 A release's code is read-only to the processes that run it, but many popular node packs write
 into their own folder: a settings file at import, a cache or history folder later. A path
-declared writable (a node's `writable` key, the site's `writable_paths`, or KNOWN below) becomes
-a link in the release:
+declared writable (a node's `writable` key, the site's `writable_paths`, or KNOWN below; relative
+to the node's folder, or with ../../ to ComfyUI's, for packs that write there) becomes a link in
+the release:
 
     <release>/ComfyUI/custom_nodes/<node>/<path>  ->  /proc/self/cwd/custom_nodes/<node>/<path>
 
@@ -24,42 +25,89 @@ declared instead (a rename cannot replace the link).
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 
 LINK_BASE = "/proc/self/cwd"
 SEEDS = "writable"
-COMFYUI = "ComfyUI"  # the key of ComfyUI's own tree in KNOWN and in writable_paths
 
-# Node folder or repository name -> the paths the pack writes inside its folder (a trailing /
-# for a folder). Data only: a site adds or overrides entries with writable_paths (the role's
-# comfyui_environments_writable_paths), and a node with its own `writable` key. Each entry was
-# read in the pack's source (docs/environments.md lists where).
-KNOWN: dict[str, list[str]] = {}
+# Node folder or repository name -> the paths the pack writes, relative to its folder (a
+# trailing / for a folder; ../../ climbs to ComfyUI's folder). Data only: a site adds or
+# overrides rows with writable_paths (the role's comfyui_environments_writable_paths), a node
+# with its own `writable` key. Each row was read in the pack's source, at the place named.
+KNOWN: dict[str, list[str]] = {
+    "ComfyUI-Custom-Scripts": [
+        "pysssss.json",  # at import: pysssss.py, get_extension_config() copies pysssss.default.json
+        "user/autocomplete.txt",  # py/autocomplete.py
+        "../../web/extensions/pysssss/",  # at import: pysssss.py, get_web_ext_dir() makes it
+        "../../pysssss-workflows/",  # py/workflows.py
+    ],
+    "was-node-suite-comfyui": [
+        "was_suite_config.json",  # at import (a failure is swallowed): WAS_Node_Suite.py
+        "was_suite_settings.json",
+        "was_history.json",
+        "nsp_pantry.json",
+        "styles.json",  # at import when webui_styles is set
+        "wildcards/",
+        "cache/",
+    ],
+    "rgthree-comfy": [
+        "rgthree_config.json",  # py/config.py, through the settings route; at import when migrating
+        "userdata/",  # py/utils_userdata.py
+    ],
+    "ComfyUI-Inspire-Pack": [
+        "resources/prompt-builder.yaml",  # at import (a failure is swallowed): inspire/prompt_support.py
+    ],
+    "ComfyUI-Easy-Use": [
+        "wildcards/",  # at import: __init__.py
+        "styles/",  # at import: __init__.py
+        "config.yaml",  # at import when present; py/libs/api/stability.py
+    ],
+    "ComfyUI-KJNodes": [
+        "models/",  # model downloads: nodes/nodes.py
+    ],
+    "comfyui_controlnet_aux": [
+        "ckpts/",  # annotator downloads: utils.py (or set AUX_ANNOTATOR_CKPTS_PATH to a shared folder)
+    ],
+    "comfyui-tooling-nodes": [
+        "safetychecker/",  # a download renamed into place: nsfw.py
+    ],
+}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DENIED = re.compile(r"Permission denied: '([^']+)'")
 
 
-def problem(path: object) -> str | None:
-    """Why `path` cannot be a writable path, or None: relative, normalised, inside the tree."""
+def in_comfyui(node: str, path: str) -> str:
+    """A node's writable path relative to the ComfyUI folder: custom_nodes/<node>/<path>, ../../ climbing out."""
+    relative = posixpath.normpath(posixpath.join("custom_nodes", node, path.rstrip("/")))
+    return relative + ("/" if path.endswith("/") else "")
+
+
+def problem(node: str, path: object) -> str | None:
+    """Why `path` cannot be a writable path of `node`, or None: relative, inside ComfyUI's folder."""
     if not isinstance(path, str) or not path.strip("/"):
         return "must be a non-empty path, a string"
     if _CONTROL.search(path):
         return "must not contain control characters"
     if path.startswith("/"):
         return "must be relative to the node's folder"
-    parts = path.rstrip("/").split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        return "must be normalised (no empty, '.' or '..' parts)"
+    if any(part in ("", ".") for part in path.rstrip("/").split("/")):
+        return "must be normalised (no empty or '.' parts)"
+    parts = in_comfyui(node, path).rstrip("/").split("/")
+    if parts[0] == ".." or parts == ["custom_nodes"]:
+        return "must stay inside ComfyUI's folder"
+    if parts[0] == "custom_nodes" and (len(parts) < 3 or parts[1] != node):
+        return "must not reach into the folder of another custom node"
     if ".git" in parts or "__pycache__" in parts:
         return "must not be inside .git or __pycache__"
     return None
 
 
 def declared(node: str, repo: str, own: Sequence[str], site: Mapping[str, Sequence[str]]) -> list[str]:
-    """A tree's writable paths: its own, then the site's and KNOWN's by folder or repository name."""
+    """A node's writable paths: its own, then the site's and KNOWN's by folder or repository name."""
     names = [node] + ([repo] if repo and repo != node else [])
     paths = list(own)
     for table in (site, KNOWN):
@@ -129,30 +177,27 @@ def keep_as_seeds(workdir: str, seeds: str, paths: Iterable[str]) -> None:
             shutil.copy2(written, seed, follow_symlinks=False)
 
 
-def permission_hint(error: str, comfyui: str, node: str | None = None) -> str | None:
+def permission_hint(error: str, comfyui: str, node: str) -> str | None:
     """For a `Permission denied: '<path>'` in the release's ComfyUI folder, the setting that makes it writable.
 
-    `node` is the custom node that failed; a path outside its folder is one of ComfyUI's own.
+    A path that does not exist in the release was being created: by os.makedirs, which names the
+    first folder it could not create, or by open(), which names the file; a folder is declared
+    with a trailing /.
     """
     match = _DENIED.search(error)
     if not match:
         return None
     denied = os.path.normpath(match.group(1))
-    folder = os.path.join(comfyui, "custom_nodes", node) if node else comfyui
-    if node and denied.startswith(folder + os.sep):
-        path = os.path.relpath(denied, folder)
-        what, where = (
-            f"custom node {node} writes {path} inside its own folder",
-            f"writable: [{path}] to this custom node, or {node}: [{path}]",
-        )
-    elif denied.startswith(comfyui + os.sep):
-        path = os.path.relpath(denied, comfyui)
-        who = f"custom node {node}" if node else "ComfyUI"
-        what, where = f"{who} writes {path} inside ComfyUI's folder", f"{COMFYUI}: [{path}]"
-    else:
+    if not denied.startswith(comfyui + os.sep):
         return None
+    folder = os.path.join(comfyui, "custom_nodes", node)
+    path = os.path.relpath(denied, folder)
+    if not os.path.lexists(denied) and re.search(r"\b(makedirs|mkdir)\b", error):
+        path += "/"
+    where = "inside its own folder" if denied.startswith(folder + os.sep) else "inside ComfyUI's folder"
     return (
-        f"  {what}, which is read-only code. Add {where} to comfyui_environments_writable_paths (a trailing /"
-        " declares a folder), so that each instance and the import gate get their own copy"
+        f"  custom node {node} writes {path} {where}, which is read-only code. Add writable: [{path}] to this"
+        f" custom node, or {node}: [{path}] to comfyui_environments_writable_paths (relative to the node's"
+        " folder, a trailing / for a folder), so that each instance and the import gate get their own copy"
         " (docs/environments.md, writable paths)"
     )
