@@ -30,6 +30,8 @@ import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 
+from .errors import EnvError
+
 LINK_BASE = "/proc/self/cwd"
 SEEDS = "writable"
 
@@ -122,9 +124,18 @@ def link_release(comfyui: str, seeds: str, paths: Iterable[str]) -> None:
 
     `paths` are relative to the ComfyUI folder (custom_nodes/<node>/settings.json).
     """
-    for path in paths:
+    linked: list[str] = []
+    for path in sorted(paths):
         relative = path.rstrip("/")
+        if any(relative.startswith(done + "/") for done in linked):
+            continue  # inside a declared folder, which every process has whole
         target = os.path.join(comfyui, relative)
+        parent = os.path.dirname(relative)
+        while parent:  # never follow a link of the checkout (root writes here)
+            if os.path.islink(os.path.join(comfyui, parent)):
+                raise EnvError(f"writable path {path} lies below {parent}, which is a link in the checkout")
+            parent = os.path.dirname(parent)
+        linked.append(relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if os.path.lexists(target):
             seed = os.path.join(seeds, relative)
