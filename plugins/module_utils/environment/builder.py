@@ -589,21 +589,18 @@ class Builder:
         configured = {node.name for node in spec.custom_nodes}
         ours = {name: error for name, error in failed.items() if name in configured}
         env = self._env()
+        packages = site_packages(os.path.dirname(os.path.dirname(python)))
+
+        def causes(folder: str, error: str) -> list[str]:
+            return likely_missing(folder, comfyui, self.interpreter, error, env, spec.import_names, packages)
+
         if ours:
             lines = []
             for name, error in sorted(ours.items()):
                 lines.append(f"- custom node {name} failed to import: {error}")
                 hint = permission_hint(error, comfyui, name)
                 lines += [hint] if hint else []
-                lines += likely_missing(
-                    os.path.join(comfyui, "custom_nodes", name),
-                    comfyui,
-                    self.interpreter,
-                    error,
-                    env,
-                    spec.import_names,
-                    site_packages(os.path.dirname(os.path.dirname(python))),
-                )
+                lines += causes(os.path.join(comfyui, "custom_nodes", name), error)
             raise EnvError(
                 f"environment {spec.name}: the import gate (main.py --quick-test-for-ci --cpu) failed; the live"
                 " release is untouched.\n" + "\n".join(lines) + "\nFix: pin a node commit that imports, add the"
@@ -618,18 +615,9 @@ class Builder:
             self.warnings.append(f"{name} (not a configured custom node) failed to import: {failed[name]}")
         for name, error in sorted(optional_node_failures(output).items()):
             # ComfyUI starts without its own optional nodes; so does the gate, but it says so.
-            causes = likely_missing(
-                os.path.join(comfyui, name),
-                comfyui,
-                self.interpreter,
-                error,
-                env,
-                spec.import_names,
-                site_packages(os.path.dirname(os.path.dirname(python))),
-            )
             self.warnings.append(
                 f"ComfyUI's optional node {name} failed to import, so its node classes are missing: {error}"
-                + "".join(f"\n{line}" for line in causes)
+                + "".join(f"\n{line}" for line in causes(os.path.join(comfyui, name), error))
             )
 
     def _writable_paths(self) -> list[str]:
