@@ -21,7 +21,7 @@ from typing import Any
 
 from ..comfyui_log import gate_failures, optional_node_failures
 from .errors import EnvError, redact
-from .gitcache import Git, Submodule, SubmodulePolicy
+from .gitcache import Git, Submodule, SubmoduleCheck
 from .imports import likely_missing, site_packages
 from .process import python_identity, run, tail
 from .requirements import (
@@ -506,7 +506,7 @@ class Builder:
                 f"\n{redact(tail(done.stdout + done.stderr))}"
             )
 
-    def _submodule_policy(self, label: str) -> SubmodulePolicy:
+    def _submodule_policy(self, label: str) -> SubmoduleCheck | None:
         """What the checkout of a tree does with its submodules: refuse them, unless allow_submodules;
         then check each URL as the tree's own (known kinds only, and the allowlist)."""
         spec = self.spec

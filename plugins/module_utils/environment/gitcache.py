@@ -8,8 +8,9 @@ import hashlib
 import os
 import re
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from .errors import EnvError, redact
 from .process import run, tail
@@ -26,9 +27,11 @@ class Submodule:
     commit: str
 
 
-# What a checkout does with the submodules it finds: `None` refuses them; otherwise a function
-# that checks one (its URL against the scheme rules and the allowlist) before it is fetched.
-SubmodulePolicy = Callable[[Submodule], None] | None
+class SubmoduleCheck(Protocol):
+    """What a checkout does with a submodule it finds before fetching it: check its URL against
+    the scheme rules and the allowlist (raising EnvError). A checkout without one refuses them."""
+
+    def __call__(self, submodule: Submodule, /) -> None: ...
 
 
 class Git:
@@ -137,7 +140,7 @@ class Git:
         commit: str,
         dest: str,
         exclude: Sequence[str] = (),
-        submodules: SubmodulePolicy = None,
+        submodules: SubmoduleCheck | None = None,
         what: str = "",
     ) -> list[Submodule]:
         """A detached work tree at `commit`, cloned from the cache (objects are hard-linked).
