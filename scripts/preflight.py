@@ -22,6 +22,7 @@ variables of an offline bake (scripts/up.sh uses them). Needs Python 3.10+ and P
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -55,6 +56,20 @@ KNOWN_APT = {
     "nvidia/cuda": ["https://developer.download.nvidia.com/compute/cuda/repos/"],
 }
 DOCS = 'docs/bake.md, section "Offline: a folder of mirrors"'
+
+
+def _redaction() -> Any:
+    """The one implementation of redaction (plugins/module_utils/redaction.py, standard library
+    only), loaded from the checkout: this script runs on any python3, without the collection."""
+    spec = importlib.util.spec_from_file_location("comfybake_redaction", ROOT / "plugins/module_utils/redaction.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {ROOT / 'plugins/module_utils/redaction.py'}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REDACTION = _redaction()
 
 
 class SetupError(Exception):
@@ -626,9 +641,11 @@ def source_checks(plan: Plan, settings: Settings, mounts: dict[str, str]) -> Non
             indexes.setdefault(url, where)
     for url, setting in indexes.items():
         # The project page of a package every build installs: an index answers it, even with 404.
-        page = url.rstrip("/") + ("/torch/" if "torch" in setting else "/uv/")
+        # Asked without the URL's credentials (an index that wants them answers 401: reachable),
+        # and printed without them.
+        page = REDACTION.without_credentials(url).rstrip("/") + ("/torch/" if "torch" in setting else "/uv/")
         setting += "; or a wheelhouse: comfyui_environments_wheelhouse_src" + offline("wheelhouse")
-        plan.checks.append(Check("package index", url, setting, http_probe(page)))
+        plan.checks.append(Check("package index", REDACTION.redact(url), setting, http_probe(page)))
     for url, setting in model_origins(settings).items():
         plan.checks.append(Check("model origin", url, setting + offline("models"), http_probe(url)))
 
@@ -818,7 +835,7 @@ def model_probe(entry: dict[str, Any], path: Path) -> Callable[[], str | None]:
 def wheelhouse_command(packer: dict[str, Any], wheelhouse: Path, want: str, index: str) -> str:
     """pip download of one pin, run where the image's Python, OS and CPU architecture are (no --platform)."""
     python = Path(str(packer.get("python", "python3"))).name
-    extra = f" --extra-index-url {index}" if index else ""
+    extra = f" --extra-index-url {REDACTION.redact(index)}" if index else ""
     download = f"{python} -m pip download --only-binary=:all: --dest {wheelhouse}"
     return f"on a connected Linux machine of the image's architecture: {download} {want}{extra}"
 

@@ -111,7 +111,9 @@ options:
     type: path
     required: true
   index_url:
-    description: Default package index (credentials in it are never printed).
+    description:
+      - Default package index. Credentials in an index URL (C(https://user:token@host/simple)) reach uv
+        in its environment only; results, the lock and messages show them as C(***).
     type: str
   extra_index_urls:
     description: More indexes, searched before O(index_url).
@@ -263,6 +265,7 @@ from ansible_collections.comfybake.core.plugins.module_utils.environment import 
     EnvError,
     environment_spec,
 )
+from ansible_collections.comfybake.core.plugins.module_utils.redaction import redact_data, url_credentials
 
 # One way to pass an environment: as written (`environment`, read and validated by the engine),
 # with the site-wide settings that fill in what it leaves out.
@@ -297,7 +300,17 @@ ARGUMENT_SPEC = {
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    result: dict[str, Any] = {"changed": False, "release": None, "fingerprint": None, "warnings_env": [], "timings": {}}
+    # Index URLs may carry credentials (https://user:token@host/simple): the arguments shown back (-vvv)
+    # drop them, and Ansible masks them anywhere else in the result.
+    module.no_log_values.update(url_credentials(module.params))
+    result: dict[str, Any] = {
+        "changed": False,
+        "release": None,
+        "fingerprint": None,
+        "warnings_env": [],
+        "timings": {},
+        "invocation": {"module_args": redact_data(module.params)},
+    }
     builder = None
     try:
         site = {key: value for key, value in module.params.items() if key not in ("name", "environment")}

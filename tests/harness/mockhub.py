@@ -4,10 +4,12 @@ Serves bytes, deterministic virtual files (so only the client uses disk) or real
 sendfile), with Range/HEAD/ETag, Hugging Face-like and Civitai-like endpoints, redirects to
 a second host, and faults: truncation, ignored ranges, 416, 401/403/404 with the Hub's error
 codes, 429/5xx sequences, slow drips and per-connection rate caps. Every request is logged
-with the body bytes actually sent."""
+with the body bytes actually sent. A hub may require HTTP basic auth on every path (a private
+package index), and may call observers on each request while its client waits for the answer."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -17,6 +19,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -156,6 +159,10 @@ class MockHub:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # (user, password) every request must send as HTTP basic auth, or get 401 with a challenge.
+        self.basic_auth: tuple[str, str] | None = None
+        # Called with each request before it is answered (its client is still running).
+        self.observers: list[Callable[[Request], None]] = []
 
     # lifecycle ------------------------------------------------------------------
 
@@ -384,7 +391,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.route_path, self.query = parts.path, parts.query
         self.entry = Request(self.command, parts.path, parts.query, dict(self.headers.items()), server=self.owner.host)
         self.owner._record(self.entry)
+        for observe in self.owner.observers:
+            observe(self.entry)
         try:
+            if self.owner.basic_auth and not self._basic_auth_ok(self.owner.basic_auth):
+                self.reply(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="comfybake-test"'})
+                return
             self._handle()
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             self.close_connection = True
@@ -406,6 +418,10 @@ class _Handler(BaseHTTPRequestHandler):
             route.handler(self)
             return
         self.serve(route)
+
+    def _basic_auth_ok(self, wanted: tuple[str, str]) -> bool:
+        expected = base64.b64encode(f"{wanted[0]}:{wanted[1]}".encode()).decode()
+        return self.headers.get("Authorization") == f"Basic {expected}"
 
     def _folder_route(self) -> Route | None:
         for prefix, folder in self.owner.folders.items():

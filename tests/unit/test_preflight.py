@@ -181,6 +181,28 @@ def test_an_inventory_that_reaches_everything_passes(root: Path, tmp_path: Path,
     assert status == 1 and len(fixes) == 2 and ABSENT_IMAGE in fixes[1], output
 
 
+def test_index_credentials_are_not_printed_nor_sent_in_the_probe(
+    root: Path, tmp_path: Path, http_root: tuple[Path, str]
+) -> None:
+    """An index URL with credentials is probed without them (a 401 would still mean reachable)
+    and printed as https://***@host."""
+    www, base = http_root
+    (www / "simple" / "uv").mkdir(parents=True)
+    (www / "simple" / "uv" / "index.html").write_text("<html></html>")
+    private = base.replace("://", "://builder:preflightCANARY@") + "/simple"
+    settings = {
+        "comfyui_environments_index_url": private,
+        "comfyui_environments_torch_flavors": {"cpu": {"index_url": "", "packages": ["torch"]}},
+        "comfyui_environments": {"main": {"comfyui_repo": f"{base}/ComfyUI.git", "comfyui_version": "v0.8.0"}},
+    }
+    bare_repo(www / "ComfyUI.git")
+    folder = inventory(tmp_path / "inventory", settings)
+    args = f"-var inventory_dir={folder} -var base_image={ABSENT_IMAGE} -var docker_pull=false"
+    _status, output = preflight(root, "--target", "cpu", packer_args=args)
+    assert "preflightCANARY" not in output
+    assert row(output, base.replace("://", "://***@") + "/simple").endswith(" ok")
+
+
 def test_make_provision_checks_mirrors_where_mounts_put_them(root: Path, tmp_path: Path) -> None:
     mirrors = tmp_path / "mirrors"
     bare_repo(mirrors / "ComfyUI.git")

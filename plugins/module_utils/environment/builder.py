@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..comfyui_log import gate_failures, optional_node_failures
+from ..redaction import redact_data
 from .errors import EnvError, redact
 from .gitcache import Git, Submodule, SubmoduleCheck
 from .imports import likely_missing, site_packages
@@ -342,6 +343,7 @@ class Builder:
         }
         if submodules:
             lock["submodules"] = submodules
+        lock = dict(redact_data(lock))  # the lock is world-readable, printed and copied into image BOMs
         _write_json(os.path.join(release, LOCK_NAME), lock)
         lock["release"] = release
         return lock
@@ -475,6 +477,7 @@ class Builder:
         os.makedirs(scratch, mode=0o700)
         env = {
             **self._env(),
+            **self._index_env(),
             "VIRTUAL_ENV": venv,
             "PATH": ":".join(
                 (os.path.join(venv, "bin"), os.path.dirname(spec.uv), os.environ.get("PATH", "/usr/bin:/bin"))
@@ -666,9 +669,15 @@ class Builder:
             env["UV_CACHE_DIR"] = self.spec.cache_dir
         if self.spec.ca_bundle:
             env["SSL_CERT_FILE"] = self.spec.ca_bundle
+        return env
+
+    def _index_env(self) -> dict[str, str]:
+        """The indexes, for uv and the hook only: URLs travel in the environment, never in argv (visible
+        in /proc to every user), and may hold credentials, which the import gate and the dependency
+        check (run as the service account, beside its running instances) must not carry."""
         spec = self.spec
+        env: dict[str, str] = {}
         if not spec.wheelhouse:
-            # URLs travel in the environment, not in argv (visible in /proc), and may hold credentials.
             if spec.index_url:
                 env["UV_DEFAULT_INDEX"] = spec.index_url
             extra = [url for url in (spec.torch_index_url, *spec.extra_index_urls) if url]
@@ -686,7 +695,7 @@ class Builder:
         return args
 
     def _uv(self, *args: str, cwd: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = run([self.spec.uv, *args], cwd=cwd, env=self._env())
+        done = run([self.spec.uv, *args], cwd=cwd, env={**self._env(), **self._index_env()})
         if check and done.returncode != 0:
             raise EnvError(
                 f"environment {self.spec.name}: uv {args[0]} {args[1] if len(args) > 1 else ''} failed:"

@@ -4,15 +4,10 @@
 
 from __future__ import annotations
 
-import re
+from ..redaction import redact
 
-_USERINFO = re.compile(r"(://)[^/@\s]+@")
+__all__ = ["EnvError", "redact"]
 
 
 class EnvError(Exception):
     """A failure the user can act on; the message names the item, the cause and the fix."""
-
-
-def redact(text: str) -> str:
-    """Drop credentials embedded in URLs (`https://user:token@host` -> `https://***@host`)."""
-    return _USERINFO.sub(r"\1***@", text)

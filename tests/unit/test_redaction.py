@@ -1,0 +1,49 @@
+"""The one redaction of secrets (plugins/module_utils/redaction.py): URLs, secret-named settings,
+token-shaped values and what the module hands Ansible's no_log."""
+
+from __future__ import annotations
+
+import pytest
+
+from comfybake.engine.redaction import REDACTED, redact, redact_data, url_credentials, without_credentials
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("https://user:tok@host/simple", "https://***@host/simple"),
+        ("https://tok@host:8443/simple", "https://***@host:8443/simple"),
+        ("https://user:p@ss@host/x", "https://***@host/x"),  # an unencoded @ in the password
+        ("uv failed: https://u:t@a/s and https://b/s", "uv failed: https://***@a/s and https://b/s"),
+        ("'https://u:t@a/s', 'git@github.com:o/r'", "'https://***@a/s', 'git@github.com:o/r'"),
+        ("https://host/simple?x=a@b", "https://host/simple?x=a@b"),
+        ("token hf_abcdefghijklmnopqrstuvwxyz12 sent", f"token {REDACTED} sent"),
+        ("hf_transfer", "hf_transfer"),
+    ],
+)
+def test_redact_drops_url_credentials_and_token_shapes(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_redact_data_walks_values_and_keeps_what_is_no_secret() -> None:
+    data = {
+        "comfyui_models_hf_token": "secret",
+        "comfyui_models_civitai_token": "",
+        "comfyui_models_boot_tokens": True,
+        "nested": {"db_password": ["a", "b"], "index": "https://u:t@h/s", "port": 8188},
+        "hashes": ["sha256:abc"],
+    }
+    assert redact_data(data) == {
+        "comfyui_models_hf_token": REDACTED,
+        "comfyui_models_civitai_token": "",
+        "comfyui_models_boot_tokens": True,
+        "nested": {"db_password": [REDACTED, REDACTED], "index": "https://***@h/s", "port": 8188},
+        "hashes": ["sha256:abc"],
+    }
+    assert redact_data({"note": "vaulted"}, hidden=lambda value: value == "vaulted") == {"note": REDACTED}
+
+
+def test_url_credentials_are_what_no_log_masks() -> None:
+    params = {"index_url": "https://user:p%40ss@h/s", "flavors": {"cpu": {"index_url": "https://tok@h2/s"}}, "x": None}
+    assert url_credentials(params) == {"user:p%40ss", "user:p@ss", "p%40ss", "p@ss", "tok"}
+    assert without_credentials("https://user:tok@h/s") == "https://h/s"
