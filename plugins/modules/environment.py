@@ -185,6 +185,19 @@ options:
     description: Releases kept, the live one included.
     type: int
     default: 2
+  converge_lock:
+    description:
+      - The host-wide converge lock file (the role passes C(<comfyui_state_root>/converge.lock)). The
+        module holds it for its whole run, so two converges of one host never build at once (they share
+        the git cache and uv's cache), nor while instances are reconfigured; a second one waits for the
+        first and says which pid it waits for. Without it, only the environment's own root is locked.
+      - In check mode it is taken only when the file exists.
+    type: path
+  converge_lock_timeout:
+    description:
+      - Seconds to wait for another converge that holds O(converge_lock); the task then fails naming its pid.
+    type: int
+    default: 3600
 """
 
 EXAMPLES = r"""
@@ -249,6 +262,11 @@ warnings_env:
   returned: always
   type: list
   elements: str
+converge_lock_waited:
+  description: Whom the run waited for, when another converge held O(converge_lock).
+  returned: when it waited
+  type: str
+  sample: waited 42 s for 4242 (comfybake.core.environment... since 2026-01-01T00:00:00Z) to release the converge lock
 timings:
   description: Seconds spent in each phase.
   returned: always
@@ -256,10 +274,13 @@ timings:
   sample: {resolve: 0.07, install: 4.1, import gate: 2.3}
 """
 
+import contextlib
+import os
 import traceback
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.comfybake.core.plugins.module_utils.converge_lock import ConvergeLockError, converge_lock
 from ansible_collections.comfybake.core.plugins.module_utils.environment import (
     Builder,
     EnvError,
@@ -295,7 +316,11 @@ ARGUMENT_SPEC = {
     "writable_paths": {"type": "dict", "default": {}},
     "run_as": {"type": "str"},
     "keep_releases": {"type": "int", "default": 2},
+    "converge_lock": {"type": "path"},
+    "converge_lock_timeout": {"type": "int", "default": 3600},
 }
+# Options of the module itself, not of the environment.
+MODULE_OPTIONS = ("name", "environment", "converge_lock", "converge_lock_timeout")
 
 
 def main() -> None:
@@ -312,11 +337,14 @@ def main() -> None:
         "invocation": {"module_args": redact_data(module.params)},
     }
     builder = None
+    waited = ""
     try:
-        site = {key: value for key, value in module.params.items() if key not in ("name", "environment")}
+        site = {key: value for key, value in module.params.items() if key not in MODULE_OPTIONS}
         builder = Builder(environment_spec(module.params["name"], module.params["environment"], **site))
-        outcome = builder.run(check_mode=module.check_mode)
-    except EnvError as error:
+        with _host_lock(module) as held:
+            waited = held.note() if held else ""
+            outcome = builder.run(check_mode=module.check_mode)
+    except (EnvError, ConvergeLockError) as error:
         if builder is not None:
             result.update(warnings_env=builder.warnings, timings=builder.timings)
         module.fail_json(msg=str(error), **result)
@@ -338,7 +366,19 @@ def main() -> None:
         result["diff"] = outcome.diff
     for warning in outcome.warnings:
         module.warn(warning)
+    if waited:
+        result["converge_lock_waited"] = waited
+        module.warn(waited)
     module.exit_json(**result)
+
+
+def _host_lock(module: AnsibleModule) -> Any:
+    """The host-wide converge lock for this run, or nothing when none is set (or, in check mode, none exists)."""
+    path = module.params["converge_lock"]
+    if not path or (module.check_mode and not os.path.exists(path)):
+        return contextlib.nullcontext()
+    what = f"comfybake.core.environment: building environment {module.params['name']}"
+    return converge_lock(path, what, module.params["converge_lock_timeout"], module.log)
 
 
 if __name__ == "__main__":

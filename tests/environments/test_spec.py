@@ -160,7 +160,7 @@ def test_the_module_passes_every_site_option_to_the_engine() -> None:
     """The module's options are the environment as written plus settings the engine takes."""
     params = {name: option.get("default") for name, option in module.ARGUMENT_SPEC.items()}
     params.update(name="comm", environment={"comfyui_repo": COMFYUI, "comfyui_version": "v0.8.0"}, **SITE)
-    site = {key: value for key, value in params.items() if key not in ("name", "environment")}
+    site = {key: value for key, value in params.items() if key not in module.MODULE_OPTIONS}
     result = module.environment_spec(params["name"], params["environment"], **site)
     assert result.torch_packages == FLAVORS["cu128"]["packages"]
     assert result.keep_releases == module.ARGUMENT_SPEC["keep_releases"]["default"]

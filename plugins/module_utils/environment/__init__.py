@@ -20,14 +20,15 @@ inputs match the live release's lock changes nothing. A release is built next to
 one, checked (one resolution of all requirements with torch held as a constraint, `uv pip
 check`, and ComfyUI's `--quick-test-for-ci` import gate) and only then made live. A release
 still being built carries the marker file `.comfybake-building` and is removed when its
-build fails.
+build fails, or by the next run when its build was killed.
 
 One concept per module: `spec` (what an environment is made of: the keys a user writes, read
 and validated into a Spec), `process` (running git, uv and python), `gitcache` (bare
 repositories and pinned checkouts), `requirements` (what each part asks for, what one
 resolution gave), `imports` (what a node that failed to import most likely lacks), `writable`
-(the paths node packs write in their own folder, a copy per process), `builder`
-(the build of a release); ComfyUI's log is read by `..comfyui_log`, which readiness shares.
+(the paths node packs write in their own folder, a copy per process), `leftovers` (what a
+killed build left: its half-built release and processes), `builder` (the build of a release);
+ComfyUI's log is read by `..comfyui_log`, which readiness shares.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from ..redaction import redact_data
 from .errors import EnvError, redact
 from .gitcache import Git, Submodule, SubmoduleCheck
 from .imports import likely_missing, site_packages
-from .process import python_identity, run, tail
+from .leftovers import BUILDING_MARKER, sweep
+from .process import TimeLimitError, journal, python_identity, run, tail
 from .requirements import (
     Requirements,
     Resolved,
@@ -49,7 +50,6 @@ from .writable import SEEDS, in_comfyui, keep_as_seeds, link_release, permission
 SCHEMA = 1
 LOCK_NAME = "comfybake.lock.json"
 RESOLVED_NAME = "requirements.lock.txt"
-BUILDING_MARKER = ".comfybake-building"
 DEFAULT_PROTECTED = ("torch", "torchvision", "torchaudio", "xformers")
 
 
@@ -124,6 +124,8 @@ class Builder:
     def run(self, check_mode: bool = False) -> Result:
         validate(self.spec, check_mode)
         with self._locked(check_mode):
+            if not check_mode:
+                self.warnings += sweep(self.releases)  # what a killed run left, before anything else
             pins = self._timed("resolve pins", lambda: self._pins(dry_run=check_mode))
             fingerprint = self.fingerprint(pins)
             live = self.live_lock()
@@ -252,7 +254,8 @@ class Builder:
         with open(os.path.join(release, BUILDING_MARKER), "w", encoding="utf-8") as marker:
             marker.write(f"pid {os.getpid()} started {_now()}\n")
         try:
-            lock = self._build_into(release, pins, fingerprint)
+            with journal(os.path.join(release, BUILDING_MARKER)):
+                lock = self._build_into(release, pins, fingerprint)
         except BaseException:
             shutil.rmtree(release, ignore_errors=True)
             raise
@@ -583,8 +586,18 @@ class Builder:
                 " service account"
             )
         try:
-            done = run(args, cwd=scratch, env=env, timeout=spec.gate_timeout, user=spec.run_as, merge=True)
+            done = run(
+                args, cwd=scratch, env=env, timeout=spec.gate_timeout, user=spec.run_as, merge=True, kill_group=True
+            )
             keep_as_seeds(scratch, seeds, self._writable_paths())
+        except TimeLimitError as late:
+            raise EnvError(
+                f"environment {spec.name}: the import gate (main.py --quick-test-for-ci --cpu) did not finish within"
+                f" {spec.gate_timeout} s (gate_timeout: the role's comfyui_environments_gate_timeout), so it was"
+                " stopped with everything it started; the live release is untouched. A node that blocks while it is"
+                " imported (a download, a prompt, a server) hangs it: fix or remove that node, or raise"
+                f" comfyui_environments_gate_timeout. Its last lines:\n{redact(late.output)}"
+            ) from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         output = done.stdout
@@ -641,10 +654,7 @@ class Builder:
         releases = []
         for entry in os.listdir(self.releases):
             path = os.path.join(self.releases, entry)
-            if path != live and os.path.exists(os.path.join(path, BUILDING_MARKER)):
-                # Left by a run that was killed; no build runs beside this one (the root is locked).
-                shutil.rmtree(path, ignore_errors=True)
-            elif path != live and os.path.isfile(os.path.join(path, LOCK_NAME)):
+            if path != live and os.path.isfile(os.path.join(path, LOCK_NAME)):
                 releases.append((os.stat(os.path.join(path, LOCK_NAME)).st_mtime, path))
         for _mtime, path in sorted(releases, reverse=True)[self.spec.keep_releases - 1 :]:
             shutil.rmtree(path, ignore_errors=True)
