@@ -15,6 +15,8 @@ source "amazon-ebs" "comfybake" {
   instance_type = var.aws_instance_type
   ami_name      = local.vm_image
   ssh_username  = var.ssh_username
+  # Packer's temporary key leaves the image too (sysprep removes every authorized key).
+  ssh_clear_authorized_keys = true
   source_ami_filter {
     filters = {
       name                = var.aws_source_ami_name
@@ -48,6 +50,8 @@ source "googlecompute" "comfybake" {
   disk_size               = var.disk_size_gb
   ssh_username            = var.ssh_username
   on_host_maintenance     = "TERMINATE"
+  # Packer's temporary key leaves the image too (sysprep removes every authorized key).
+  ssh_clear_authorized_keys = true
   image_labels = {
     comfybake_target        = join("-", split(".", var.target))
     comfybake_torch_flavor  = var.torch_flavor
@@ -55,7 +59,7 @@ source "googlecompute" "comfybake" {
   }
 }
 
-# A VM image for on-premises KVM, from a local cloud image.
+# A VM image for on-premises KVM, from a cloud image checked against its publisher's checksum.
 source "qemu" "comfybake" {
   iso_url              = var.qemu_base_disk
   iso_checksum         = var.qemu_base_disk_checksum

@@ -224,14 +224,18 @@ variable "gcp_source_image_project" {
 
 variable "qemu_base_disk" {
   type        = string
-  description = "Base disk image (qcow2, a cloud image with SSH access for var.ssh_username), a path or URL."
-  default     = "build/base/noble-server-cloudimg-amd64.img"
+  description = "Base disk image (qcow2, a cloud image with SSH access for var.ssh_username), a URL or a path; Packer keeps a download in its cache."
+  default     = "https://cloud-images.ubuntu.com/releases/noble/release/noble-server-cloudimg-amd64.img"
 }
 
 variable "qemu_base_disk_checksum" {
   type        = string
-  description = "Checksum of var.qemu_base_disk, such as sha256:<hex> or file:<url>; none skips it (local disks only)."
-  default     = "none"
+  description = "Checksum of var.qemu_base_disk: sha256:<hex>, sha512:<hex>, or file:<URL or path> of a SHA256SUMS file that lists the disk's file name (the default: Ubuntu's, beside the default disk)."
+  default     = "file:https://cloud-images.ubuntu.com/releases/noble/release/SHA256SUMS"
+  validation {
+    condition     = contains(["sha256", "sha512", "file"], split(":", var.qemu_base_disk_checksum)[0]) && length(split(":", var.qemu_base_disk_checksum)) > 1 && length(var.qemu_base_disk_checksum) > 7
+    error_message = "The qemu_base_disk_checksum must be sha256:<hex>, sha512:<hex> or file:<SHA256SUMS URL or path>; an unchecked base disk (none) is refused."
+  }
 }
 
 variable "qemu_accelerator" {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -57,10 +58,37 @@ def test_every_flavour_has_a_target() -> None:
     assert {"test", "cpu", "cu128-py312", "cu124-py311"} <= set(TARGETS)
 
 
+# Packer fetches a `file:` checksum (the qemu base disk's default: Ubuntu's SHA256SUMS) while it
+# validates, and CI reaches no such server: the checks give a checksum itself instead.
+OFFLINE_CHECKSUM = "-var=qemu_base_disk_checksum=sha256:" + "0" * 64
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_packer_validate(root: Path, ansible_env: dict[str, str], target: str) -> None:
     # validate checks the ansible provisioner's playbook and inventory too, and needs ansible-playbook.
-    run(root, "packer", "validate", f"-var-file=packer/targets/{target}.pkrvars.hcl", "packer", env=ansible_env)
+    var_file = f"-var-file=packer/targets/{target}.pkrvars.hcl"
+    run(root, "packer", "validate", var_file, OFFLINE_CHECKSUM, "packer", env=ansible_env)
+
+
+@pytest.mark.parametrize("checksum", ["none", "", "sha256:", "md5:0123", "0" * 64])
+def test_an_unchecked_qemu_base_disk_is_refused(root: Path, ansible_env: dict[str, str], checksum: str) -> None:
+    var = f"-var=qemu_base_disk_checksum={checksum}"
+    argv = ["packer", "validate", "-var-file=packer/targets/test.pkrvars.hcl", var, "packer"]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, env=ansible_env)
+    assert done.returncode != 0
+    assert "The qemu_base_disk_checksum must be sha256:<hex>" in " ".join((done.stdout + done.stderr).split())
+
+
+def test_the_vm_sources_take_packers_key_out_of_the_image() -> None:
+    sources = (PACKER / "sources.pkr.hcl").read_text()
+    blocks = dict(re.findall(r'source "([a-z-]+)" "comfybake" \{(.*?)\n\}', sources, re.S))
+    assert {"amazon-ebs", "googlecompute", "qemu"} <= set(blocks)
+    for name in ("amazon-ebs", "googlecompute"):
+        assert re.search(r"^\s*ssh_clear_authorized_keys\s*=\s*true$", blocks[name], re.M), name
+    variables = (PACKER / "variables.pkr.hcl").read_text()
+    default = re.search(r'variable "qemu_base_disk_checksum" \{.*?default\s*=\s*"([^"]*)"', variables, re.S)
+    disk = re.search(r'variable "qemu_base_disk" \{.*?default\s*=\s*"([^"]*)"', variables, re.S)
+    assert default and disk and default.group(1) == "file:" + disk.group(1).rsplit("/", 1)[0] + "/SHA256SUMS"
 
 
 def test_shell_scripts_parse(root: Path) -> None:

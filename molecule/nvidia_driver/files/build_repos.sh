@@ -2,9 +2,13 @@
 # For molecule/nvidia_driver: a throwaway signing key and two flat apt repositories signed with
 # it, shaped like NVIDIA's CUDA and libnvidia-container repositories, under OUT:
 #   OUT/key.asc                                        the public key (ASCII-armored)
+#   OUT/key.fpr                                        its fingerprint
+#   OUT/repos/other.asc                                another key (pinning must refuse it)
 #   OUT/repos/cuda/debian12/x86_64/                    nvidia-open-570 and -575, nvidia-persistenced
 #                                                      570 and 575 (the pin must pick 570)
 #   OUT/repos/libnvidia-container/stable/deb/amd64/    nvidia-container-toolkit
+# Each repository also serves the key where NVIDIA publishes it: cuda/debian12/x86_64/3bf863cc.pub
+# and libnvidia-container/gpgkey.
 # The private key lives only in a temporary GNUPGHOME, removed on exit.
 # Needs bash, gpg, dpkg-deb, sha256sum. Usage: build_repos.sh OUT
 set -euo pipefail
@@ -19,6 +23,10 @@ mkdir -p "$work/out/repos/cuda/debian12/x86_64" "$work/out/repos/libnvidia-conta
 uid='comfybake molecule throwaway key <molecule@comfybake.invalid>'
 gpg --batch --quiet --passphrase '' --quick-gen-key "$uid" ed25519 sign never
 gpg --batch --armor --export "$uid" >"$work/out/key.asc"
+gpg --batch --with-colons --list-keys "$uid" | awk -F: '$1 == "fpr" { print $10; exit }' >"$work/out/key.fpr"
+other='comfybake molecule other key <other@comfybake.invalid>'
+gpg --batch --quiet --passphrase '' --quick-gen-key "$other" ed25519 sign never
+gpg --batch --armor --export "$other" >"$work/out/repos/other.asc"
 
 # deb REPO NAME VERSION DEPENDS [unit]: a dummy package; "unit" adds a systemd unit named after it.
 deb() {
@@ -67,6 +75,9 @@ sign "$cuda"
 toolkit=$work/out/repos/libnvidia-container/stable/deb/amd64
 deb "$toolkit" nvidia-container-toolkit 1.17.8-1 ''
 sign "$toolkit"
+
+cp "$work/out/key.asc" "$cuda/3bf863cc.pub"
+cp "$work/out/key.asc" "$work/out/repos/libnvidia-container/gpgkey"
 
 chmod -R u=rwX,go=rX "$work/out"
 rm -rf "$out"
