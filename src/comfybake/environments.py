@@ -28,7 +28,15 @@ from comfybake.engine import runtime
 from comfybake.engine.environment import EnvError, releases
 from comfybake.engine.environment.gitcache import Git
 from comfybake.engine.environment.spec import COMMIT, Source
-from comfybake.instances import DEFAULT_CONFIG_ROOT, HostError, load_host, process_state, supervised, supervisorctl
+from comfybake.instances import (
+    DEFAULT_CONFIG_ROOT,
+    HostError,
+    load_host,
+    process_state,
+    program,
+    supervised,
+    supervisorctl,
+)
 
 LOCK_HEADER = (
     "# Written by `comfybake environments lock {name}`: every tag and branch pinned to the commit it\n"
@@ -142,7 +150,7 @@ def pin_instance(record: dict[str, Any], release: str) -> None:
 def restart(host: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """Restart instances; the error of the service manager, or an empty string."""
     if supervised(host):
-        done = supervisorctl(host, "restart", *[f"comfyui:comfyui-{record['name']}" for record in records])
+        done = supervisorctl(host, "restart", *[program(record) for record in records])
         tool = "supervisorctl restart"
     else:
         units = [record["unit"] for record in records]
