@@ -182,7 +182,7 @@ options:
       - Without it, a build run as root runs those as root, with a warning.
     type: str
   keep_releases:
-    description: Releases kept, the live one included.
+    description: Releases kept, the live one included; a release a running process uses is kept as well.
     type: int
     default: 2
   converge_lock:

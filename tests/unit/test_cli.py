@@ -41,6 +41,9 @@ def test_console_script_is_installed() -> None:
         (["instances", "status"], ["--json"], ["--drain"]),
         (["models", "fetch"], ["--json", "--mode"], []),
         (["models", "lock"], ["--json", "--output"], ["--mode"]),
+        (["environments", "list"], ["--json"], ["--to"]),
+        (["environments", "rollback"], ["--to", "--no-restart", "--timeout", "--json"], ["--output"]),
+        (["environments", "lock"], ["--output", "--git-mirror", "--json"], ["--to"]),
     ],
 )
 def test_each_command_offers_what_it_does_and_names_its_exit_codes(

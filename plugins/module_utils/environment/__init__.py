@@ -26,9 +26,10 @@ One concept per module: `spec` (what an environment is made of: the keys a user 
 and validated into a Spec), `process` (running git, uv and python), `gitcache` (bare
 repositories and pinned checkouts), `requirements` (what each part asks for, what one
 resolution gave), `imports` (what a node that failed to import most likely lacks), `writable`
-(the paths node packs write in their own folder, a copy per process), `leftovers` (what a
-killed build left: its half-built release and processes), `builder` (the build of a release);
-ComfyUI's log is read by `..comfyui_log`, which readiness shares.
+(the paths node packs write in their own folder, a copy per process), `releases` (the
+releases on a host: live, in use, the switch of `current`), `leftovers` (what a killed build
+left: its half-built release and processes), `builder` (the build of a release); ComfyUI's log
+is read by `..comfyui_log`, which readiness shares.
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ from ..redaction import redact_data
 from .errors import EnvError, redact
 from .gitcache import Git, Submodule, SubmoduleCheck
 from .imports import likely_missing, site_packages
-from .leftovers import BUILDING_MARKER, sweep
+from .leftovers import sweep
 from .process import TimeLimitError, journal, python_identity, run, tail
+from .releases import BUILDING_MARKER, LOCK_NAME, in_use, moved_refs, switch
 from .requirements import (
     Requirements,
     Resolved,
@@ -48,7 +49,6 @@ from .spec import (
 from .writable import SEEDS, in_comfyui, keep_as_seeds, link_release, permission_hint, provide
 
 SCHEMA = 1
-LOCK_NAME = "comfybake.lock.json"
 RESOLVED_NAME = "requirements.lock.txt"
 DEFAULT_PROTECTED = ("torch", "torchvision", "torchaudio", "xformers")
 
@@ -132,6 +132,8 @@ class Builder:
             if live and live.get("fingerprint") == fingerprint:
                 self._timed("verify live release", lambda: self._verify_live(live))
                 return self._result(False, live, None)
+            if pins.comfyui_kind != "unresolved":
+                self.warnings += moved_refs(self.spec.name, live, pins.summary(self.spec))
             diff = {
                 "before": describe(live) if live else "",
                 "after": describe(pins.summary(self.spec)),
@@ -643,20 +645,21 @@ class Builder:
 
     def _switch(self, release: str) -> None:
         """Point `current` at the new release in one rename."""
-        link = os.path.join(self.root, ".current.new")
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.symlink(os.path.relpath(release, self.root), link)
-        os.replace(link, self.current)
-        _fsync_dir(self.root)
+        switch(self.root, release)
 
     def _prune(self, live: str) -> None:
+        used = in_use(self.root)  # a release a running process uses is kept, whatever its age
         releases = []
         for entry in os.listdir(self.releases):
             path = os.path.join(self.releases, entry)
             if path != live and os.path.isfile(os.path.join(path, LOCK_NAME)):
                 releases.append((os.stat(os.path.join(path, LOCK_NAME)).st_mtime, path))
         for _mtime, path in sorted(releases, reverse=True)[self.spec.keep_releases - 1 :]:
+            if os.path.realpath(path) in used:
+                self.warnings.append(
+                    f"kept release {path}: running processes use it (pids {used[os.path.realpath(path)]})"
+                )
+                continue
             shutil.rmtree(path, ignore_errors=True)
 
     def _result(
@@ -802,14 +805,6 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:

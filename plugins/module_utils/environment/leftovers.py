@@ -16,8 +16,7 @@ import os
 import shutil
 
 from .process import journal_sessions, stop_sessions
-
-BUILDING_MARKER = ".comfybake-building"
+from .releases import BUILDING_MARKER
 
 
 def sweep(releases: str) -> list[str]:
