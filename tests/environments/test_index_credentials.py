@@ -131,6 +131,8 @@ def test_index_credentials_never_print_persist_or_reach_a_command_line(
         "_comfyui_environments_git_cache": str(tmp_path / "git-cache"),
         "_comfyui_envs_root": str(envs),
         "_comfyui_config_envs_dir": str(tmp_path / "config"),
+        "_comfyui_converge_lock": str(tmp_path / "converge.lock"),  # the base role's
+        "comfyui_converge_lock_timeout": 60,
         "comfyui_model_store": str(tmp_path / "models"),
         "comfyui_image_info": {"target": "test"},
         "_comfyui_image_bom_file": str(tmp_path / "lock.json"),
