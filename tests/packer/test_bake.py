@@ -220,13 +220,14 @@ def test_no_instance_gets_a_token_writes_the_store_or_stops_another(running: Run
     assert [pid for pid, row in seen.items() if row["canary"]] == []
     # Each instance runs as an account of its own, neither root nor the model store's owner.
     uids = {instance: seen[pid]["uid"] for instance, pid in pids.items()}
-    owner = int(docker("exec", name, "stat", "-c", "%u", STORE).stdout)
+    owner = int(docker("exec", "--user", str(uids["a"]), name, "stat", "-c", "%u", STORE).stdout)
     assert len(set(uids.values())) == 2 and not {0, owner} & set(uids.values()), f"uids {uids}, store {owner}"
     assert seen[0]["uid"] == 0  # supervisord hands out the accounts
     # An instance's account reads the models and cannot change them.
     for instance, uid in uids.items():
         as_instance = ["exec", "--user", str(uid), name]
-        assert docker(*as_instance, "cat", f"{STORE}/loras/style.safetensors", check=False).returncode == 0
+        read = docker(*as_instance, "sh", "-c", f"head -c 16 {STORE}/loras/style.safetensors >/dev/null", check=False)
+        assert read.returncode == 0, f"instance {instance} cannot read the models: {read.stderr}"
         for attempt in (f": >> {STORE}/loras/style.safetensors", f"touch {STORE}/loras/new.safetensors",
                         f"mkdir {STORE}/new", f"rm {STORE}/vae/test-vae.bin"):  # fmt: skip
             done = docker(*as_instance, "sh", "-c", attempt, check=False)
@@ -271,7 +272,7 @@ def test_the_image_runs_unprivileged_and_every_instance_is_ready(running: Runnin
     # The writer node wrote at import into each instance's own copy of its writable paths.
     for instance in ("a", "b"):
         log = f"/var/lib/comfybake/instances/{instance}/custom_nodes/ComfyUI-Comfybake-Writer/history/imports.log"
-        assert set(docker("exec", name, "cat", log).stdout.split()) == {instance}
+        assert set(docker("exec", "--user", f"comfyui-{instance}", name, "cat", log).stdout.split()) == {instance}
     # docker stop reaches supervisord through tini, which stops the instances cleanly.
     docker("stop", "--time", "30", name)
     assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
