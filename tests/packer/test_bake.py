@@ -322,7 +322,8 @@ def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, r
         assert "/etc/comfybake/models.yml" in files
         assert not any(path.startswith("/srv/comfybake/models/") and "/." not in path for path in files)
         assert origin.token.encode() not in b"".join(files.values())
-        listing = docker("exec", name, "ls", "/srv/comfybake/models/loras", "/srv/comfybake/models/vae").stdout
+        as_owner = ["exec", "--user", "comfybake"]  # the store is the owner's and its group's only
+        listing = docker(*as_owner, name, "ls", "/srv/comfybake/models/loras", "/srv/comfybake/models/vae").stdout
         assert "style.safetensors" in listing and "test-vae.bin" in listing
         # The fetch used the token; no instance, nor supervisord, has it in its environment.
         seen = comfyui_processes(name, origin.token)
@@ -331,7 +332,7 @@ def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, r
         # The token as a secret file (mode 0400, root's) instead: the gated model is fetched.
         run_image(image, from_secret, secrets={"hf_token": secret(tmp_path, "hf_token", origin.token, 0o400)})
         wait_ready(from_secret)
-        listing = docker("exec", from_secret, "ls", "/srv/comfybake/models/loras").stdout
+        listing = docker(*as_owner, from_secret, "ls", "/srv/comfybake/models/loras").stdout
         assert "style.safetensors" in listing
         docker("rm", "-f", from_secret)
         # Without the token the gated model cannot be fetched, and no instance starts.
