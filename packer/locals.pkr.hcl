@@ -36,11 +36,12 @@ locals {
     "org.comfybake.bom"                = "/etc/comfybake/lock.json"
   }
 
-  # A container runs the instances under supervisord behind tini (signals, zombies), as the
-  # unprivileged user; the entrypoint fetches boot-time models first.
+  # A container runs the instances under supervisord behind tini (signals, zombies). It starts
+  # as root to hand out accounts: the entrypoint fetches boot-time models as container_user,
+  # and supervisord (root, its socket root-only) runs each instance as its own account.
   docker_changes = concat(
     [
-      "USER ${var.container_user}",
+      "USER root",
       "WORKDIR /var/lib/comfybake",
       "ENTRYPOINT [\"/usr/bin/tini\", \"--\", \"/usr/local/bin/comfybake-entrypoint\"]",
       "CMD []",

@@ -130,11 +130,11 @@ variable "docker_volumes" {
 
 variable "container_user" {
   type        = string
-  description = "User the container runs as (comfyui_user; created by the bake). Never root."
+  description = "Account that owns the model store and fetches boot-time models in a container (comfyui_user; created by the bake). Never root; each instance runs as its own account."
   default     = "comfybake"
   validation {
     condition     = var.container_user != "root" && var.container_user != "0"
-    error_message = "The container_user must not be root: the instances run unprivileged."
+    error_message = "The container_user must not be root: it owns the model store and runs the model fetch."
   }
 }
 

@@ -116,8 +116,11 @@ for port in $ports; do publish+=(--publish "127.0.0.1:$port:$port"); done
 docker rm -f "$name" >/dev/null 2>&1 || true
 env_args=()
 for token in HF_TOKEN CIVITAI_TOKEN; do [[ -n ${!token:-} ]] && env_args+=(--env "$token"); done
+# Only the capabilities the entrypoint and supervisord need to run each instance as its own
+# account (docs/bake.md); the tokens reach only the model fetch.
+caps=(--cap-drop ALL --cap-add CHOWN --cap-add SETUID --cap-add SETGID --cap-add KILL --security-opt no-new-privileges)
 say "starting $name (ports ${ports:-none})"
-docker run --detach --name "$name" "${gpu_args[@]}" "${publish[@]}" "${env_args[@]}" "$image" >/dev/null
+docker run --detach --name "$name" "${caps[@]}" "${gpu_args[@]}" "${publish[@]}" "${env_args[@]}" "$image" >/dev/null
 
 for _ in $(seq 600); do
   if [[ $(docker inspect -f '{{.State.Running}}' "$name") != true ]]; then

@@ -153,7 +153,9 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_listen(label: str, address: Any, allowed_clients: list[str], container: bool, problems: list[str]) -> str:
+def _check_listen(
+    label: str, address: Any, allowed_clients: list[str], container: bool, listen_all: bool, problems: list[str]
+) -> str:
     text = "" if address is None else str(address)
     if CONTROL.search(text):
         problems.append(
@@ -162,7 +164,15 @@ def _check_listen(label: str, address: Any, allowed_clients: list[str], containe
         return text
     text = text.strip()
     if container and text in ("0.0.0.0", "::"):  # noqa: S104 - the container's namespace is the boundary
-        return text  # in a container only what `docker run -p` publishes is reachable
+        if listen_all:
+            return text  # in a container only what `docker run -p` publishes is reachable
+        problems.append(
+            f"{label}: listen {text!r} binds every address of the container, and ComfyUI has no authentication: "
+            "whoever reaches a port `docker run -p` publishes drives the instance; opt in with "
+            "comfyui_instances_container_listen_all: true (docs/security.md says who can reach it on each platform), "
+            "or keep 127.0.0.1"
+        )
+        return text
     if text in WILDCARDS:
         problems.append(
             f"{label}: listen {text!r} binds every address (a bare --listen binds 0.0.0.0,::); "
@@ -306,6 +316,7 @@ def _expand(
         raw.get("listen", settings.get("listen", "127.0.0.1")),
         settings.get("allowed_clients") or [],
         settings.get("manager") == "supervisor",
+        str(settings.get("container_listen_all", False)).lower() == "true",
         problems,
     )
     common, own = settings.get("extra_args") or [], raw.get("extra_args") or []

@@ -352,12 +352,19 @@ def test_ipv6_loopback_and_allowed_clients() -> None:
     assert lan["args"][:2] == ["--listen", "10.0.0.5"]
 
 
-def test_a_container_may_listen_on_every_address_of_its_own_namespace() -> None:
-    (inside,) = layout([A | {"listen": "0.0.0.0"}], manager="supervisor")  # noqa: S104 - only published ports
+def test_a_container_listens_on_every_address_of_its_namespace_only_when_opted_in() -> None:
+    opted_in = {"manager": "supervisor", "container_listen_all": True}
+    (inside,) = layout([A | {"listen": "0.0.0.0"}], **opted_in)  # noqa: S104 - only published ports
     assert inside["args"][:2] == ["--listen", "0.0.0.0"]  # noqa: S104
     assert inside["url"] == "http://127.0.0.1:8188"  # the routing file's URL, from inside the container
     assert "binds every address" in problems([A | {"listen": "0.0.0.0"}], manager="systemd")  # noqa: S104
-    assert "binds every address" in problems([A | {"listen": ""}], manager="supervisor")  # a bare --listen
+    assert "binds every address" in problems([A | {"listen": ""}], **opted_in)  # a bare --listen
+    # Without the opt-in a container image keeps loopback: ComfyUI has no authentication.
+    refused = problems([A | {"listen": "::"}], manager="supervisor")
+    assert "listen '::' binds every address of the container" in refused
+    assert "comfyui_instances_container_listen_all: true" in refused
+    (loopback,) = layout([A], manager="supervisor")
+    assert loopback["args"][:2] == ["--listen", "127.0.0.1"]
 
 
 @pytest.mark.parametrize(

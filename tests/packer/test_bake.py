@@ -1,4 +1,5 @@
-"""A real `packer build` of the `test` target, then the image run with `docker run` and no extra privileges.
+"""A real `packer build` of the `test` target, then the image run with `docker run` and only the
+capabilities docs/bake.md documents.
 
 The bake uses the local base image and, over https from an origin on this machine whose
 certificates a throwaway CA signed (handed to the bake only as extra_ca_bundle, as a proxy's CA),
@@ -14,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,11 +41,66 @@ def bake(origin: Origin, policy: str, version: str) -> Bake:
         pytest.fail(str(error), pytrace=False)
 
 
-def run_image(image: str, name: str, *env: str) -> str:
-    """`docker run` with no extra privileges or capabilities."""
+# What docs/bake.md gives `docker run`: every capability dropped but these, no new privileges.
+CAPABILITIES = ("CHOWN", "SETUID", "SETGID", "KILL")
+STORE = "/srv/comfybake/models"
+SUPERVISORD_CONF = "/etc/comfybake/supervisord.conf"
+# Every process of the container: its argv, real uid, and whether its environment holds argv[1]
+# (null where this reader may not read it: another account's, without CAP_SYS_PTRACE).
+PROCESSES = """
+import json, os, sys
+canary, rows = sys.argv[1].encode(), []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\\0")
+        uid = int(open(f"/proc/{pid}/status").read().split("Uid:")[1].split()[0])
+    except (OSError, IndexError):
+        continue
+    try:
+        found = canary in open(f"/proc/{pid}/environ", "rb").read()
+    except OSError:
+        found = None
+    rows.append({"pid": int(pid), "argv": [arg for arg in argv if arg], "uid": uid, "canary": found})
+print(json.dumps(rows))
+"""
+
+
+def run_image(image: str, name: str, *env: str, secrets: dict[str, Path] | None = None) -> str:
+    """`docker run` with only the documented capabilities; `secrets` are mounted in /run/secrets."""
     docker("rm", "-f", name, check=False)
     args = [arg for item in env for arg in ("--env", item)]
-    return docker("run", "--detach", "--name", name, *args, image).stdout.strip()
+    args += [arg for key, path in (secrets or {}).items() for arg in ("--volume", f"{path}:/run/secrets/{key}:ro")]
+    caps = [arg for cap in CAPABILITIES for arg in ("--cap-add", cap)]
+    privileges = ["--cap-drop", "ALL", *caps, "--security-opt", "no-new-privileges"]
+    return docker("run", "--detach", "--name", name, *privileges, *args, image).stdout.strip()
+
+
+def secret(folder: Path, name: str, value: str, mode: int) -> Path:
+    """A token file as a Docker secret is: owned by root (this test's user), with `mode`."""
+    path = folder / name
+    path.write_text(value + "\n")
+    path.chmod(mode)
+    return path
+
+
+def processes(name: str, canary: str, uid: int = 0) -> list[dict]:
+    return json.loads(docker("exec", "--user", str(uid), name, "python3", "-c", PROCESSES, canary).stdout)
+
+
+def comfyui_processes(name: str, canary: str) -> dict[int, dict]:
+    """The ComfyUI processes by pid, and supervisord's under 0, each environment read as the
+    process's own account (what a node running as it can read)."""
+    found = {}
+    for row in processes(name, canary):
+        if any(arg.endswith("/ComfyUI/main.py") for arg in row["argv"]):
+            key = row["pid"]
+        elif any(arg.endswith("/supervisord") for arg in row["argv"][:2]):
+            key = 0
+        else:
+            continue
+        (found[key],) = [own for own in processes(name, canary, row["uid"]) if own["pid"] == row["pid"]]
+    assert 0 in found and None not in [row["canary"] for row in found.values()], found
+    return found
 
 
 def wait_ready(name: str, timeout: float = 180) -> list[dict]:
@@ -68,6 +126,25 @@ def baked(origin: Origin) -> Iterator[Bake]:
     done = bake(origin, "bake", "ci-bake")
     yield done
     docker("rmi", done.image, check=False)
+
+
+@dataclass
+class Running:
+    name: str
+    rows: list[dict]  # `comfybake instances status --json`
+    canary: str  # given as HF_TOKEN and as the secret civitai_token
+
+
+@pytest.fixture(scope="module")
+def running(baked: Bake, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """The baked image run as docs/bake.md says, given a canary token in the environment and as a secret."""
+    name, canary = "comfybake-test-bake", f"hf_CANARY_RUN_{uuid.uuid4().hex}"
+    civitai = secret(tmp_path_factory.mktemp("secrets"), "civitai_token", canary, 0o400)
+    run_image(baked.image, name, f"HF_TOKEN={canary}", secrets={"civitai_token": civitai})
+    try:
+        yield Running(name=name, rows=wait_ready(name), canary=canary)
+    finally:
+        docker("rm", "-f", name, check=False)
 
 
 # -- the bake ---------------------------------------------------------------------------
@@ -134,30 +211,71 @@ def test_the_manifest_post_processor_records_the_image(baked: Bake, root: Path) 
     assert labels["org.comfybake.models-policy"] == "bake"
 
 
-def test_the_image_runs_unprivileged_and_every_instance_is_ready(baked: Bake) -> None:
-    name = "comfybake-test-bake"
-    run_image(baked.image, name)
+def test_no_instance_gets_a_token_writes_the_store_or_stops_another(running: Running) -> None:
+    name, pids = running.name, {row["name"]: row["pid"] for row in running.rows}
+    seen = comfyui_processes(name, running.canary)
+    # The token given as `docker run --env HF_TOKEN` and as a secret reached neither supervisord
+    # nor any instance (/proc/<pid>/environ).
+    assert set(pids.values()) <= set(seen), f"instances {pids}, processes {seen}"
+    assert [pid for pid, row in seen.items() if row["canary"]] == []
+    # Each instance runs as an account of its own, neither root nor the model store's owner.
+    uids = {instance: seen[pid]["uid"] for instance, pid in pids.items()}
+    owner = int(docker("exec", "--user", str(uids["a"]), name, "stat", "-c", "%u", STORE).stdout)
+    assert len(set(uids.values())) == 2 and not {0, owner} & set(uids.values()), f"uids {uids}, store {owner}"
+    assert seen[0]["uid"] == 0  # supervisord hands out the accounts
+    # An instance's account reads the models and cannot change them.
+    for instance, uid in uids.items():
+        as_instance = ["exec", "--user", str(uid), name]
+        read = docker(*as_instance, "sh", "-c", f"head -c 16 {STORE}/loras/style.safetensors >/dev/null", check=False)
+        assert read.returncode == 0, f"instance {instance} cannot read the models: {read.stderr}"
+        for attempt in (f": >> {STORE}/loras/style.safetensors", f"touch {STORE}/loras/new.safetensors",
+                        f"mkdir {STORE}/new", f"rm {STORE}/vae/test-vae.bin"):  # fmt: skip
+            done = docker(*as_instance, "sh", "-c", attempt, check=False)
+            assert done.returncode != 0, f"instance {instance} (uid {uid}) could {attempt!r}"
+    # Instance a cannot stop b, through supervisord's control socket or with a signal.
+    as_a = ["exec", "--user", str(uids["a"]), name]
+    stop = docker(*as_a, "supervisorctl", "--configuration", SUPERVISORD_CONF, "stop", "comfyui-b", check=False)
+    signal = docker(*as_a, "sh", "-c", f"kill -TERM {pids['b']}", check=False)
+    assert signal.returncode != 0, "instance a could signal instance b"
+    time.sleep(2)
+    after = {row["name"]: row["pid"] for row in wait_ready(name)}
+    assert after["b"] == pids["b"], f"instance a stopped b through supervisord: {stop.stdout}{stop.stderr}"
+
+
+def test_a_token_secret_other_accounts_could_read_is_refused(baked: Bake, tmp_path: Path) -> None:
+    name = "comfybake-test-open-secret"
+    token = secret(tmp_path, "hf_token", f"hf_CANARY_OPEN_{uuid.uuid4().hex}", 0o444)
     try:
-        rows = wait_ready(name)
-        assert {(row["name"], row["port"]) for row in rows} == {("a", 8188), ("b", 8189)}
-        assert docker("exec", name, "id", "-u").stdout.strip() != "0"
-        owners = docker("exec", name, "sh", "-c", "stat -c %U /proc/[0-9]*/ | sort -u").stdout.split()
-        assert "root" not in owners
-        # A crashed instance is restarted by supervisord.
-        pid = next(row["pid"] for row in rows if row["name"] == "a")
-        docker("exec", name, "sh", "-c", f"kill -9 {pid}")
-        time.sleep(1)
-        again = {row["name"]: row["pid"] for row in wait_ready(name)}
-        assert again["a"] not in (0, pid)
-        # The writer node wrote at import into each instance's own copy of its writable paths.
-        for instance in ("a", "b"):
-            log = f"/var/lib/comfybake/instances/{instance}/custom_nodes/ComfyUI-Comfybake-Writer/history/imports.log"
-            assert set(docker("exec", name, "cat", log).stdout.split()) == {instance}
-        # docker stop reaches supervisord through tini, which stops the instances cleanly.
-        docker("stop", "--time", "30", name)
-        assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+        run_image(baked.image, name, secrets={"hf_token": token})
+        assert docker("wait", name, timeout=60).stdout.strip() == "2"
+        logs = docker("logs", name)
+        refused = "the secret /run/secrets/hf_token (root:root 444) is readable by an account other than root"
+        assert refused in logs.stderr
+        assert "starting 2 instance(s)" not in logs.stdout
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def test_the_image_runs_unprivileged_and_every_instance_is_ready(running: Running) -> None:
+    name, rows = running.name, running.rows
+    assert {(row["name"], row["port"]) for row in rows} == {("a", 8188), ("b", 8189)}
+    # Root runs only tini and supervisord, which hands out the accounts (and this docker exec).
+    root = [" ".join(row["argv"]) for row in processes(name, running.canary) if row["uid"] == 0]
+    expected = ("/usr/bin/tini ", "/usr/bin/python3 /usr/bin/supervisord ", "python3 -c ")
+    assert [command for command in root if not command.startswith(expected)] == []
+    # A crashed instance is restarted by supervisord.
+    pid = next(row["pid"] for row in rows if row["name"] == "a")
+    docker("exec", name, "sh", "-c", f"kill -9 {pid}")
+    time.sleep(1)
+    again = {row["name"]: row["pid"] for row in wait_ready(name)}
+    assert again["a"] not in (0, pid)
+    # The writer node wrote at import into each instance's own copy of its writable paths.
+    for instance in ("a", "b"):
+        log = f"/var/lib/comfybake/instances/{instance}/custom_nodes/ComfyUI-Comfybake-Writer/history/imports.log"
+        assert set(docker("exec", "--user", f"comfyui-{instance}", name, "cat", log).stdout.split()) == {instance}
+    # docker stop reaches supervisord through tini, which stops the instances cleanly.
+    docker("stop", "--time", "30", name)
+    assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
 
 
 def test_two_bakes_of_the_same_inputs_give_the_same_bom(baked: Bake, origin: Origin) -> None:
@@ -174,7 +292,7 @@ def test_two_bakes_of_the_same_inputs_give_the_same_bom(baked: Bake, origin: Ori
 # -- the main job, with models at boot ----------------------------------------------------
 
 
-def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, root: Path) -> None:
+def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, root: Path, tmp_path: Path) -> None:
     """scripts/up.sh (`make up`) on the test target, models policy boot, the token from HF_TOKEN."""
     env = {
         **os.environ,
@@ -187,6 +305,7 @@ def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, r
         "HF_TOKEN": origin.token,
     }
     image, name, tokenless = "comfybake/test:local", "comfybake-up", "comfybake-test-no-token"
+    from_secret = "comfybake-test-secret"
     try:
         done = subprocess.run([str(root / "scripts" / "up.sh")], cwd=root, env=env, capture_output=True, text=True)
         if done.returncode != 0:
@@ -203,9 +322,19 @@ def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, r
         assert "/etc/comfybake/models.yml" in files
         assert not any(path.startswith("/srv/comfybake/models/") and "/." not in path for path in files)
         assert origin.token.encode() not in b"".join(files.values())
-        listing = docker("exec", name, "ls", "/srv/comfybake/models/loras", "/srv/comfybake/models/vae").stdout
+        as_owner = ["exec", "--user", "comfybake"]  # the store is the owner's and its group's only
+        listing = docker(*as_owner, name, "ls", "/srv/comfybake/models/loras", "/srv/comfybake/models/vae").stdout
         assert "style.safetensors" in listing and "test-vae.bin" in listing
+        # The fetch used the token; no instance, nor supervisord, has it in its environment.
+        seen = comfyui_processes(name, origin.token)
+        assert len(seen) == 3 and [pid for pid, row in seen.items() if row["canary"]] == []
         docker("rm", "-f", name)
+        # The token as a secret file (mode 0400, root's) instead: the gated model is fetched.
+        run_image(image, from_secret, secrets={"hf_token": secret(tmp_path, "hf_token", origin.token, 0o400)})
+        wait_ready(from_secret)
+        listing = docker(*as_owner, from_secret, "ls", "/srv/comfybake/models/loras").stdout
+        assert "style.safetensors" in listing
+        docker("rm", "-f", from_secret)
         # Without the token the gated model cannot be fetched, and no instance starts.
         run_image(image, tokenless)
         assert docker("wait", tokenless, timeout=120).stdout.strip() != "0"
@@ -213,5 +342,5 @@ def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, r
         assert "comfybake/test-models" in logs.stdout + logs.stderr
         assert "starting 2 instance(s)" not in logs.stdout + logs.stderr
     finally:  # whatever failed, nothing is left behind
-        docker("rm", "-f", name, tokenless, check=False)
+        docker("rm", "-f", name, tokenless, from_secret, check=False)
         docker("rmi", image, check=False)
