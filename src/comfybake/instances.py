@@ -551,14 +551,20 @@ def keeper(args: argparse.Namespace) -> int:
             next_clean = now + args.clean_every
         if interval > 0:
             ripe = []
+            # One supervisorctl for all programs: "comfyui:comfyui-a   FATAL   Exited too quickly ..."
+            listed = [line.split() for line in supervisorctl(host, "status").stdout.splitlines()]
+            states = {words[0]: words[1] for words in listed if len(words) > 1}
             for record in records:
                 name = program(record)
-                if process_state(host, record)["SubState"] != "fatal":
+                if states.get(name) != "FATAL":
                     due.pop(name, None)
                 elif now >= due.setdefault(name, now + interval):
                     ripe.append(record)
                     due.pop(name)
-            state_path.write_text(json.dumps(due), encoding="utf-8")
+            try:
+                state_path.write_text(json.dumps(due), encoding="utf-8")
+            except OSError as error:  # status then says "retry pending"; the retries go on
+                print(f"cannot write {state_path}: {error.strerror}", flush=True)
             for record in ripe:  # supervisorctl start waits until the program runs or fails again
                 print(retry_one(host, record), flush=True)
         if args.once:
