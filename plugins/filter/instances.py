@@ -38,7 +38,7 @@ KEYS = {
 # Every pattern below is used with `fullmatch`: `match` with `$` accepts a trailing line break.
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,22}")  # becomes the user comfyui-<name> (at most 31 characters)
 GPU = re.compile(r"\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-fA-F/-]+")
-MEMORY = re.compile(r"\d+[KMGT]?|\d+%|infinity")
+MEMORY = re.compile(r"\d+[KMGT]?|\d+%|infinity|auto")
 # Every value that reaches a rendered file (an environment value, a word of the command line,
 # a limit, a path) holds only these characters: no space, quote, backslash, `$`, `;` or line
 # break, so no file can read it as more than one value. `%` is escaped where a file expands it.
@@ -60,6 +60,13 @@ PATH_SETTINGS = {
 }
 OPTIONAL_PATHS = {"log_dir", "model_store"}  # empty: no log folder; absent: a caller that renders no unit
 MEMORY_SETTINGS = {"memory_high": "comfyui_instances_memory_high", "memory_max": "comfyui_instances_memory_max"}
+# `auto` memory limits: each instance gets an even share of what the reserve leaves, MemoryHigh
+# (where the kernel starts reclaiming and throttling) at 80% of it and MemoryMax (the OOM kill)
+# at 90%, in whole percents of the host's memory, which systemd resolves on the machine that
+# runs the unit (a VM image baked on a small builder still fits the VM it boots as).
+MEMORY_RESERVE = 10  # percent of the host's memory kept for the system when the role sets none
+MEMORY_SHARES = {"MemoryHigh": 80, "MemoryMax": 90}
+MAX_RESERVE = 90
 # Resource limits of every instance, by their systemd names (supervisord has none: a
 # container's limits are those of `docker run`). MemoryHigh and MemoryMax come from the layout.
 TASKS_MAX = "4096"
@@ -277,7 +284,12 @@ def _check_models(label: str, models: Any, problems: list[str]) -> dict[str, lis
 
 
 def _expand(
-    raw: dict[str, Any], index: int, environments: dict[str, Any], settings: dict[str, Any], problems: list[str]
+    raw: dict[str, Any],
+    index: int,
+    environments: dict[str, Any],
+    settings: dict[str, Any],
+    auto: dict[str, str],
+    problems: list[str],
 ) -> dict[str, Any]:
     name = raw.get("name")
     label = f"instance {name!r}" if name is not None else f"comfyui_instances[{index}]"
@@ -329,10 +341,9 @@ def _expand(
     limits: dict[str, str] = {}
     for key, directive in (("memory_high", "MemoryHigh"), ("memory_max", "MemoryMax")):
         if raw.get(key) not in (None, "") and not MEMORY.fullmatch(str(raw[key])):
-            problems.append(f"{label}: {key} {raw[key]!r} is not a size such as 48G, 80% or infinity")
-        size = str(raw.get(key) or settings.get(key) or "")
-        if size:
-            limits[directive] = size
+            problems.append(f"{label}: {key} {raw[key]!r} is not a size such as 48G, 80%, auto or infinity")
+        size = str(raw.get(key) or settings.get(key) or "auto")
+        limits[directive] = auto.get(directive, "infinity") if size == "auto" else size
     limits |= {"TasksMax": TASKS_MAX, "LimitNOFILE": OPEN_FILES}
     for key in ("enabled", "share_gpus", "log_file"):
         if key in raw and not isinstance(raw[key], bool):
@@ -418,6 +429,17 @@ def _expand(
     }
 
 
+def memory_limits(count: int, reserve: Any = None) -> dict[str, str]:
+    """The `auto` MemoryHigh and MemoryMax of each of `count` instances on one host, in percent of
+    its memory: `reserve` percent (default MEMORY_RESERVE) stays with the system, the instances
+    share the rest evenly, and each gets MEMORY_SHARES of its share, rounded down to a whole
+    percent but never below 1. {} when there is no instance (nothing to limit)."""
+    if count < 1:
+        return {}
+    left = 100 - (MEMORY_RESERVE if reserve in (None, "") else int(reserve))
+    return {directive: f"{max(1, left * share // (100 * count))}%" for directive, share in MEMORY_SHARES.items()}
+
+
 def _rendered(record: dict[str, Any]) -> list[str]:
     """Every value of a record that a template writes into a file."""
     return [
@@ -447,7 +469,13 @@ def _check_settings(settings: dict[str, Any]) -> list[str]:
     for key, variable in MEMORY_SETTINGS.items():
         value = settings.get(key)
         if value not in (None, "") and not MEMORY.fullmatch(str(value)):
-            problems.append(f"{variable} {value!r} is not a size such as 48G, 80% or infinity")
+            problems.append(f"{variable} {value!r} is not a size such as 48G, 80%, auto or infinity")
+    reserve = settings.get("memory_reserve")
+    if reserve not in (None, "") and not (str(reserve).isdigit() and int(reserve) <= MAX_RESERVE):
+        problems.append(
+            f"comfyui_instances_memory_reserve {reserve!r} must be a whole percent of the host's memory "
+            f"from 0 to {MAX_RESERVE}, such as {MEMORY_RESERVE}"
+        )
     clients = settings.get("allowed_clients") or []
     if not isinstance(clients, list):
         problems.append(f"comfyui_instances_allowed_clients {clients!r} must be a list of addresses or CIDR ranges")
@@ -529,7 +557,8 @@ def instance_layout(instances: Any, environments: Any, settings: dict[str, Any])
     problems = _check_settings(settings)
     if problems:  # every instance would repeat them
         raise AnsibleFilterError("the instance settings are invalid:\n- " + "\n- ".join(problems))
-    layout = [_expand(raw, index, environments, settings, problems) for index, raw in enumerate(instances)]
+    auto = memory_limits(len(instances), settings.get("memory_reserve"))
+    layout = [_expand(raw, index, environments, settings, auto, problems) for index, raw in enumerate(instances)]
     _collisions(layout, settings, problems)
     if not problems:  # each part is checked above; this keeps a new field from escaping the checks
         for record in layout:

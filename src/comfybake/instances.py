@@ -1,4 +1,4 @@
-"""`comfybake instances status|start|stop|restart|diagnose|prepare`: operate a host's instances.
+"""`comfybake instances status|start|stop|restart|diagnose|prepare|clean|retry|keeper`: operate a host's instances.
 
 Runs on the host, as root for start/stop/restart and the journal, or in a container image as
 its user, where supervisord runs the instances (`"manager": "supervisor"` in instances.json)
@@ -13,8 +13,10 @@ import argparse
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,109 @@ def process_state(host: dict[str, Any], record: dict[str, Any]) -> dict[str, str
     return {"ActiveState": active, "SubState": sub, "MainPID": pid, "NRestarts": "0", "InvocationID": ""}
 
 
+# --------------------------------------------------------------------------- crash loops
+
+# The same policy under both managers (docs/instances.md#crash-loops): a crash restarts the
+# instance at once (a few fast restarts: systemd's RestartSec= and StartLimitBurst=,
+# supervisord's startretries with its growing delay); once those are spent, it waits
+# `retry_interval` seconds (instances.json) and tries again, for as long as it takes.
+DEFAULT_RETRY_INTERVAL = 300
+
+
+def retry_timer(record: dict[str, Any]) -> str:
+    """The systemd timer that the instance's OnFailure= arms when its fast restarts are spent."""
+    return f"comfyui-retry@{record['name']}.timer"
+
+
+def show(unit: str, *keys: str) -> dict[str, str]:
+    done = runtime.systemctl("show", unit, *[f"--property={key}" for key in keys])
+    values = dict.fromkeys(keys, "")
+    for line in done.stdout.splitlines():
+        key, _equals, value = line.partition("=")
+        values[key] = value
+    return values
+
+
+def keeper_state(host: dict[str, Any]) -> dict[str, float]:
+    """When the container's keeper retries each FATAL program next (program name to a Unix time)."""
+    try:
+        data = json.loads(Path(host.get("keeper_state") or "").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(name): float(when) for name, when in data.items()} if isinstance(data, dict) else {}
+
+
+def crash_loop(host: dict[str, Any], record: dict[str, Any], state: dict[str, str]) -> dict[str, Any] | None:
+    """None, or where the instance is in a crash loop: `restarting` (the fast restarts), `waiting`
+    (for the slow retry, `next_retry` seconds from now) or `given up` (the slow retry is off)."""
+    interval = int(host.get("retry_interval", DEFAULT_RETRY_INTERVAL))
+    if supervised(host):
+        if state["SubState"] == "auto-restart":  # BACKOFF
+            return {"phase": "restarting"}
+        if state["SubState"] != "fatal":
+            return None
+        if interval <= 0:
+            return {"phase": "given up"}
+        when = keeper_state(host).get(program(record))  # None until the keeper has seen it fail
+        return {"phase": "waiting", "next_retry": None if when is None else max(0, round(when - time.time()))}
+    if state["SubState"] == "auto-restart":
+        return {"phase": "restarting", "restarts": int(state["NRestarts"] or 0)}
+    if state["ActiveState"] != "failed":
+        return None
+    if interval <= 0:
+        return {"phase": "given up"}
+    timer = show(retry_timer(record), "ActiveState", "ActiveEnterTimestampMonotonic")
+    if timer["ActiveState"] != "active":
+        return None  # the retry runs right now, or an operator cancelled it
+    armed = int(timer["ActiveEnterTimestampMonotonic"] or 0) / 1e6  # the clock of time.monotonic()
+    return {"phase": "waiting", "next_retry": max(0, round(armed + interval - time.monotonic()))}
+
+
+def describe_loop(loop: dict[str, Any] | None) -> str | None:
+    if loop is None:
+        return None
+    if loop["phase"] == "restarting":
+        return "crash loop, restarting" + (f" (restart {loop['restarts']})" if loop.get("restarts") else "")
+    if loop["phase"] == "waiting" and loop["next_retry"] is None:
+        return "crash loop, retry pending"
+    if loop["phase"] == "waiting":
+        minutes, seconds = divmod(loop["next_retry"], 60)
+        return (
+            f"crash loop, next retry in {minutes}m{seconds:02d}s"
+            if minutes
+            else f"crash loop, next retry in {seconds}s"
+        )
+    return "crash loop, gave up (no retry set): fix it, then comfybake instances start"
+
+
+def retry_one(host: dict[str, Any], record: dict[str, Any]) -> str:
+    """Start an instance whose fast restarts are spent again; leave one that is not failed alone.
+
+    With Restart=on-failure a unit is left failed only when its fast restarts are spent (systemd
+    252 then keeps the Result of the last crash, not start-limit-hit) or when a stop of it timed
+    out; `comfybake instances stop` cancels the retry of what it stops.
+    """
+    if supervised(host):
+        if process_state(host, record)["SubState"] != "fatal":
+            return f"{record['name']}: not in a crash loop, left alone"
+        done = supervisorctl(host, "start", program(record))
+    else:
+        if show(record["unit"], "ActiveState")["ActiveState"] != "failed":
+            return f"{record['name']}: not in a crash loop, left alone"
+        runtime.systemctl("reset-failed", record["unit"])  # a fresh budget of fast restarts
+        done = runtime.systemctl("start", "--no-block", record["unit"])
+    if done.returncode != 0:
+        return f"{record['name']}: retry failed: {(done.stderr or done.stdout).strip()}"
+    return f"{record['name']}: retried after its crash loop"
+
+
+def retry(args: argparse.Namespace) -> int:
+    host = load_host(args.config_root)
+    for record in select(host, args):
+        print(retry_one(host, record))
+    return 0
+
+
 # --------------------------------------------------------------------------- status
 
 
@@ -123,7 +228,10 @@ def status_rows(host: dict[str, Any], instances: list[dict[str, Any]]) -> list[d
     for record in instances:
         instance = runtime.Instance(record)
         state = process_state(host, record)
-        stage, missing, _ = runtime.probe(instance) if state["ActiveState"] == "active" else ("stopped", "", True)
+        # supervisord calls a program STARTING for its first startsecs, while ComfyUI may serve already.
+        running = state["ActiveState"] == "active" or (supervised(host) and state["SubState"] == "start")
+        stage, missing, _ = runtime.probe(instance) if running else ("stopped", "", True)
+        loop = crash_loop(host, record, state)
         rows.append(
             {
                 "name": record["name"],
@@ -137,6 +245,8 @@ def status_rows(host: dict[str, Any], instances: list[dict[str, Any]]) -> list[d
                 "ready": stage == "ready",
                 "not_ready": missing,
                 "queue": runtime.queue_length(instance) if stage == "ready" else None,
+                "crash_loop": loop,
+                "note": describe_loop(loop),
             }
         )
     return rows
@@ -167,7 +277,7 @@ def status(args: argparse.Namespace) -> int:
         print_table(
             rows,
             [("INSTANCE", "name"), ("ENVIRONMENT", "environment"), ("PORT", "port"), ("GPU", "gpus"),
-             ("UNIT", "unit"), ("READY", "ready"), ("QUEUE", "queue"), ("RESTARTS", "restarts")],
+             ("UNIT", "unit"), ("READY", "ready"), ("QUEUE", "queue"), ("RESTARTS", "restarts"), ("NOTE", "note")],
         )  # fmt: skip
     return 0 if all(row["ready"] or not row["enabled"] for row in rows) else 1
 
@@ -197,6 +307,8 @@ def control(args: argparse.Namespace) -> int:
             # (StartLimitBurst=) that earlier starts and restarts counted towards.
             runtime.systemctl("reset-failed", *units)
         done = runtime.systemctl(args.action, *units)
+        if args.action == "stop":  # a stop that timed out fails the unit, which would arm its retry
+            runtime.systemctl("stop", *[retry_timer(record) for record in chosen])
         tool = "systemctl"
     if done.returncode != 0:
         report["error"] = f"{tool} {args.action} failed: {(done.stderr or done.stdout).strip()}"
@@ -355,6 +467,112 @@ def prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- clean
+
+DEFAULT_RETENTION_DAYS = 30
+CLEANED = ("output", "input")  # ComfyUI's outputs, and its uploads (/upload/image and /upload/mask)
+
+
+def clean_folder(top: str, cutoff: float, report: dict[str, Any]) -> None:
+    """Delete the regular files below `top` last modified before `cutoff` (a Unix time), counting
+    them, their bytes and what could not be deleted in `report`.
+
+    Walks with directory descriptors and never follows a link (os.fwalk), so a link placed in
+    the tree can neither lead it outside nor have anything outside deleted. Folders stay.
+    """
+    if not os.path.isdir(top):
+        return
+    for path, _dirs, names, folder in os.fwalk(top, follow_symlinks=False):
+        for name in names:
+            try:
+                info = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                    os.unlink(name, dir_fd=folder)
+                    report["files"] += 1
+                    report["bytes"] += info.st_size
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            except OSError as error:
+                report["errors"].append(f"{os.path.join(path, name)}: {error.strerror}")
+
+
+def clean_instances(records: list[dict[str, Any]], days: float) -> list[dict[str, Any]]:
+    cutoff = time.time() - days * 86400
+    reports = []
+    for record in records:
+        report: dict[str, Any] = {"name": record["name"], "files": 0, "bytes": 0, "errors": []}
+        for folder in CLEANED:
+            clean_folder(os.path.join(record["state_dir"], folder), cutoff, report)
+        reports.append(report)
+    return reports
+
+
+def clean(args: argparse.Namespace) -> int:
+    host = load_host(args.config_root)
+    records = select(host, args)
+    days = args.older_than if args.older_than is not None else float(host.get("retention_days", DEFAULT_RETENTION_DAYS))
+    if days <= 0:
+        print("comfybake instances clean: retention is off (retention_days 0); nothing deleted")
+        return 0
+    report = clean_instances(records, days)
+    if args.json:
+        json.dump({"older_than_days": days, "instances": report}, sys.stdout, indent=2)
+        print()
+    else:
+        for item in report:
+            print(f"{item['name']}: deleted {item['files']} files ({human(item['bytes'])}) older than {days:g} days")
+    for item in report:
+        for error in item["errors"]:
+            print(f"comfybake instances clean: cannot delete {error}", file=sys.stderr)
+    return 1 if any(item["errors"] for item in report) else 0
+
+
+# --------------------------------------------------------------------------- keeper (containers)
+
+
+def keeper(args: argparse.Namespace) -> int:
+    """supervisord has no timers: this program, which it runs beside the instances, retries the
+    programs that went FATAL after `retry_interval` seconds and cleans old files once a day."""
+    host = load_host(args.config_root)
+    records = host["instances"]
+    interval = int(host.get("retry_interval", DEFAULT_RETRY_INTERVAL))
+    days = float(host.get("retention_days", DEFAULT_RETENTION_DAYS))
+    state_path = Path(host.get("keeper_state") or "/tmp/comfybake-keeper.json")  # noqa: S108 - the container's own
+    next_clean = 0.0
+    due: dict[str, float] = {}  # program to when it is retried
+    while True:
+        now = time.time()
+        if days > 0 and records and now >= next_clean:
+            for item in clean_instances(records, days):
+                if item["files"] or item["errors"]:
+                    print(f"{item['name']}: deleted {item['files']} files older than {days:g} days", flush=True)
+                for error in item["errors"]:
+                    print(f"cannot delete {error}", flush=True)
+            next_clean = now + args.clean_every
+        if interval > 0:
+            ripe = []
+            # One supervisorctl for all programs: "comfyui:comfyui-a   FATAL   Exited too quickly ..."
+            listed = [line.split() for line in supervisorctl(host, "status").stdout.splitlines()]
+            states = {words[0]: words[1] for words in listed if len(words) > 1}
+            for record in records:
+                name = program(record)
+                if states.get(name) != "FATAL":
+                    due.pop(name, None)
+                elif now >= due.setdefault(name, now + interval):
+                    ripe.append(record)
+                    due.pop(name)
+            try:
+                state_path.write_text(json.dumps(due), encoding="utf-8")
+            except OSError as error:  # status then says "retry pending"; the retries go on
+                print(f"cannot write {state_path}: {error.strerror}", flush=True)
+            for record in ripe:  # supervisorctl start waits until the program runs or fails again
+                print(retry_one(host, record), flush=True)
+        if args.once:
+            return 0
+        soonest = min(due.values(), default=now + args.poll)  # a retry falls due before the next look
+        time.sleep(max(0.5, min(args.poll, soonest - time.time())))
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -429,9 +647,41 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     diagnose_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     diagnose_parser.set_defaults(func=guarded(diagnose))
+    clean_parser = action(
+        "clean",
+        "delete outputs and uploads older than the retention (run daily by comfyui-clean@NAME.timer)",
+        "  0  done, or the retention is off\n  1  some old file could not be deleted (each is named)\n",
+    )
+    selection(clean_parser)
+    clean_parser.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="days to keep (default: retention_days of instances.json)"
+    )
+    clean_parser.add_argument("--json", action="store_true", help="print what was deleted as JSON")
+    clean_parser.set_defaults(func=guarded(clean))
+    retry_parser = action(
+        "retry",
+        "start instances again whose crash loop spent their fast restarts (run by comfyui-retry@NAME.timer)",
+        "  0  done (an instance not in a crash loop is left alone)\n",
+    )
+    selection(retry_parser)
+    retry_parser.set_defaults(func=guarded(retry))
+    keeper_parser = action(
+        "keeper",
+        "container images: retry crash-looping instances and clean old files, forever (supervisord runs it)",
+        "  0  --once: one round done\n",
+    )
+    keeper_parser.add_argument("--poll", type=float, default=10, help="seconds between two looks (default 10)")
+    keeper_parser.add_argument(
+        "--clean-every", type=float, default=86400, help="seconds between two cleans (default 86400)"
+    )
+    keeper_parser.add_argument("--once", action="store_true", help="one round, then exit")
+    keeper_parser.set_defaults(func=guarded(keeper))
     prepare_parser = actions.add_parser("prepare", help="create an instance's folders (run by its unit)")
     prepare_parser.add_argument("name")
     prepare_parser.set_defaults(func=guarded(prepare))
 
 
-SUBCOMMANDS["instances"] = ("status, start, stop, restart and diagnose this host's ComfyUI instances", configure)
+SUBCOMMANDS["instances"] = (
+    "status, start, stop, restart, diagnose and clean this host's ComfyUI instances",
+    configure,
+)

@@ -16,6 +16,7 @@ from ansible_collections.comfybake.core.plugins.filter.instances import (
     instance_layout,
     instance_quote,
     instance_route,
+    memory_limits,
     resolve_option,
 )
 
@@ -97,7 +98,8 @@ def test_the_record_declares_the_environment_command_line_and_limits_of_the_proc
         *a["args"],
     ]  # fmt: skip
     assert a["working_dir"] == "/var/lib/comfybake/instances/a"
-    assert a["limits"] == {"TasksMax": "4096", "LimitNOFILE": "65536"}
+    # No memory setting: `auto`, the whole host (less the 10% reserve) for its one instance.
+    assert a["limits"] == {"MemoryHigh": "72%", "MemoryMax": "81%", "TasksMax": "4096", "LimitNOFILE": "65536"}
 
 
 def test_a_cpu_instance_gets_no_gpu_and_the_role_wide_memory_limits_unless_it_sets_its_own() -> None:
@@ -137,6 +139,42 @@ def test_a_cpu_instance_gets_no_gpu_and_the_role_wide_memory_limits_unless_it_se
     assert cpu["limits"] == {"MemoryHigh": "80%", "MemoryMax": "90%", "TasksMax": "4096", "LimitNOFILE": "65536"}
     assert big["env"]["CUDA_VISIBLE_DEVICES"] == "GPU-8f6e1c2a-0000"
     assert big["limits"] == {"MemoryHigh": "80%", "MemoryMax": "48G", "TasksMax": "4096", "LimitNOFILE": "65536"}
+
+
+@pytest.mark.parametrize(
+    ("count", "reserve", "expected"),
+    [
+        (1, None, {"MemoryHigh": "72%", "MemoryMax": "81%"}),  # 80% and 90% of the 90% the reserve leaves
+        (2, None, {"MemoryHigh": "36%", "MemoryMax": "40%"}),  # 40.5% rounds down: the sum stays below 100%
+        (3, "10", {"MemoryHigh": "24%", "MemoryMax": "27%"}),  # the role hands its settings in as strings
+        (4, 20, {"MemoryHigh": "16%", "MemoryMax": "18%"}),
+        (8, 0, {"MemoryHigh": "10%", "MemoryMax": "11%"}),
+        (200, None, {"MemoryHigh": "1%", "MemoryMax": "1%"}),  # never 0%, which systemd reads as no memory
+        (0, None, {}),
+    ],
+)
+def test_auto_memory_limits_share_what_the_reserve_leaves_evenly(
+    count: int, reserve: Any, expected: dict[str, str]
+) -> None:
+    assert memory_limits(count, reserve) == expected
+
+
+def test_auto_memory_limits_follow_the_instance_count_and_each_setting_overrides_them() -> None:
+    a, b, c = layout([A, B | {"memory_max": "infinity"}, C | {"memory_high": "auto", "memory_max": "12G"}])
+    assert (a["limits"]["MemoryHigh"], a["limits"]["MemoryMax"]) == ("24%", "27%")
+    assert (b["limits"]["MemoryHigh"], b["limits"]["MemoryMax"]) == ("24%", "infinity")
+    assert (c["limits"]["MemoryHigh"], c["limits"]["MemoryMax"]) == ("24%", "12G")
+    (a,) = layout([A], memory_high="infinity", memory_max="auto", memory_reserve="30")
+    assert (a["limits"]["MemoryHigh"], a["limits"]["MemoryMax"]) == ("infinity", "63%")
+    (a,) = layout([A], memory_high="", memory_max="")  # empty is the default, auto
+    assert (a["limits"]["MemoryHigh"], a["limits"]["MemoryMax"]) == ("72%", "81%")
+
+
+@pytest.mark.parametrize("reserve", ["95", "-1", "10%", "4G", "ten"])
+def test_a_memory_reserve_outside_0_to_90_percent_is_refused(reserve: str) -> None:
+    assert f"comfyui_instances_memory_reserve {reserve!r} must be a whole percent" in problems(
+        [A], memory_reserve=reserve
+    )
 
 
 @pytest.mark.parametrize(
