@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -480,9 +481,18 @@ def clean_folder(top: str, cutoff: float, report: dict[str, Any]) -> None:
     Walks with directory descriptors and never follows a link (os.fwalk), so a link placed in
     the tree can neither lead it outside nor have anything outside deleted. Folders stay.
     """
-    if not os.path.isdir(top):
+
+    def unreadable(error: OSError) -> None:
+        report["errors"].append(f"{error.filename}: {error.strerror}")
+
+    try:
+        os.lstat(top)
+    except FileNotFoundError:
         return
-    for path, _dirs, names, folder in os.fwalk(top, follow_symlinks=False):
+    except OSError as error:  # a folder this account cannot reach is an error, not "nothing to delete"
+        unreadable(error)
+        return
+    for path, _dirs, names, folder in os.fwalk(top, follow_symlinks=False, onerror=unreadable):
         for name in names:
             try:
                 info = os.stat(name, dir_fd=folder, follow_symlinks=False)
@@ -497,14 +507,60 @@ def clean_folder(top: str, cutoff: float, report: dict[str, Any]) -> None:
 
 
 def clean_instances(records: list[dict[str, Any]], days: float) -> list[dict[str, Any]]:
+    """Clean each instance's outputs and uploads, as the instance's own account where this
+    process is root (see `as_account`)."""
     cutoff = time.time() - days * 86400
     reports = []
     for record in records:
-        report: dict[str, Any] = {"name": record["name"], "files": 0, "bytes": 0, "errors": []}
-        for folder in CLEANED:
-            clean_folder(os.path.join(record["state_dir"], folder), cutoff, report)
-        reports.append(report)
+
+        def work(record: dict[str, Any] = record) -> dict[str, Any]:
+            report: dict[str, Any] = {"name": record["name"], "files": 0, "bytes": 0, "errors": []}
+            for folder in CLEANED:
+                clean_folder(os.path.join(record["state_dir"], folder), cutoff, report)
+            return report
+
+        try:
+            reports.append(as_account(record.get("user"), work))
+        except HostError as error:
+            reports.append({"name": record["name"], "files": 0, "bytes": 0, "errors": [str(error)]})
     return reports
+
+
+def as_account(user: str | None, work: Callable[[], Any]) -> Any:
+    """`work()`, run as `user` (its uid, primary and supplementary groups) when this process is
+    root and the account exists; in this process otherwise. Root in a container image holds no
+    DAC_OVERRIDE, so only an instance's own account reaches its state folder, and a file deleted
+    as that account is one the instance itself could delete. The result (JSON) comes back
+    through a pipe from a forked child."""
+    if os.geteuid() != 0 or not user:
+        return work()
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:  # a dynamic user of a stopped unit: root reaches the folder itself
+        return work()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into the caller's code
+        status = 1
+        try:
+            os.close(read)
+            os.setgroups(os.getgrouplist(user, account.pw_gid))
+            os.setgid(account.pw_gid)
+            os.setuid(account.pw_uid)
+            with os.fdopen(write, "w", encoding="utf-8") as answer:
+                json.dump(work(), answer)
+            status = 0
+        except Exception as error:  # noqa: BLE001 - reported by the parent, which reads no answer
+            print(f"comfybake instances: as {user}: {error}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, encoding="utf-8") as answer:
+        data = answer.read()
+    _pid, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        raise HostError(f"could not work as the account {user} (exit status {status}; its error is above)")
+    return json.loads(data)
 
 
 def clean(args: argparse.Namespace) -> int:
@@ -537,7 +593,7 @@ def keeper(args: argparse.Namespace) -> int:
     records = host["instances"]
     interval = int(host.get("retry_interval", DEFAULT_RETRY_INTERVAL))
     days = float(host.get("retention_days", DEFAULT_RETENTION_DAYS))
-    state_path = Path(host.get("keeper_state") or "/tmp/comfybake-keeper.json")  # noqa: S108 - the container's own
+    state_path = Path(host.get("keeper_state") or "/run/comfybake-keeper.json")
     next_clean = 0.0
     due: dict[str, float] = {}  # program to when it is retried
     while True:

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from harness.tools import venv_bin
 
 from comfybake.instances import describe_loop
@@ -89,3 +94,36 @@ def test_status_words_each_phase_of_a_crash_loop() -> None:
     assert describe_loop({"phase": "waiting", "next_retry": 9}) == "crash loop, next retry in 9s"
     assert describe_loop({"phase": "waiting", "next_retry": None}) == "crash loop, retry pending"
     assert describe_loop({"phase": "given up"}).startswith("crash loop, gave up")  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def open_scratch() -> Iterator[Path]:
+    """A folder every account can traverse (pytest's own is root's only)."""
+    scratch = Path(tempfile.mkdtemp(prefix="comfybake-upkeep-"))
+    scratch.chmod(0o755)
+    yield scratch
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another account needs root")
+def test_root_without_dac_override_cleans_an_instance_as_its_account(open_scratch: Path) -> None:
+    # Root in a container image holds CHOWN, SETUID, SETGID and KILL only (docs/bake.md): it
+    # cannot enter an instance's state folder, which the keeper must clean. It cleans each
+    # instance as the instance's own account instead.
+    config = host(open_scratch)
+    state = open_scratch / "state" / "a"
+    old = aged(state / "output" / "old.png", 40)
+    new = aged(state / "output" / "new.png", 1)
+    nobody = pwd.getpwnam("nobody")
+    for path in (state, state / "output", old, new):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    state.chmod(0o700)
+    records = json.loads((config / "instances.json").read_text())
+    records["instances"][0]["user"] = "nobody"
+    (config / "instances.json").write_text(json.dumps(records))
+    as_container_root = ["setpriv", "--bounding-set=-all,+chown,+setuid,+setgid,+kill"]
+    command = [venv_bin("comfybake"), "instances", "--config-root", str(config), "clean", "a"]
+    done = subprocess.run(as_container_root + command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "a: deleted 1 files" in done.stdout
+    assert not old.exists() and new.exists()

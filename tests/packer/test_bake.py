@@ -259,10 +259,23 @@ def test_a_token_secret_other_accounts_could_read_is_refused(baked: Bake, tmp_pa
 def test_the_image_runs_unprivileged_and_every_instance_is_ready(running: Running) -> None:
     name, rows = running.name, running.rows
     assert {(row["name"], row["port"]) for row in rows} == {("a", 8188), ("b", 8189)}
-    # Root runs only tini and supervisord, which hands out the accounts (and this docker exec).
+    # Root runs only tini, supervisord, which hands out the accounts, and the keeper, which uses
+    # supervisord's socket (and this docker exec).
     root = [" ".join(row["argv"]) for row in processes(name, running.canary) if row["uid"] == 0]
     expected = ("/usr/bin/tini ", "/usr/bin/python3 /usr/bin/supervisord ", "python3 -c ")
-    assert [command for command in root if not command.startswith(expected)] == []
+    keeper = "/usr/local/bin/comfybake instances --config-root /etc/comfybake keeper"
+    assert [command for command in root if not command.startswith(expected) and keeper not in command] == []
+    assert [command for command in root if keeper in command], f"no keeper among root's processes: {root}"
+    # The keeper deletes outputs older than the retention (30 days), as the instance's own
+    # account: root in the container cannot even list an instance's folders.
+    output = "/var/lib/comfybake/instances/a/output"
+    as_a = ["exec", "--user", "comfyui-a", name]
+    docker(*as_a, "sh", "-c", f"touch -d '40 days ago' {output}/old.png && touch {output}/new.png")
+    assert docker("exec", name, "ls", output, check=False).returncode != 0  # root has no DAC_OVERRIDE
+    cleaned = docker("exec", name, "comfybake", "instances", "keeper", "--once", check=False)
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert "a: deleted 1 files older than 30 days" in cleaned.stdout
+    assert docker(*as_a, "ls", output).stdout.split() == ["new.png"]
     # A crashed instance is restarted by supervisord.
     pid = next(row["pid"] for row in rows if row["name"] == "a")
     docker("exec", name, "sh", "-c", f"kill -9 {pid}")
