@@ -23,13 +23,13 @@ from typing import Any
 
 import yaml
 
+from comfybake import instances
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import runtime
 from comfybake.engine.environment import EnvError, releases
 from comfybake.engine.environment.gitcache import Git
 from comfybake.engine.environment.spec import COMMIT, Source
 from comfybake.instances import (
-    DEFAULT_CONFIG_ROOT,
     HostError,
     load_host,
     process_state,
@@ -279,23 +279,11 @@ def lock(args: argparse.Namespace) -> int:
 
 def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Exit 2 with one line naming the problem when the host's files, a release or a ref are wrong."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except HostError as error:
-            print(f"comfybake environments: {error}", file=sys.stderr)
-            return 2
-
-    return run
+    return instances.guarded(func, "comfybake environments")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config-root",
-        default=os.environ.get("COMFYBAKE_CONFIG_ROOT", DEFAULT_CONFIG_ROOT),
-        help=f"comfybake's configuration folder on this host (default {DEFAULT_CONFIG_ROOT})",
-    )
+    instances.config_root_option(parser)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(name: str, help_text: str, exit_codes: str) -> argparse.ArgumentParser:

@@ -115,6 +115,9 @@ def process_state(host: dict[str, Any], record: dict[str, Any]) -> dict[str, str
     fields = supervisorctl(host, "status", program(record)).stdout.split()
     active, sub = SUPERVISOR_STATES.get(fields[1] if len(fields) > 1 else "", ("unknown", "unknown"))
     pid = fields[3].rstrip(",") if len(fields) > 3 and fields[2] == "pid" else "0"
+    if pid == "0" and sub == "start":  # STARTING (its first startsecs) shows no pid, `pid` does
+        asked = supervisorctl(host, "pid", program(record)).stdout.strip()
+        pid = asked if asked.isdigit() else "0"
     return {"ActiveState": active, "SubState": sub, "MainPID": pid, "NRestarts": "0", "InvocationID": ""}
 
 
@@ -632,25 +635,32 @@ def keeper(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def guarded(
+    func: Callable[[argparse.Namespace], int], command: str = "comfybake instances"
+) -> Callable[[argparse.Namespace], int]:
     """Exit 2 with one line naming the problem when the host's files or the selection are wrong."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
         except HostError as error:
-            print(f"comfybake instances: {error}", file=sys.stderr)
+            print(f"{command}: {error}", file=sys.stderr)
             return 2
 
     return run
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def config_root_option(parser: argparse.ArgumentParser) -> None:
+    """`--config-root`, which every command on the host takes (`instances`, `environments`)."""
     parser.add_argument(
         "--config-root",
         default=os.environ.get("COMFYBAKE_CONFIG_ROOT", DEFAULT_CONFIG_ROOT),
         help=f"comfybake's configuration folder on this host (default {DEFAULT_CONFIG_ROOT})",
     )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    config_root_option(parser)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def selection(sub: argparse.ArgumentParser) -> None:
