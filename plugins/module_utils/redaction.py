@@ -29,6 +29,9 @@ _SECRET_NAME = re.compile(
     r"(^|[_\-.])(tokens?|passwords?|passwd|secrets?|credentials?|api_?keys?|private_?keys?|auth)($|[_\-.])",
     re.IGNORECASE,
 )
+# A key that names a setting (`comfyui_models_hf_token`, `api-key`), not data keyed by a path or
+# file name (a BOM's `loras/detail-tokens.safetensors`), whose values are never secrets by name.
+_SETTING = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # Values shaped like a Hugging Face token, wherever they appear.
 _TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
@@ -40,8 +43,9 @@ def redact(text: str) -> str:
 
 
 def secret_name(name: str) -> bool:
-    """Whether a setting's name says it holds a secret (`comfyui_models_hf_token`, `db_password`)."""
-    return bool(_SECRET_NAME.search(name))
+    """Whether a setting's name says it holds a secret (`comfyui_models_hf_token`, `db_password`);
+    never for a path or file name (`loras/detail-tokens.safetensors`)."""
+    return bool(_SETTING.fullmatch(name) and _SECRET_NAME.search(name))
 
 
 def redact_data(value: Any, hidden: Callable[[Any], bool] | None = None, secret: bool = False) -> Any:

@@ -13,6 +13,7 @@ import argparse
 import fcntl
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -263,7 +264,12 @@ def lock(args: argparse.Namespace) -> int:
         pinned = pin_refs(environments, Git(scratch, mirrors, args.ca_bundle))
     header = LOCK_HEADER.format(name=args.file.name, date=time.strftime("%Y-%m-%d", time.gmtime()))
     staged = output.with_name(f".{output.name}.tmp")
-    staged.write_text(header + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    # The vars file may hold secrets (a token, an index URL with credentials): the lock is no
+    # more readable than its source.
+    mode = stat.S_IMODE(args.file.stat().st_mode)
+    with os.fdopen(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as out:
+        os.fchmod(out.fileno(), mode)
+        out.write(header + yaml.safe_dump(document, sort_keys=False))
     staged.replace(output)
     for line in pinned:
         print(f"pinned {line}", file=sys.stderr)

@@ -509,9 +509,11 @@ def clean_folder(top: str, cutoff: float, report: dict[str, Any]) -> None:
                 report["errors"].append(f"{os.path.join(path, name)}: {error.strerror}")
 
 
-def clean_instances(records: list[dict[str, Any]], days: float) -> list[dict[str, Any]]:
-    """Clean each instance's outputs and uploads, as the instance's own account where this
-    process is root (see `as_account`)."""
+def clean_instances(records: list[dict[str, Any]], days: float, as_owner: bool) -> list[dict[str, Any]]:
+    """Clean each instance's outputs and uploads; with `as_owner` (a container image, where root
+    holds no DAC_OVERRIDE), as the instance's own account when this process is root. On a
+    systemd host the state folder of a dynamic user is behind /var/lib/private (root's, 0700),
+    which that user passes only inside its unit: root cleans it (`clean_folder` follows no link)."""
     cutoff = time.time() - days * 86400
     reports = []
     for record in records:
@@ -523,7 +525,7 @@ def clean_instances(records: list[dict[str, Any]], days: float) -> list[dict[str
             return report
 
         try:
-            reports.append(as_account(record.get("user"), work))
+            reports.append(as_account(record.get("user") if as_owner else None, work))
         except HostError as error:
             reports.append({"name": record["name"], "files": 0, "bytes": 0, "errors": [str(error)]})
     return reports
@@ -573,7 +575,7 @@ def clean(args: argparse.Namespace) -> int:
     if days <= 0:
         print("comfybake instances clean: retention is off (retention_days 0); nothing deleted")
         return 0
-    report = clean_instances(records, days)
+    report = clean_instances(records, days, supervised(host))
     if args.json:
         json.dump({"older_than_days": days, "instances": report}, sys.stdout, indent=2)
         print()
@@ -602,7 +604,7 @@ def keeper(args: argparse.Namespace) -> int:
     while True:
         now = time.time()
         if days > 0 and records and now >= next_clean:
-            for item in clean_instances(records, days):
+            for item in clean_instances(records, days, supervised(host)):
                 if item["files"] or item["errors"]:
                     print(f"{item['name']}: deleted {item['files']} files older than {days:g} days", flush=True)
                 for error in item["errors"]:

@@ -169,8 +169,10 @@ def test_environments_lock_pins_tags_to_the_commits_they_name(
         },
     }
     vars_file.write_text(yaml.safe_dump(document))
+    vars_file.chmod(0o600)  # a vars file may hold a token: so may its lock
     assert cli.main(["environments", "lock", str(vars_file)]) == 0
     err = capsys.readouterr().err
+    assert (tmp_path / "environments.lock.yml").stat().st_mode & 0o777 == 0o600
     locked = yaml.safe_load((tmp_path / "environments.lock.yml").read_text())
     commit = fixture_repos["ComfyUI"].commits["v0.8.0"]
     assert locked["comfyui_environments"]["comm"]["comfyui_version"] == commit

@@ -41,6 +41,11 @@ def test_redact_data_walks_values_and_keeps_what_is_no_secret() -> None:
         "hashes": ["sha256:abc"],
     }
     assert redact_data({"note": "vaulted"}, hidden=lambda value: value == "vaulted") == {"note": REDACTED}
+    # Data keyed by a file name (a BOM's models) is not a setting: its name hides nothing.
+    files = {"loras/detail-tokens.safetensors": {"sha256": "ab12", "source": "https://u:t@h/f"}}
+    assert redact_data({"files": files}) == {
+        "files": {"loras/detail-tokens.safetensors": {"sha256": "ab12", "source": "https://***@h/f"}}
+    }
 
 
 def test_url_credentials_are_what_no_log_masks() -> None:

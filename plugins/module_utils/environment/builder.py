@@ -808,7 +808,7 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def as_dict(result: Result) -> dict[str, Any]:
