@@ -541,7 +541,7 @@ def as_account(user: str | None, work: Callable[[], Any]) -> Any:
         return work()
     try:
         account = pwd.getpwnam(user)
-    except KeyError:  # a dynamic user of a stopped unit: root reaches the folder itself
+    except KeyError:  # no such account here: root reaches the folder itself, or reports why not
         return work()
     read, write = os.pipe()
     pid = os.fork()
