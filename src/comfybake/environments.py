@@ -10,15 +10,13 @@ commit it names now, as `comfybake models lock` pins a model manifest.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +115,6 @@ def list_releases(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- rollback
 
 
-@contextmanager
-def locked(root: str) -> Iterator[None]:
-    """The environment's build lock: no build switches `current` while a rollback does."""
-    with open(os.path.join(root, ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def pin_instance(record: dict[str, Any], release: str) -> None:
     """Point the instance's code link at `release` and name it in its environment file (as the
     comfyui_instances role writes both, so its next converge changes nothing)."""
@@ -165,7 +155,7 @@ def rollback(args: argparse.Namespace) -> int:
     host = load_host(args.config_root)
     root = env_root(host, args.name)
     report: dict[str, Any] = {"environment": args.name}
-    with locked(root):
+    with releases.locked(root):
         before = releases.live(root)
         try:
             target = releases.find(root, args.to) if args.to else releases.previous(root)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from .gitcache import Git, Submodule, SubmoduleCheck
 from .imports import likely_missing, site_packages
 from .leftovers import sweep
 from .process import TimeLimitError, journal, python_identity, run, tail
-from .releases import BUILDING_MARKER, LOCK_NAME, in_use, moved_refs, switch
+from .releases import BUILDING_MARKER, LOCK_NAME, in_use, locked, moved_refs, switch
 from .requirements import (
     Requirements,
     Resolved,
@@ -204,8 +203,7 @@ class Builder:
             yield
             return
         os.makedirs(self.root, mode=0o755, exist_ok=True)
-        with open(os.path.join(self.root, ".lock"), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with locked(self.root):
             yield
 
     def _pins(self, dry_run: bool) -> Pins:

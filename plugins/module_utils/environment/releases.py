@@ -16,8 +16,9 @@ the command line is readable by everyone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,14 @@ RELEASES = "releases"
 CURRENT = "current"
 LOCK_NAME = "comfybake.lock.json"
 BUILDING_MARKER = ".comfybake-building"
+
+
+@contextlib.contextmanager
+def locked(root: str) -> Iterator[None]:
+    """The environment's own lock (`<root>/.lock`): one build, rollback or sweep of it at a time."""
+    with open(os.path.join(root, ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @dataclass
