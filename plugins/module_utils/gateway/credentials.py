@@ -322,7 +322,7 @@ def new_key(name: str) -> tuple[str, str]:
     # name:secret a multiple of 3 bytes long: no '=' padding.
     length = SECRET_LENGTH + (-(len(name) + 1 + SECRET_LENGTH)) % 3
     while True:
-        secret = "".join(secrets.choice(SECRET_CHARACTERS) for _ in range(length))
+        secret = "".join(secrets.choice(SECRET_CHARACTERS) for _position in range(length))
         token = base64.b64encode(f"{name}:{secret}".encode("ascii")).decode("ascii")
         if not any(character in token for character in "+/="):
             return token, hash_secret(secret)
