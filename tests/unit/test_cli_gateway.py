@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import pty
 import shutil
 import socket
 import ssl
@@ -345,3 +346,52 @@ def test_a_running_gateway_takes_each_change_and_reports_its_upstreams(host: Hos
         assert instance_a["upstreams"][0]["gateway"] == {"requests": 0, "fails": 0}
     assert host.files_hold(first) == [] and host.files_hold(second) == []
     assert host.run("status")[1].startswith("gateway: not running")
+
+
+def converse(host: Host, argv: list[str], answers: list[str]) -> tuple[int, str]:
+    """Run the command on a terminal (a pty), typing each answer after a password prompt."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the command, with the pty as its controlling terminal
+        os.environ["PYTHONPATH"] = str(Path(cli.__file__).parents[1])
+        os.execv(  # noqa: S606 - the command itself, no shell
+            sys.executable,
+            [sys.executable, "-m", "comfybake", "gateway", "--config-root", str(host.config_root), *argv],
+        )
+    seen = b""
+    typed = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the child exited and closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if typed < len(answers) and seen.count(b"password") > typed and seen.rstrip().endswith(b":"):
+            os.write(terminal, answers[typed].encode() + b"\n")
+            typed += 1
+    os.close(terminal)
+    _pid, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+
+def test_users_add_asks_for_the_password_twice_on_a_terminal(host: Host) -> None:
+    code, seen = converse(host, ["users", "add", "typist", "--scope", "*"], [PASSWORD, PASSWORD + "x"])
+    assert code == 2 and "the two passwords differ; nothing was changed" in seen
+    assert not host.credentials.exists()
+    code, seen = converse(host, ["users", "add", "typist", "--scope", "*"], [PASSWORD, PASSWORD])
+    assert code == 0, seen
+    assert "password for typist: " in seen and "the same password again: " in seen
+    assert PASSWORD not in seen  # not echoed
+    assert credentials.verify(PASSWORD, host.stored()[0].hash)
+    assert host.files_hold(PASSWORD) == []
+
+
+@pytest.mark.parametrize("argv", [["users", "add"], ["users", "remove"], ["keys", "create"], ["keys", "revoke"]])
+def test_each_change_names_its_exit_codes(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["gateway", *argv, "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit status:\n  0  " in text and "\n  2  " in text and "nothing was changed" in text
