@@ -77,19 +77,27 @@ def credentials_path(config_root: str) -> str:
     return str(gateway_dir(config_root) / "credentials.json")
 
 
-def change(config_root: str, before: list[Principal], after: list[Principal]) -> None:
-    """Write the new credentials and apply them; on any failure put the old ones back."""
+def change(config_root: str, edit: Callable[[list[Principal]], list[Principal]]) -> None:
+    """Apply `edit` to the stored principals, write them and apply them, holding the gateway's lock
+    (a converge or another command waits); on any failure put the old ones back."""
     load_gateway(config_root)  # the gateway is set up here: refresh has routes to render
     path = credentials_path(config_root)
     try:
-        credentials.save(path, after)
-        apply.refresh(paths(config_root))
+        with credentials.locked(str(gateway_dir(config_root))):
+            before = credentials.load(path)
+            credentials.save(path, edit(before))
+            try:
+                apply.refresh(paths(config_root))
+            except GatewayError as error:
+                try:
+                    credentials.save(path, before)
+                except GatewayError as again:
+                    raise GatewayError(
+                        f"{error}; and the previous credentials could not be put back: {again}"
+                    ) from None
+                raise GatewayError(f"{error}; nothing was changed") from None
     except GatewayError as error:
-        try:
-            credentials.save(path, before)
-        except GatewayError as again:
-            raise HostError(f"{error}; and the previous credentials could not be put back: {again}") from None
-        raise HostError(f"{error}; nothing was changed") from None
+        raise HostError(str(error)) from None
 
 
 def loaded(config_root: str) -> list[Principal]:
@@ -119,16 +127,33 @@ def checked(name: str, scopes: Sequence[str]) -> list[str]:
         raise HostError(str(error)) from None
 
 
-def refuse_taken(principals: list[Principal], name: str) -> None:
+def adding(new: Principal, replace: bool) -> Callable[[list[Principal]], list[Principal]]:
+    """The edit that adds `new`; with `replace`, in place of the command line's own of its kind."""
+
+    def edit(before: list[Principal]) -> list[Principal]:
+        refuse_taken(before, new, replace)
+        return [item for item in before if item.name != new.name] + [new]
+
+    return edit
+
+
+def refuse_taken(principals: list[Principal], new: Principal, replace: bool) -> None:
     for principal in principals:
-        if principal.name == name:
-            how = "users remove" if principal.kind == "user" else "keys revoke"
-            where = (
-                f"declared in {INVENTORY[principal.kind]}"
-                if principal.source == "inventory"
-                else f"remove it first: `comfybake gateway {how} {name}`"
+        if principal.name != new.name:
+            continue
+        if principal.source == "inventory":
+            raise HostError(
+                f"the name {new.name} is taken by a {principal.kind} declared in the inventory"
+                f" ({INVENTORY[principal.kind]}): change it there"
             )
-            raise HostError(f"the name {name} is taken by a {principal.kind} (users and keys share names); {where}")
+        if principal.kind != new.kind:
+            how = "users remove" if principal.kind == "user" else "keys revoke"
+            raise HostError(
+                f"the name {new.name} is taken by a {principal.kind} (users and keys share names):"
+                f" choose another, or first `comfybake gateway {how} {new.name}`"
+            )
+        if not replace:
+            raise HostError(f"the {new.kind} {new.name} exists: give --replace to replace it")
 
 
 def described(principal: Principal) -> str:
@@ -161,17 +186,16 @@ def read_password(args: argparse.Namespace) -> tuple[str, bool]:
 def users_add(args: argparse.Namespace) -> int:
     need_root("users add")
     scope = checked(args.name, args.scope)
-    before = loaded(args.config_root)
-    refuse_taken(before, args.name)
     load_gateway(args.config_root)
+    user = Principal(args.name, "user", "", scope, "cli", credentials.now())
+    refuse_taken(loaded(args.config_root), user, args.replace)  # before asking for a password
     password, generated = read_password(args)
     try:
-        hashed = credentials.hash_secret(password)
+        user.hash = credentials.hash_secret(password)
     except GatewayError as error:
         raise HostError(str(error)) from None
-    user = Principal(args.name, "user", hashed, scope, "cli", credentials.now())
-    change(args.config_root, before, [*before, user])
-    print(f"added {described(user)}", file=sys.stderr)
+    change(args.config_root, adding(user, args.replace))
+    print(f"{'replaced' if args.replace else 'added'} {described(user)}", file=sys.stderr)
     if generated:
         print("its password, shown only this once:", file=sys.stderr)
         print(password, flush=True)
@@ -180,15 +204,20 @@ def users_add(args: argparse.Namespace) -> int:
 
 def remove(args: argparse.Namespace, kind: str, action: str) -> int:
     need_root(action)
-    before = loaded(args.config_root)
-    principal = find(before, args.name, kind)
-    if principal.source == "inventory":
-        raise HostError(
-            f"the {kind} {args.name} is declared in the inventory ({INVENTORY[kind]}): remove it there and"
-            " converge the gateway again"
-        )
-    change(args.config_root, before, [item for item in before if item.name != args.name])
-    print(f"{'removed' if kind == 'user' else 'revoked'} {described(principal)}", file=sys.stderr)
+    gone: list[Principal] = []
+
+    def edit(before: list[Principal]) -> list[Principal]:
+        principal = find(before, args.name, kind)
+        if principal.source == "inventory":
+            raise HostError(
+                f"the {kind} {args.name} is declared in the inventory ({INVENTORY[kind]}): remove it there and"
+                " converge the gateway again"
+            )
+        gone.append(principal)
+        return [item for item in before if item.name != args.name]
+
+    change(args.config_root, edit)
+    print(f"{'removed' if kind == 'user' else 'revoked'} {described(gone[0])}", file=sys.stderr)
     return 0
 
 
@@ -223,16 +252,15 @@ def users_list(args: argparse.Namespace) -> int:
 def keys_create(args: argparse.Namespace) -> int:
     need_root("keys create")
     scope = checked(args.name, args.scope)
-    before = loaded(args.config_root)
-    refuse_taken(before, args.name)
     try:
         token, hashed = credentials.new_key(args.name)
     except GatewayError as error:
         raise HostError(str(error)) from None
     key = Principal(args.name, "key", hashed, scope, "cli", credentials.now())
-    change(args.config_root, before, [*before, key])
+    change(args.config_root, adding(key, args.replace))
     print(
-        f"created {described(key)}; the key is printed below, only this once: store it now.\n"
+        f"{'replaced' if args.replace else 'created'} {described(key)};"
+        " the key is printed below, only this once: store it now.\n"
         "Send it as `Authorization: Bearer <key>`, or as ?token=<key> on a WebSocket connection.",
         file=sys.stderr,
     )
@@ -413,6 +441,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add = action(user_actions, "add", "add a user with a password, and apply it", "  0  added and applied\n", users_add)
     add.add_argument("name", help=f"the user name ({credentials.NAME_RULE})")
     scope(add)
+    add.add_argument("--replace", action="store_true", help="replace the password and scope of a user added here")
     source = add.add_mutually_exclusive_group()
     source.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     source.add_argument(
@@ -436,6 +465,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     create.add_argument("name", help=f"the key's name ({credentials.NAME_RULE})")
     scope(create)
+    create.add_argument(
+        "--replace", action="store_true", help="replace a key made here by a new one (the old one stops working)"
+    )
     revoke = action(
         key_actions, "revoke", "revoke an API key made here, and apply it", "  0  revoked and applied\n", keys_revoke
     )

@@ -395,3 +395,42 @@ def test_each_change_names_its_exit_codes(argv: list[str], capsys: pytest.Captur
     assert exited.value.code == 0
     text = capsys.readouterr().out
     assert "exit status:\n  0  " in text and "\n  2  " in text and "nothing was changed" in text
+
+
+def test_replace_gives_a_user_a_new_password_and_a_key_a_new_secret(host: Host) -> None:
+    assert host.run("users", "add", "alice", "--scope", "*", "--password-stdin", stdin=PASSWORD)[0] == 0
+    code, _out, err = host.run("users", "add", "alice", "--scope", "*", "--password-stdin", stdin=PASSWORD + "2")
+    assert code == 2 and "the user alice exists: give --replace to replace it" in err
+    argv = ["users", "add", "alice", "--scope", "instance:a", "--password-stdin", "--replace"]
+    code, _out, err = host.run(*argv, stdin=PASSWORD + "2")
+    assert code == 0 and "replaced user alice (scope instance:a)" in err
+    [alice] = host.stored()
+    assert credentials.verify(PASSWORD + "2", alice.hash) and not credentials.verify(PASSWORD, alice.hash)
+    old = host.run("keys", "create", "ci", "--scope", "*")[1].strip()
+    code, out, err = host.run("keys", "create", "ci", "--scope", "*", "--replace")
+    assert code == 0, err
+    new = out.strip()
+    key = next(item for item in host.stored() if item.name == "ci")
+    assert credentials.verify(credentials.split_key(new)[1], key.hash)
+    assert not credentials.verify(credentials.split_key(old)[1], key.hash)
+    code, _out, err = host.run("keys", "create", "alice", "--scope", "*", "--replace")
+    assert code == 2 and "the name alice is taken by a user" in err  # --replace replaces its own kind only
+
+
+def test_a_change_waits_for_the_gateway_lock(host: Host) -> None:
+    # A converge (the module) or another command holds it: this one waits, then adds to what is there.
+    environment = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    argv = [sys.executable, "-m", "comfybake", "gateway", "--config-root", str(host.config_root)]
+    with credentials.locked(str(host.gateway)):
+        waiting = subprocess.Popen(
+            [*argv, "keys", "create", "late", "--scope", "*"], env=environment, stdout=subprocess.PIPE
+        )
+        time.sleep(3)
+        assert waiting.poll() is None
+        credentials.save(
+            str(host.credentials), [credentials.Principal("early", "key", credentials.new_key("early")[1], ["*"])]
+        )
+    out, _err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0
+    assert [item.name for item in host.stored()] == ["early", "late"]
+    assert credentials.split_key(out.decode().strip())[0] == "late"

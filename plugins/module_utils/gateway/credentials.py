@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
 import errno
+import fcntl
 import json
 import os
 import re
 import secrets
 import stat
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,6 +266,21 @@ def save(path: str, principals: Sequence[Principal]) -> bool:
             os.unlink(staged)
         raise GatewayError(f"cannot write {path}: {error.strerror}") from None
     return True
+
+
+@contextlib.contextmanager
+def locked(folder: str) -> Iterator[None]:
+    """One change of the gateway's credentials and configuration at a time (the module, the
+    command line): an exclusive flock on the gateway's folder, released when the holder ends."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as error:
+        raise GatewayError(f"cannot open the gateway's folder {folder}: {error.strerror}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 # --------------------------------------------------------------------------- hashes and keys
