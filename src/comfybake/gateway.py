@@ -88,7 +88,12 @@ def change(config_root: str, edit: Callable[[list[Principal]], list[Principal]])
             credentials.save(path, edit(before))
             try:
                 apply.refresh(paths(config_root))
-            except GatewayError as error:
+            except (GatewayError, OSError, LookupError, ValueError) as error:
+                if not isinstance(error, GatewayError):  # gateway.json is not as the role writes it
+                    error = GatewayError(
+                        f"cannot render the gateway's configuration from {gateway_dir(config_root)}/gateway.json"
+                        f" ({type(error).__name__}: {error}): converge the host with the comfyui_gateway role again"
+                    )
                 try:
                     credentials.save(path, before)
                 except GatewayError as again:

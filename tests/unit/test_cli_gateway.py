@@ -257,6 +257,16 @@ def test_a_configuration_caddy_refuses_puts_the_credentials_back(host: Host) -> 
     assert (host.gateway / "caddy.json").read_bytes() == config
 
 
+def test_a_gateway_json_not_as_the_role_writes_it_puts_the_credentials_back(host: Host) -> None:
+    assert host.run("users", "add", "alice", "--scope", "*", "--password-stdin", stdin=PASSWORD)[0] == 0
+    before = host.credentials.read_bytes()
+    (host.gateway / "gateway.json").write_text(json.dumps({"format": 1, "routes": {}}))
+    code, out, err = host.run("users", "remove", "alice")
+    assert (code, out) == (2, "")
+    assert "cannot render the gateway's configuration from" in err and "(KeyError: 'settings')" in err
+    assert "nothing was changed" in err and host.credentials.read_bytes() == before
+
+
 def test_without_the_gateway_set_up_nothing_is_written(host: Host) -> None:
     (host.gateway / "gateway.json").unlink()
     code, _out, err = host.run("keys", "create", "ci", "--scope", "*")
