@@ -1,0 +1,196 @@
+"""Put a rendered configuration in place: validated first, swapped atomically, loaded without a restart.
+
+`caddy validate` checks the candidate (with a throwaway storage folder, so validating creates no
+CA or certificate where the gateway keeps its own); only a valid one replaces `caddy.json`. A
+running gateway then loads it through its admin socket (Caddy's graceful reload: open
+connections, WebSockets included, finish on the old configuration). Where the load fails (a port
+another program holds), Caddy keeps serving the old configuration and the old file is put back,
+so the file on disk is always the one that serves.
+
+`refresh` is what the command line calls after it changed a user or a key: it renders again from
+the inputs the module wrote (`gateway.json`, no secrets) and `credentials.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import http.client
+import json
+import os
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from . import caddy, credentials
+from .errors import GatewayError
+
+CADDY = "/usr/bin/caddy"
+GROUP = "comfybake-gateway"
+VALIDATE_TIMEOUT = 60
+LOAD_TIMEOUT = 60
+
+
+@dataclass
+class Paths:
+    """Where one host's gateway keeps its files."""
+
+    config_dir: str
+    caddy: str = CADDY
+    group: str = GROUP  # may read caddy.json (the gateway's account); "" leaves root's group
+
+    @property
+    def config(self) -> str:
+        return os.path.join(self.config_dir, "caddy.json")
+
+    @property
+    def inputs(self) -> str:
+        return os.path.join(self.config_dir, "gateway.json")
+
+    @property
+    def credentials(self) -> str:
+        return os.path.join(self.config_dir, "credentials.json")
+
+    @property
+    def ca(self) -> str:
+        return os.path.join(self.config_dir, "ca.crt")
+
+
+def dump(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def write(path: str, text: str, mode: int, group: str = "") -> bool:
+    """Write `text` to `path` atomically, owned by root and `group`, unless it already holds it."""
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    if read(path) == text:
+        status = os.stat(path)
+        if status.st_mode & 0o7777 == mode and (gid == -1 or status.st_gid == gid):
+            return False
+    fd, temporary = tempfile.mkstemp(prefix=".", suffix=".new", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), mode)
+            if gid != -1:
+                os.fchown(handle.fileno(), -1, gid)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return True
+
+
+def validate(paths: Paths, config: dict[str, Any]) -> None:
+    """Refuse a configuration Caddy would not load, with Caddy's own reason."""
+    with tempfile.TemporaryDirectory(prefix="comfybake-gateway-") as scratch:
+        trial = {**config, "admin": {"disabled": True}, "storage": {"module": "file_system", "root": scratch}}
+        candidate = os.path.join(scratch, "caddy.json")
+        with open(candidate, "w", encoding="utf-8") as handle:
+            handle.write(dump(trial))
+        try:
+            result = subprocess.run(
+                [paths.caddy, "validate", "--config", candidate],
+                capture_output=True,
+                text=True,
+                timeout=VALIDATE_TIMEOUT,
+                check=False,
+            )
+        except FileNotFoundError as error:
+            raise GatewayError(f"{paths.caddy} is missing: install Caddy (the comfyui_gateway role does)") from error
+    if result.returncode != 0:
+        reason = [
+            line for line in result.stderr.splitlines() if line.startswith("Error:")
+        ] or result.stderr.splitlines()[-1:]
+        raise GatewayError(
+            f"Caddy refused the new gateway configuration, so the one in {paths.config} stays: "
+            f"{' '.join(reason) or 'exit ' + str(result.returncode)}"
+        )
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=LOAD_TIMEOUT)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(LOAD_TIMEOUT)
+        self.sock.connect(self.path)
+
+
+def admin(socket_path: str, method: str, route: str, body: bytes | None = None) -> tuple[int, bytes] | None:
+    """One request to Caddy's admin API on its unix socket; None when no gateway answers there."""
+    if not os.path.exists(socket_path):
+        return None
+    connection = _UnixConnection(socket_path)
+    try:
+        # Caddy's admin API accepts no Host on a unix socket but an empty one.
+        connection.putrequest(method, route, skip_host=True, skip_accept_encoding=True)
+        connection.putheader("Host", "")
+        if body is not None:
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None  # a socket left behind by a gateway that stopped
+    except OSError as error:
+        raise GatewayError(f"the gateway's admin socket {socket_path} did not answer: {error}") from error
+    finally:
+        connection.close()
+
+
+def apply(paths: Paths, config: dict[str, Any]) -> bool:
+    """Validate `config`, swap it in and load it into a running gateway; whether the file changed."""
+    text = dump(config)
+    old = read(paths.config)
+    if old == text:
+        return write(paths.config, text, 0o640, paths.group)  # only the mode or group, if anything
+    validate(paths, config)
+    write(paths.config, text, 0o640, paths.group)
+    answer = admin(config["admin"]["listen"].removeprefix("unix/"), "POST", "/load", text.encode())
+    if answer is not None and answer[0] != 200:
+        if old is not None:
+            write(paths.config, old, 0o640, paths.group)
+        reason = answer[1].decode(errors="replace").strip()
+        raise GatewayError(f"the running gateway refused the new configuration and keeps the old one: {reason}")
+    return True
+
+
+def save_inputs(paths: Paths, routes: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """The inputs `refresh` renders from: routes and settings, no secret."""
+    return write(paths.inputs, dump({"format": 1, "routes": routes, "settings": settings}), 0o644)
+
+
+def refresh(paths: Paths) -> bool:
+    """Render again from gateway.json and credentials.json, then apply."""
+    text = read(paths.inputs)
+    if text is None:
+        raise GatewayError(f"{paths.inputs} is missing: converge the comfyui_gateway role on this host first")
+    inputs = json.loads(text)
+    config = caddy.render(inputs["routes"], inputs["settings"], credentials.load(paths.credentials))
+    return apply(paths, config)
+
+
+def export_ca(paths: Paths, storage: str) -> bool:
+    """Copy the root certificate of the gateway's internal CA where clients can fetch it."""
+    root = os.path.join(storage, "pki", "authorities", "local", "root.crt")
+    if not os.path.exists(root):
+        return False
+    with open(root, encoding="ascii") as handle:
+        return write(paths.ca, handle.read(), 0o644)

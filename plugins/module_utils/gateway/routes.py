@@ -1,0 +1,223 @@
+"""The gateway's public routes, from the instance layout: one per instance, one per environment.
+
+Pure: `public_routes` reads only its arguments (records of the `instance_layout` filter, as the
+comfyui_instances role writes them into `<config root>/instances.json`, and the gateway's
+settings), so the instances role (the routing file's public URLs), the gateway module and the
+command line all compute the same routes. Every problem is reported at once.
+
+Modes (`comfyui_gateway_mode`):
+- `ports`: each instance answers on its own port plus `port_offset`, each environment on
+  `environment_ports[<name>]` or else the next free port from `port`; any host name of `names`.
+- `hosts`: one port, a host name per route: `<instance>.<domain>` and `<environment>.<domain>`.
+- `paths`: one port and host, `/instances/<name>/` and `/environments/<name>/` (ComfyUI's
+  frontend still asks for some absolute paths, so this mode has caveats: docs/gateway.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import GatewayError
+
+MODES = ("ports", "hosts", "paths")
+# A DNS label (RFC 1123), as the hosts mode makes names of instances and environments.
+LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+MIN_PORT, MAX_PORT = 1, 65535
+DEFAULTS: dict[str, Any] = {
+    "mode": "ports",
+    "port": 8443,
+    "port_offset": 1000,
+    "environment_ports": {},
+    "domain": "",
+    "names": ["localhost", "127.0.0.1"],
+}
+
+
+def _is_port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_PORT <= value <= MAX_PORT
+
+
+def check_name(name: Any) -> bool:
+    """A host name or an IP address that may be given a certificate and allowed as Host."""
+    if not isinstance(name, str):
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return bool(HOSTNAME.fullmatch(name)) and len(name) <= 253
+    return True
+
+
+def _url_host(name: str) -> str:
+    return f"[{name}]" if ":" in name else name
+
+
+def _url(host: str, port: int, path: str = "/") -> str:
+    return f"https://{_url_host(host)}{'' if port == 443 else f':{port}'}{path}"
+
+
+def _upstream(record: dict[str, Any]) -> str:
+    """host:port to dial: where the instance answers (its `url`: loopback for a wildcard)."""
+    parts = urlsplit(str(record.get("url", "")))
+    if not parts.hostname or not parts.port:
+        raise GatewayError(f"instance {record.get('name')!r}: its url {record.get('url')!r} has no host and port")
+    return f"{_url_host(parts.hostname)}:{parts.port}"
+
+
+def settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    return {**DEFAULTS, **{key: value for key, value in settings.items() if value is not None}}
+
+
+def _check_settings(settings: dict[str, Any], problems: list[str]) -> None:
+    if settings["mode"] not in MODES:
+        problems.append(f"comfyui_gateway_mode {settings['mode']!r} is not one of {', '.join(MODES)}")
+    for key in ("port", "port_offset"):
+        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 0:
+            problems.append(f"comfyui_gateway_{key} {settings[key]!r} must be a whole number")
+    if not _is_port(settings["port"]):
+        problems.append(f"comfyui_gateway_port {settings['port']!r} must be a port from {MIN_PORT} to {MAX_PORT}")
+    names = settings["names"]
+    if not isinstance(names, list) or not names:
+        problems.append("comfyui_gateway_names must list at least one host name or address the gateway answers to")
+    else:
+        problems += [
+            f"comfyui_gateway_names: {name!r} is not a lower-case host name or an IP address"
+            for name in names
+            if not check_name(name)
+        ]
+    ports = settings["environment_ports"]
+    if not isinstance(ports, dict) or not all(_is_port(port) for port in ports.values()):
+        problems.append(
+            f"comfyui_gateway_environment_ports {ports!r} must map environment names to ports "
+            f"from {MIN_PORT} to {MAX_PORT}"
+        )
+    if settings["mode"] == "hosts" and not (isinstance(settings["domain"], str) and check_name(settings["domain"])):
+        problems.append(
+            f"comfyui_gateway_domain {settings['domain']!r} must be a host name in hosts mode "
+            "(each instance answers as <instance>.<domain>, each environment as <environment>.<domain>)"
+        )
+
+
+def _ports_mode(
+    instances: list[dict[str, Any]],
+    environments: dict[str, dict[str, Any]],
+    settings: dict[str, Any],
+    problems: list[str],
+) -> None:
+    host = settings["names"][0]
+    taken: dict[int, str] = {}
+    for record in instances:
+        taken.setdefault(int(record["instance_port"]), f"instance {record['name']!r} itself")
+    wanted = settings["environment_ports"]
+    for name in sorted(set(wanted) - set(environments)):
+        problems.append(f"comfyui_gateway_environment_ports: {name!r} is not the environment of any instance")
+
+    def claim(port: int, what: str) -> None:
+        if not _is_port(port):
+            problems.append(
+                f"{what}: public port {port} is outside {MIN_PORT}-{MAX_PORT}; lower comfyui_gateway_port_offset"
+            )
+        elif port in taken:
+            problems.append(
+                f"{what} and {taken[port]} both want port {port}; change comfyui_gateway_port_offset, "
+                "comfyui_gateway_environment_ports or the instance's port"
+            )
+        taken[port] = what
+
+    for record in instances:
+        record["port"] = int(record["instance_port"]) + settings["port_offset"]
+        claim(record["port"], f"the route of instance {record['name']!r}")
+        record["public_url"] = _url(host, record["port"])
+    for name in sorted(wanted):
+        if name in environments:
+            claim(wanted[name], f"the route of environment {name!r}")
+    next_port = settings["port"]
+    for name, route in sorted(environments.items()):
+        port = wanted.get(name)
+        if port is None:
+            while next_port in taken and next_port < MAX_PORT:
+                next_port += 1
+            port = next_port
+            claim(port, f"the route of environment {name!r}")
+        route.update(port=port, public_url=_url(host, port))
+
+
+def _hosts_mode(
+    instances: list[dict[str, Any]],
+    environments: dict[str, dict[str, Any]],
+    settings: dict[str, Any],
+    problems: list[str],
+) -> None:
+    seen: dict[str, str] = {}
+    routes = [("instance", record) for record in instances] + [("environment", env) for env in environments.values()]
+    for kind, route in routes:
+        label = route["name"].lower()
+        if not LABEL.fullmatch(label):
+            problems.append(
+                f"{kind} {route['name']!r} cannot be a host name label (letters, digits and '-' only); "
+                "rename it or use comfyui_gateway_mode ports"
+            )
+        host = f"{label}.{settings['domain']}"
+        if host in seen:
+            problems.append(f"{kind} {route['name']!r} and {seen[host]} would both answer as {host}; rename one")
+        seen[host] = f"{kind} {route['name']!r}"
+        route.update(port=settings["port"], host=host, public_url=_url(host, settings["port"]))
+
+
+def _paths_mode(
+    instances: list[dict[str, Any]], environments: dict[str, dict[str, Any]], settings: dict[str, Any]
+) -> None:
+    host = settings["names"][0]
+    for record in instances:
+        record.update(port=settings["port"], path=f"/instances/{record['name']}/")
+    for route in environments.values():
+        route.update(port=settings["port"], path=f"/environments/{route['name']}/")
+    for route in [*instances, *environments.values()]:
+        route["public_url"] = _url(host, settings["port"], route["path"])
+
+
+def public_routes(records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's routes for the instance layout `records`: one per instance, one per environment.
+
+    An environment's route balances over its enabled instances only; a disabled instance keeps
+    its own route, which answers 502 while it is stopped.
+    """
+    settings = settings_with_defaults(settings)
+    problems: list[str] = []
+    _check_settings(settings, problems)
+    if problems:
+        raise GatewayError("the gateway settings are invalid:\n- " + "\n- ".join(problems))
+    instances: list[dict[str, Any]] = []
+    environments: dict[str, dict[str, Any]] = {}
+    for record in records:
+        route = {
+            "name": record["name"],
+            "environment": record["environment"],
+            "instance_port": record["port"],
+            "upstream": _upstream(record),
+            "enabled": record.get("enabled", True) is not False,
+            "port": None,
+            "host": "",
+            "path": "/",
+        }
+        instances.append(route)
+        env = environments.setdefault(
+            record["environment"],
+            {"name": record["environment"], "port": None, "host": "", "path": "/", "instances": [], "upstreams": []},
+        )
+        if route["enabled"]:
+            env["instances"].append(route["name"])
+            env["upstreams"].append(route["upstream"])
+    if settings["mode"] == "ports":
+        _ports_mode(instances, environments, settings, problems)
+    elif settings["mode"] == "hosts":
+        _hosts_mode(instances, environments, settings, problems)
+    else:
+        _paths_mode(instances, environments, settings)
+    if problems:
+        raise GatewayError("the gateway's routes collide:\n- " + "\n- ".join(problems))
+    return {"instances": instances, "environments": [environments[name] for name in sorted(environments)]}
