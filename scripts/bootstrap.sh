@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare this machine for comfybake's main job and tests, skipping every step already done:
-#   1. Debian packages (docker.io, packer, debootstrap, git, ...), installed as root;
+#   1. Debian packages (docker.io, packer, debootstrap, git, caddy, ...), installed as root;
 #   2. a running Docker engine (systemd's docker.service, or dockerd started here);
 #   3. the project venv (.venv), installed from pyproject.toml with requirements/constraints.txt;
 #   4. the host's comfybake command (scripts/build-cli.py: roles/comfyui/files/comfybake.pyz);
@@ -12,7 +12,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${COMFYBAKE_VENV:-$root/.venv}
 python=${PYTHON:-python3}
-packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl chromium)
+# caddy and chromium: the gateway tests run the real proxy and a real browser in front of it
+packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl caddy chromium)
 dockerd_log=${COMFYBAKE_DOCKERD_LOG:-/var/log/comfybake-dockerd.log}
 
 say() { printf 'bootstrap: %s\n' "$*"; }

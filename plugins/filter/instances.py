@@ -573,12 +573,16 @@ def instance_layout(instances: Any, environments: Any, settings: dict[str, Any])
     return layout
 
 
-def instance_route(record: dict[str, Any], node_classes: dict[str, list[str]]) -> dict[str, Any]:
-    """An instance's entry in the routing file: where it answers and which node classes it serves."""
+def instance_route(
+    record: dict[str, Any], node_classes: dict[str, list[str]], public_urls: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """An instance's entry in the routing file: where it answers (on the host, and through the
+    gateway) and which node classes it serves."""
     return {
         "name": record["name"],
         "environment": record["environment"],
         "url": record["url"],
+        "public_url": (public_urls or {}).get(record["name"], ""),
         "port": record["port"],
         "gpus": record["gpus"],
         "enabled": record["enabled"],

@@ -471,11 +471,13 @@ def test_the_whole_input_must_be_a_list_of_mappings() -> None:
 
 def test_route_lists_node_classes_found_or_the_required_ones() -> None:
     a, c = layout([A, C])
-    route = instance_route(a, {"a": ["ZNode", "ComfybakeEcho"]})
+    route = instance_route(a, {"a": ["ZNode", "ComfybakeEcho"]}, {"a": "https://gpu1:9188/"})
     assert route == {
-        "name": "a", "environment": "comm", "url": "http://127.0.0.1:8188", "port": 8188, "gpus": ["0"],
+        "name": "a", "environment": "comm", "url": "http://127.0.0.1:8188", "public_url": "https://gpu1:9188/",
+        "port": 8188, "gpus": ["0"],
         "enabled": True, "description": "", "required_node_classes": ["ComfybakeEcho"],
         "node_classes": ["ComfybakeEcho", "ZNode"],
     }  # fmt: skip
     assert instance_route(a, {})["node_classes"] == ["ComfybakeEcho"]
+    assert instance_route(a, {})["public_url"] == ""  # no gateway
     assert instance_route(c, {})["node_classes"] == []

@@ -1,0 +1,134 @@
+"""The gateway's routes and its Caddy configuration, as pure functions (the proxy itself: test_proxy.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from comfybake.engine.gateway import caddy
+from comfybake.engine.gateway.credentials import Principal
+from comfybake.engine.gateway.errors import GatewayError
+from comfybake.engine.gateway.routes import public_routes
+
+
+def record(name: str, environment: str, port: int, enabled: bool = True) -> dict[str, Any]:
+    return {
+        "name": name,
+        "environment": environment,
+        "port": port,
+        "url": f"http://127.0.0.1:{port}",
+        "enabled": enabled,
+    }
+
+
+LAYOUT = [record("a", "prod", 8188), record("b", "prod", 8189), record("c", "dev", 8190, enabled=False)]
+NAMES = {"names": ["gpu1.example.com", "10.0.0.5"]}
+
+
+def by_name(routes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {route["name"]: route for route in routes}
+
+
+def test_ports_mode_offsets_instances_and_gives_each_environment_a_port() -> None:
+    routes = public_routes(LAYOUT, {**NAMES, "environment_ports": {"prod": 9000}})
+    instances, environments = by_name(routes["instances"]), by_name(routes["environments"])
+    assert instances["a"]["public_url"] == "https://gpu1.example.com:9188/"
+    assert instances["a"]["upstream"] == "127.0.0.1:8188"
+    assert environments["prod"]["public_url"] == "https://gpu1.example.com:9000/"
+    assert environments["prod"]["upstreams"] == ["127.0.0.1:8188", "127.0.0.1:8189"]
+    # dev has no pinned port: the first free one from comfyui_gateway_port; its only instance is
+    # disabled, so the environment route has no upstream while the instance keeps its own route.
+    assert environments["dev"]["port"] == 8443
+    assert environments["dev"]["upstreams"] == []
+    assert instances["c"]["port"] == 9190
+
+
+def test_ports_mode_reports_every_collision_naming_both_sides() -> None:
+    with pytest.raises(GatewayError) as error:
+        public_routes(LAYOUT, {**NAMES, "port_offset": 1, "environment_ports": {"prod": 9188, "nowhere": 9500}})
+    message = str(error.value)
+    # a's route (8189) collides with instance b's own port; b's (8190) with c's own port
+    assert "the route of instance 'a' and instance 'b' itself both want port 8189" in message
+    assert "the route of instance 'b' and instance 'c' itself both want port 8190" in message
+    assert "'nowhere' is not the environment of any instance" in message
+
+
+def test_hosts_mode_names_each_route_below_the_domain() -> None:
+    routes = public_routes(LAYOUT, {**NAMES, "mode": "hosts", "domain": "comfy.example.com", "port": 443})
+    assert by_name(routes["instances"])["b"]["public_url"] == "https://b.comfy.example.com/"
+    assert by_name(routes["environments"])["prod"]["host"] == "prod.comfy.example.com"
+    with pytest.raises(GatewayError, match="'my_env' cannot be a host name label"):
+        public_routes([record("x", "my_env", 8188)], {**NAMES, "mode": "hosts", "domain": "example.com"})
+    with pytest.raises(GatewayError, match="environment 'prod' and instance 'prod' would both answer"):
+        public_routes([record("prod", "prod", 8188)], {**NAMES, "mode": "hosts", "domain": "example.com"})
+    with pytest.raises(GatewayError, match="comfyui_gateway_domain '' must be a host name in hosts mode"):
+        public_routes(LAYOUT, {**NAMES, "mode": "hosts"})
+
+
+def test_paths_mode_puts_every_route_below_one_port() -> None:
+    routes = public_routes(LAYOUT, {**NAMES, "mode": "paths"})
+    assert by_name(routes["instances"])["a"]["public_url"] == "https://gpu1.example.com:8443/instances/a/"
+    assert by_name(routes["environments"])["prod"]["public_url"] == "https://gpu1.example.com:8443/environments/prod/"
+
+
+def test_settings_report_every_problem_at_once() -> None:
+    with pytest.raises(GatewayError) as error:
+        caddy.normalize(
+            {
+                "tls": {"mode": "selfsigned"},
+                "max_request_body": "lots",
+                "listen": ["*"],
+                "names": ["Bad Name"],
+                "colour": 1,
+            }
+        )
+    message = str(error.value)
+    for part in ("'colour'", "'selfsigned'", "'lots'", "'*'"):
+        assert part in message
+    with pytest.raises(GatewayError, match="'Bad Name' is not a lower-case host name"):
+        public_routes(LAYOUT, {"names": ["Bad Name"]})
+    assert caddy.normalize({"max_request_body": "512M"})["max_request_body"] == 512 << 20
+
+
+def principals() -> list[Principal]:
+    return [
+        Principal("alice", "user", "$2b$10$" + "a" * 53, ["*"]),
+        Principal("bob", "user", "$2b$10$" + "b" * 53, ["instance:a"]),
+        Principal("ci", "key", "$2b$10$" + "c" * 53, ["environment:dev"]),
+    ]
+
+
+def accounts(config: dict[str, Any], port: int) -> list[str]:
+    server = config["apps"]["http"]["servers"][f"port{port}"]
+    chain = server["routes"][0]["handle"][0]["routes"]
+    for step in chain:
+        for handler in step["handle"]:
+            if handler["handler"] == "authentication":
+                return [account["username"] for account in handler["providers"]["http_basic"]["accounts"]]
+    raise AssertionError(f"no authentication on port {port}")
+
+
+def test_each_route_admits_only_the_principals_whose_scope_covers_it() -> None:
+    settings = caddy.normalize(NAMES)
+    config = caddy.render(public_routes(LAYOUT, settings), settings, principals())
+    assert accounts(config, 9188) == ["alice", "bob"]  # instance a
+    assert accounts(config, 9189) == ["alice"]  # instance b
+    assert accounts(config, 9190) == ["alice", "ci"]  # instance c, of environment dev
+    assert accounts(config, 8443) == ["alice", "ci"]  # environment dev, first in name order: 8443
+
+
+def test_the_configuration_keeps_admin_off_tcp_and_credentials_out_of_logs() -> None:
+    settings = caddy.normalize(NAMES)
+    config = caddy.render(public_routes(LAYOUT, settings), settings, principals())
+    assert config["admin"] == {"listen": "unix//run/comfybake-gateway/admin.sock", "config": {"persist": False}}
+    for logger in config["logging"]["logs"].values():
+        fields = logger["encoder"]["fields"]
+        assert fields["request>headers>Authorization"] == {"filter": "delete"}
+        assert fields["request>uri"]["actions"] == [{"type": "delete", "parameter": "token"}]
+    for server in config["apps"]["http"]["servers"].values():
+        assert server["routes"][0]["match"][0]["host"] == ["gpu1.example.com", "10.0.0.5"]
+        assert server["routes"][-1]["handle"][0]["status_code"] == 421  # any other Host
+    text = json.dumps(config)
+    assert "$2b$10$" not in text  # hashes are base64 in Caddy's accounts, never a plaintext secret
