@@ -224,6 +224,9 @@ class PromptQueue:
 class Handler(BaseHTTPRequestHandler):
     server_version = "ComfyUI-test-double"
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as aiohttp sets it: headers and body go in two writes, which Nagle's algorithm
+    # and a client's delayed ACK would hold for 40 ms on a kept-alive connection.
+    disable_nagle_algorithm = True
     prompts: PromptQueue
     cpu = False
 
