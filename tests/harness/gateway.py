@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import json
 import shutil
 import socket
 import ssl
@@ -242,19 +243,64 @@ def leaf_spki(gateway: Gateway, port: int, host: str = "localhost") -> str:
     return base64.b64encode(hashlib.sha256(key.stdout).digest()).decode()
 
 
-def chromium_title(url: str, spki: str, profile: Path, *, budget_ms: int = 5000, extra: tuple[str, ...] = ()) -> str:
-    """The page title after `budget_ms` of virtual time in headless chromium (its scripts have run)."""
+def chromium_title(url: str, spki: str, profile: Path, *, prefix: str = "ws:", timeout: float = 15) -> str:
+    """The title of `url` in headless chromium once it starts with `prefix` (else after `timeout`).
+
+    Driven over the DevTools protocol: --dump-dom's virtual time does not wait for WebSocket
+    messages, so the title is polled in real time instead.
+    """
     browser = tool("chromium", "chromium")
-    done = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
-         f"--ignore-certificate-errors-spki-list={spki}", f"--virtual-time-budget={budget_ms}", *extra,
-         "--dump-dom", url],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(profile)},
-    )  # fmt: skip
-    start, end = done.stdout.find("<title>"), done.stdout.find("</title>")
-    if start < 0 or end < 0:
-        return f"(no title; exit {done.returncode}; stdout {done.stdout[:300]!r}; stderr {done.stderr[-1500:]!r})"
-    return done.stdout[start + len("<title>") : end]
+    profile.mkdir(parents=True, exist_ok=True)
+    log = profile.with_suffix(".log")
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
+             f"--ignore-certificate-errors-spki-list={spki}", "--remote-debugging-address=127.0.0.1",
+             "--remote-debugging-port=0", "about:blank"],
+            stdout=sink, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin", "HOME": str(profile)},
+        )  # fmt: skip
+    try:
+        active = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + timeout
+        while not active.exists() or len(active.read_text().splitlines()) < 2:
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail(f"chromium did not open its DevTools port:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        port = int(active.read_text().splitlines()[0])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/json/list")
+        pages = [t for t in json.loads(connection.getresponse().read()) if t["type"] == "page"]
+        connection.close()
+        devtools = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=10, suppress_origin=True)
+        calls = iter(range(1, 1_000_000))
+
+        def call(method: str, **params: object) -> dict[str, Any]:
+            number = next(calls)
+            devtools.send(json.dumps({"id": number, "method": method, "params": params}))
+            while True:
+                answer = json.loads(devtools.recv())
+                if answer.get("id") == number:
+                    return dict(answer.get("result", {}))
+
+        try:
+            call("Page.navigate", url=url)
+            title = ""
+            while time.monotonic() < deadline:
+                title = str(call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]
+                            .get("value", ""))  # fmt: skip
+                if title.startswith(prefix):
+                    break
+                time.sleep(0.1)
+            return title
+        finally:
+            devtools.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
