@@ -257,6 +257,57 @@ def test_environment_route_spreads_keeps_and_moves_sessions(site: Site) -> None:
     assert {visit(cookie_b)[0] for _ in range(4)} == {"b"}
 
 
+# -- the other modes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["hosts", "paths"])
+def test_hosts_and_paths_modes_route_on_one_port(site: Site, mode: str, tmp_path: Path) -> None:
+    """The same instances behind one port: by host name (`a.gw.test`) or by path (`/instances/a/`)."""
+    port = free_ports(1)[0]
+    settings = {**site.settings, "mode": mode, "port": port, "domain": "gw.test", "environment_ports": {},
+                "storage": str(tmp_path / "storage"), "admin_socket": str(tmp_path / "admin.sock")}  # fmt: skip
+    records = [
+        {"name": n, "environment": e, "port": site.doubles[n].port, "url": f"http://127.0.0.1:{site.doubles[n].port}"}
+        for n, e in (("a", "e"), ("b", "e"), ("c", "other"))
+    ]
+    public = routes.public_routes(records, settings)
+    (tmp_path / "config").mkdir()
+    paths = apply.Paths(config_dir=str(tmp_path / "config"), group="")
+    apply.apply(paths, caddy.render(public, settings, site.principals))
+    host = "a.gw.test" if mode == "hosts" else "localhost"
+    gateway = start_caddy(Path(paths.config), tmp_path / "storage", tmp_path / "admin.sock", tmp_path / "logs",
+                          [port], tls_name=host)  # fmt: skip
+    alice, bob = basic("alice", PASSWORD), basic("bob", BOB_PASSWORD)
+
+    def where(route: str) -> tuple[str, str]:
+        """(host, path prefix) of instance or environment `route`, as the mode places it."""
+        kind = "environments" if route == "e" else "instances"
+        return (f"{route}.gw.test", "") if mode == "hosts" else ("localhost", f"/{kind}/{route}")
+
+    try:
+        for route, instances in (("a", {"a"}), ("c", {"c"}), ("e", {"a", "b"})):
+            name, prefix = where(route)
+            response = gateway.request(port, f"{prefix}/system_stats", headers=alice, host=name)
+            assert response.status == 200, (route, response.status, response.text)
+            assert served_by(site, response.body) in instances, route
+            assert gateway.request(port, f"{prefix}/system_stats", host=name).status == 401, route
+        name, prefix = where("b")
+        assert gateway.request(port, f"{prefix}/system_stats", headers=bob, host=name).status == 401
+        name, prefix = where("a")
+        assert gateway.request(port, f"{prefix}/system_stats", headers=bob, host=name).status == 200
+        client = gateway.websocket(port, f"{prefix}/ws?clientId=mode{mode}&token={KEY}", host=name)
+        assert json.loads(client.recv())["data"]["sid"] == f"mode{mode}"
+        client.close()
+        # The page's own relative WebSocket URL works in each mode (a browser sees the prefix).
+        title = chromium_title(f"https://alice:{PASSWORD}@{name}:{port}{prefix}/", leaf_spki(gateway, port, name),
+                               tmp_path / "browser", resolve=name)  # fmt: skip
+        assert re.fullmatch(r"ws:[0-9a-f]{32}", title), title
+        foreign = gateway.request(port, "/system_stats", headers={**alice, "Host": "rebound.example"}, host=name)
+        assert foreign.status == 421
+    finally:
+        gateway.stop()
+
+
 # -- configuration changes ------------------------------------------------------------------
 
 

@@ -163,11 +163,14 @@ class Gateway:
     def websocket(
         self, port: int, path: str = "/ws", *, headers: dict[str, str] | None = None, host: str = "localhost"
     ) -> websocket.WebSocket:
-        """A WebSocket over TLS to `path`, verified with the gateway's CA (raises on a refused upgrade)."""
+        """A WebSocket over TLS to 127.0.0.1:`port` `path` for the name `host`, verified with the
+        gateway's CA (raises on a refused upgrade)."""
+        sock = self.context().wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                          server_hostname=host)  # fmt: skip
         return websocket.create_connection(
             f"wss://{host}:{port}{path}",
             header=[f"{name}: {value}" for name, value in (headers or {}).items()],
-            sslopt={"ca_certs": str(self.ca), "server_hostname": host},
+            socket=sock,
             timeout=10,
         )
 
@@ -188,7 +191,9 @@ class Gateway:
                 self.process.wait()
 
 
-def start_caddy(config: Path, storage: Path, admin_socket: Path, logs: Path, ports: list[int]) -> Gateway:
+def start_caddy(
+    config: Path, storage: Path, admin_socket: Path, logs: Path, ports: list[int], tls_name: str = "localhost"
+) -> Gateway:
     """`caddy run` with `config`, as the gateway's unit does; waits until its CA exists and its ports answer."""
     caddy = tool("caddy", "caddy")
     logs.mkdir(parents=True, exist_ok=True)
@@ -208,7 +213,7 @@ def start_caddy(config: Path, storage: Path, admin_socket: Path, logs: Path, por
         while True:
             try:
                 with gateway.context().wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=2),
-                                                   server_hostname="localhost"):  # fmt: skip
+                                                   server_hostname=tls_name):  # fmt: skip
                     break
             except (OSError, ssl.SSLError):
                 if time.monotonic() > deadline:
@@ -243,7 +248,9 @@ def leaf_spki(gateway: Gateway, port: int, host: str = "localhost") -> str:
     return base64.b64encode(hashlib.sha256(key.stdout).digest()).decode()
 
 
-def chromium_title(url: str, spki: str, profile: Path, *, prefix: str = "ws:", timeout: float = 15) -> str:
+def chromium_title(
+    url: str, spki: str, profile: Path, *, prefix: str = "ws:", timeout: float = 15, resolve: str = "localhost"
+) -> str:
     """The title of `url` in headless chromium once it starts with `prefix` (else after `timeout`).
 
     Driven over the DevTools protocol: --dump-dom's virtual time does not wait for WebSocket
@@ -256,7 +263,7 @@ def chromium_title(url: str, spki: str, profile: Path, *, prefix: str = "ws:", t
         process = subprocess.Popen(
             [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}",
              f"--ignore-certificate-errors-spki-list={spki}", "--remote-debugging-address=127.0.0.1",
-             "--remote-debugging-port=0", "about:blank"],
+             "--remote-debugging-port=0", f"--host-resolver-rules=MAP {resolve} 127.0.0.1", "about:blank"],
             stdout=sink, stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin", "HOME": str(profile)},
         )  # fmt: skip
     try:
