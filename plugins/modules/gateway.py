@@ -13,7 +13,7 @@ description:
   - Computes the gateway's public routes (one per instance, one per environment) from the records
     of the instance layout, renders Caddy's configuration with the users and API keys whose scope
     covers each route, checks it with C(caddy validate), swaps it in atomically and loads it into a
-    running gateway through its admin socket (a graceful reload: open WebSockets stay). A
+    running gateway through its admin socket (Caddy's graceful reload). A
     configuration Caddy refuses never replaces the one that serves.
   - Users and keys of O(users) and O(keys) join those the C(comfybake gateway) command added on
     the host; the credentials file holds bcrypt hashes only. A password or key that still matches
@@ -51,17 +51,47 @@ options:
     type: dict
     required: true
   users:
-    description: Users declared in the inventory, each C(name), C(scope) and C(password) or C(password_hash) (bcrypt).
+    description: Users declared in the inventory (secrets from Ansible Vault).
     type: list
     elements: dict
     default: []
+    suboptions:
+      name:
+        description: The user's name, C([a-z0-9][a-z0-9._-]{0,31}), shared with the keys' names.
+        type: str
+        required: true
+      scope:
+        description: The routes the user may use, C(*), C(environment:<name>) or C(instance:<name>).
+        type: list
+        elements: str
+        required: true
+      password:
+        description:
+          - The password, at least 12 characters; stored as a bcrypt hash only.
+          - Exclusive with O(users[].password_hash).
+        type: str
+      password_hash:
+        description: A bcrypt hash (C($2b$...)), from C(caddy hash-password) or C(comfybake gateway users add).
+        type: str
   keys:
-    description:
-      - API keys declared in the inventory, each C(name), C(scope) and C(key).
-      - A key is made by C(comfybake gateway keys create).
+    description: API keys declared in the inventory (secrets from Ansible Vault).
     type: list
     elements: dict
     default: []
+    suboptions:
+      name:
+        description: The key's name, the one inside the key.
+        type: str
+        required: true
+      scope:
+        description: The routes the key may use, as for O(users[].scope).
+        type: list
+        elements: str
+        required: true
+      key:
+        description: The key, as C(comfybake gateway keys create) printed it; stored as a bcrypt hash only.
+        type: str
+        required: true
   config_dir:
     description: Folder of the gateway's files.
     type: path
@@ -103,7 +133,7 @@ changed_files:
   elements: str
 """
 
-import copy
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.comfybake.core.plugins.module_utils.gateway import apply, caddy, credentials, routes
@@ -129,6 +159,7 @@ ARGUMENT_SPEC = {
         "type": "list",
         "elements": "dict",
         "default": [],
+        "no_log": False,  # each key's secret is its own no_log suboption
         "options": {
             "name": {"type": "str", "required": True},
             "scope": {"type": "list", "elements": "str", "required": True},
@@ -141,6 +172,21 @@ ARGUMENT_SPEC = {
 }
 
 
+def plan(
+    paths: apply.Paths, public: dict[str, Any], settings: dict[str, Any], params: dict[str, Any]
+) -> tuple[list[str], list[credentials.Principal], dict[str, Any]]:
+    """The files that would change, the principals and Caddy's configuration."""
+    stored = credentials.load(paths.credentials)
+    principals = credentials.merge_inventory(stored, credentials.declared(params["users"], params["keys"], stored))
+    config = caddy.render(public, settings, principals)
+    wanted = {
+        paths.credentials: credentials.dumps(principals),
+        paths.inputs: apply.dump({"format": 1, "routes": public, "settings": settings}),
+        paths.config: apply.dump(config),
+    }
+    return [path for path, text in wanted.items() if apply.read(path) != text], principals, config
+
+
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     params = module.params
@@ -148,22 +194,15 @@ def main() -> None:
     try:
         settings = caddy.normalize(params["settings"])
         public = routes.public_routes(params["layout"], settings)
-        stored = credentials.load(paths.credentials)
-        declared = credentials.declared(params["users"], params["keys"], stored)
-        principals = credentials.merge_inventory(stored, declared)
-        config = caddy.render(public, settings, principals)
-        changed_files = []
-        if credentials.dumps(principals) != apply.read(paths.credentials):
-            changed_files.append(paths.credentials)
-        if apply.dump({"format": 1, "routes": public, "settings": settings}) != apply.read(paths.inputs):
-            changed_files.append(paths.inputs)
-        if apply.dump(config) != apply.read(paths.config):
-            changed_files.append(paths.config)
-        if not module.check_mode:
-            if paths.credentials in changed_files:
-                credentials.save(paths.credentials, principals)
-            apply.save_inputs(paths, public, settings)
-            apply.apply(paths, copy.deepcopy(config))
+        if module.check_mode:
+            changed_files = plan(paths, public, settings, params)[0]
+        else:
+            with credentials.locked(paths.config_dir):  # not while `comfybake gateway` changes a key
+                changed_files, principals, config = plan(paths, public, settings, params)
+                if paths.credentials in changed_files:
+                    credentials.save(paths.credentials, principals)
+                apply.save_inputs(paths, public, settings)
+                apply.apply(paths, config)
             if apply.export_ca(paths, settings["storage"]):
                 changed_files.append(paths.ca)
     except GatewayError as error:

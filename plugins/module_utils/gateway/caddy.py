@@ -338,7 +338,7 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
         each["routes"].append(
             {"handle": [_static(421, "this gateway does not serve that host name; use one of its names or routes")]}
         )
-    subjects = sorted(set(names) | {route["host"] for _, route, _ in entries if route["host"]})
+    subjects = sorted(set(names) | {entry[1]["host"] for entry in entries if entry[1]["host"]})
     return {
         "admin": {"listen": f"unix/{settings['admin_socket']}", "config": {"persist": False}},
         "storage": {"module": "file_system", "root": settings["storage"]},
