@@ -12,7 +12,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${COMFYBAKE_VENV:-$root/.venv}
 python=${PYTHON:-python3}
-packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl caddy)  # caddy: the gateway tests run the real proxy
+# caddy and chromium: the gateway tests run the real proxy and a real browser in front of it
+packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl caddy chromium)
 dockerd_log=${COMFYBAKE_DOCKERD_LOG:-/var/log/comfybake-dockerd.log}
 
 say() { printf 'bootstrap: %s\n' "$*"; }

@@ -1,23 +1,39 @@
-"""HTTP API of the ComfyUI test double: the endpoints comfybake's readiness and status use.
+"""HTTP API of the ComfyUI test double: the endpoints comfybake's readiness, status and gateway use.
 
 Every route answers at `/<route>` and `/api/<route>`, as in ComfyUI. Prompts are queued and
 "run" by a worker thread for `extra_data.test_double_seconds` seconds (default 0), so tests
 can watch a queue fill and drain.
+
+`/ws` is a real WebSocket (RFC 6455, text frames), as ComfyUI's: the client id comes from the
+`clientId` query parameter (empty or missing: a new `uuid4().hex`, and a second socket with the
+same id replaces the first), the first message is
+`{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": N}}, "sid": "<id>"}}`
+and every change of the queue (a prompt queued, started, finished) sends
+`{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": N}}}}` to every socket.
+Pings are answered, a close is echoed; what the client sends is otherwise ignored. A plain GET
+of `/ws` is a 400, as aiohttp answers it. `/` serves a page whose script opens `/ws` on its own
+origin (wss on https) and sets `document.title = "ws:" + sid` on the first status message, so a
+headless browser shows whether the WebSocket got through. With `--verbose DEBUG` each request's
+method, URI and headers are logged, so tests can see what a proxy forwarded.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import platform
 import queue
 import socket
+import struct
 import sys
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import comfyui_version
 import folder_paths
@@ -57,8 +73,103 @@ def node_info(name: str, node_class: type) -> dict[str, object]:
     }
 
 
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
+
+# The page `/` serves: like ComfyUI's frontend, it opens `<its own folder>/ws?clientId=<id>` on
+# its own host (wss on https) and reads the first status message; the title tells a browser test.
+INDEX = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>ComfyUI test double</title></head>
+<body><p>ComfyUI test double</p>
+<script>
+(function () {
+  var id = Array.from(crypto.getRandomValues(new Uint8Array(16)), function (b) {
+    return ("0" + b.toString(16)).slice(-2);
+  }).join("");
+  var base = location.pathname.replace(/[^/]*$/, "");
+  var scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  var socket = new WebSocket(scheme + location.host + base + "ws?clientId=" + id);
+  socket.onmessage = function (event) {
+    var message = JSON.parse(event.data);
+    if (message.type === "status" && message.data.sid) { document.title = "ws:" + message.data.sid; }
+  };
+  socket.onerror = function () { document.title = "ws:error"; };
+})();
+</script>
+</body></html>
+"""
+
+
+class WebSocket:
+    """The server side of one RFC 6455 connection: unmasked frames out, masked frames in."""
+
+    def __init__(self, rfile: object, wfile: object) -> None:
+        self.rfile = rfile
+        self.wfile = wfile
+        self.lock = threading.Lock()
+
+    def send(self, payload: bytes, opcode: int = 0x1) -> None:
+        size = len(payload)
+        if size < 126:
+            header = struct.pack("!BB", 0x80 | opcode, size)
+        elif size < 1 << 16:
+            header = struct.pack("!BBH", 0x80 | opcode, 126, size)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 127, size)
+        with self.lock:
+            self.wfile.write(header + payload)  # type: ignore[attr-defined]
+            self.wfile.flush()  # type: ignore[attr-defined]
+
+    def send_json(self, message: object) -> None:
+        self.send(json.dumps(message).encode())
+
+    def _read(self, size: int) -> bytes:
+        data = self.rfile.read(size)  # type: ignore[attr-defined]
+        if len(data) < size:
+            raise ConnectionError("the client closed the connection")
+        return bytes(data)
+
+    def receive(self) -> tuple[int, bytes]:
+        """The next frame's opcode and unmasked payload."""
+        first, second = self._read(2)
+        size = second & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", self._read(2))[0]
+        elif size == 127:
+            size = struct.unpack("!Q", self._read(8))[0]
+        if not second & 0x80:
+            raise ConnectionError("a client frame was not masked (RFC 6455, section 5.1)")
+        mask = self._read(4)
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self._read(size)))
+        return first & 0x0F, payload
+
+
+class Sockets:
+    """The open WebSockets by client id, as ComfyUI's `PromptServer.sockets`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: dict[str, WebSocket] = {}
+
+    def add(self, sid: str, socket_: WebSocket) -> None:
+        with self.lock:
+            self.open[sid] = socket_  # the same clientId again replaces the old socket
+
+    def remove(self, sid: str, socket_: WebSocket) -> None:
+        with self.lock:
+            if self.open.get(sid) is socket_:
+                del self.open[sid]
+
+    def broadcast(self, message: object) -> None:
+        with self.lock:
+            targets = list(self.open.values())
+        for target in targets:
+            with contextlib.suppress(OSError):  # its reader sees the closed connection and removes it
+                target.send_json(message)
+
+
 class PromptQueue:
     def __init__(self) -> None:
+        self.sockets = Sockets()
         self.lock = threading.Lock()
         self.pending: list[dict[str, object]] = []
         self.running: list[dict[str, object]] = []
@@ -74,7 +185,15 @@ class PromptQueue:
             self.number += 1
             self.pending.append(item)
         self.items.put(item)
+        self.changed()
         return item
+
+    def changed(self) -> None:
+        """ComfyUI's `queue_updated`: every socket gets the new queue size."""
+        self.sockets.broadcast({"type": "status", "data": {"status": self.info()}})
+
+    def info(self) -> dict[str, object]:
+        return {"exec_info": {"queue_remaining": self.remaining()}}
 
     def remaining(self) -> int:
         with self.lock:
@@ -86,6 +205,7 @@ class PromptQueue:
             with self.lock:
                 self.pending.remove(item)
                 self.running.append(item)
+            self.changed()
             self.interrupted.clear()
             seconds = float(item["extra_data"].get("test_double_seconds", 0))  # type: ignore[union-attr]
             self.interrupted.wait(seconds)
@@ -93,6 +213,7 @@ class PromptQueue:
                 self.running.remove(item)
                 status = "interrupted" if self.interrupted.is_set() else "success"
                 self.history[str(item["prompt_id"])] = {"prompt": item["prompt"], "status": {"status_str": status}}
+            self.changed()
             logging.info("Prompt executed in %.2f seconds", seconds)
 
     def as_lists(self, key: str) -> list[list[object]]:
@@ -103,6 +224,9 @@ class PromptQueue:
 class Handler(BaseHTTPRequestHandler):
     server_version = "ComfyUI-test-double"
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as aiohttp sets it: headers and body go in two writes, which Nagle's algorithm
+    # and a client's delayed ACK would hold for 40 ms on a kept-alive connection.
+    disable_nagle_algorithm = True
     prompts: PromptQueue
     cpu = False
 
@@ -118,13 +242,46 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _route(self) -> str:
+        logging.debug("request %s %s headers %s", self.command, self.path, json.dumps(dict(self.headers.items())))
         path = unquote(urlsplit(self.path).path)
         return path[4:] if path.startswith("/api/") else path
+
+    def _websocket(self) -> None:
+        """Upgrade to a WebSocket and serve it until the client closes, as ComfyUI's `/ws`."""
+        key = self.headers.get("Sec-WebSocket-Key", "")
+        if self.headers.get("Upgrade", "").lower() != "websocket" or not key:
+            self._send(400, f"No WebSocket UPGRADE hdr: {self.headers.get('Upgrade')}", "text/plain")
+            return
+        accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode()  # noqa: S324 - RFC 6455
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.close_connection = True
+        sid = parse_qs(urlsplit(self.path).query).get("clientId", [""])[0] or uuid.uuid4().hex
+        socket_ = WebSocket(self.rfile, self.wfile)
+        self.prompts.sockets.add(sid, socket_)
+        try:
+            socket_.send_json({"type": "status", "data": {"status": self.prompts.info(), "sid": sid}})
+            while True:
+                opcode, payload = socket_.receive()
+                if opcode == 0x8:  # close: echo it, then end
+                    socket_.send(payload[:2], 0x8)
+                    return
+                if opcode == 0x9:  # ping
+                    socket_.send(payload, 0xA)
+        except OSError:  # ConnectionError too: the client went away
+            return
+        finally:
+            self.prompts.sockets.remove(sid, socket_)
 
     def do_GET(self) -> None:
         route = self._route()
         if route == "/":
-            self._send(200, "<html><body>ComfyUI test double</body></html>", "text/html")
+            self._send(200, INDEX, "text/html")
+        elif route == "/ws":
+            self._websocket()
         elif route == "/system_stats":
             total, free = _ram()
             self._send(

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import websocket
 import yaml
 from harness import repos
 from harness.double import DOUBLE, run_double
@@ -387,3 +388,37 @@ def test_listens_only_where_told(start_double, tmp_path: Path) -> None:
         pytest.fail(f"ss failed: {listeners.stderr}")
     assert f"127.0.0.2:{double.port}" in listeners.stdout
     assert f"127.0.0.1:{double.port}" not in listeners.stdout
+
+
+def test_websocket_speaks_comfyuis_status_protocol(start_double, tmp_path: Path) -> None:
+    double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path),
+                          "--verbose", "DEBUG")  # fmt: skip
+    named = websocket.create_connection(f"ws://127.0.0.1:{double.port}/ws?clientId=c0ffee", timeout=5)
+    anonymous = websocket.create_connection(f"ws://127.0.0.1:{double.port}/api/ws", timeout=5)
+    try:
+        first = json.loads(named.recv())
+        assert first == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "c0ffee"}}
+        sid = json.loads(anonymous.recv())["data"]["sid"]
+        assert len(sid) == 32 and int(sid, 16) >= 0  # uuid4().hex, as ComfyUI makes it
+        named.ping(b"are you there")
+        named.settimeout(5)
+        opcode, data = named.recv_data(control_frame=True)
+        assert (opcode, data) == (websocket.ABNF.OPCODE_PONG, b"are you there")
+        # Every change of the queue goes to every socket: queued, started, finished.
+        prompt = {"1": {"class_type": "KSampler", "inputs": {}}}
+        assert double.post("/prompt", {"prompt": prompt, "extra_data": {"test_double_seconds": 0.2}})[0] == 200
+        for client in (named, anonymous):
+            seen = []
+            while not seen or seen[-1] != 0:
+                message = json.loads(client.recv())
+                assert message["type"] == "status" and "sid" not in message["data"]
+                seen.append(message["data"]["status"]["exec_info"]["queue_remaining"])
+            assert seen[0] == 1, seen
+    finally:
+        named.close()
+        anonymous.close()
+    assert double.get("/ws")[0] == 400  # a plain GET is no upgrade
+    status, page = double.get("/")
+    assert status == 200 and "new WebSocket(" in page and 'document.title = "ws:" + message.data.sid' in page
+    # With --verbose DEBUG every request's URI and headers are in the log (what a proxy forwarded).
+    assert 'request GET /ws?clientId=c0ffee headers {"Upgrade": "websocket"' in double.output()

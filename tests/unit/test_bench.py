@@ -1,4 +1,5 @@
-"""The models benchmark still drives comfybake's front ends (a rename once broke it unseen).
+"""The benchmarks still run: the models benchmark drives comfybake's front ends (a rename once broke it
+unseen), the gateway benchmark its rendered configuration.
 
 A tiny S5 runs the engine, the module through `ansible` by its FQCN, and get_url side by side;
 nothing here looks at the figures.
@@ -18,4 +19,14 @@ def test_models_benchmark_runs_the_engine_the_module_and_get_url(root: Path, tmp
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for row in ("comfybake engine, warm", "comfybake.core.models via `ansible`", "get_url checksum:, 1 file"):
+        assert row in done.stdout, done.stdout
+
+
+def test_gateway_benchmark_measures_both_sides(root: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/gateway.py", "--requests", "30", "--clients", "2", "--seconds", "0.5"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for row in ("latency median (ms)", "requests per second", "WebSocket open + status (ms)", "added latency"):
         assert row in done.stdout, done.stdout

@@ -189,22 +189,58 @@ def _credentials(accounts: list[dict[str, str]]) -> list[dict[str, Any]]:
     ]
 
 
-def _response_headers(settings: dict[str, Any]) -> list[dict[str, Any]]:
+def _response_headers() -> dict[str, Any]:
+    return {"handler": "headers", "response": {"set": SECURITY_HEADERS, "delete": ["Server"], "deferred": True}}
+
+
+def _body_limit(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """A body over the limit is refused before it is proxied: Caddy's own limit trips mid-stream,
+    which answers 502 and would count as the instance failing. `request_body` still caps a body
+    sent without Content-Length."""
+    limit = settings["max_request_body"]
+    length = "{http.request.header.Content-Length}"
     return [
-        {"handler": "headers", "response": {"set": SECURITY_HEADERS, "delete": ["Server"], "deferred": True}},
-        {"handler": "request_body", "max_size": settings["max_request_body"]},
+        {
+            "match": [{"expression": f'{length} != "" && int({length}) > {limit}'}],
+            "handle": [_static(413, f"the request body is larger than the gateway's limit of {limit} bytes")],
+            "terminal": True,
+        },
+        {"handle": [{"handler": "request_body", "max_size": limit}]},
     ]
+
+
+def _errors() -> dict[str, Any]:
+    """What answers an error (401, 502, 503, ...): the same headers as every other answer."""
+    return {
+        "routes": [
+            {
+                "handle": [
+                    {"handler": "headers", "response": {"set": SECURITY_HEADERS, "delete": ["Server"]}},
+                    {
+                        "handler": "static_response",
+                        "status_code": "{http.error.status_code}",
+                        "body": "{http.error.status_code} {http.error.status_text}\n",
+                    },
+                ]
+            }
+        ]
+    }
 
 
 def _proxy(upstreams: list[str], policy: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     handler: dict[str, Any] = {
         "handler": "reverse_proxy",
         "upstreams": [{"dial": upstream} for upstream in upstreams],
-        "load_balancing": {"selection_policy": {"policy": policy}, "try_duration": "5s", "try_interval": "250ms"},
-        "health_checks": {"passive": {"fail_duration": "10s", "max_fails": 1}},
         "transport": {"protocol": "http", "dial_timeout": "3s"},
         "flush_interval": -1,  # stream responses (previews, /view of a large file) as they come
     }
+    if len(upstreams) > 1:  # another instance to try: one that failed is skipped for 10 s
+        handler["load_balancing"] = {
+            "selection_policy": {"policy": policy},
+            "try_duration": "5s",
+            "try_interval": "250ms",
+        }
+        handler["health_checks"] = {"passive": {"fail_duration": "10s", "max_fails": 1}}
     handler.update(extra or {})
     return handler
 
@@ -240,7 +276,7 @@ def _environment_proxy(route: dict[str, Any], settings: dict[str, Any]) -> list[
         "expect_status": 200,
     }
     fresh = _proxy(upstreams, "least_conn", {"headers": set_cookie})
-    fresh["health_checks"]["active"] = active
+    fresh.setdefault("health_checks", {})["active"] = active
     return [*sticky, {"handle": [fresh]}]
 
 
@@ -255,8 +291,9 @@ def _route_chain(
         proxy = _environment_proxy(route, settings)
     prefix = [{"handle": [{"handler": "rewrite", "strip_path_prefix": route["path"].rstrip("/")}]}]
     return [
-        {"handle": _response_headers(settings)},
+        {"handle": [_response_headers()]},
         *_credentials(accounts),
+        *_body_limit(settings),
         *(prefix if route["path"] != "/" else []),
         *proxy,
     ]
@@ -323,6 +360,7 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
                 "read_header_timeout": "30s",
                 "idle_timeout": "5m",
                 "logs": {"default_logger_name": ACCESS_LOGGER},
+                "errors": _errors(),
             },
         )
         servers[name]["routes"].append(
