@@ -199,10 +199,12 @@ def main() -> None:
         else:
             with credentials.locked(paths.config_dir):  # not while `comfybake gateway` changes a key
                 changed_files, principals, config = plan(paths, public, settings, params)
+                if paths.config in changed_files:  # nothing is written for a configuration Caddy refuses
+                    apply.validate(paths, config)
                 if paths.credentials in changed_files:
                     credentials.save(paths.credentials, principals)
                 apply.save_inputs(paths, public, settings)
-                apply.apply(paths, config)
+                apply.apply(paths, config, validated=True)
             if apply.export_ca(paths, settings["storage"]):
                 changed_files.append(paths.ca)
     except GatewayError as error:

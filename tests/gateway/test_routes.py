@@ -71,6 +71,9 @@ def test_paths_mode_puts_every_route_below_one_port() -> None:
     routes = public_routes(LAYOUT, {**NAMES, "mode": "paths"})
     assert by_name(routes["instances"])["a"]["public_url"] == "https://gpu1.example.com:8443/instances/a/"
     assert by_name(routes["environments"])["prod"]["public_url"] == "https://gpu1.example.com:8443/environments/prod/"
+    # Caddy matches paths regardless of case: Prod's prefix would also be prod's.
+    with pytest.raises(GatewayError, match="environments 'Prod' and 'prod' differ only in case"):
+        public_routes([record("x", "Prod", 8188), record("y", "prod", 8189)], {**NAMES, "mode": "paths"})
 
 
 def test_settings_report_every_problem_at_once() -> None:
@@ -130,5 +133,7 @@ def test_the_configuration_keeps_admin_off_tcp_and_credentials_out_of_logs() -> 
     for server in config["apps"]["http"]["servers"].values():
         assert server["routes"][0]["match"][0]["host"] == ["gpu1.example.com", "10.0.0.5"]
         assert server["routes"][-1]["handle"][0]["status_code"] == 421  # any other Host
-    text = json.dumps(config)
-    assert "$2b$10$" not in text  # hashes are base64 in Caddy's accounts, never a plaintext secret
+    headers = json.dumps(config["apps"]["http"]["servers"])
+    assert "Strict-Transport-Security" not in headers  # internal CA: never HSTS for localhost
+    acme = caddy.normalize({**NAMES, "tls": {"mode": "acme"}})
+    assert "Strict-Transport-Security" in json.dumps(caddy.render(public_routes(LAYOUT, acme), acme, [])["apps"])

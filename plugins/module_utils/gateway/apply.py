@@ -5,7 +5,8 @@ CA or certificate where the gateway keeps its own); only a valid one replaces `c
 running gateway then loads it through its admin socket (Caddy's graceful reload: open
 connections, WebSockets included, finish on the old configuration). Where the load fails (a port
 another program holds), Caddy keeps serving the old configuration and the old file is put back,
-so the file on disk is always the one that serves.
+so the file on disk is always the one that serves; a run that finds the file unchanged still
+sends it to the gateway, which reloads nothing when it already serves it.
 
 `refresh` is what the command line calls after it changed a user or a key: it renders again from
 the inputs the module wrote (`gateway.json`, no secrets) and `credentials.json`.
@@ -155,21 +156,35 @@ def admin(socket_path: str, method: str, route: str, body: bytes | None = None) 
         connection.close()
 
 
-def apply(paths: Paths, config: dict[str, Any]) -> bool:
-    """Validate `config`, swap it in and load it into a running gateway; whether the file changed."""
+def apply(paths: Paths, config: dict[str, Any], validated: bool = False) -> bool:
+    """Validate `config` (unless the caller just did), swap it in and load it into a running
+    gateway; whether the file changed.
+
+    A running gateway is sent the configuration even when the file holds it already (Caddy
+    answers "config is unchanged" and reloads nothing), so a load that failed earlier, after the
+    file was written, is made good. Where the load fails, the old file is put back.
+    """
     text = dump(config)
     old = read(paths.config)
-    if old == text:
-        return write(paths.config, text, 0o640, paths.group)  # only the mode or group, if anything
-    validate(paths, config)
-    write(paths.config, text, 0o640, paths.group)
-    answer = admin(config["admin"]["listen"].removeprefix("unix/"), "POST", "/load", text.encode())
+    if old != text and not validated:
+        validate(paths, config)
+    changed = write(paths.config, text, 0o640, paths.group)
+    try:
+        answer = admin(config["admin"]["listen"].removeprefix("unix/"), "POST", "/load", text.encode())
+    except GatewayError:
+        restore(paths, old)
+        raise
     if answer is not None and answer[0] != 200:
-        if old is not None:
-            write(paths.config, old, 0o640, paths.group)
+        restore(paths, old)
         reason = answer[1].decode(errors="replace").strip()
         raise GatewayError(f"the running gateway refused the new configuration and keeps the old one: {reason}")
-    return True
+    return changed
+
+
+def restore(paths: Paths, old: str | None) -> None:
+    """Put back the configuration that serves, after a load that failed."""
+    if old is not None:
+        write(paths.config, old, 0o640, paths.group)
 
 
 def save_inputs(paths: Paths, routes: dict[str, Any], settings: dict[str, Any]) -> bool:

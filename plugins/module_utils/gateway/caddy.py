@@ -33,8 +33,10 @@ from .errors import GatewayError
 
 TOKEN = "token"  # noqa: S105 - the name of the query parameter, not a secret
 ACCESS_LOGGER = "comfybake_access"
+# HSTS binds every port of a name to HTTPS for a year; it is sent only for the public names of
+# ACME certificates, never for localhost or a host whose other ports may serve plain HTTP.
+HSTS = {"Strict-Transport-Security": ["max-age=31536000"]}
 SECURITY_HEADERS = {
-    "Strict-Transport-Security": ["max-age=31536000"],
     "X-Content-Type-Options": ["nosniff"],
     "X-Frame-Options": ["SAMEORIGIN"],
     "Referrer-Policy": ["same-origin"],
@@ -138,10 +140,20 @@ def _accounts(principals: list[Principal], kind: str, name: str, environment: st
 
 def _credentials(accounts: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Steps 2-4: the query token, Bearer keys, the bcrypt check, and removing the credentials."""
-    upgrade = {"Upgrade": {"pattern": "(?i)^websocket$"}}
+    upgrade = {
+        "Upgrade": {"pattern": "(?i)^websocket$"},
+        "Connection": {"pattern": "(?i)(^|,)\\s*upgrade\\s*(,|$)"},
+    }
     return [
         {
-            "match": [{"query": {TOKEN: ["*"]}, "header_regexp": upgrade, "header": {"Authorization": None}}],
+            "match": [
+                {
+                    "method": ["GET"],
+                    "query": {TOKEN: ["*"]},
+                    "header_regexp": upgrade,
+                    "header": {"Authorization": None},
+                }
+            ],
             "handle": [
                 {
                     "handler": "headers",
@@ -162,11 +174,13 @@ def _credentials(accounts: list[dict[str, str]]) -> list[dict[str, Any]]:
             "terminal": True,
         },
         {
-            "match": [{"header_regexp": {"Authorization": {"pattern": "^Bearer\\s+\\S"}}}],
+            "match": [{"header_regexp": {"Authorization": {"pattern": "(?i)^bearer\\s+\\S"}}}],
             "handle": [
                 {
                     "handler": "headers",
-                    "request": {"replace": {"Authorization": [{"search_regexp": "^Bearer\\s+", "replace": "Basic "}]}},
+                    "request": {
+                        "replace": {"Authorization": [{"search_regexp": "(?i)^bearer\\s+", "replace": "Basic "}]}
+                    },
                 }
             ],
         },
@@ -189,8 +203,12 @@ def _credentials(accounts: list[dict[str, str]]) -> list[dict[str, Any]]:
     ]
 
 
-def _response_headers() -> dict[str, Any]:
-    return {"handler": "headers", "response": {"set": SECURITY_HEADERS, "delete": ["Server"], "deferred": True}}
+def _headers(settings: dict[str, Any]) -> dict[str, list[str]]:
+    return {**SECURITY_HEADERS, **(HSTS if settings["tls"]["mode"] == "acme" else {})}
+
+
+def _response_headers(settings: dict[str, Any]) -> dict[str, Any]:
+    return {"handler": "headers", "response": {"set": _headers(settings), "delete": ["Server"], "deferred": True}}
 
 
 def _body_limit(settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -209,13 +227,13 @@ def _body_limit(settings: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _errors() -> dict[str, Any]:
+def _errors(settings: dict[str, Any]) -> dict[str, Any]:
     """What answers an error (401, 502, 503, ...): the same headers as every other answer."""
     return {
         "routes": [
             {
                 "handle": [
-                    {"handler": "headers", "response": {"set": SECURITY_HEADERS, "delete": ["Server"]}},
+                    {"handler": "headers", "response": {"set": _headers(settings), "delete": ["Server"]}},
                     {
                         "handler": "static_response",
                         "status_code": "{http.error.status_code}",
@@ -234,13 +252,16 @@ def _proxy(upstreams: list[str], policy: str, extra: dict[str, Any] | None = Non
         "transport": {"protocol": "http", "dial_timeout": "3s"},
         "flush_interval": -1,  # stream responses (previews, /view of a large file) as they come
     }
-    if len(upstreams) > 1:  # another instance to try: one that failed is skipped for 10 s
+    # Another instance to try: one that failed three times in 10 s (a stopped instance refuses
+    # each retry) is skipped for 10 s; a client that aborts an upload counts once, which alone
+    # moves no session.
+    if len(upstreams) > 1:
         handler["load_balancing"] = {
             "selection_policy": {"policy": policy},
             "try_duration": "5s",
             "try_interval": "250ms",
         }
-        handler["health_checks"] = {"passive": {"fail_duration": "10s", "max_fails": 1}}
+        handler["health_checks"] = {"passive": {"fail_duration": "10s", "max_fails": 3}}
     handler.update(extra or {})
     return handler
 
@@ -291,7 +312,7 @@ def _route_chain(
         proxy = _environment_proxy(route, settings)
     prefix = [{"handle": [{"handler": "rewrite", "strip_path_prefix": route["path"].rstrip("/")}]}]
     return [
-        {"handle": [_response_headers()]},
+        {"handle": [_response_headers(settings)]},
         *_credentials(accounts),
         *_body_limit(settings),
         *(prefix if route["path"] != "/" else []),
@@ -360,7 +381,7 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
                 "read_header_timeout": "30s",
                 "idle_timeout": "5m",
                 "logs": {"default_logger_name": ACCESS_LOGGER},
-                "errors": _errors(),
+                "errors": _errors(settings),
             },
         )
         servers[name]["routes"].append(
@@ -373,6 +394,15 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
             }
         )
     for each in servers.values():
+        if settings["mode"] == "paths":  # a served name, but no route's prefix
+            each["routes"].append(
+                {
+                    "match": [{"host": names}],
+                    "handle": [
+                        _static(404, "no route here: the routes are /instances/<name>/ and /environments/<name>/")
+                    ],
+                }
+            )
         each["routes"].append(
             {"handle": [_static(421, "this gateway does not serve that host name; use one of its names or routes")]}
         )

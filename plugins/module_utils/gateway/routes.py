@@ -169,9 +169,19 @@ def _hosts_mode(
 
 
 def _paths_mode(
-    instances: list[dict[str, Any]], environments: dict[str, dict[str, Any]], settings: dict[str, Any]
+    instances: list[dict[str, Any]],
+    environments: dict[str, dict[str, Any]],
+    settings: dict[str, Any],
+    problems: list[str],
 ) -> None:
     host = settings["names"][0]
+    # Caddy matches paths without regard to case: Prod and prod would share a prefix.
+    for kind, names in (("instance", [r["name"] for r in instances]), ("environment", list(environments))):
+        seen: dict[str, str] = {}
+        for name in names:
+            if name.lower() in seen:
+                problems.append(f"{kind}s {seen[name.lower()]!r} and {name!r} differ only in case; rename one")
+            seen[name.lower()] = name
     for record in instances:
         record.update(port=settings["port"], path=f"/instances/{record['name']}/")
     for route in environments.values():
@@ -217,7 +227,7 @@ def public_routes(records: list[dict[str, Any]], settings: dict[str, Any]) -> di
     elif settings["mode"] == "hosts":
         _hosts_mode(instances, environments, settings, problems)
     else:
-        _paths_mode(instances, environments, settings)
+        _paths_mode(instances, environments, settings, problems)
     if problems:
         raise GatewayError("the gateway's routes collide:\n- " + "\n- ".join(problems))
     return {"instances": instances, "environments": [environments[name] for name in sorted(environments)]}
