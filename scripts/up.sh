@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # comfybake's main job on a machine with Docker and no GPU: bake the container image of a
 # target (packer/targets/<target>.pkrvars.hcl, default cpu: real ComfyUI and CPU torch from
-# public sources), run it with its instances' ports published on loopback, wait until every
-# instance is ready, and print where they answer. Before anything long, scripts/preflight.py
+# public sources), run it with the gateway's ports published on loopback (the instances listen
+# on the container's loopback only), wait until every instance is ready, create the gateway's
+# first user and API key, and print, once, where they answer and those credentials. Before anything long, scripts/preflight.py
 # checks in seconds every source the target needs (base image, apt archives, git remotes,
 # package indexes, model origins) and stops with what replaces each unreachable one.
 #   COMFYBAKE_TARGET=cpu                 the target to bake
@@ -109,8 +110,17 @@ packer build -only=comfybake.docker.comfybake -var-file="packer/targets/$target.
     "what to do next: fix that setting (COMFYBAKE_PACKER_ARGS for Packer variables, extra_vars_files or the" \
     "inventory for Ansible ones), check the sources again with scripts/preflight.py --target $target, then make up again"
 
-ports=$(docker run --rm "$image" python3 -c \
-  'import json; print(" ".join(str(i["port"]) for i in json.load(open("/etc/comfybake/instances.json"))["instances"] if i["enabled"]))')
+# The gateway's ports (gateway.json: its routes, no secret), else the instances' (an image baked
+# with comfyui_gateway_enabled false).
+ports=$(docker run --rm "$image" python3 -c '
+import json, os
+gateway = "/etc/comfybake/gateway/gateway.json"
+if os.path.exists(gateway):
+    routes = json.load(open(gateway))["routes"]
+    ports = {route["port"] for route in routes["instances"] + routes["environments"]}
+else:
+    ports = {i["port"] for i in json.load(open("/etc/comfybake/instances.json"))["instances"] if i["enabled"]}
+print(" ".join(map(str, sorted(ports))))')
 publish=()
 for port in $ports; do publish+=(--publish "127.0.0.1:$port:$port"); done
 docker rm -f "$name" >/dev/null 2>&1 || true
@@ -122,6 +132,33 @@ caps=(--cap-drop ALL --cap-add CHOWN --cap-add SETUID --cap-add SETGID --cap-add
 say "starting $name (ports ${ports:-none})"
 docker run --detach --name "$name" "${caps[@]}" "${gpu_args[@]}" "${publish[@]}" "${env_args[@]}" "$image" >/dev/null
 
+# The gateway's first user and API key, made in the container (only bcrypt hashes stay there) and
+# printed here once; its CA, made when the gateway first started, for clients to trust.
+gateway() {
+  local user key ca=$root/build/up/$name-ca.crt
+  user=$(docker exec "$name" comfybake gateway users add admin --scope '*' --generate) ||
+    die "the gateway's first user could not be made (the line above says why)"
+  key=$(docker exec "$name" comfybake gateway keys create admin-key --scope '*') ||
+    die "the gateway's first API key could not be made (the line above says why)"
+  mkdir -p "$(dirname "$ca")"
+  for _ in $(seq 30); do
+    docker cp "$name:/var/lib/comfybake-gateway/pki/authorities/local/root.crt" "$ca" >/dev/null 2>&1 && break
+    sleep 1
+  done
+  [[ -s $ca ]] || die "the gateway made no CA certificate: docker logs $name says why"
+  docker exec "$name" python3 -c '
+import json
+routes = json.load(open("/etc/comfybake/gateway/gateway.json"))["routes"]
+for route in routes["instances"]:
+    print("up: instance %s answers at %s" % (route["name"], route["public_url"]))
+for route in routes["environments"]:
+    print("up: environment %s (%s) answers at %s" % (route["name"], ", ".join(route["instances"]), route["public_url"]))'
+  say "the gateway's CA (trust it, or curl --cacert): $ca"
+  say "sign in as admin with the password $user (shown only now: comfybake gateway users add makes others)"
+  say "API key admin-key: $key (Authorization: Bearer <key>; shown only now)"
+  say "for example: curl --cacert $ca -H 'Authorization: Bearer <key>' https://localhost:${ports%% *}/system_stats"
+}
+
 for _ in $(seq 600); do
   if [[ $(docker inspect -f '{{.State.Running}}' "$name") != true ]]; then
     docker logs --tail 50 "$name" >&2
@@ -130,7 +167,11 @@ for _ in $(seq 600); do
   fi
   if docker exec "$name" comfybake instances status >/dev/null 2>&1; then
     docker exec "$name" comfybake instances status
-    for port in $ports; do say "ComfyUI answers at http://127.0.0.1:$port"; done
+    if docker exec "$name" test -f /etc/comfybake/gateway/gateway.json; then
+      gateway
+    else
+      for port in $ports; do say "ComfyUI answers at http://127.0.0.1:$port"; done
+    fi
     say "what to do next: open a URL above; logs: docker logs -f $name; status: docker exec $name comfybake instances status"
     say "remove it with make down; bake another target with make up TARGET=<target> (docs/bake.md)"
     exit 0

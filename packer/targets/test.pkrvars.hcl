@@ -10,4 +10,4 @@ inventory_dir   = "tests/packer/inventory"
 image_name      = "comfybake/test"
 image_version   = "ci"
 ssh_username    = "root"
-container_ports = [8188, 8189]
+container_ports = [8443, 9188, 9189]

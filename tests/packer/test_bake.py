@@ -9,11 +9,14 @@ index, and the models, whose token is a canary.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ansible_collections.comfybake.core.plugins.module_utils.gateway import credentials
 from harness import bake as baking
 from harness.bake import Bake, Origin, docker, image_files
 from harness.tools import failure_reason, save_log
@@ -65,11 +69,33 @@ print(json.dumps(rows))
 """
 
 
-def run_image(image: str, name: str, *env: str, secrets: dict[str, Path] | None = None) -> str:
-    """`docker run` with only the documented capabilities; `secrets` are mounted in /run/secrets."""
+# The gateway's routes in the test image (ports mode): instance a, instance b, environment comm.
+GATEWAY_PORTS = {"a": 9188, "b": 9189, "comm": 8443}
+GATEWAY_CA = "/var/lib/comfybake-gateway/pki/authorities/local/root.crt"
+# The TCP sockets listening in the container: [address in /proc/net hex, port].
+LISTENERS = """
+import json
+rows = []
+for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(path).read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A":
+            address, port = fields[1].split(":")
+            rows.append([address, int(port, 16)])
+print(json.dumps(rows))
+"""
+LOOPBACK = ("0100007F", "00000000000000000000000001000000")
+
+
+def run_image(
+    image: str, name: str, *env: str, secrets: dict[str, Path] | None = None, publish: tuple[int, ...] = ()
+) -> str:
+    """`docker run` with only the documented capabilities; `secrets` are mounted in /run/secrets,
+    `publish` ports published on this host's loopback (on ports Docker picks)."""
     docker("rm", "-f", name, check=False)
     args = [arg for item in env for arg in ("--env", item)]
     args += [arg for key, path in (secrets or {}).items() for arg in ("--volume", f"{path}:/run/secrets/{key}:ro")]
+    args += [arg for port in publish for arg in ("--publish", f"127.0.0.1::{port}")]
     caps = [arg for cap in CAPABILITIES for arg in ("--cap-add", cap)]
     privileges = ["--cap-drop", "ALL", *caps, "--security-opt", "no-new-privileges"]
     return docker("run", "--detach", "--name", name, *privileges, *args, image).stdout.strip()
@@ -81,6 +107,50 @@ def secret(folder: Path, name: str, value: str, mode: int) -> Path:
     path.write_text(value + "\n")
     path.chmod(mode)
     return path
+
+
+def gateway_credentials(folder: Path, password: str) -> tuple[Path, str]:
+    """The secret comfybake_gateway (credentials.json's format, bcrypt hashes only): user `alice`
+    with `password` and a new API key `ci`, both for every route; returns it and the key."""
+    key, key_hash = credentials.new_key("ci")
+    principals = [
+        credentials.Principal("alice", "user", credentials.hash_secret(password), ["*"], "cli", "2026-01-01T00:00:00Z"),
+        credentials.Principal("ci", "key", key_hash, ["*"], "cli", "2026-01-01T00:00:00Z"),
+    ]
+    return secret(folder, "comfybake_gateway", credentials.dumps(principals).strip(), 0o400), key
+
+
+def published(name: str, port: int) -> int:
+    """The port of this host's loopback that `docker run --publish` gave the container's `port`."""
+    return int(docker("port", name, f"{port}/tcp").stdout.split()[0].rpartition(":")[2])
+
+
+def gateway_ca(name: str, folder: Path, timeout: float = 30) -> Path:
+    """The root certificate of the CA the container's gateway made when it first started."""
+    path = folder / f"{name}-ca.crt"
+    deadline = time.monotonic() + timeout
+    while docker("cp", f"{name}:{GATEWAY_CA}", str(path), check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the gateway made no CA in {timeout} s:\n{docker('logs', name, check=False).stdout}")
+        time.sleep(1)
+    return path
+
+
+def ask(ca: Path, port: int, path: str = "/system_stats", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """GET https://localhost:<port><path> trusting only `ca` (and no proxy); (status, body)."""
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca))
+    )
+    request = urllib.request.Request(f"https://localhost:{port}{path}", headers=headers or {})
+    try:
+        with opener.open(request, timeout=15) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 def processes(name: str, canary: str, uid: int = 0) -> list[dict]:
@@ -132,17 +202,31 @@ def baked(origin: Origin) -> Iterator[Bake]:
 class Running:
     name: str
     rows: list[dict]  # `comfybake instances status --json`
-    canary: str  # given as HF_TOKEN and as the secret civitai_token
+    canary: str  # given as HF_TOKEN, as the secret civitai_token, and as the gateway user's password
+    key: str  # the gateway's API key, given at run time (its hash, in the secret comfybake_gateway)
+    ca: Path  # the root certificate of the CA the gateway made at start
+    ports: dict[str, int]  # route (instance or environment) -> its port on this host's loopback
 
 
 @pytest.fixture(scope="module")
 def running(baked: Bake, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    """The baked image run as docs/bake.md says, given a canary token in the environment and as a secret."""
+    """The baked image run as docs/bake.md says, given a canary token in the environment and as a
+    secret, and the gateway's users and keys as the secret comfybake_gateway."""
     name, canary = "comfybake-test-bake", f"hf_CANARY_RUN_{uuid.uuid4().hex}"
-    civitai = secret(tmp_path_factory.mktemp("secrets"), "civitai_token", canary, 0o400)
-    run_image(baked.image, name, f"HF_TOKEN={canary}", secrets={"civitai_token": civitai})
+    folder = tmp_path_factory.mktemp("secrets")
+    civitai = secret(folder, "civitai_token", canary, 0o400)
+    gateway, key = gateway_credentials(folder, canary)
+    run_image(
+        baked.image,
+        name,
+        f"HF_TOKEN={canary}",
+        secrets={"civitai_token": civitai, "comfybake_gateway": gateway},
+        publish=tuple(GATEWAY_PORTS.values()),
+    )
     try:
-        yield Running(name=name, rows=wait_ready(name), canary=canary)
+        rows = wait_ready(name)
+        ports = {route: published(name, port) for route, port in GATEWAY_PORTS.items()}
+        yield Running(name=name, rows=rows, canary=canary, key=key, ca=gateway_ca(name, folder), ports=ports)
     finally:
         docker("rm", "-f", name, check=False)
 
@@ -177,6 +261,8 @@ def test_no_caches_or_build_leftovers(baked: Bake) -> None:
     ]
     assert leftovers == []
     assert not any("/credentials/" in path for path in paths), "a token folder is in the image"
+    # The gateway makes its CA when a container first starts: no CA key or certificate is baked.
+    assert [path for path in paths if path.startswith("/var/lib/comfybake-gateway/")] == []
 
 
 def test_the_bom_records_commits_packages_and_model_hashes(baked: Bake, origin: Origin) -> None:
@@ -252,8 +338,50 @@ def test_a_token_secret_other_accounts_could_read_is_refused(baked: Bake, tmp_pa
         refused = "the secret /run/secrets/hf_token (root:root 444) is readable by an account other than root"
         assert refused in logs.stderr
         assert "starting 2 instance(s)" not in logs.stdout
+        # The gateway's users and keys too: bcrypt hashes, still something to guess passwords against.
+        gateway = secret(tmp_path, "comfybake_gateway", '{"format": 1, "principals": []}', 0o444)
+        run_image(baked.image, name, secrets={"comfybake_gateway": gateway})
+        assert docker("wait", name, timeout=60).stdout.strip() == "2"
+        refused = "the secret /run/secrets/comfybake_gateway (root:root 444) is readable by an account other than root"
+        assert refused in docker("logs", name).stderr
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def test_the_image_serves_only_through_the_gateway(running: Running) -> None:
+    name, ports = running.name, running.ports
+    # Only the gateway listens beyond the container's loopback; the instances listen on it only.
+    listeners = json.loads(docker("exec", name, "python3", "-c", LISTENERS).stdout)
+    outside = {port for address, port in listeners if address not in LOOPBACK}
+    assert outside == set(GATEWAY_PORTS.values()), f"listening beyond loopback: {listeners}"
+    assert {port for address, port in listeners if address in LOOPBACK} >= {8188, 8189}
+    # Without credentials, every route answers 401, on every path.
+    for route, port in ports.items():
+        for path in ("/", "/system_stats", "/api/queue", "/ws?clientId=x"):
+            status, _ = ask(running.ca, port, path)
+            assert status == 401, f"{route} {path}: {status} without credentials"
+    # With the user and the key given at run time, each route reaches its instance, which
+    # listens on loopback only; a wrong password does not.
+    for route, port in ports.items():
+        for headers in (basic("alice", running.canary), {"Authorization": f"Bearer {running.key}"}):
+            status, body = ask(running.ca, port, headers=headers)
+            assert status == 200, f"{route}: {status} {body[:200]!r}"
+            argv = json.loads(body)["system"]["argv"]
+            assert argv[argv.index("--listen") + 1] == "127.0.0.1"
+            if route in ("a", "b"):
+                assert str(GATEWAY_PORTS[route] - 1000) in argv
+        assert ask(running.ca, port, headers=basic("alice", running.canary + "x"))[0] == 401
+    # The gateway runs as its own account, without the tokens; neither the password nor the key
+    # is in its log (the access log drops credentials).
+    gateway = [row for row in processes(name, running.canary) if row["argv"][:2] == ["/usr/bin/caddy", "run"]]
+    assert len(gateway) == 1, gateway
+    uid = gateway[0]["uid"]
+    assert docker("exec", name, "id", "-un", str(uid)).stdout.strip() == "comfybake-gateway"
+    (own,) = [row for row in processes(name, running.canary, uid) if row["pid"] == gateway[0]["pid"]]
+    assert own["canary"] is False
+    logs = docker("logs", name)
+    assert running.canary not in logs.stdout + logs.stderr and running.key not in logs.stdout + logs.stderr
+    assert '"status":401' in logs.stdout + logs.stderr.replace(" ", "")
 
 
 def test_the_image_runs_unprivileged_and_every_instance_is_ready(running: Running) -> None:
@@ -325,11 +453,19 @@ def test_main_job_bakes_runs_and_prints_where_instances_answer(origin: Origin, r
             log = done.stdout + done.stderr
             pytest.fail(f"scripts/up.sh failed: {failure_reason(log)} (full log: {save_log('up', log)})", pytrace=False)
         assert origin.token not in done.stdout + done.stderr
-        for port in (8188, 8189):
-            assert f"up: ComfyUI answers at http://127.0.0.1:{port}" in done.stdout
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=10) as answer:
-                argv = json.load(answer)["system"]["argv"]
-                assert argv[1:3] == ["--listen", "0.0.0.0"]  # noqa: S104 - inside the container
+        # Through the gateway only, with the first key and the CA up.sh printed once.
+        printed = dict(line.removeprefix("up: ").split(": ", 1) for line in done.stdout.splitlines()
+                       if line.startswith(("up: API key admin-key: ", "up: the gateway's CA")))  # fmt: skip
+        key = printed["API key admin-key"].split()[0]
+        ca = Path(printed["the gateway's CA (trust it, or curl --cacert)"])
+        assert "up: environment comm (a, b) answers at https://localhost:8443/" in done.stdout
+        for instance, port in (("a", 9188), ("b", 9189)):
+            assert f"up: instance {instance} answers at https://localhost:{port}/" in done.stdout
+            assert ask(ca, port)[0] == 401
+            status, body = ask(ca, port, headers={"Authorization": f"Bearer {key}"})
+            assert status == 200, body
+            argv = json.loads(body)["system"]["argv"]
+            assert argv[1:3] == ["--listen", "127.0.0.1"]
         # The models came at start, not from the image; the token came from `docker run --env`.
         files = image_files(image)
         assert "/etc/comfybake/models.yml" in files
