@@ -402,6 +402,20 @@ def print_table(table: Sequence[Sequence[str]]) -> None:
         print("  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip())
 
 
+def refresh(args: argparse.Namespace) -> int:
+    """Render the configuration again from gateway.json and credentials.json and apply it (the
+    container's entrypoint runs it after installing the users and keys of a secret)."""
+    need_root("refresh")
+    load_gateway(args.config_root)
+    try:
+        with credentials.locked(str(gateway_dir(args.config_root))):
+            changed = apply.refresh(paths(args.config_root))
+    except GatewayError as error:
+        raise HostError(str(error)) from None
+    print("comfybake gateway: configuration " + ("applied" if changed else "unchanged"), file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -481,6 +495,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         key_actions, "list", "the API keys: names, scopes, when made (never the keys)", "  0  listed\n", keys_list
     )
     listed.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    again = groups.add_parser(
+        "refresh",
+        help="render the configuration again from the host's routes, users and keys, validate and apply it",
+        description="render caddy.json again from gateway.json and credentials.json, have Caddy validate it,"
+        " swap it in and load it into the running gateway (a changed credentials.json put there by hand,"
+        " or by a container's entrypoint)",
+        epilog=f"exit status:\n  0  applied (or already serving)\n{unchanged}",
+        formatter_class=formatter,
+    )
+    again.set_defaults(func=guarded(refresh))
 
     health = groups.add_parser(
         "status",

@@ -444,3 +444,17 @@ def test_a_change_waits_for_the_gateway_lock(host: Host) -> None:
     assert waiting.returncode == 0
     assert [item.name for item in host.stored()] == ["early", "late"]
     assert credentials.split_key(out.decode().strip())[0] == "late"
+
+
+def test_refresh_applies_a_credentials_file_put_there_from_outside(host: Host) -> None:
+    # What a container's entrypoint does with the secret comfybake_gateway: install the file,
+    # then have the configuration rendered again from it.
+    assert host.run("users", "add", "alice", "--scope", "*", "--password-stdin", stdin=PASSWORD + "\n")[0] == 0
+    bob = credentials.Principal("bob", "user", credentials.hash_secret(PASSWORD), ["instance:a"])
+    credentials.save(str(host.credentials), [bob])
+    assert host.accounts() == {"alice"}  # caddy.json still serves the old users
+    code, out, err = host.run("refresh")
+    assert (code, out) == (0, ""), err
+    assert "configuration applied" in err
+    assert host.accounts() == {"bob"}
+    assert host.run("refresh")[2].strip().endswith("configuration unchanged")
