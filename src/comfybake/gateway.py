@@ -43,12 +43,7 @@ def gateway_dir(config_root: str) -> Path:
 def load_gateway(config_root: str) -> dict[str, Any]:
     """gateway.json: the routes and settings the comfyui_gateway role wrote."""
     path = gateway_dir(config_root) / "gateway.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HostError(f"{path} does not exist: converge the host with the comfyui_gateway role first") from None
-    except (OSError, ValueError) as error:
-        raise HostError(f"cannot read {path}: {error}") from None
+    data = instances.load_json(path, "comfyui_gateway")
     if not isinstance(data, dict) or not isinstance(data.get("routes"), dict):
         raise HostError(f"{path} has no routes: converge the host with the comfyui_gateway role again")
     return data

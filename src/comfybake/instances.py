@@ -33,15 +33,19 @@ class HostError(Exception):
     """The host's comfybake files are missing or a selection matches nothing."""
 
 
-def load_host(config_root: str) -> dict[str, Any]:
-    path = Path(config_root) / "instances.json"
+def load_json(path: Path, role: str) -> dict[str, Any]:
+    """A file a role wrote on the host, `role` naming the one that writes it."""
     try:
         data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise HostError(f"{path} does not exist: converge the host with the comfyui_instances role first") from None
+        raise HostError(f"{path} does not exist: converge the host with the {role} role first") from None
     except (OSError, ValueError) as error:
         raise HostError(f"cannot read {path}: {error}") from None
     return data
+
+
+def load_host(config_root: str) -> dict[str, Any]:
+    return load_json(Path(config_root) / "instances.json", "comfyui_instances")
 
 
 def select(host: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
