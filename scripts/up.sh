@@ -3,9 +3,10 @@
 # target (packer/targets/<target>.pkrvars.hcl, default cpu: real ComfyUI and CPU torch from
 # public sources), run it with the gateway's ports published on loopback (the instances listen
 # on the container's loopback only), wait until every instance is ready, create the gateway's
-# first user and API key, and print, once, where they answer and those credentials. Before anything long, scripts/preflight.py
-# checks in seconds every source the target needs (base image, apt archives, git remotes,
-# package indexes, model origins) and stops with what replaces each unreachable one.
+# first user and API key, and print, once, where they answer and those credentials. Before
+# anything long, scripts/preflight.py checks in seconds every source the target needs (base
+# image, apt archives, git remotes, package indexes, model origins) and stops with what
+# replaces each unreachable one.
 #   COMFYBAKE_TARGET=cpu                 the target to bake
 #   COMFYBAKE_OFFLINE=<folder>           bake from a folder of mirrors instead of the network
 #                                        (make up OFFLINE=<folder>; docs/bake.md)
