@@ -116,6 +116,8 @@ class Route:
     chunked: bool = False
     rate: int | None = None
     drip_delay: float = 0.0
+    stall_at: int | None = None  # send this many body bytes, then nothing for stall_for seconds, then close
+    stall_for: float = 0.0
     fail_first: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     error: tuple[int, dict[str, str], str] | None = None
     redirect: str | None = None
@@ -512,6 +514,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(end - start))
         self.end_headers()
         if self.command == "HEAD":
+            return
+        if route.stall_at is not None:
+            self._send_body(route, start, min(end, start + route.stall_at))
+            self.wfile.flush()
+            time.sleep(route.stall_for)
+            self.close_connection = True
             return
         limit = end
         truncate = route.truncate_at is not None and route.truncate_times > 0

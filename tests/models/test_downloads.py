@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from harness.mockhub import MockHub, VirtualFile
+from harness.mockhub import MockHub, Route, VirtualFile
 from harness.models import Run, no_leftovers, safetensors, sha256, tree_hash
 
 MiB = 1 << 20
@@ -402,3 +404,59 @@ def test_an_unusable_mirror_url_falls_through_to_the_origin(run: Run, hub: MockH
     )
     assert report.results[0].action == "downloaded"
     assert any("mirror htps://typo.invalid/store/vae/o.bin failed" in w for w in report.warnings)
+
+
+def test_stalled_transfer_says_it_timed_out_and_which_setting_to_raise(run: Run, hub: MockHub, store: Path) -> None:
+    """A server that stops sending mid-body: the message says timed out, after how long, and what to raise."""
+    body = os.urandom(2 * MiB)
+    hub.add("/m/stall.bin", body, ranges=False, stall_at=MiB, stall_for=2.5)
+    started = time.monotonic()
+    result = run.one(
+        [{"url": f"{hub.url}/m/stall.bin", "dest": "vae/stall.bin", "sha256": sha256(body)}], retries=0, timeout=1
+    )
+    assert result.action == "failed"
+    message = result.msg or ""
+    assert "timed out: no data for 1 s" in message, message
+    assert "timeout (--timeout, comfyui_models_timeout)" in message, message
+    assert "connection broke" not in message
+    assert time.monotonic() - started < 2.5, "the stall was not cut by the timeout"
+    no_leftovers(store)
+
+
+def test_content_encoding_is_refused_with_the_url_and_what_to_do(run: Run, hub: MockHub, store: Path) -> None:
+    """A server that gzips the body although identity was asked: refused, not 'incomplete read', not retried."""
+    body = safetensors(b"\0" * (6 * MiB))
+    hub.add("/m/gz.safetensors", gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    url = f"{hub.url}/m/gz.safetensors"
+    result = run.one([{"url": url, "dest": "checkpoints/gz.safetensors", "sha256": sha256(body)}])
+    assert result.action == "failed"
+    message = result.msg or ""
+    assert f"the server sent Content-Encoding gzip for {url} although identity was asked" in message, message
+    assert "incomplete" not in message
+    assert len([r for r in hub.requests("/m/gz.safetensors") if r.method == "GET"]) == 1, "a refusal was retried"
+    assert not (store / "checkpoints" / "gz.safetensors").exists()
+    no_leftovers(store)
+
+
+def test_more_bytes_than_announced_is_not_called_incomplete(run: Run, hub: MockHub, store: Path) -> None:
+    """HEAD announces 1 MiB, the GET streams 2 MiB (chunked): the message says which way the size is wrong."""
+    body = os.urandom(2 * MiB)
+    streamed = Route(body=body, chunked=True, ranges=False)
+
+    def grown(request: Any) -> bool:
+        if request.command == "GET":
+            request.serve(streamed)
+            return True
+        request.send_response(200)
+        request.send_header("Content-Type", "application/octet-stream")
+        request.send_header("Content-Length", str(MiB))
+        request.end_headers()
+        return True
+
+    hub.routes["/m/grown.bin"] = Route(handler=grown)
+    result = run.one([{"url": f"{hub.url}/m/grown.bin", "dest": "vae/grown.bin", "sha256": sha256(body)}])
+    assert result.action == "failed"
+    message = result.msg or ""
+    assert f"received {2 * MiB} bytes, more than the {MiB} the server announced" in message, message
+    assert "incomplete" not in message
+    no_leftovers(store)

@@ -12,20 +12,30 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import AuthError, FetchError, HTTPStatusError, NotFoundError, RedirectError, TransferError
+from .errors import (
+    AuthError,
+    ContentError,
+    FetchError,
+    HTTPStatusError,
+    NotFoundError,
+    RedirectError,
+    TransferError,
+)
 from .manifest import (
     SHA256_HEX,
     Entry,
     display_url,
     filename_from_disposition,
     hf_repo,
+    human,
     origin_of,
     parse_civitai_url,
 )
-from .options import Options
+from .options import Options, how_to_set
 
 try:
     import requests
+    from urllib3.exceptions import TimeoutError as _Urllib3Timeout
 
     HAS_REQUESTS = True
     REQUESTS_IMPORT_ERROR: ImportError | None = None
@@ -33,6 +43,41 @@ except ImportError as _error:  # pragma: no cover - reported by the module and C
     HAS_REQUESTS = False
     REQUESTS_IMPORT_ERROR = _error
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def timed_out(error: BaseException) -> bool:
+    """A connect or read timeout, also when requests wraps urllib3's in a ConnectionError (mid-body)."""
+    causes = (error, *error.args)
+    return any(isinstance(cause, (requests.Timeout, _Urllib3Timeout, TimeoutError)) for cause in causes)
+
+
+def raise_timeout() -> str:
+    """What to do about a timeout: the setting to raise, as the user gives it."""
+    return f"raise {how_to_set('timeout')} for a slow server or link, or run again"
+
+
+def refuse_encoding(response: requests.Response, entry: Entry) -> None:
+    """A model file must arrive as its exact bytes: refuse a body the server encoded although identity was asked."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    if encoding and encoding != "identity":
+        raise ContentError(
+            f"the server sent Content-Encoding {encoding} for {display_url(response.url or entry.url)} although "
+            "identity was asked (Accept-Encoding: identity), so its bytes are not the file; ask its operator to "
+            "serve this path unencoded (turn off on-the-fly compression) or fetch it from a mirror that does",
+            entry.name,
+        )
+
+
+def size_error(received: int, announced: int, entry: Entry, action: str = "run again") -> FetchError:
+    """Fewer bytes than announced: an incomplete read (retryable); more: the body is not the announced file."""
+    if received < announced:
+        return TransferError(f"incomplete read {human(received)} of {human(announced)}; {action}", entry.name)
+    return ContentError(
+        f"received {received} bytes, more than the {announced} the server announced for "
+        f"{display_url(entry.url)}; the file changed on the server or something on the way altered it; "
+        "run again, and tell the server's operator if it persists",
+        entry.name,
+    )
 
 
 @dataclass
@@ -111,6 +156,12 @@ class Client:
                 ) from None
             except (requests.ConnectionError, requests.Timeout) as error:
                 attempt += 1
+                if attempt > self.options.retries and timed_out(error):
+                    raise TransferError(
+                        f"timed out: no answer from {display_url(url)} within {self.options.timeout:g} s, "
+                        f"{attempt} attempts; {raise_timeout()}",
+                        entry.name,
+                    ) from None
                 if attempt > self.options.retries:
                     raise TransferError(
                         f"network error from {display_url(url)} after {attempt} attempts: {type(error).__name__}; "

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .archives import extract_archive
-from .client import HAS_REQUESTS, REQUESTS_IMPORT_ERROR, Client, Remote
+from .client import HAS_REQUESTS, REQUESTS_IMPORT_ERROR, Client, Remote, refuse_encoding, size_error
 from .errors import (
     ArchiveError,
     ChecksumError,
@@ -390,12 +390,13 @@ class Fetcher:
         response = self.client.request("GET", remote.url, entry, stream=True)
         if response.status_code != 200:
             raise self.client.status_error(response, entry)
+        refuse_encoding(response, entry)
         total = 0
         for chunk in response.iter_content(BLOCK):
             digest.update(chunk)
             total += len(chunk)
         if remote.size is not None and total != remote.size:
-            raise TransferError(f"incomplete read {human(total)} of {human(remote.size)}", entry.name)
+            raise size_error(total, remote.size, entry)
         remote.size = total
         plan.expected = digest.hexdigest()
 
@@ -500,7 +501,7 @@ class Fetcher:
                 raise
             digest, size = hasher.finish()
             if source.size is not None and size != source.size:
-                raise TransferError(f"incomplete read {human(size)} of {human(source.size)}", entry.name)
+                raise size_error(size, source.size, entry)
             expected = plan.expected
             if expected and digest != expected:
                 if state:  # the kept bytes may be stale: discard them and fetch once from the first byte

@@ -355,6 +355,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument(flag, **how)
 
 
+def how_to_set(name: str) -> str:
+    """A setting as a user gives it, for a message that says which one to change.
+
+    The module and a models file take its name, the CLI its flag (as add_arguments makes it),
+    and the comfyui_models role its variable comfyui_models_<name>.
+    """
+    declared = SETTINGS[name]
+    flag = declared.flag or "--" + name.replace("_", "-")
+    return f"{name} ({flag}, comfyui_models_{name})"
+
+
 def _checked(name: str, declared: Setting) -> Callable[[str], str]:
     """An argparse type: the value checked as Options.from_params will convert it (a usage error, not a traceback)."""
 

@@ -13,7 +13,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from .client import Client, Remote
+from .client import Client, Remote, raise_timeout, refuse_encoding, size_error, timed_out
 from .errors import ContentError, TransferError
 from .hashing import BLOCK, StreamHasher
 from .manifest import MODEL_EXTENSIONS, Entry, display_url, human
@@ -133,11 +133,8 @@ class Transfer:
                 position += len(chunk)
                 self.checkpoint(position)
             self.checkpoint(force=True)
-            if expected is not None and position - start < expected:
-                raise TransferError(
-                    f"incomplete read {human(position)} of {human(start + expected)}; run again to resume",
-                    self.entry.name,
-                )
+            if expected is not None and position - start != expected:
+                raise size_error(position, start + expected, self.entry, "run again to resume")
 
     def _complete_416(self, response: requests.Response, start: int) -> None:
         """416 on a partial that is already whole: finalise it after the hash check (no refetch)."""
@@ -251,6 +248,12 @@ class Transfer:
                     return
         except requests.RequestException as error:
             total = f" of {human(self.source.size)}" if self.source.size is not None else ""
+            if timed_out(error):
+                raise TransferError(
+                    f"timed out: no data for {self.options.timeout:g} s after {human(offset + received)}{total}; "
+                    + raise_timeout(),
+                    self.entry.name,
+                ) from None
             raise TransferError(
                 f"incomplete read {human(offset + received)}{total}: the connection broke ({type(error).__name__})",
                 self.entry.name,
@@ -270,6 +273,7 @@ class Transfer:
         self.progress.advance(self.entry.name, len(chunk))
 
     def _check_type(self, response: requests.Response) -> None:
+        refuse_encoding(response, self.entry)
         kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind:
             self.source.content_type = kind
