@@ -27,6 +27,11 @@ install_packages() {
   ((${#missing[@]})) || return 0
   [[ $(id -u) -eq 0 ]] || die "missing Debian packages: ${missing[*]}; install them as root (apt-get install ${missing[*]}) or re-run as root"
   say "installing ${missing[*]}"
+  # Debian's caddy package starts caddy.service (a file server on :80, an admin API on TCP
+  # :2019) on a machine run by systemd; the tests run their own caddy, so it is masked first.
+  if [[ -d /run/systemd/system ]]; then
+    systemctl mask --now caddy.service caddy-api.service >/dev/null 2>&1 || true
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }

@@ -88,8 +88,10 @@ options:
         type: list
         elements: str
         required: true
-      key:
-        description: The key, as C(comfybake gateway keys create) printed it; stored as a bcrypt hash only.
+      api_key:
+        description:
+          - The key, as C(comfybake gateway keys create) printed it; stored as a bcrypt hash only.
+          - Named so that C(comfybake.core.redact) and C(playbooks/show_config.yml) hide it.
         type: str
         required: true
   config_dir:
@@ -163,7 +165,7 @@ ARGUMENT_SPEC = {
         "options": {
             "name": {"type": "str", "required": True},
             "scope": {"type": "list", "elements": "str", "required": True},
-            "key": {"type": "str", "required": True, "no_log": True},
+            "api_key": {"type": "str", "required": True, "no_log": True},
         },
     },
     "config_dir": {"type": "path", "required": True},

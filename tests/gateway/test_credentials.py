@@ -223,7 +223,7 @@ def test_declared_keeps_a_matching_hash_so_a_second_converge_changes_nothing() -
         Principal("ci", "key", key_hash, ["*"], "cli", "2026-01-02T00:00:00Z"),  # made with keys create
     ]
     users = [{"name": "alice", "scope": ["*"], "password": CANARY}]
-    keys = [{"name": "ci", "scope": ["environment:main"], "key": token}]
+    keys = [{"name": "ci", "scope": ["environment:main"], "api_key": token}]
     found = credentials.declared(users, keys, stored)
     assert [item.hash for item in found] == [stored[0].hash, key_hash]
     merged = credentials.merge_inventory(stored, found)  # the host's key is taken over, not an error
@@ -241,7 +241,7 @@ def test_declared_keeps_a_matching_hash_so_a_second_converge_changes_nothing() -
 def test_declared_entries_name_the_entry_at_fault() -> None:
     token, _hash = credentials.new_key("ci")
     with pytest.raises(GatewayError, match=r"comfyui_gateway_keys\[0\] \('other'\): its key was made for 'ci'"):
-        credentials.declared([], [{"name": "other", "scope": ["*"], "key": token}], [])
+        credentials.declared([], [{"name": "other", "scope": ["*"], "api_key": token}], [])
     with pytest.raises(GatewayError, match=r"comfyui_gateway_users\[0\] \('al'\): the password is 5 characters"):
         credentials.declared([{"name": "al", "scope": ["*"], "password": "short"}], [], [])
     with pytest.raises(GatewayError, match=r"comfyui_gateway_users\[0\].*password_hash is not a bcrypt hash"):

@@ -52,3 +52,10 @@ def test_url_credentials_are_what_no_log_masks() -> None:
     params = {"index_url": "https://user:p%40ss@h/s", "flavors": {"cpu": {"index_url": "https://tok@h2/s"}}, "x": None}
     assert url_credentials(params) == {"user:p%40ss", "user:p@ss", "p%40ss", "p@ss", "tok"}
     assert without_credentials("https://user:tok@h/s") == "https://h/s"
+
+
+def test_gateway_secrets_of_the_inventory_are_redacted() -> None:
+    keys = {"comfyui_gateway_keys": [{"name": "ci", "scope": ["*"], "api_key": "Y2k6c2VjcmV0c2VjcmV0"}]}
+    users = {"comfyui_gateway_users": [{"name": "alice", "scope": ["*"], "password": "a long password"}]}
+    assert redact_data(keys) == {"comfyui_gateway_keys": [{"name": "ci", "scope": ["*"], "api_key": "<redacted>"}]}
+    assert redact_data(users)["comfyui_gateway_users"][0]["password"] == "<redacted>"

@@ -384,7 +384,7 @@ def declared(users: Sequence[Any], keys: Sequence[Any], stored: Sequence[Princip
             before = previous.get(name)
             old_hash = before.hash if before is not None and before.kind == kind else None
             if kind == "key":
-                key_name, secret = split_key(str(item.get("key") or ""))
+                key_name, secret = split_key(str(item.get("api_key") or ""))
                 if key_name != name:
                     raise GatewayError(f"its key was made for {key_name!r}, not {name!r}: give the name the key names")
                 hashed = keep_or_hash(secret, old_hash)
