@@ -143,9 +143,9 @@ class Gateway:
         host: str = "localhost",
     ) -> Response:
         """One HTTPS request to 127.0.0.1:`port`, verified for the name `host` (also its Host header)."""
-        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=self.context())
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=60, context=self.context())
         connection.sock = self.context().wrap_socket(
-            socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname=host
+            socket.create_connection(("127.0.0.1", port), timeout=60), server_hostname=host
         )
         try:
             connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
@@ -165,13 +165,13 @@ class Gateway:
     ) -> websocket.WebSocket:
         """A WebSocket over TLS to 127.0.0.1:`port` `path` for the name `host`, verified with the
         gateway's CA (raises on a refused upgrade)."""
-        sock = self.context().wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+        sock = self.context().wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=60),
                                           server_hostname=host)  # fmt: skip
         return websocket.create_connection(
             f"wss://{host}:{port}{path}",
             header=[f"{name}: {value}" for name, value in (headers or {}).items()],
             socket=sock,
-            timeout=10,
+            timeout=60,
         )
 
     def written(self) -> str:

@@ -326,7 +326,7 @@ def get(host: Host, path: str, key: str) -> int:
     context = ssl.create_default_context(cafile=str(host.run_dir / "storage/pki/authorities/local/root.crt"))
     request = urllib.request.Request(f"https://localhost:{host.port}{path}", headers={"Authorization": f"Bearer {key}"})
     try:
-        with urllib.request.urlopen(request, context=context, timeout=10) as response:  # noqa: S310 - https, our URL
+        with urllib.request.urlopen(request, context=context, timeout=60) as response:  # noqa: S310 - https, our URL
             return int(response.status)
     except urllib.error.HTTPError as error:
         return error.code
