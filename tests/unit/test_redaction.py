@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfybake.engine.redaction import REDACTED, redact, redact_data, url_credentials, without_credentials
+from comfybake.engine.redaction import REDACTED, redact, redact_data, scrub, url_credentials, without_credentials
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,11 @@ def test_url_credentials_are_what_no_log_masks() -> None:
     params = {"index_url": "https://user:p%40ss@h/s", "flavors": {"cpu": {"index_url": "https://tok@h2/s"}}, "x": None}
     assert url_credentials(params) == {"user:p%40ss", "user:p@ss", "p%40ss", "p@ss", "tok"}
     assert without_credentials("https://user:tok@h/s") == "https://h/s"
+
+
+def test_scrub_drops_the_secrets_a_run_holds_in_any_form() -> None:
+    """What a server echoed back: the token as sent, percent-encoded, and inside a URL."""
+    token = "s3cr3t/tok+en"
+    text = f"404 ({token}) at https://h/x/{token.replace('/', '%2F').replace('+', '%2B')}/f and https://u:p@h/"
+    assert scrub(text, {token, ""}) == f"404 ({REDACTED}) at https://h/x/{REDACTED}/f and https://***@h/"
+    assert scrub("nothing to hide", set()) == "nothing to hide"
