@@ -39,7 +39,7 @@ class _BoundedLoader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
-                line = self.peek_event().start_mark.line + 1
+                line = self.peek_event().start_mark.line + 1  # type: ignore[no-untyped-call]
                 raise _Refused(f"it nests lists or mappings more than {MAX_DEPTH} deep (line {line}); flatten it")
             return super().compose_node(parent, index)
         finally:
@@ -47,7 +47,7 @@ class _BoundedLoader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
 
     def construct_document(self, node: yaml.Node) -> Any:
         _count(node, {}, set())
-        return super().construct_document(node)
+        return super().construct_document(node)  # type: ignore[no-untyped-call]
 
 
 def _count(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
