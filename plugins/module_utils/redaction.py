@@ -2,12 +2,14 @@
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
 """Keeping secrets out of what comfybake prints and stores: one implementation for all of it.
 
-Private to comfybake. Three kinds of secret are recognised:
+Private to comfybake. Four kinds of secret are recognised:
 
 - credentials in a URL (`https://user:token@host/simple`): the user info becomes `***`;
 - the value of a setting whose name says it is a secret (`comfyui_models_hf_token`, a
   `password`, an `api_key`, ...): a non-empty string becomes `<redacted>`;
-- a value the caller marks as secret (`hidden`: the filter plugin marks vaulted values).
+- a value the caller marks as secret (`hidden`: the filter plugin marks vaulted values);
+- the secrets a run holds (`scrub`: the model engine's tokens), wherever they appear in a text,
+  since a server may echo them back in a header or a redirect.
 
 Empty values stay empty, so a reader still sees that a secret is not set. Standard library
 only: the environment engine, the modules, the filter plugins and the host CLI share it.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 REDACTED = "<redacted>"
@@ -40,6 +42,26 @@ def redact(text: str) -> str:
     """Drop credentials embedded in URLs (`https://user:token@host` -> `https://***@host`) and
     values shaped like a token."""
     return _TOKEN_SHAPE.sub(REDACTED, _USERINFO.sub(r"\1***@", text))
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every one of `secrets` (the values a run holds: tokens, URL credentials) replaced
+    wherever it appears, as given or percent-encoded, then `redact`ed: for messages built from what
+    a server sent (a header or a redirect that echoes the request's token)."""
+    forms = {
+        form
+        for secret in secrets
+        if secret
+        for form in (
+            secret,
+            urllib.parse.quote(secret, safe=""),
+            urllib.parse.quote(secret),
+            urllib.parse.quote_plus(secret),
+        )
+    }
+    for form in sorted(forms, key=len, reverse=True):  # a longer form before a secret it contains
+        text = text.replace(form, REDACTED)
+    return redact(text)
 
 
 def secret_name(name: str) -> bool:

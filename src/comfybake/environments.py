@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from comfybake import instances
+from comfybake import instances, yamlfile
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import runtime
 from comfybake.engine.environment import EnvError, releases
@@ -205,11 +205,9 @@ def rollback(args: argparse.Namespace) -> int:
 def read_environments(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The vars file's `comfyui_environments` and the whole document."""
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise HostError(f"cannot read {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise HostError(f"{path} is not valid YAML: {error}") from None
+        document = yamlfile.load(path)
+    except yamlfile.YAMLFileError as error:
+        raise HostError(str(error)) from None
     environments = document.get("comfyui_environments") if isinstance(document, dict) else None
     if not isinstance(environments, dict):
         raise HostError(f"{path} has no comfyui_environments mapping (a vars file of the comfyui_environments role)")

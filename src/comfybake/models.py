@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from comfybake import yamlfile
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import fetch as engine
 
@@ -33,11 +34,9 @@ def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     for the boot-time fetch). Tokens never come from a file.
     """
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise engine.ManifestError(f"cannot read manifest {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise engine.ManifestError(f"manifest {path} is not valid YAML: {error}") from None
+        data = yamlfile.load(path, "manifest")
+    except yamlfile.YAMLFileError as error:
+        raise engine.ManifestError(str(error)) from None
     if isinstance(data, list):
         return data, {}
     if isinstance(data, dict) and isinstance(data.get("comfyui_models"), list):
@@ -56,15 +55,19 @@ def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     raise engine.ManifestError(f"manifest {path} must hold a list of models, got {type(data).__name__}")
 
 
-def read_token(explicit: Path | None, credential: str) -> str | None:
+def read_token(explicit: str | None, credential: str) -> str | None:
     """A token file, else a systemd credential; never a command-line value (the environment comes after, in Options)."""
-    candidates = [explicit] if explicit else []
+    candidates = [Path(explicit)] if explicit else []
     if os.environ.get("CREDENTIALS_DIRECTORY"):
         candidates.append(Path(os.environ["CREDENTIALS_DIRECTORY"]) / credential)
-    for candidate in candidates:
+    for index, candidate in enumerate(candidates):
         if candidate.is_file():
-            return candidate.read_text(encoding="utf-8").strip() or None
-        if candidate is explicit:
+            try:
+                return candidate.read_text(encoding="utf-8").strip() or None
+            except (OSError, UnicodeDecodeError) as error:  # the error names no byte of the token
+                reason = getattr(error, "strerror", None) or "it is not UTF-8 text"
+                raise engine.ManifestError(f"cannot read token file {candidate}: {reason}") from None
+        if explicit and index == 0:
             raise engine.ManifestError(f"token file {candidate} does not exist")
     return None
 

@@ -297,6 +297,26 @@ class MockHub:
             self.routes[f"/{repo}/resolve/{ref}/{path}"] = Route(handler=handle)
         return digest
 
+    def add_echo(self, path: str, how: str) -> None:
+        """A hostile origin at `path` that echoes the credential its client sent (a bearer token or
+        a basic-auth password) back: `how` is `error-code` (404 with X-Error-Code), `request-id`
+        (503 with X-Request-Id, retried), `redirect` (a redirect into a path that holds it, which
+        answers 404) or `scheme` (a redirect to ftp:// with it in the path)."""
+
+        def echo(request: _Handler) -> bool:
+            kind, _, value = request.headers.get("Authorization", "").partition(" ")
+            if kind == "Basic":
+                value = base64.b64decode(value).decode().partition(":")[2]
+            if how == "error-code":
+                return request.reply(404, "Not found", {"X-Error-Code": value})
+            if how == "request-id":
+                return request.reply(503, "Slow down", {"X-Request-Id": value})
+            if how == "redirect":
+                return request.reply(302, "", {"Location": f"/echoed/{urllib.parse.quote(value)}/file"})
+            return request.reply(302, "", {"Location": f"ftp://{self.host}/{value}/file"})
+
+        self.routes[path] = Route(handler=echo)
+
     def add_hf_missing(self, repo: str) -> None:
         """Every path of `repo` answers 404 RepoNotFound."""
         self.missing_repos.add(repo)

@@ -11,10 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from harness.mockhub import MockHub, VirtualFile
 from harness.models import CANARY_CIVITAI, CANARY_HF, assert_no_canary, no_leftovers, safetensors, sha256
 from harness.tools import ROOT, venv_bin
+
+from comfybake.cli import main
 
 MiB = 1 << 20
 
@@ -128,6 +131,83 @@ def test_cli_lock_pins_and_its_output_fetches(hub: MockHub, cdn: MockHub, store:
     assert fetched.returncode == 0 and "3 downloaded" in fetched.stdout, fetched.stdout + fetched.stderr
 
 
+def laughs(levels: int) -> str:
+    """A "billion laughs": `levels` anchors of nine aliases each, 9**levels values once expanded."""
+    lines = ['- &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"- &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return "\n".join(lines)
+
+
+def test_cli_refuses_a_manifest_that_hurts_at_once_naming_it(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 17, defect 6: aliases that expand exponentially, a cycle, bytes that are not UTF-8 and
+    nesting past the recursion limit end in exit code 2 and one line naming the file, at once."""
+    bomb = f"laughs:\n{laughs(8)}\ncomfyui_models:\n  - url: https://example.invalid/m.bin\n    dest: *l7\n"
+    cases = {
+        "laughs.yml": (bomb.encode(), "its aliases expand to more than 100,000 values"),
+        "cycle.yml": (b"models: &a [*a]\n", "an alias refers to the node that holds it"),
+        "latin1.yml": ("- url: https://example.invalid/café.bin\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9"),
+        "deep.yml": (b"models: " + b"[" * 3000 + b"]" * 3000, "nests lists or mappings more than 100 deep (line 1)"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for argv in (["models", "fetch", str(path), "--store", str(store)], ["models", "lock", str(path)]):
+            started = time.monotonic()
+            code = main(argv)
+            seconds = time.monotonic() - started
+            err = capsys.readouterr().err
+            assert (code, err) == (2, f"error: manifest {path} {err.split(str(path) + ' ', 1)[-1]}"), err[:300]
+            assert message in err, err[:300]
+            assert seconds < 1.0, f"{name} took {seconds:.1f} s"
+    token = tmp_path / "hf-token"
+    token.write_bytes(b"hf_\xff")
+    for text, extra, message in [
+        ("- {1: x, url: 'https://h/x', dest: a/b}\n", [], "models[0] (a/b): unknown key(s) 1; allowed:"),
+        ("- {url: 'https://h:99999/x', dest: a/b}\n", [], "url is not a valid URL (Port out of range 0-65535)"),
+        ("{hf_endpoint: 'https://[h', 1: 2, models: []}\n", [], "unknown option(s) 1; allowed: store,"),
+        ("{hf_endpoint: 'https://[h', models: []}\n", [], "hf_endpoint is not a valid URL (Invalid IPv6 URL)"),
+        ("[]\n", ["--hf-token-file", str(token)], f"cannot read token file {token}: it is not UTF-8 text"),
+    ]:
+        (tmp_path / "other.yml").write_text(text)
+        assert main(["models", "fetch", str(tmp_path / "other.yml"), "--store", str(store), *extra]) == 2
+        assert message in capsys.readouterr().err
+    vars_file = tmp_path / "environments.yml"
+    vars_file.write_text(f"comfyui_environments: {{}}\nx:\n{laughs(8)}\n")
+    assert main(["environments", "lock", str(vars_file)]) == 2
+    assert f"{vars_file} is refused: its aliases expand" in capsys.readouterr().err
+    assert list(store.iterdir()) == []
+
+
+def test_cli_reads_aliases_within_the_bound(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Anchors, aliases and merge keys that stay small keep working."""
+    source = tmp_path / "a.bin"
+    source.write_bytes(os.urandom(1000))
+    manifest = tmp_path / "models.yml"
+    manifest.write_text(
+        f"defaults: &defaults {{url: 'file://{source}', sha256: {sha256(source.read_bytes())}}}\n"
+        "comfyui_models:\n  - {<<: *defaults, dest: &dest vae/a.bin}\n  - {<<: *defaults, dest: *dest}\n"
+    )
+    assert main(["models", "fetch", str(manifest), "--store", str(store)]) == 2  # one dest twice: the aliases worked
+    assert "dest 'vae/a.bin' is also the dest of models[0]" in capsys.readouterr().err
+    manifest.write_text(manifest.read_text().rsplit("\n  - ", 1)[0] + "\n")
+    assert main(["models", "fetch", str(manifest), "--store", str(store)]) == 0
+    assert (store / "vae" / "a.bin").read_bytes() == source.read_bytes()
+
+
+def test_cli_redacts_a_token_the_origin_echoes(hub: MockHub, store: Path, tmp_path: Path) -> None:
+    """Issue 17, defect 7, through the CLI (cli() fails on the canary in any output)."""
+    for how in ("error-code", "request-id", "redirect", "scheme"):
+        hub.add_echo(f"/echo/{how}", how)
+    models = [{"url": f"{hub.url}/echo/{how}", "dest": f"vae/{how}.bin"} for how in ("error-code", "redirect")]
+    done = cli("fetch", str(write(tmp_path / "models.yml", models)), "--store", str(store), "--retries", "0", hub=hub)
+    assert done.returncode == 1 and done.stdout.count("<redacted>") == 2, done.stdout + done.stderr
+    models = [{"url": f"{hub.url}/echo/{how}", "dest": f"vae/{how}.bin"} for how in ("request-id", "scheme")]
+    done = cli("lock", str(write(tmp_path / "models.yml", models)), "--retries", "0", hub=hub)
+    assert done.returncode == 2 and done.stderr.count("<redacted>") == 2, done.stderr
+
+
 def test_cli_resumes_after_sigkill_refetching_at_most_the_in_flight_window(
     hub: MockHub, store: Path, tmp_path: Path
 ) -> None:
@@ -227,9 +307,12 @@ def test_module_check_diff_converge_idempotence_and_no_token_at_vvvv(
     again = playbook(tmp_path, args)
     assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout
     assert cdn.bytes_served == served
-    failing = {**args, "models": [*args["models"], {"url": "hf://org/locked/m.safetensors@main", "dest": "x/"}]}
+    hub.add_echo("/echo/error-code", "error-code")  # issue 17, defect 7: the engine scrubs before Ansible's no_log
+    echoed = {"url": f"{hub.url}/echo/error-code", "dest": "y/e.bin"}
+    failing = {**args, "models": [*args["models"], {"url": "hf://org/locked/m.safetensors@main", "dest": "x/"}, echoed]}
     failed = playbook(tmp_path, failing, "-vvvv")
     assert failed.returncode != 0
-    assert "1 of 2 model(s) failed" in failed.stdout
+    assert "2 of 3 model(s) failed" in failed.stdout
     assert "accept the licence" in failed.stdout
+    assert "repo/file not found (404 (<redacted>))" in failed.stdout
     no_leftovers(store)

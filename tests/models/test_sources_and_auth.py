@@ -168,3 +168,32 @@ def test_an_expired_presigned_url_is_renewed_without_refetching(
     assert model_bytes == body.size, "bytes were fetched twice after the renewal"
     assert [r.status for r in cdn.requests()].count(403) >= 1
     assert_no_credentials(cdn)
+
+
+ECHOES = ("error-code", "request-id", "redirect", "scheme")
+
+
+def test_a_token_the_origin_echoes_is_redacted_from_every_message(
+    run: Run, hub: MockHub, cdn: MockHub, store: Path
+) -> None:
+    """Issue 17, defect 7: an origin reflects the request's token into an error header or a redirect
+    path; no message carries it (the HF token, and a mirror's password, through warnings too)."""
+    for how in ECHOES:
+        hub.add_echo(f"/echo/{how}", how)
+    report = run([{"url": f"{hub.url}/echo/{how}", "dest": f"vae/{how}.bin"} for how in ECHOES])
+    assert all(r.headers.get("Authorization") == f"Bearer {CANARY_HF}" for r in hub.requests(f"/echo/{ECHOES[0]}"))
+    messages = [result.msg or "" for result in report.results]
+    assert [result.action for result in report.results] == ["failed"] * len(ECHOES), messages
+    for message in messages:
+        assert CANARY_HF not in message and "<redacted>" in message, message
+    password = "mirror-pass-0451"
+    body = os.urandom(3000)
+    hub.add("/files/a.bin", body)
+    cdn.add_echo("/mirror/vae/a.bin", "request-id")
+    report = run(
+        [{"url": f"{hub.url}/files/a.bin", "dest": "vae/a.bin", "sha256": sha256(body)}],
+        mirrors=[f"http://user:{password}@{cdn.host}:{cdn.port}/mirror"],
+    )
+    assert report.results[0].action == "downloaded", report.results[0].msg
+    assert any("mirror" in warning and "<redacted>" in warning for warning in report.warnings), report.warnings
+    assert all(password not in text for text in [*report.warnings, *run.outputs])

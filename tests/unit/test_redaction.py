@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfybake.engine.redaction import REDACTED, redact, redact_data, url_credentials, without_credentials
+from comfybake.engine.redaction import REDACTED, redact, redact_data, scrub, url_credentials, without_credentials
 
 
 @pytest.mark.parametrize(
@@ -59,3 +59,11 @@ def test_gateway_secrets_of_the_inventory_are_redacted() -> None:
     users = {"comfyui_gateway_users": [{"name": "alice", "scope": ["*"], "password": "a long password"}]}
     assert redact_data(keys) == {"comfyui_gateway_keys": [{"name": "ci", "scope": ["*"], "api_key": "<redacted>"}]}
     assert redact_data(users)["comfyui_gateway_users"][0]["password"] == "<redacted>"
+
+
+def test_scrub_drops_the_secrets_a_run_holds_in_any_form() -> None:
+    """What a server echoed back: the token as sent, percent-encoded, and inside a URL."""
+    token = "s3cr3t/tok+en"
+    text = f"404 ({token}) at https://h/x/{token.replace('/', '%2F').replace('+', '%2B')}/f and https://u:p@h/"
+    assert scrub(text, {token, ""}) == f"404 ({REDACTED}) at https://h/x/{REDACTED}/f and https://***@h/"
+    assert scrub("nothing to hide", set()) == "nothing to hide"

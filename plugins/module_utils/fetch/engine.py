@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..redaction import scrub, url_credentials
 from .archives import extract_archive
 from .client import HAS_REQUESTS, REQUESTS_IMPORT_ERROR, Client, Remote, refuse_encoding, size_error
 from .errors import (
@@ -86,6 +87,7 @@ class Fetcher:
         if not HAS_REQUESTS:
             raise FetchError(f"the Python library requests is required: {REQUESTS_IMPORT_ERROR}")
         self.options = options
+        self.secrets = options.secrets()
         self.progress = progress or Progress()
         self._log = log
         self.warnings: list[str] = []
@@ -94,7 +96,13 @@ class Fetcher:
         self.store = Store(options)
         self.services = Services(self.client, options, self.progress, self.warn)
 
+    def scrub(self, text: str) -> str:
+        """`text` without any secret of the run: every message of the engine leaves through here
+        (results in `run` and `_fail`, warnings in `warn`), whatever a server echoed into it."""
+        return scrub(text, self.secrets)
+
     def warn(self, message: str) -> None:
+        message = self.scrub(message)
         with self._warn_lock:
             self.warnings.append(message)
         if self._log:
@@ -104,6 +112,7 @@ class Fetcher:
 
     def run(self, entries: Sequence[Entry]) -> Report:
         """Converge the store; per-entry failures are reported, the others still run."""
+        self.secrets |= url_credentials([entry.url for entry in entries])
         plans = [_Plan(e, Result(name=e.name, source=source_label(e.url)), started=time.monotonic()) for e in entries]
         self._each(plans, self._inspect)  # no network: stat and records, hash unrecorded files
         self._each([p for p in plans if p.needs_fetch], self._probe)  # HEAD and API calls, no body
@@ -128,10 +137,15 @@ class Fetcher:
             self._each(fetching, self._fetch)
         for plan in plans:
             plan.result.seconds = round(time.monotonic() - plan.started, 3)
+            if plan.result.path:  # a name the server sent may carry what it echoed
+                plan.result.path = self.scrub(plan.result.path)
+            if plan.result.files:
+                plan.result.files = [self.scrub(name) for name in plan.result.files]
         return Report([p.result for p in plans], list(self.warnings))
 
     def resolve(self, entries: Sequence[Entry]) -> list[dict[str, Any]]:
         """Pin every entry: exact revision, exact file name, size and SHA-256 (the lock)."""
+        self.secrets |= url_credentials([entry.url for entry in entries])
         plans = [_Plan(e, Result(name=e.name, source=source_label(e.url))) for e in entries if e.state == "present"]
         self._each(plans, self._probe)
         self._each([p for p in plans if p.result.action != "failed" and not p.expected], self._hash_remote)
@@ -179,7 +193,7 @@ class Fetcher:
     def _fail(self, plan: _Plan, error: FetchError) -> None:
         plan.result.action = "failed"
         plan.result.changed = False
-        plan.result.msg = str(error) if error.entry else f"{plan.entry.name}: {error}"
+        plan.result.msg = self.scrub(str(error) if error.entry else f"{plan.entry.name}: {error}")
         plan.needs_fetch = False
 
     def _os_error(self, plan: _Plan, error: OSError) -> FetchError:

@@ -75,7 +75,7 @@ def parse_manifest(items: Sequence[Any], options: Options) -> list[Entry]:
 
 
 def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry:
-    unknown = sorted(set(item) - ENTRY_KEYS)
+    unknown = sorted(str(key) for key in set(item) - ENTRY_KEYS)  # YAML keys may be numbers
     if unknown:
         raise ManifestError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(ENTRY_KEYS))}")
     url, dest = item.get("url"), item.get("dest")
@@ -106,7 +106,11 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
     if files and not extract:
         raise ManifestError("files lists the members of an extracted archive; set extract: true")
     allow_http = _flag(item, "allow_http") or options.allow_http
-    source = urllib.parse.urlsplit(url)
+    try:
+        source = urllib.parse.urlsplit(url)
+        _port = source.port  # urlsplit checks the host's brackets, .port its range
+    except ValueError as error:
+        raise ManifestError(f"url is not a valid URL ({error}); check its host and port") from None
     scheme = source.scheme.lower()
     if scheme not in ("https", "http", "file", "hf", "civitai"):
         raise ManifestError(f"unsupported url scheme {scheme!r} in {display_url(url)}; use https, hf, civitai or file")

@@ -19,10 +19,12 @@ import os
 import pwd
 import re
 import textwrap
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..redaction import url_credentials
 from .errors import ManifestError
 
 MiB = 1 << 20
@@ -42,7 +44,7 @@ class Setting:
     env: str | None = None  # the environment variable it falls back to
     secret: bool = False  # a token: never logged; the CLI reads it from a file, never a flag value
     minimum: int | None = None  # the smallest number allowed
-    convert: str | None = None  # how a str becomes the value: octal (a mode), user or group (name or id)
+    convert: str | None = None  # how a str becomes the value: octal (a mode), user or group (name or id), url
     flag: str | None = None  # the CLI flag when it is not --<name>
     commands: tuple[str, ...] = ("fetch", "lock")
 
@@ -55,8 +57,11 @@ def _convert(name: str, declared: Setting, value: Any) -> Any:
     if declared.convert in ("user", "group"):
         return _account(name, declared.convert, str(value))
     if declared.type == "list":
-        if isinstance(value, str) or not all(isinstance(item, str) for item in value):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
             raise ManifestError(f"{name} must be a list of strings, got {value!r}")
+        if declared.convert == "url":
+            for item in value:
+                _url(name, item)
         return tuple(value)
     if declared.type == "bool":
         if not isinstance(value, bool):
@@ -69,7 +74,16 @@ def _convert(name: str, declared: Setting, value: Any) -> Any:
         return number
     if declared.type == "path":
         return os.path.expanduser(str(value))
+    if declared.convert == "url":
+        _url(name, str(value))
     return str(value)
+
+
+def _url(name: str, text: str) -> None:
+    try:
+        _port = urllib.parse.urlsplit(text).port  # urlsplit checks the host's brackets, .port its range
+    except ValueError as error:
+        raise ManifestError(f"{name} is not a valid URL ({error}); check its host and port") from None
 
 
 def _number(name: str, kind: str, value: Any) -> int | float:
@@ -132,14 +146,17 @@ class Options:
     )
     hf_endpoint: str = setting(
         "str", "The Hugging Face Hub (or a compatible mirror of its API).", default="https://huggingface.co",
-        env="HF_ENDPOINT",
+        env="HF_ENDPOINT", convert="url",
     )  # fmt: skip
-    civitai_endpoint: str = setting("str", "The Civitai site.", default="https://civitai.com", env="CIVITAI_ENDPOINT")
+    civitai_endpoint: str = setting(
+        "str", "The Civitai site.", default="https://civitai.com", env="CIVITAI_ENDPOINT", convert="url"
+    )
     mirrors: tuple[str, ...] = setting(
         "list",
         "Base URLs tried before the origin, as C(<mirror>/<dest path>) (C(https://), C(http://) or C(file://)).",
         "Used only for entries whose SHA-256 is known; no token is ever sent to a mirror.",
         default=[],
+        convert="url",
         flag="--mirror",
         commands=FETCH_ONLY,
     )
@@ -190,7 +207,7 @@ class Options:
         Modes are octal strings, owner and group names or ids; every bad value raises a
         ManifestError naming it.
         """
-        unknown = sorted(set(params) - set(SETTINGS))
+        unknown = sorted(str(name) for name in set(params) - set(SETTINGS))  # YAML keys may be numbers
         if unknown:
             raise ManifestError(f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(SETTINGS)}")
         values: dict[str, Any] = {}
@@ -203,6 +220,11 @@ class Options:
             if value is not None:
                 values[name] = _convert(name, declared, value)
         return cls(**values, check_mode=check_mode)
+
+    def secrets(self) -> set[str]:
+        """Every credential the run holds: the tokens, and the user info of any URL among the settings."""
+        tokens = {getattr(self, name) for name, declared in SETTINGS.items() if declared.secret}
+        return {token for token in tokens if token} | url_credentials([getattr(self, name) for name in SETTINGS])
 
 
 SETTINGS: dict[str, Setting] = {
