@@ -138,7 +138,7 @@ changed_files:
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.comfybake.core.plugins.module_utils.gateway import apply, caddy, credentials, routes
+from ansible_collections.comfybake.core.plugins.module_utils.gateway import apply, caddy, credentials, files, routes
 from ansible_collections.comfybake.core.plugins.module_utils.gateway.errors import GatewayError
 
 ARGUMENT_SPEC = {
@@ -186,7 +186,7 @@ def plan(
         paths.inputs: apply.dump({"format": 1, "routes": public, "settings": settings}),
         paths.config: apply.dump(config),
     }
-    return [path for path, text in wanted.items() if apply.read(path) != text], principals, config
+    return [path for path, text in wanted.items() if files.read(path) != text], principals, config
 
 
 def main() -> None:

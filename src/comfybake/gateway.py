@@ -68,15 +68,11 @@ def need_root(action: str) -> None:
         )
 
 
-def credentials_path(config_root: str) -> str:
-    return str(gateway_dir(config_root) / "credentials.json")
-
-
 def change(config_root: str, edit: Callable[[list[Principal]], list[Principal]]) -> None:
     """Apply `edit` to the stored principals, write them and apply them, holding the gateway's lock
     (a converge or another command waits); on any failure put the old ones back."""
     load_gateway(config_root)  # the gateway is set up here: refresh has routes to render
-    path = credentials_path(config_root)
+    path = paths(config_root).credentials
     try:
         with credentials.locked(str(gateway_dir(config_root))):
             before = credentials.load(path)
@@ -102,7 +98,7 @@ def change(config_root: str, edit: Callable[[list[Principal]], list[Principal]])
 
 def loaded(config_root: str) -> list[Principal]:
     try:
-        return credentials.load(credentials_path(config_root))
+        return credentials.load(paths(config_root).credentials)
     except GatewayError as error:
         raise HostError(str(error)) from None
 

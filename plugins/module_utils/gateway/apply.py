@@ -14,8 +14,6 @@ the inputs the module wrote (`gateway.json`, no secrets) and `credentials.json`.
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import http.client
 import json
 import os
@@ -27,6 +25,7 @@ from typing import Any
 
 from . import caddy, credentials
 from .errors import GatewayError
+from .files import read, write
 
 CADDY = "/usr/bin/caddy"
 GROUP = "comfybake-gateway"
@@ -61,38 +60,6 @@ class Paths:
 
 def dump(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
-
-
-def write(path: str, text: str, mode: int, group: str = "") -> bool:
-    """Write `text` to `path` atomically, owned by root and `group`, unless it already holds it."""
-    gid = grp.getgrnam(group).gr_gid if group else -1
-    if read(path) == text:
-        status = os.stat(path)
-        if status.st_mode & 0o7777 == mode and (gid == -1 or status.st_gid == gid):
-            return False
-    fd, temporary = tempfile.mkstemp(prefix=".", suffix=".new", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), mode)
-            if gid != -1:
-                os.fchown(handle.fileno(), -1, gid)
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return True
 
 
 def validate(paths: Paths, config: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import files
 from .errors import GatewayError
 
 try:
@@ -237,35 +238,15 @@ def dumps(principals: Sequence[Principal]) -> str:
 
 def save(path: str, principals: Sequence[Principal]) -> bool:
     """Write credentials.json atomically, mode 0600, owned by this account (root on a host); return
-    whether its content changed. The folder must exist; a link or an unsafe file in the way is refused."""
+    whether it wrote. The folder must exist; a link or an unsafe file in the way is refused."""
     check_unique(principals, path)
-    text = dumps(principals)
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         info = None
     if info is not None:
         _refuse_unsafe(path, info)
-        if _read(path) == text.encode("utf-8"):
-            return False
-    folder = os.path.dirname(os.path.abspath(path))
-    staged = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-    try:
-        descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except OSError as error:
-        raise GatewayError(f"cannot write {path}: {error.strerror} (in {folder})") from None
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staged, path)
-    except OSError as error:
-        if os.path.lexists(staged):
-            os.unlink(staged)
-        raise GatewayError(f"cannot write {path}: {error.strerror}") from None
-    return True
+    return files.write(path, dumps(principals), 0o600)
 
 
 @contextlib.contextmanager
