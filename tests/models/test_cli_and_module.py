@@ -347,3 +347,29 @@ def test_two_entries_resolving_to_one_path_are_refused_by_fetch_lock_and_module(
     assert both in module.stdout
     assert {r.method for r in hub.requests()} == {"HEAD"}
     assert list(store.iterdir()) == []
+
+
+def test_server_sent_names_that_do_not_fit_through_the_cli_and_module(
+    hub: MockHub, store: Path, tmp_path: Path
+) -> None:
+    """Issue 17, defect 5: a name too long for the file system is shortened (the same name on every
+    run and through both front ends); a name with nothing left once made safe fails the entry."""
+    body = safetensors()
+    hub.add("/long", body, content_disposition=f'attachment; filename="{"L" * 300}.safetensors"')
+    hub.add("/dots", body, content_disposition='attachment; filename="...."')
+    long = {"url": f"{hub.url}/long", "dest": "loras/", "sha256": sha256(body)}
+    manifest = write(tmp_path / "models.yml", [long])
+    done = cli("fetch", str(manifest), "--store", str(store), "--json", hub=hub)
+    assert done.returncode == 0, done.stderr
+    (name,) = [p.name for p in (store / "loras").iterdir()]
+    assert name.startswith("L" * 200) and name.endswith(".safetensors") and len(name) <= 223
+    assert json.loads(done.stdout)["results"][0]["path"] == str(store / "loras" / name)
+    (store / ".comfybake" / "verified.json").unlink()  # the module resolves the name again
+    module = playbook(tmp_path, {"store": str(store), "allow_http": True, "models": [long]})
+    assert module.returncode == 0 and "changed=0" in module.stdout, module.stdout
+    write(manifest, [{**long, "url": f"{hub.url}/dots"}])
+    refused = cli("fetch", str(manifest), "--store", str(store), hub=hub)
+    assert refused.returncode == 1
+    assert f"cannot tell a file name for {hub.url}/dots: the source calls it '....'" in refused.stdout
+    assert "give dest as a file path, e.g. loras/model.safetensors" in refused.stdout
+    no_leftovers(store)
