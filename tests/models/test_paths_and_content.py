@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.parse
 from pathlib import Path
@@ -361,3 +362,19 @@ def test_a_server_sent_name_with_nothing_left_is_refused(run: Run, hub: MockHub,
 def test_a_manifest_name_too_long_for_the_file_system_is_refused(run: Run, hub: MockHub) -> None:
     message = run.error([{"url": f"{hub.url}/m", "dest": "loras/" + "n" * 240 + ".safetensors", "sha256": "0" * 64}])
     assert f"is 252 bytes long; a name in the store may have at most {NAME_BYTES} bytes" in message
+
+
+def test_a_replaced_file_forgets_the_name_another_folder_dest_remembered(run: Run, hub: MockHub, store: Path) -> None:
+    """The store's name records say which entry a file belongs to: one path, one owner."""
+    first, second = safetensors(seed=1), safetensors(seed=2)
+    hub.add("/a/x.safetensors", first)
+    hub.add("/b/other.safetensors", second)
+    folder = {"url": f"{hub.url}/a/x.safetensors", "dest": "loras/", "sha256": sha256(first)}
+    exact = {"url": f"{hub.url}/b/other.safetensors", "dest": "loras/x.safetensors", "sha256": sha256(second)}
+    assert run.one([folder]).action == "downloaded"
+    records = store / ".comfybake" / "verified.json"
+    assert json.loads(records.read_text())["names"] == {f"{folder['url']} -> loras/": "loras/x.safetensors"}
+    assert run.one([exact]).action == "downloaded"  # the folder dest left the manifest
+    assert json.loads(records.read_text())["names"] == {}
+    assert run.one([folder]).action == "downloaded"  # and came back: its name is resolved again
+    assert (store / "loras" / "x.safetensors").read_bytes() == first

@@ -629,5 +629,11 @@ class Fetcher:
         self.store.record("files", relpath, {**stat_record(path), "sha256": digest, "source": source_label(entry.url)})
 
     def _remember_name(self, plan: _Plan) -> None:
-        if plan.entry.folder and not plan.entry.extract and plan.relpath:
-            self.store.record("names", plan.entry.key, plan.relpath)
+        """The file at `relpath` is this entry's now: a folder dest remembers its name, and the name
+        another folder dest remembered for that path (one no longer in the manifest) is forgotten."""
+        owner = None if exact_dest(plan.entry) else plan.entry.key
+        for key in self.store.names_of(plan.where()):
+            if key != owner:
+                self.store.record("names", key, None)
+        if owner is not None:
+            self.store.record("names", owner, plan.where())

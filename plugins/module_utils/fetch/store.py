@@ -108,6 +108,11 @@ class Store:
             name = self.records["names"].get(key)
             return name if isinstance(name, str) else None
 
+    def names_of(self, relpath: str) -> list[str]:
+        """The folder dests (`url -> dest` keys) whose remembered name is `relpath`."""
+        with self._lock:
+            return [key for key, name in self.records["names"].items() if name == relpath]
+
     def record(self, section: str, key: str, value: Any) -> None:
         """Set (or with None, drop) a record and persist it at once, merged under a store lock."""
         with self._lock:
