@@ -20,6 +20,7 @@ STATE_DIR = ".comfybake"  # per-store records and locks, at the store root
 RECORDS_FILE = "verified.json"
 PARTIAL_SUFFIX = ".comfybake-partial"  # staging files: hidden, no model extension
 SIDECAR_SUFFIX = PARTIAL_SUFFIX + ".json"
+# manifest.NAME_BYTES leaves room for the longest name derived here: ".<name>.archive" + SIDECAR_SUFFIX
 
 
 class Store:
