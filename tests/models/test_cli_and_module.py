@@ -190,7 +190,7 @@ def test_cli_reads_aliases_within_the_bound(store: Path, tmp_path: Path, capsys:
         "comfyui_models:\n  - {<<: *defaults, dest: &dest vae/a.bin}\n  - {<<: *defaults, dest: *dest}\n"
     )
     assert main(["models", "fetch", str(manifest), "--store", str(store)]) == 2  # one dest twice: the aliases worked
-    assert "dest 'vae/a.bin' is also the dest of models[0]" in capsys.readouterr().err
+    assert "and models[1] (dest 'vae/a.bin', url file://" in capsys.readouterr().err
     manifest.write_text(manifest.read_text().rsplit("\n  - ", 1)[0] + "\n")
     assert main(["models", "fetch", str(manifest), "--store", str(store)]) == 0
     assert (store / "vae" / "a.bin").read_bytes() == source.read_bytes()
@@ -315,4 +315,61 @@ def test_module_check_diff_converge_idempotence_and_no_token_at_vvvv(
     assert "2 of 3 model(s) failed" in failed.stdout
     assert "accept the licence" in failed.stdout
     assert "repo/file not found (404 (<redacted>))" in failed.stdout
+    no_leftovers(store)
+
+
+def test_two_entries_resolving_to_one_path_are_refused_by_fetch_lock_and_module(
+    hub: MockHub, store: Path, tmp_path: Path
+) -> None:
+    """Issue 17, defect 1: a folder dest named by the URL and an exact dest with other bytes; exit 2
+    like any invalid manifest, both entries named, no body asked for, nothing written."""
+    first, second = safetensors(seed=1), safetensors(seed=2)
+    hub.add("/a/x.safetensors", first)
+    hub.add("/b/x.safetensors", second)
+    models = [
+        {"url": f"{hub.url}/a/x.safetensors", "dest": "loras/", "sha256": sha256(first)},
+        {"url": f"{hub.url}/b/x.safetensors", "dest": "loras/x.safetensors", "sha256": sha256(second)},
+    ]
+    both = (
+        f"models[0] (dest 'loras/', url {hub.url}/a/x.safetensors) and models[1] (dest 'loras/x.safetensors', "
+        f"url {hub.url}/b/x.safetensors) both resolve to 'loras/x.safetensors' in the store"
+    )
+    manifest = write(tmp_path / "models.yml", models)
+    done = cli("fetch", str(manifest), "--store", str(store), hub=hub)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert both in done.stderr
+    locked = cli("lock", str(manifest), hub=hub)
+    assert locked.returncode == 2, locked.stdout + locked.stderr
+    assert both in locked.stderr
+    assert not (tmp_path / "models.lock.yml").exists()
+    module = playbook(tmp_path, {"store": str(store), "allow_http": True, "models": models})
+    assert module.returncode != 0
+    assert both in module.stdout
+    assert {r.method for r in hub.requests()} == {"HEAD"}
+    assert list(store.iterdir()) == []
+
+
+def test_server_sent_names_that_do_not_fit_through_the_cli_and_module(
+    hub: MockHub, store: Path, tmp_path: Path
+) -> None:
+    """Issue 17, defect 5: a name too long for the file system is shortened (the same name on every
+    run and through both front ends); a name with nothing left once made safe fails the entry."""
+    body = safetensors()
+    hub.add("/long", body, content_disposition=f'attachment; filename="{"L" * 300}.safetensors"')
+    hub.add("/dots", body, content_disposition='attachment; filename="...."')
+    long = {"url": f"{hub.url}/long", "dest": "loras/", "sha256": sha256(body)}
+    manifest = write(tmp_path / "models.yml", [long])
+    done = cli("fetch", str(manifest), "--store", str(store), "--json", hub=hub)
+    assert done.returncode == 0, done.stderr
+    (name,) = [p.name for p in (store / "loras").iterdir()]
+    assert name.startswith("L" * 200) and name.endswith(".safetensors") and len(name) <= 223
+    assert json.loads(done.stdout)["results"][0]["path"] == str(store / "loras" / name)
+    (store / ".comfybake" / "verified.json").unlink()  # the module resolves the name again
+    module = playbook(tmp_path, {"store": str(store), "allow_http": True, "models": [long]})
+    assert module.returncode == 0 and "changed=0" in module.stdout, module.stdout
+    write(manifest, [{**long, "url": f"{hub.url}/dots"}])
+    refused = cli("fetch", str(manifest), "--store", str(store), hub=hub)
+    assert refused.returncode == 1
+    assert f"cannot tell a file name for {hub.url}/dots: the source calls it '....'" in refused.stdout
+    assert "give dest as a file path, e.g. loras/model.safetensors" in refused.stdout
     no_leftovers(store)

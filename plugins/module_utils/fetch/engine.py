@@ -26,6 +26,7 @@ from .errors import (
     DiskFullError,
     FetchError,
     HTTPStatusError,
+    ManifestError,
     NotFoundError,
     PathError,
     TransferError,
@@ -35,9 +36,11 @@ from .manifest import (
     SHA256_HEX,
     Entry,
     display_url,
+    exact_dest,
     human,
     parse_civitai_url,
     parse_hf_url,
+    path_conflicts,
     sanitize_filename,
     source_label,
 )
@@ -114,8 +117,15 @@ class Fetcher:
         """Converge the store; per-entry failures are reported, the others still run."""
         self.secrets |= url_credentials([entry.url for entry in entries])
         plans = [_Plan(e, Result(name=e.name, source=source_label(e.url)), started=time.monotonic()) for e in entries]
+        for plan in plans:  # exact dests, and folder dests whose name the store remembers
+            plan.relpath = (
+                plan.entry.dest.rstrip("/") if exact_dest(plan.entry) else self.store.name_for(plan.entry.key)
+            )
+        self._check_paths(plans)
         self._each(plans, self._inspect)  # no network: stat and records, hash unrecorded files
         self._each([p for p in plans if p.needs_fetch], self._probe)  # HEAD and API calls, no body
+        self._check_paths(plans)  # with the names the sources gave, before anything is written or removed
+        self._each([p for p in plans if p.entry.state == "absent"], self._remove)
         self._each([p for p in plans if p.needs_fetch], self._settle)  # keep a local file that matches
         fetching = [p for p in plans if p.needs_fetch]
         try:
@@ -148,6 +158,7 @@ class Fetcher:
         self.secrets |= url_credentials([entry.url for entry in entries])
         plans = [_Plan(e, Result(name=e.name, source=source_label(e.url))) for e in entries if e.state == "present"]
         self._each(plans, self._probe)
+        self._check_paths(plans)
         self._each([p for p in plans if p.result.action != "failed" and not p.expected], self._hash_remote)
         failures = [p.result.msg for p in plans if p.result.action == "failed"]
         if failures:
@@ -171,6 +182,14 @@ class Fetcher:
                 item["allow_http"] = True
             locked.append(item)
         return locked
+
+    def _check_paths(self, plans: Sequence[_Plan]) -> None:
+        """Refuse the manifest when two entries resolve to one path in the store, or one inside the
+        other, naming both: the same check as parse_manifest's, once folder dests have their names."""
+        problems = path_conflicts([(p.relpath, p.entry) for p in plans if p.relpath is not None])
+        if problems:
+            heading = "invalid model manifest, once the file names of its folder dests are known"
+            raise ManifestError(self.scrub(heading + ":\n  " + "\n  ".join(problems)))
 
     # phases -------------------------------------------------------------------
 
@@ -203,13 +222,10 @@ class Fetcher:
         return FetchError(f"{error.strerror or error} ({where})", plan.entry.name)
 
     def _inspect(self, plan: _Plan) -> None:
-        """Decide from the store alone: present (trusted or re-hashed), absent, or to fetch."""
-        entry, result = plan.entry, plan.result
-        relpath = entry.dest.rstrip("/") if not entry.folder or entry.extract else self.store.name_for(entry.key)
-        plan.relpath = relpath
+        """Decide from the store alone: present (trusted or re-hashed) or to fetch; `absent` comes later."""
+        entry, result, relpath = plan.entry, plan.result, plan.relpath
         if entry.state == "absent":
-            self._remove(plan)
-            return
+            return  # removed once the paths are checked (run)
         if relpath is None:
             plan.needs_fetch = True
             return
@@ -305,7 +321,7 @@ class Fetcher:
         if not entry.url.startswith("file://"):
             self.client.probe(origin, entry)
         if plan.relpath is None:
-            exact = not entry.folder or entry.extract
+            exact = exact_dest(entry)
             plan.relpath = (
                 entry.dest.rstrip("/") if exact else entry.dest + sanitize_filename(origin.filename or "", entry)
             )
@@ -613,5 +629,11 @@ class Fetcher:
         self.store.record("files", relpath, {**stat_record(path), "sha256": digest, "source": source_label(entry.url)})
 
     def _remember_name(self, plan: _Plan) -> None:
-        if plan.entry.folder and not plan.entry.extract and plan.relpath:
-            self.store.record("names", plan.entry.key, plan.relpath)
+        """The file at `relpath` is this entry's now: a folder dest remembers its name, and the name
+        another folder dest remembered for that path (one no longer in the manifest) is forgotten."""
+        owner = None if exact_dest(plan.entry) else plan.entry.key
+        for key in self.store.names_of(plan.where()):
+            if key != owner:
+                self.store.record("names", key, None)
+        if owner is not None:
+            self.store.record("names", owner, plan.where())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,10 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".sf
 ENTRY_KEYS = frozenset(ENTRY)
 SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}\Z")  # \Z, not $: $ also matches before a final line break
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
+NAME_MAX = 255  # bytes (UTF-8, not characters) in one file name on ext4, xfs, btrfs, tmpfs
+STAGING_RESERVE = len(".") + len(".archive.comfybake-partial.json")  # the longest name store.py derives
+NAME_BYTES = NAME_MAX - STAGING_RESERVE  # the longest name of a file or extract folder in the store: 223
+_EXTENSION_BYTES = 16  # a longer last suffix is part of the name, not an extension to keep
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,6 @@ def parse_manifest(items: Sequence[Any], options: Options) -> list[Entry]:
     """Validate every entry before any I/O; raise one ManifestError listing every problem."""
     problems: list[str] = []
     entries: list[Entry] = []
-    seen: dict[str, int] = {}
     for index, item in enumerate(items):
         label = f"models[{index}]"
         if not isinstance(item, Mapping):
@@ -63,12 +67,8 @@ def parse_manifest(items: Sequence[Any], options: Options) -> list[Entry]:
         except ManifestError as error:
             problems.append(f"{label}: {error.reason}")
             continue
-        target = entry.dest.rstrip("/")
-        if not entry.folder or entry.extract:
-            if target in seen:
-                problems.append(f"{label}: dest {entry.dest!r} is also the dest of models[{seen[target]}]")
-            seen[target] = index
         entries.append(entry)
+    problems += path_conflicts([(entry.dest.rstrip("/"), entry) for entry in entries if exact_dest(entry)])
     if problems:
         raise ManifestError("invalid model manifest:\n  " + "\n  ".join(problems))
     return entries
@@ -84,6 +84,13 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
     if not isinstance(dest, str) or not dest:
         raise ManifestError("dest is required: a folder key such as 'checkpoints/' or a path under the store")
     check_relative_path(dest, "dest")
+    *folders, last = dest.rstrip("/").split("/")
+    for part, limit in [*((folder, NAME_MAX) for folder in folders), (last, NAME_BYTES)]:
+        if len(part.encode()) > limit:
+            raise ManifestError(
+                f"dest {dest!r}: the name {part[:24]!r}... is {len(part.encode())} bytes long; a name in the store "
+                f"may have at most {limit} bytes (UTF-8; {NAME_MAX} less room for its staging name); shorten it"
+            )
     state = item.get("state", "present")
     if state not in ("present", "absent"):
         raise ManifestError(f"state must be present or absent, got {state!r}")
@@ -148,6 +155,43 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
         allow_http=allow_http,
         allow_unverified=_flag(item, "allow_unverified"),
     )
+
+
+def exact_dest(entry: Entry) -> bool:
+    """The path of the entry in the store is its dest: a file path, or the folder an archive extracts to."""
+    return not entry.folder or entry.extract
+
+
+def describe(entry: Entry) -> str:
+    """An entry as messages name it: its index, dest and a printable url."""
+    return f"models[{entry.index}] (dest {entry.dest!r}, url {source_label(entry.url)})"
+
+
+def path_conflicts(claims: Sequence[tuple[str, Entry]]) -> list[str]:
+    """Entries whose paths in the store are one path, or one inside the other (a file under another
+    entry's file or extract folder): the second would overwrite, or be overwritten by, the first."""
+    owners: dict[str, Entry] = {}
+    problems: list[str] = []
+    fix = "give each a dest of its own (a file path where a folder dest's name collides)"
+    for relpath, entry in claims:
+        if relpath in owners:
+            problems.append(
+                f"{describe(owners[relpath])} and {describe(entry)} both resolve to {relpath!r} in the store; {fix}"
+            )
+        else:
+            owners[relpath] = entry
+    for relpath, entry in claims:
+        parts = relpath.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            outer = owners.get(parent)
+            if outer is not None and outer.index != entry.index:
+                where = (
+                    f"the folder {describe(outer)} extracts to" if outer.extract else f"the file of {describe(outer)}"
+                )
+                problems.append(f"{describe(entry)} resolves to {relpath!r}, inside {parent!r}, {where}; {fix}")
+                break
+    return problems
 
 
 def _flag(item: Mapping[str, Any], key: str) -> bool:
@@ -263,13 +307,29 @@ def filename_from_disposition(value: str) -> str | None:
 
 
 def sanitize_filename(name: str, entry: Entry) -> str:
-    """A server- or source-given file name made safe: its last component, plain characters only."""
+    """A server- or source-given file name made safe: its last component, plain characters only, with
+    a letter or digit before its extension, and short enough (NAME_BYTES) that its staging names fit
+    too. A longer name keeps its extension and gets a hash of the whole name, so that a second run
+    finds the same name and two names that differ only past the cut stay apart."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1].replace("\x00", "")
     base = _SAFE_NAME.sub("_", base).lstrip(".")
-    if not base or base in (".", ".."):
+    stem, ext = _split_extension(base)
+    if not re.search(r"[A-Za-z0-9]", stem):  # empty, only dots, only unsafe characters
+        given = f"calls it {name[:80]!r}, which" if name else "gives no name, which"
         raise ManifestError(
-            f"cannot tell a file name for {display_url(entry.url)}; "
-            f"give dest as a file path, e.g. {entry.dest}model.safetensors",
+            f"cannot tell a file name for {display_url(entry.url)}: the source {given} has no letter or digit "
+            f"once made safe; give dest as a file path, e.g. {entry.dest}model.safetensors",
             entry.name,
         )
-    return base[:255]
+    if len(base.encode()) <= NAME_BYTES:
+        return base
+    tag = "-" + hashlib.sha256(base.encode()).hexdigest()[:10]
+    room = NAME_BYTES - len(tag) - len(ext.encode())
+    return stem.encode()[:room].decode("utf-8", "ignore") + tag + ext
+
+
+def _split_extension(name: str) -> tuple[str, str]:
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem or len(suffix.encode()) + 1 > _EXTENSION_BYTES:
+        return name, ""
+    return stem, dot + suffix

@@ -20,6 +20,7 @@ STATE_DIR = ".comfybake"  # per-store records and locks, at the store root
 RECORDS_FILE = "verified.json"
 PARTIAL_SUFFIX = ".comfybake-partial"  # staging files: hidden, no model extension
 SIDECAR_SUFFIX = PARTIAL_SUFFIX + ".json"
+# manifest.NAME_BYTES leaves room for the longest name derived here: ".<name>.archive" + SIDECAR_SUFFIX
 
 
 class Store:
@@ -107,6 +108,11 @@ class Store:
         with self._lock:
             name = self.records["names"].get(key)
             return name if isinstance(name, str) else None
+
+    def names_of(self, relpath: str) -> list[str]:
+        """The folder dests (`url -> dest` keys) whose remembered name is `relpath`."""
+        with self._lock:
+            return [key for key, name in self.records["names"].items() if name == relpath]
 
     def record(self, section: str, key: str, value: Any) -> None:
         """Set (or with None, drop) a record and persist it at once, merged under a store lock."""
