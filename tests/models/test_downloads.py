@@ -635,3 +635,29 @@ def test_empty_and_small_files_without_head_or_range(
         assert run.one([entry]).action == "present"
         (store / "configs" / "small.json").unlink()
     no_leftovers(store)
+
+
+def test_unverified_download_whose_renewed_url_is_another_file_starts_again(
+    run: Run, hub: MockHub, cdn: MockHub, store: Path
+) -> None:
+    """A presigned URL expires mid-transfer and the renewed one serves another representation: the
+    ranges already written are not stitched to the new ones."""
+    old, new = os.urandom(6 * MiB), os.urandom(6 * MiB)
+    cdn.add("/blob", old, etag='"v1"', expire_after=3)
+    signatures = iter(range(1, 100))
+
+    def sign(request: Any) -> bool:
+        signature = next(signatures)
+        if signature == 2:  # the renewal: the storage now holds another file
+            cdn.routes["/blob"] = Route(body=new, etag='"v2"', ignore_if_range=True)
+        return request.reply(302, "", {"Location": f"{cdn.url}/blob?sig={signature}"})
+
+    hub.routes["/m/signed.bin"] = Route(handler=sign)
+    entry = {"url": f"{hub.url}/m/signed.bin", "dest": "vae/signed.bin", "allow_unverified": True}
+    report = run([entry], connections=2)
+    result = report.results[0]
+    assert result.action == "downloaded", result
+    assert (store / "vae" / "signed.bin").read_bytes() == new, "ranges of two files were stitched together"
+    assert result.verified is False
+    assert any('validator changed ("v1" -> "v2")' in w for w in report.warnings), report.warnings
+    no_leftovers(store)
