@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import archives
 from harness.mockhub import MockHub, Route, VirtualFile
 from harness.models import Run, no_leftovers, safetensors, sha256, tree_hash
 
@@ -661,3 +662,16 @@ def test_unverified_download_whose_renewed_url_is_another_file_starts_again(
     assert result.verified is False
     assert any('validator changed ("v1" -> "v2")' in w for w in report.warnings), report.warnings
     no_leftovers(store)
+
+
+def test_unverified_archive_is_recorded_and_reported_unverified(run: Run, hub: MockHub, store: Path) -> None:
+    data = archives.zip_bytes({"a.onnx": os.urandom(2000), "b.onnx": os.urandom(3000)})
+    hub.add("/m/pack.zip", data, etag=None)
+    entry = {"url": f"{hub.url}/m/pack.zip", "dest": "insightface/pack/", "extract": True, "allow_unverified": True}
+    first = run.one([entry])
+    assert (first.action, first.verified) == ("extracted", False), first
+    records = json.loads((store / ".comfybake" / "verified.json").read_text())["archives"]
+    assert records["insightface/pack"]["verified"] is False
+    assert (run.one([entry]).action, run.one([entry]).verified) == ("present", False)
+    pinned = run.one([{**entry, "sha256": sha256(data)}])
+    assert (pinned.action, pinned.verified) == ("present", True)
