@@ -246,7 +246,7 @@ class Transfer:
                     validator = self.source.validator
                     self.client.probe(self.source, entry)
                     self.url = self.source.final_url or self.source.url
-                    if self.expected is None and self.source.validator != validator:
+                    if self.expected is None and self.resumable and self.source.validator != validator:
                         raise _UnprovenRangeError(
                             f"the source's validator changed ({validator} -> {self.source.validator or 'none'}) "
                             "with its new download URL"
