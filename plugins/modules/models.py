@@ -21,7 +21,11 @@ description:
     C(allow_unverified).
   - A verified file is recorded in C(<store>/.comfybake/verified.json) with its size, mtime and
     inode; while those are unchanged a later run trusts the record and opens nothing
-    (O(verify=recorded)). O(verify=full) re-hashes every file.
+    (O(verify=recorded)). O(verify=full) re-hashes every file. A file of an C(allow_unverified)
+    entry fetched without a known hash is recorded as unverified (C(verified) false in
+    C(verified.json)) and returned with C(verified=false); its ranges are stitched only when
+    each carries the probe's strong validator and the asked C(Content-Range), else it is
+    fetched in one stream.
   - Downloads go to a hidden staging file next to the destination and are renamed into place
     only after verification; interrupted downloads resume with validators; large files are
     fetched over several ranged connections when the server allows it; 408, 429 and 5xx are
@@ -143,6 +147,12 @@ models:
       description: SHA-256 of the file that was (or in check mode would be) replaced.
       type: str
       returned: when a wrong file was replaced
+    verified:
+      description:
+        - Whether the file was checked against a known SHA-256 (the manifest's or the source's).
+          C(false) for an C(allow_unverified) entry fetched without one; its record in
+          C(verified.json) says so until the manifest gives a C(sha256).
+      type: bool
 bytes:
   description: Total bytes transferred.
   returned: always

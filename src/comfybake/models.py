@@ -136,7 +136,8 @@ def print_summary(report: engine.Report, stream: TextIO) -> None:
     for result in report.results:
         size = engine.human(result.size) if result.size is not None else "-"
         moved = engine.human(result.bytes) if result.bytes else "0"
-        stream.write(f"{result.action:<15} {size:>10} {moved:>10} {result.seconds:>8.2f}  {result.name}\n")
+        mark = "  (unverified)" if not result.verified and result.action != "failed" else ""
+        stream.write(f"{result.action:<15} {size:>10} {moved:>10} {result.seconds:>8.2f}  {result.name}{mark}\n")
     for warning in report.warnings:
         stream.write(f"warning: {warning}\n")
     for result in report.failed:
@@ -144,7 +145,9 @@ def print_summary(report: engine.Report, stream: TextIO) -> None:
     counts: dict[str, int] = {}
     for result in report.results:
         counts[result.action] = counts.get(result.action, 0) + 1
-    stream.write(", ".join(f"{count} {action}" for action, count in sorted(counts.items())) + "\n")
+    unverified = sum(1 for r in report.results if not r.verified and r.action != "failed")
+    note = f" ({unverified} unverified: no sha256 was known to check)" if unverified else ""
+    stream.write(", ".join(f"{count} {action}" for action, count in sorted(counts.items())) + note + "\n")
 
 
 def fetch(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 Serves bytes, deterministic virtual files (so only the client uses disk) or real files (with
 sendfile), with Range/HEAD/ETag, Hugging Face-like and Civitai-like endpoints, redirects to
 a second host, and faults: truncation, ignored ranges, 416, 401/403/404 with the Hub's error
-codes, 429/5xx sequences, slow drips and per-connection rate caps. Every request is logged
+codes, 429/5xx sequences, slow drips and per-connection rate caps, HEAD or Range refused, a 206
+whose Content-Range is not the range asked for, and If-Range ignored. Every request is logged
 with the body bytes actually sent. A hub may require HTTP basic auth on every path (a private
 package index), and may call observers on each request while its client waits for the answer."""
 
@@ -127,6 +128,10 @@ class Route:
     reject_auth: bool = False
     handler: Any = None  # callable(request handler) -> bool for dynamic routes (HF, Civitai)
     expire_after: int | None = None  # after this many requests, the first URL's query (signature) is refused
+    head_status: int | None = None  # answer HEAD with this status (405, 501: a server without HEAD)
+    range_status: int | None = None  # answer any Range request with this status and no Content-Range
+    range_shift: int = 0  # a 206 that serves the asked range moved by this many bytes (and says so)
+    ignore_if_range: bool = False  # serve the asked range whatever If-Range says
     seen: int = 0
     first_query: str | None = None
 
@@ -496,12 +501,18 @@ class _Handler(BaseHTTPRequestHandler):
         if route.require_auth and self.headers.get("Authorization") != f"Bearer {route.require_auth}":
             self.reply(401, "Unauthorized")
             return
+        if self.command == "HEAD" and route.head_status:
+            self.reply(route.head_status, "Method Not Allowed", {"Allow": "GET"})
+            return
         size = _size(route.body)
         start, end, status = 0, size, route.status
         wanted = self.headers.get("Range")
+        if wanted and route.range_status:
+            self.reply(route.range_status, "Range refused")
+            return
         if_range = self.headers.get("If-Range")
         use_range = bool(wanted) and route.ranges and not route.ignore_range
-        if use_range and if_range and if_range not in (route.etag, route.last_modified):
+        if use_range and if_range and if_range not in (route.etag, route.last_modified) and not route.ignore_if_range:
             use_range = False
         if use_range and wanted:
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted.strip())
@@ -512,6 +523,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.reply(416, "Range Not Satisfiable", headers)
                     return
                 end = min(int(match.group(2)) + 1, size) if match.group(2) else size
+                shifted = min(max(start + route.range_shift, 0), size - 1)
+                start, end = shifted, min(end + shifted - start, size)
                 status = 206
         self.entry.status = status
         self.send_response(status)

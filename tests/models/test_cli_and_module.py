@@ -373,3 +373,47 @@ def test_server_sent_names_that_do_not_fit_through_the_cli_and_module(
     assert f"cannot tell a file name for {hub.url}/dots: the source calls it '....'" in refused.stdout
     assert "give dest as a file path, e.g. loras/model.safetensors" in refused.stdout
     no_leftovers(store)
+
+
+def test_cli_and_module_fetch_empty_and_small_files_from_servers_without_head_or_range(
+    hub: MockHub, store: Path, tmp_path: Path
+) -> None:
+    """Issue 17, defect 4: a 0-byte file from a server that refuses HEAD failed with "HTTP 416 ... try
+    again later". Empty files, HEAD refused (405, 501) and Range refused all work, through both front
+    ends; a file fetched without a known hash is marked unverified by each."""
+    bodies = {"empty.json": b"", "one.txt": b"x", "small.json": os.urandom(5000), "tofu.bin": os.urandom(3000)}
+    hub.add("/e/empty.json", bodies["empty.json"], head_status=405)
+    hub.add("/e/one.txt", bodies["one.txt"], head_status=501, range_status=416)
+    hub.add("/e/small.json", bodies["small.json"], head_status=405, ranges=False)
+    hub.add("/e/tofu.bin", bodies["tofu.bin"], head_status=405, range_status=501)
+    models: list[dict[str, object]] = [
+        {"url": f"{hub.url}/e/{name}", "dest": f"configs/{name}", "sha256": sha256(body)}
+        for name, body in bodies.items()
+        if name != "tofu.bin"
+    ]
+    models.append({"url": f"{hub.url}/e/tofu.bin", "dest": "configs/", "allow_unverified": True})
+    manifest = write(tmp_path / "models.yml", models)
+    done = cli("fetch", str(manifest), "--store", str(store), hub=hub)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 downloaded (1 unverified: no sha256 was known to check)" in done.stdout, done.stdout
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("downloaded") and line.endswith("  configs/  (unverified)") for line in lines), lines
+    assert any(line.startswith("downloaded") and line.endswith("  configs/empty.json") for line in lines), lines
+    for name, body in bodies.items():
+        assert (store / "configs" / name).read_bytes() == body
+    again = cli("fetch", str(manifest), "--store", str(store), "--json", hub=hub)
+    assert again.returncode == 0, again.stderr
+    results = json.loads(again.stdout)["results"]
+    assert [(r["action"], r["verified"]) for r in results] == [("present", True)] * 3 + [("present", False)]
+    module_store = tmp_path / "module-store"
+    module_store.mkdir()
+    args = {"store": str(module_store), "allow_http": True, "models": models}
+    converge = playbook(tmp_path, args)
+    assert converge.returncode == 0 and "changed=1" in converge.stdout, converge.stdout
+    assert converge.stdout.count("verified: false") == 1 and "verified: true" in converge.stdout, converge.stdout
+    for name, body in bodies.items():
+        assert (module_store / "configs" / name).read_bytes() == body
+    again_module = playbook(tmp_path, args)
+    assert again_module.returncode == 0 and "changed=0" in again_module.stdout, again_module.stdout
+    no_leftovers(store)
+    no_leftovers(module_store)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import archives
 from harness.mockhub import MockHub, Route, VirtualFile
 from harness.models import Run, no_leftovers, safetensors, sha256, tree_hash
 
@@ -460,3 +461,217 @@ def test_more_bytes_than_announced_is_not_called_incomplete(run: Run, hub: MockH
     assert f"received {2 * MiB} bytes, more than the {MiB} the server announced" in message, message
     assert "incomplete" not in message
     no_leftovers(store)
+
+
+# Issue 17, defect 2: without a hash, ranges must prove they belong to one representation ----------
+
+
+def _records(store: Path) -> dict[str, Any]:
+    return json.loads((store / ".comfybake" / "verified.json").read_text())["files"]
+
+
+def _swap_after(hub: MockHub, path: str, gets: int, route: Route) -> None:
+    """Serve `route` at `path` from the GET after the first `gets` GETs on (the origin changes mid-transfer)."""
+    seen = [0]
+
+    def observe(request: Any) -> None:
+        if request.path == path and request.method == "GET":
+            seen[0] += 1
+            if seen[0] == gets + 1:
+                hub.routes[path] = route
+
+    hub.observers.append(observe)
+
+
+def test_unverified_ranges_with_a_wrong_content_range_fall_back_to_one_stream(
+    run: Run, hub: MockHub, store: Path
+) -> None:
+    """A 206 whose Content-Range is not the range asked for is never written; one fresh stream instead."""
+    body = os.urandom(6 * MiB)
+    hub.add("/m/shifted.bin", body, range_shift=-1000)
+    entry = {"url": f"{hub.url}/m/shifted.bin", "dest": "vae/shifted.bin", "allow_unverified": True}
+    report = run([entry], connections=4)
+    result = report.results[0]
+    assert result.action == "downloaded", result
+    assert (store / "vae" / "shifted.bin").read_bytes() == body, "bytes were written at the wrong offsets"
+    assert result.verified is False
+    assert any("Content-Range bytes 1047576-2096151/6291456 for bytes=1048576-2097151" in w for w in report.warnings), (
+        report.warnings
+    )
+    assert any("fetching it again in one stream from the first byte" in w for w in report.warnings)
+    last = [r for r in hub.requests("/m/shifted.bin") if r.method == "GET"][-1]
+    assert "Range" not in last.headers, "the fallback was not one fresh stream"
+    assert _records(store)["vae/shifted.bin"]["verified"] is False
+    assert result.as_dict()["verified"] is False
+    no_leftovers(store)
+
+
+@pytest.mark.parametrize("change", ["new-etag", "dropped-etag", "kept-etag-new-size"])
+def test_unverified_ranges_of_a_changed_representation_are_not_mixed(
+    run: Run, hub: MockHub, store: Path, change: str
+) -> None:
+    """An origin that ignores If-Range and changes its file after two ranges: no mixed file is recorded."""
+    old, new = os.urandom(6 * MiB), os.urandom(6 * MiB if change != "kept-etag-new-size" else 7 * MiB)
+    hub.add("/m/moving.bin", old, etag='"v1"', ignore_if_range=True)
+    etag = {"new-etag": '"v2"', "dropped-etag": None, "kept-etag-new-size": '"v1"'}[change]
+    _swap_after(hub, "/m/moving.bin", 2, Route(body=new, etag=etag, ignore_if_range=True))
+    entry = {"url": f"{hub.url}/m/moving.bin", "dest": "vae/moving.bin", "allow_unverified": True}
+    report = run([entry], connections=2)
+    result = report.results[0]
+    target = store / "vae" / "moving.bin"
+    if change == "kept-etag-new-size":  # one fresh stream of the new file, longer than the probe said
+        assert result.action == "failed", result
+        assert "more than the 6291456 the server announced" in (result.msg or ""), result.msg
+        assert not target.exists()
+    else:
+        assert result.action == "downloaded", result
+        assert target.read_bytes() == new, "a file mixed from two representations was recorded"
+        assert result.verified is False
+    why = {"new-etag": 'validator changed ("v1" -> "v2")', "dropped-etag": 'validator changed ("v1" -> none)'}
+    wanted = why.get(change, "Content-Range bytes")
+    assert any(wanted in w for w in report.warnings), report.warnings
+    no_leftovers(store)
+
+
+def test_resumed_unverified_ranges_are_checked_and_restart_from_zero(run: Run, hub: MockHub, store: Path) -> None:
+    """A crash leaves segments and a checkpoint holding the validator; the resume's ranges come back
+    at the wrong offsets: the kept bytes are dropped and the file is fetched once, whole."""
+    body = os.urandom(6 * MiB)
+    hub.add("/m/resumed.bin", body, truncate_at=MiB // 2, truncate_times=1)
+    entry = {"url": f"{hub.url}/m/resumed.bin", "dest": "vae/resumed.bin", "allow_unverified": True}
+    assert run.one([entry], connections=2, retries=0).action == "failed"
+    staging = store / "vae" / ".resumed.bin.comfybake-partial"
+    checkpoint = json.loads(staging.with_name(staging.name + ".json").read_text())
+    assert checkpoint["validator"] == f'"{sha256(body)}"' and checkpoint["sha256"] is None
+    hub.add("/m/resumed.bin", body, range_shift=-4096)
+    hub.reset_log()
+    report = run([entry], connections=2)
+    assert report.results[0].action == "downloaded"
+    assert (store / "vae" / "resumed.bin").read_bytes() == body, "the resume wrote bytes at the wrong offsets"
+    assert report.results[0].verified is False
+    assert any("fetching it again in one stream from the first byte" in w for w in report.warnings)
+    no_leftovers(store)
+
+
+def test_unverified_file_with_only_a_weak_etag_is_fetched_in_one_stream_and_never_resumed(
+    run: Run, hub: MockHub, store: Path
+) -> None:
+    body = os.urandom(6 * MiB)
+    hub.add("/m/weak.bin", body, etag='W/"weak"', truncate_at=2 * MiB, truncate_times=1)
+    entry = {"url": f"{hub.url}/m/weak.bin", "dest": "vae/weak.bin", "allow_unverified": True}
+    failed = run.one([entry], connections=4, retries=0)
+    assert failed.action == "failed"
+    assert list((store / "vae").iterdir()) == [], "a partial without a strong validator was kept for a resume"
+    report = run([entry], connections=4)
+    assert (report.results[0].action, report.results[0].verified) == ("downloaded", False)
+    assert (store / "vae" / "weak.bin").read_bytes() == body
+    gets = [r for r in hub.requests("/m/weak.bin") if r.method == "GET"]
+    assert all("Range" not in r.headers for r in gets)
+    assert any("in one stream: no sha256 and no strong validator" in w for w in report.warnings), report.warnings
+
+
+def test_resume_without_a_strong_validator_restarts_from_zero(run: Run, hub: MockHub, store: Path) -> None:
+    """A checkpoint of an unverified file whose server now has only a weak ETag is not resumed."""
+    body = os.urandom(3 * MiB)
+    hub.add("/m/lm.bin", body, truncate_at=MiB, truncate_times=1)
+    entry = {"url": f"{hub.url}/m/lm.bin", "dest": "vae/lm.bin", "allow_unverified": True}
+    assert run.one([entry], connections=1, retries=0).action == "failed"
+    hub.add("/m/lm.bin", body, etag='W/"weak"')
+    hub.reset_log()
+    report = run([entry], connections=1)
+    assert report.results[0].action == "downloaded"
+    assert any("discarding the partial download" in w for w in report.warnings), report.warnings
+    assert hub.bytes_served == len(body)
+    assert all("Range" not in r.headers for r in hub.requests("/m/lm.bin"))
+
+
+def test_unverified_record_and_result_until_a_hash_is_known(run: Run, hub: MockHub, store: Path) -> None:
+    body = os.urandom(3000)
+    hub.add("/m/tofu.bin", body, etag=None)
+    entry = {"url": f"{hub.url}/m/tofu.bin", "dest": "vae/tofu.bin", "allow_unverified": True}
+    first = run.one([entry])
+    assert (first.action, first.verified, first.as_dict()["verified"]) == ("downloaded", False, False)
+    assert _records(store)["vae/tofu.bin"]["verified"] is False
+    again = run.one([entry])
+    assert (again.action, again.verified) == ("present", False)
+    again = run.one([entry], verify="full")
+    assert (again.action, again.verified) == ("present", False)
+    assert _records(store)["vae/tofu.bin"]["verified"] is False, "re-hashing made the record verified"
+    pinned = run.one([{**entry, "sha256": sha256(body)}])
+    assert (pinned.action, pinned.verified) == ("present", True)
+    assert "verified" not in _records(store)["vae/tofu.bin"]
+    hub.add("/m/known.bin", body)
+    known = run.one([{"url": f"{hub.url}/m/known.bin", "dest": "vae/known.bin", "sha256": sha256(body)}])
+    assert (known.action, known.verified, known.as_dict()["verified"]) == ("downloaded", True, True)
+    assert "verified" not in _records(store)["vae/known.bin"]
+
+
+# Issue 17, defect 4: empty files, servers without HEAD, Range refused ---------------------------
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        {"head_status": 405},
+        {"head_status": 501},
+        {"head_status": 405, "range_status": 416},
+        {"head_status": 405, "range_status": 501},
+        {"head_status": 405, "ranges": False},
+        {"range_status": 416},
+        {},
+    ],
+    ids=["head-405", "head-501", "head-405-range-416", "head-405-range-501", "head-405-no-range", "range-416", "plain"],
+)
+@pytest.mark.parametrize("size", [0, 1, 5000])
+def test_empty_and_small_files_without_head_or_range(
+    run: Run, hub: MockHub, store: Path, server: dict[str, Any], size: int
+) -> None:
+    body = os.urandom(size)
+    hub.add("/m/small.json", body, **server)
+    for extra in ({"sha256": sha256(body)}, {"allow_unverified": True}):
+        entry = {"url": f"{hub.url}/m/small.json", "dest": "configs/small.json", **extra}
+        result = run.one([entry])
+        assert (result.action, result.size) == ("downloaded", size), result.msg
+        assert (store / "configs" / "small.json").read_bytes() == body
+        assert run.one([entry]).action == "present"
+        (store / "configs" / "small.json").unlink()
+    no_leftovers(store)
+
+
+def test_unverified_download_whose_renewed_url_is_another_file_starts_again(
+    run: Run, hub: MockHub, cdn: MockHub, store: Path
+) -> None:
+    """A presigned URL expires mid-transfer and the renewed one serves another representation: the
+    ranges already written are not stitched to the new ones."""
+    old, new = os.urandom(6 * MiB), os.urandom(6 * MiB)
+    cdn.add("/blob", old, etag='"v1"', expire_after=3)
+    signatures = iter(range(1, 100))
+
+    def sign(request: Any) -> bool:
+        signature = next(signatures)
+        if signature == 2:  # the renewal: the storage now holds another file
+            cdn.routes["/blob"] = Route(body=new, etag='"v2"', ignore_if_range=True)
+        return request.reply(302, "", {"Location": f"{cdn.url}/blob?sig={signature}"})
+
+    hub.routes["/m/signed.bin"] = Route(handler=sign)
+    entry = {"url": f"{hub.url}/m/signed.bin", "dest": "vae/signed.bin", "allow_unverified": True}
+    report = run([entry], connections=2)
+    result = report.results[0]
+    assert result.action == "downloaded", result
+    assert (store / "vae" / "signed.bin").read_bytes() == new, "ranges of two files were stitched together"
+    assert result.verified is False
+    assert any('validator changed ("v1" -> "v2")' in w for w in report.warnings), report.warnings
+    no_leftovers(store)
+
+
+def test_unverified_archive_is_recorded_and_reported_unverified(run: Run, hub: MockHub, store: Path) -> None:
+    data = archives.zip_bytes({"a.onnx": os.urandom(2000), "b.onnx": os.urandom(3000)})
+    hub.add("/m/pack.zip", data, etag=None)
+    entry = {"url": f"{hub.url}/m/pack.zip", "dest": "insightface/pack/", "extract": True, "allow_unverified": True}
+    first = run.one([entry])
+    assert (first.action, first.verified) == ("extracted", False), first
+    records = json.loads((store / ".comfybake" / "verified.json").read_text())["archives"]
+    assert records["insightface/pack"]["verified"] is False
+    assert (run.one([entry]).action, run.one([entry]).verified) == ("present", False)
+    pinned = run.one([{**entry, "sha256": sha256(data)}])
+    assert (pinned.action, pinned.verified) == ("present", True)

@@ -98,9 +98,16 @@ class Remote:
 
     @property
     def validator(self) -> str | None:
+        """The strong validator sent as If-Range: a strong ETag (a weak `W/` one is not), else Last-Modified."""
         if self.etag and not self.etag.startswith("W/"):
             return self.etag
         return self.last_modified
+
+    def validator_of(self, response: requests.Response) -> str | None:
+        """The same kind of validator as `validator` (ETag or Last-Modified) in another response of the source."""
+        if self.etag and not self.etag.startswith("W/"):
+            return response.headers.get("ETag")
+        return response.headers.get("Last-Modified")
 
 
 class Client:
@@ -294,7 +301,9 @@ class Client:
         return HTTPStatusError(f"HTTP {status} from {where}{tries}{suffix}; try again later", entry.name)
 
     def probe(self, remote: Remote, entry: Entry) -> None:
-        """HEAD the source (GET of byte 0 when HEAD is refused) and read size, validators, HF headers."""
+        """HEAD the source and read size, validators, HF headers. A server that refuses HEAD (405, 501) is
+        asked for byte 0 (`Range: bytes=0-0`), and when it refuses that too (416 for an empty file, or no
+        Range support) for the whole body with a GET whose body is never read."""
 
         def hub_headers(response: requests.Response) -> None:
             linked = response.headers.get("X-Linked-Etag", "").strip('"')
@@ -306,7 +315,11 @@ class Client:
 
         response = self.request("HEAD", remote.url, entry, on_redirect=hub_headers)
         if response.status_code in (405, 501):
+            response.close()
             response = self.request("GET", remote.url, entry, headers={"Range": "bytes=0-0"}, stream=True)
+            if response.status_code not in (200, 206, 401, 403, 404):
+                response.close()
+                response = self.request("GET", remote.url, entry, stream=True)
             response.close()
         if response.status_code not in (200, 206):
             raise self.status_error(response, entry)
@@ -315,7 +328,7 @@ class Client:
         remote.final_url = response.url
         remote.etag = headers.get("ETag")
         remote.last_modified = headers.get("Last-Modified")
-        remote.ranges = headers.get("Accept-Ranges", "").lower() == "bytes"
+        remote.ranges = headers.get("Accept-Ranges", "").lower() == "bytes" or response.status_code == 206
         remote.content_type = headers.get("Content-Type")
         if response.status_code == 206 and "/" in headers.get("Content-Range", ""):
             total = headers["Content-Range"].rsplit("/", 1)[1]

@@ -248,11 +248,16 @@ class Fetcher:
             entry.sha256 == record.get("sha256")
             or (entry.sha256 is None and record.get("source") == source_label(entry.url))
         )
+        # A record of a file fetched without a known hash stays unverified until the manifest gives one.
+        verified = entry.sha256 is not None or record is None or record.get("verified", True) is not False
         if vouched and record is not None and self.options.verify == "recorded" and stat_matches(path, record):
             if entry.size is not None and entry.size != record.get("size"):
                 plan.needs_fetch = True
                 return
+            if verified and record.get("verified") is False:
+                self._record_file(relpath, path, record["sha256"], entry)
             result.action, result.sha256, result.size = "present", record["sha256"], record["size"]
+            result.verified = verified
             return
         expected = entry.sha256 or (record.get("sha256") if vouched and record is not None else None)
         if expected is None:
@@ -260,8 +265,9 @@ class Fetcher:
             return
         digest, size = plan.local = hash_file(path)
         if digest == expected and entry.size in (None, size):
-            self._record_file(relpath, path, digest, entry)
+            self._record_file(relpath, path, digest, entry, verified=verified)
             result.action, result.sha256, result.size = "present", digest, size
+            result.verified = verified
             return
         if self.options.verify == "full" and record is not None and digest != record.get("sha256"):
             self.warn(
@@ -289,6 +295,7 @@ class Fetcher:
                 return False
         plan.result.sha256 = record.get("sha256")
         plan.result.files = sorted(files)
+        plan.result.verified = entry.sha256 is not None or record.get("verified", True) is not False
         return True
 
     def _remove(self, plan: _Plan) -> None:
@@ -356,6 +363,7 @@ class Fetcher:
                 "add sha256 (or run `comfybake models lock`), or set allow_unverified: true",
                 entry.name,
             )
+        plan.result.verified = plan.expected is not None  # else allow_unverified: checked against nothing
         path = self.store.path(relpath)
         if entry.extract or not plan.expected or not os.path.isfile(path):
             return
@@ -486,13 +494,14 @@ class Fetcher:
                 raise last_error or FetchError("no source", entry.name)
             result.bytes += transferred
             result.sha256, result.size = digest, size
+            result.verified = plan.expected is not None  # else allow_unverified: as the server sent it
             if entry.extract:
                 self._extract(plan, staging, digest)
                 result.action, result.changed = "extracted", True
             else:
                 os.replace(staging, path)
                 fsync_dir(os.path.dirname(path))
-                self._record_file(relpath, path, digest, entry)
+                self._record_file(relpath, path, digest, entry, verified=result.verified)
                 self._remember_name(plan)
                 result.action, result.changed = "downloaded", True
         self.progress.finish(entry.name, result.action)
@@ -577,6 +586,8 @@ class Fetcher:
             why = f"the remote size changed ({state.get('size')} -> {source.size})"
         elif state.get("validator") != source.validator:
             why = f"the remote changed (validator {state.get('validator')} -> {source.validator})"
+        elif plan.expected is None and not source.validator:
+            why = "without a sha256, only a strong validator (a strong ETag or Last-Modified) proves the kept bytes"
         elif not source.ranges and state.get("prefix", 0) < (source.size or 0):
             why = "the server no longer accepts Range requests"
         if why:
@@ -620,13 +631,19 @@ class Fetcher:
         for name, sha in files.items():
             info = stat_record(os.path.join(target, name))
             records[name] = {**info, "sha256": sha}
-        self.store.record(
-            "archives", relpath, {"sha256": digest, "source": source_label(plan.entry.url), "files": records}
-        )
+        record: dict[str, Any] = {"sha256": digest, "source": source_label(plan.entry.url), "files": records}
+        if plan.expected is None:
+            record["verified"] = False  # allow_unverified: no known hash vouched for the archive
+        self.store.record("archives", relpath, record)
         plan.result.files = sorted(files)
 
-    def _record_file(self, relpath: str, path: str, digest: str, entry: Entry) -> None:
-        self.store.record("files", relpath, {**stat_record(path), "sha256": digest, "source": source_label(entry.url)})
+    def _record_file(self, relpath: str, path: str, digest: str, entry: Entry, verified: bool = True) -> None:
+        """Record a file at `path` with its SHA-256; `verified` False: no known hash vouched for it
+        (allow_unverified), and the record says so (`"verified": false`) until one does."""
+        record: dict[str, Any] = {**stat_record(path), "sha256": digest, "source": source_label(entry.url)}
+        if not verified:
+            record["verified"] = False
+        self.store.record("files", relpath, record)
 
     def _remember_name(self, plan: _Plan) -> None:
         """The file at `relpath` is this entry's now: a folder dest remembers its name, and the name

@@ -23,6 +23,7 @@ class Result:
     msg: str | None = None
     files: list[str] | None = None
     replaced: str | None = None  # sha256 of the file this run replaced (or would replace)
+    verified: bool = True  # False: no sha256 was known, the file is as the server sent it (allow_unverified)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

@@ -72,19 +72,26 @@ class Transfer:
         if source.url.startswith("file://"):
             self._copy_file()
             return self.transferred
+        # Without a hash to check, ranges are stitched together only when a strong validator lets
+        # every one of them prove it is of the representation the probe saw (see _prove).
         self.resumable = bool(source.ranges and source.size and (source.validator or self.expected))
-        split = (
-            self.resumable
+        worth_splitting = (
+            source.ranges
             and options.connections > 1
             and source.size is not None
             and source.size - self.offset >= options.min_split_size
         )
-        if split or self.done:
+        if worth_splitting and not self.resumable:
+            self.warn(
+                f"{self.entry.name}: fetching it in one stream: no sha256 and no strong validator "
+                "(a strong ETag or Last-Modified) to prove that its ranges are of one file"
+            )
+        if (worth_splitting and self.resumable) or self.done:
             try:
                 self._parallel()
                 return self.transferred
-            except _RangeIgnoredError:
-                self._restart("server ignored Range; restarting")
+            except _RangeIgnoredError as error:
+                self._restart(str(error))
         self._stream()
         return self.transferred
 
@@ -96,8 +103,8 @@ class Transfer:
             try:
                 self._stream_once()
                 return
-            except _RangeIgnoredError:
-                self._restart("server ignored Range; restarting")
+            except _RangeIgnoredError as error:
+                self._restart(str(error))
             except TransferError as error:
                 attempts += 1
                 if attempts > self.options.retries:
@@ -125,6 +132,10 @@ class Transfer:
                 return
             if response.status_code not in (200, 206):
                 raise self.client.status_error(response, self.entry)
+            if start:
+                self._prove(response, start, size or 0)
+            elif self.expected is None and self.source.validator_of(response) != self.source.validator:
+                self.resumable = False  # not the probe's representation: a break restarts from the first byte
             self._check_type(response)
             expected = self._expected_length(response, start)
             position = start
@@ -196,6 +207,7 @@ class Transfer:
                         raise _RangeIgnoredError
                     if response.status_code != 206:
                         raise self.client.status_error(response, self.entry)
+                    self._prove(response, position, end)
                     self._check_type(response)
                     for chunk in self._chunks(response, position, limit=end - position):
                         self._write(position, chunk, feed=True)
@@ -231,8 +243,14 @@ class Transfer:
             with self._lock:
                 if self.url == url:
                     self.warn(f"{self.entry.name}: the download URL expired; asking the source for a new one")
+                    validator = self.source.validator
                     self.client.probe(self.source, entry)
                     self.url = self.source.final_url or self.source.url
+                    if self.expected is None and self.resumable and self.source.validator != validator:
+                        raise _UnprovenRangeError(
+                            f"the source's validator changed ({validator} -> {self.source.validator or 'none'}) "
+                            "with its new download URL"
+                        )
         return self.client.request("GET", self.url, entry, headers=headers, stream=True)
 
     def _chunks(self, response: requests.Response, offset: int, limit: int | None = None) -> Iterator[bytes]:
@@ -272,6 +290,23 @@ class Transfer:
             self.transferred += len(chunk)
         self.progress.advance(self.entry.name, len(chunk))
 
+    def _prove(self, response: requests.Response, start: int, end: int) -> None:
+        """A 206 must hold exactly bytes [start, end) of the file the probe saw: its Content-Range is
+        checked (start, end and total) and, without a hash to check at the end, its validator against
+        the probe's. Otherwise nothing of it is written and the file is fetched in one stream."""
+        asked = f"bytes={start}-{end - 1}"
+        content_range = response.headers.get("Content-Range", "").strip()
+        match = re.fullmatch(r"bytes\s+(\d+)-(\d+)/(\d+)", content_range)
+        if not match or tuple(map(int, match.groups())) != (start, end - 1, self.source.size):
+            raise _UnprovenRangeError(f"the server sent Content-Range {content_range or '(none)'} for {asked}")
+        if self.expected is None:
+            wanted, got = self.source.validator, self.source.validator_of(response)
+            if got != wanted:
+                raise _UnprovenRangeError(
+                    f"the source's validator changed ({wanted} -> {got or 'none'}) by {asked}, "
+                    "so its ranges may be of different files"
+                )
+
     def _check_type(self, response: requests.Response) -> None:
         refuse_encoding(response, self.entry)
         kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -285,11 +320,6 @@ class Transfer:
             )
 
     def _expected_length(self, response: requests.Response, start: int) -> int | None:
-        if response.status_code == 206:
-            content_range = response.headers.get("Content-Range", "")
-            match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range)
-            if not match or int(match.group(1)) != start:
-                raise TransferError(f"unexpected Content-Range {content_range!r} for a resume", self.entry.name)
         length = response.headers.get("Content-Length")
         if length and length.isdigit():
             return int(length)
@@ -341,3 +371,13 @@ class Transfer:
 
 class _RangeIgnoredError(Exception):
     """The server answered a Range request with the whole body."""
+
+    def __init__(self, message: str = "server ignored Range; restarting") -> None:
+        super().__init__(message)
+
+
+class _UnprovenRangeError(_RangeIgnoredError):
+    """A 206 that is not the range asked for, or not of the probed file: fetch it whole, once."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{why}; fetching it again in one stream from the first byte")
