@@ -13,6 +13,8 @@ from harness.mockhub import MockHub
 from harness.models import Run, no_leftovers, safetensors, sha256
 from harness.pickles import harmless_pickle, malicious_pickle, torch_zip
 
+from comfybake.engine import fetch
+
 
 def gets(hub: MockHub, path: str) -> list[str]:
     return [request.method for request in hub.requests(path) if request.method == "GET"]
@@ -134,3 +136,16 @@ def test_archive_members_obey_the_policy(run: Run, hub: MockHub, store: Path) ->
     assert "dangerous import(s) in ipadapter/other/pack/weights.bin: posix system" in (failed.msg or "")
     assert not (store / "ipadapter" / "other").exists()
     no_leftovers(store)
+
+
+def test_lock_refuses_a_pickle_name_unless_allowed_and_keeps_the_permission(run: Run, hub: MockHub) -> None:
+    body = harmless_pickle()
+    hub.add("/files/model.ckpt", body)
+    entry = {"url": f"{hub.url}/files/model.ckpt", "dest": "checkpoints/"}
+    options = run.options()
+    with pytest.raises(fetch.FetchError, match=r"checkpoints/model\.ckpt is a pickle-based format \(\.ckpt\)"):
+        fetch.Fetcher(options).resolve(fetch.parse_manifest([entry], options))
+    allowed = run.options(allow_pickle=True)
+    (locked,) = fetch.Fetcher(allowed).resolve(fetch.parse_manifest([entry], allowed))
+    assert locked["dest"] == "checkpoints/model.ckpt" and locked["sha256"] == sha256(body)
+    assert locked["allow_pickle"] is True
