@@ -23,6 +23,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -59,16 +60,20 @@ def picklescan_wheel(given: Path | None) -> Path:
     """The pinned picklescan wheel: the one given, else build/wheels', else pip downloads it there."""
     wheel = given or WHEELS / PICKLESCAN_WHEEL
     if given is None and not wheel.exists():
-        download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
-        done = subprocess.run([*download, "--dest", str(WHEELS), PICKLESCAN], check=False)
-        if done.returncode != 0 or not wheel.exists():
-            sys.exit(f"build-cli: pip could not download {PICKLESCAN}; give the wheel with --picklescan-wheel FILE")
+        WHEELS.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=WHEELS) as folder:  # then renamed: parallel builds see a whole file
+            download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
+            done = subprocess.run([*download, "--dest", folder, PICKLESCAN], check=False)
+            if done.returncode != 0 or not (Path(folder) / PICKLESCAN_WHEEL).exists():
+                sys.exit(f"build-cli: pip could not download {PICKLESCAN}; give the wheel with --picklescan-wheel FILE")
+            os.replace(Path(folder) / PICKLESCAN_WHEEL, wheel)
     try:
         digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     except OSError as error:
         sys.exit(f"build-cli: cannot read {wheel}: {error.strerror}")
     if digest != PICKLESCAN_SHA256:
-        sys.exit(f"build-cli: {wheel} has sha256 {digest}, not {PICKLESCAN_SHA256} ({PICKLESCAN}); remove it")
+        fix = "give the published wheel" if given else "remove it and build again"
+        sys.exit(f"build-cli: {wheel} has sha256 {digest}, not {PICKLESCAN_SHA256} ({PICKLESCAN}); {fix}")
     return wheel
 
 
