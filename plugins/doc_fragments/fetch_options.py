@@ -74,6 +74,12 @@ options:
           - "Accept a file whose SHA-256 neither the entry nor the source gives (recorded on first fetch)."
         type: bool
         default: false
+      allow_pickle:
+        description:
+          - "Permit a pickle-based file for this entry (or pickle-based members of its archive); see
+            O(allow_pickle). It is scanned before it is moved into place."
+        type: bool
+        default: false
   store:
     description:
       - "Root of the model store (C(<folder>/<file>))."
@@ -172,4 +178,11 @@ options:
       - "Largest number of members in an archive."
     type: int
     default: 10000
+  allow_pickle:
+    description:
+      - "Permit pickle-based files (C(.ckpt), C(.pt), C(.pth), C(.pkl), and any file or archive member whose bytes
+        are a pickle stream or a PyTorch zip) for every entry. Loading them can run code, so each is scanned with
+        picklescan before it is moved into place and refused when it imports anything dangerous."
+    type: bool
+    default: false
 """

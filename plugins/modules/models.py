@@ -43,6 +43,8 @@ extends_documentation_fragment:
 requirements:
   - python >= 3.10
   - requests
+  - picklescan 1.0.5, or the host's C(comfybake) command that carries it, for pickle-based files that
+    O(allow_pickle) or O(models[].allow_pickle) allows
 attributes:
   check_mode:
     support: full
@@ -57,6 +59,10 @@ notes:
   - The staging files are hidden and have no model extension, so ComfyUI never lists a partial file.
   - Two runs against one store (two plays, or the module and the boot-time CLI) take a lock per file;
     the second finds the file verified and transfers nothing.
+  - Pickle-based files (C(.ckpt), C(.pt), C(.pth), C(.pkl), and pickle bytes in any file or archive member)
+    are refused unless allowed; an allowed one is scanned with picklescan in its staging file, in process
+    when the host's Python has picklescan, else by running C(comfybake models scan), and fails on a dangerous
+    import. Without either scanner it fails; it is never installed unscanned.
 seealso:
   - module: ansible.builtin.get_url
 """

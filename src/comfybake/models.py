@@ -1,4 +1,4 @@
-"""`comfybake models fetch|lock`: the model engine from the command line (and boot-time units)."""
+"""`comfybake models fetch|lock|scan`: the model engine from the command line (and boot-time units)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import yaml
 from comfybake import yamlfile
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import fetch as engine
+from comfybake.engine.fetch import pickles
 
 LOCK_FORMAT = 1
 MANIFEST_HELP = "YAML/JSON list of models, a lock file, a vars file, or a models file with settings"
@@ -23,6 +24,8 @@ EXIT_CODES = {
     "fetch": "exit status:\n  0  the store holds the manifest\n  1  some entries failed (each is named)\n"
     "  2  the manifest, an option or the store is wrong; nothing was fetched",
     "lock": "exit status:\n  0  the lock file is written\n  2  the manifest, an option or a source is wrong",
+    "scan": "exit status:\n  0  no dangerous import\n  1  some file imports something dangerous, or could not be\n"
+    "     read whole (each is named)\n  2  a file is missing or picklescan is not available",
 }
 
 
@@ -198,6 +201,29 @@ def lock(args: argparse.Namespace) -> int:
     return 0
 
 
+def scan(args: argparse.Namespace) -> int:
+    """Scan files with the picklescan this command carries; the module runs it when it cannot import picklescan."""
+    results: list[dict[str, Any]] = []
+    try:
+        for path in args.files:
+            name = args.as_name or path.name
+            findings = pickles.scan(str(path), name, command=False)
+            results.append({"path": str(path), "name": name, **findings.as_dict()})
+    except (engine.FetchError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump({"results": results}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for result in results:
+            verdict = "dangerous: " + ", ".join(result["dangerous"]) if result["dangerous"] else "no dangerous import"
+            if result["error"]:
+                verdict += f" (not read whole: {result['error']})"
+            print(f"{result['path']}: {verdict}")
+    return 1 if any(result["dangerous"] or result["error"] for result in results) else 0
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     fetch_parser = actions.add_parser(
@@ -222,6 +248,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     lock_parser.add_argument("-o", "--output", type=Path, help="lock file (default <manifest>.lock.yml)")
     lock_parser.add_argument("--json", action="store_true", help="also print the lock file and its models as JSON")
     lock_parser.set_defaults(func=lock)
+    scan_parser = actions.add_parser(
+        "scan",
+        help="scan pickle-based files (.ckpt, .pt, .bin, ...) for dangerous imports, without loading them",
+        epilog=EXIT_CODES["scan"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scan_parser.add_argument("files", type=Path, nargs="+", metavar="FILE", help="files to scan")
+    scan_parser.add_argument(
+        "--as", dest="as_name", metavar="NAME", help="scan as a file named NAME (its extension picks the reader)"
+    )
+    scan_parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+    scan_parser.set_defaults(func=scan)
 
 
-SUBCOMMANDS["models"] = ("fetch and verify models, or lock a manifest", configure)
+SUBCOMMANDS["models"] = ("fetch and verify models, lock a manifest, or scan pickle-based files", configure)

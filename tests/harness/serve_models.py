@@ -7,7 +7,9 @@ With --tls DIR every server speaks https with a certificate signed by a throwawa
 DIR (the state's "ca"): hosts trust it only through comfyui_extra_ca_certificates, as behind a
 TLS-intercepting proxy. --packages serves a wheel folder as a package index (the simple API, at
 the state's "index") and --repos serves bare git repositories over http(s) (the dumb protocol,
-under the state's "git"), both from a third server whose bytes are not counted as models.
+under the state's "git"), both from a third server whose bytes are not counted as models; that
+server also serves a harmless and a malicious pickle (the state's "pickles") for the
+pickle-policy checks.
 
     python tests/harness/serve_models.py --bind "$(python tests/harness/bridge.py)" --state /path/origin.json
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.archives import antelopev2_zip
 from harness.mockhub import FileBody, MockHub, VirtualFile, body_sha256
+from harness.pickles import harmless_pickle, malicious_pickle
 from harness.tls import TLSFiles, make_tls
 
 MiB = 1 << 20
@@ -117,6 +120,11 @@ def main() -> int:
             serve_packages(packages, args.packages)
         if args.repos:
             serve_repos(packages, args.repos)
+        # Pickle-based files for the pickle-policy checks, outside the manifest and its counters.
+        pickles = {}
+        for name, body in (("harmless.pt", harmless_pickle()), ("evil.pt", malicious_pickle())):
+            packages.add(f"/pickles/{name}", body)
+            pickles[name] = {"url": f"{packages.url}/pickles/{name}", "sha256": body_sha256(body)}
         big = safetensors(80 * MiB, seed=1)  # over 64 MiB: fetched with parallel ranges
         lora = safetensors(2 * MiB, seed=2)
         vae = VirtualFile(3 * MiB + 17, seed=3)
@@ -157,6 +165,7 @@ def main() -> int:
                 "ca": str(tls.ca) if tls else None,
                 "index": f"{packages.url}/simple",
                 "git": f"{packages.url}/git",
+                "pickles": pickles,
                 "token": token,
                 "manifest": manifest,
                 "expected": expected,

@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 from harness.mockhub import MockHub, VirtualFile
 from harness.models import CANARY_CIVITAI, CANARY_HF, assert_no_canary, no_leftovers, safetensors, sha256
+from harness.pickles import harmless_pickle, malicious_pickle
 from harness.tools import ROOT, venv_bin
 
 from comfybake.cli import main
@@ -417,3 +419,101 @@ def test_cli_and_module_fetch_empty_and_small_files_from_servers_without_head_or
     assert again_module.returncode == 0 and "changed=0" in again_module.stdout, again_module.stdout
     no_leftovers(store)
     no_leftovers(module_store)
+
+
+def test_cli_pickle_policy_and_scan(hub: MockHub, store: Path, tmp_path: Path) -> None:
+    """Issue 17 item 12 (MF-01) through the command line: refused at validation, allowed with
+    --allow-pickle, and a dangerous import fails the entry with the scanner's finding."""
+    good, evil = harmless_pickle(), malicious_pickle()
+    hub.add("/files/good.ckpt", good)
+    hub.add("/files/evil.pt", evil)
+    exact = {"url": f"{hub.url}/files/good.ckpt", "dest": "checkpoints/good.ckpt", "sha256": sha256(good)}
+    manifest = write(tmp_path / "models.yml", [exact])
+    refused = cli("fetch", str(manifest), "--store", str(store), hub=hub)
+    assert refused.returncode == 2, refused.stderr
+    assert "models[0] (checkpoints/good.ckpt): dest 'checkpoints/good.ckpt' is a pickle-based format" in refused.stderr
+    assert "set allow_pickle: true on this entry" in refused.stderr
+    allowed = cli("fetch", str(manifest), "--store", str(store), "--allow-pickle", hub=hub)
+    assert allowed.returncode == 0 and "1 downloaded" in allowed.stdout, allowed.stdout + allowed.stderr
+    write(manifest, [{"url": f"{hub.url}/files/evil.pt", "dest": "checkpoints/", "sha256": sha256(evil)}])
+    folder = cli("fetch", str(manifest), "--store", str(store), hub=hub)
+    assert folder.returncode == 1 and "checkpoints/evil.pt is a pickle-based format (.pt)" in folder.stdout
+    failed = cli("fetch", str(manifest), "--store", str(store), "--allow-pickle", hub=hub)
+    assert failed.returncode == 1
+    assert "picklescan found dangerous import(s) in checkpoints/evil.pt: posix system" in failed.stdout
+    assert not (store / "checkpoints" / "evil.pt").exists()
+    no_leftovers(store)
+    (tmp_path / "evil.pt").write_bytes(evil)
+    (tmp_path / "good.pt").write_bytes(good)
+    scan = [venv_bin("comfybake"), "models", "scan", "--json", str(tmp_path / "good.pt"), str(tmp_path / "evil.pt")]
+    scanned = subprocess.run(scan, capture_output=True, text=True, check=False)
+    assert scanned.returncode == 1, scanned.stderr
+    results = json.loads(scanned.stdout)["results"]
+    assert [(r["name"], r["dangerous"]) for r in results] == [("good.pt", []), ("evil.pt", ["posix system"])]
+
+
+WITHOUT_PICKLESCAN = "import sys; sys.modules['picklescan'] = None; from comfybake.cli import main; sys.exit(main())"
+
+
+def test_engine_without_picklescan_uses_the_host_command_or_fails_clearly(
+    hub: MockHub, store: Path, tmp_path: Path
+) -> None:
+    """Where the engine's Python has no picklescan (the module on a host), it runs the host's
+    `comfybake models scan`, whose zipapp carries the pinned picklescan; without that command the
+    entry fails, naming what to install, and nothing is installed unscanned."""
+    pyz = tmp_path / "comfybake.pyz"
+    subprocess.run([sys.executable, "scripts/build-cli.py", "--output", str(pyz)], cwd=ROOT, check=True)
+    with zipfile.ZipFile(pyz) as archive:
+        bundled = archive.namelist()
+    assert "picklescan/scanner.py" in bundled and "picklescan-1.0.5.dist-info/licenses/LICENSE" in bundled
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "comfybake"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} {pyz} "$@"\n')
+    shim.chmod(0o755)
+    good, evil = harmless_pickle(), malicious_pickle()
+    hub.add("/files/good.pt", good)
+    hub.add("/files/evil.pt", evil)
+    manifest = write(
+        tmp_path / "models.yml",
+        [
+            {"url": f"{hub.url}/files/good.pt", "dest": "checkpoints/good.pt", "sha256": sha256(good)},
+            {"url": f"{hub.url}/files/evil.pt", "dest": "checkpoints/evil.pt", "sha256": sha256(evil)},
+        ],
+    )
+    argv = [sys.executable, "-c", WITHOUT_PICKLESCAN, "models", "fetch", str(manifest), "--store", str(store)]
+    argv += ["--allow-pickle", "--allow-http"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(argv, capture_output=True, text=True, env={**env, "PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert done.returncode == 1, done.stderr
+    assert "1 downloaded, 1 failed" in done.stdout, done.stdout
+    assert "picklescan found dangerous import(s) in checkpoints/evil.pt: posix system" in done.stdout
+    (store / "checkpoints" / "good.pt").unlink()
+    bare = subprocess.run(argv, capture_output=True, text=True, env={**env, "PATH": "/nonexistent"})
+    assert bare.returncode == 1
+    assert "no pickle scanner to check checkpoints/good.pt: install picklescan==1.0.5 for this Python" in bare.stdout
+    assert sorted(p.name for p in (store / "checkpoints").iterdir()) == []
+    no_leftovers(store)
+
+
+def test_module_pickle_policy(hub: MockHub, store: Path, tmp_path: Path) -> None:
+    """Issue 17 item 12 (MF-01) through the module: the entry's key, the run's setting, the finding."""
+    good, evil = harmless_pickle(), malicious_pickle()
+    hub.add("/files/good.pt", good)
+    hub.add("/files/evil.bin", evil)
+    exact = {"url": f"{hub.url}/files/good.pt", "dest": "checkpoints/good.pt", "sha256": sha256(good)}
+    args: dict[str, object] = {"store": str(store), "allow_http": True, "models": [exact]}
+    refused = playbook(tmp_path, args)
+    assert refused.returncode != 0
+    assert "models[0] (checkpoints/good.pt): dest 'checkpoints/good.pt' is a pickle-based format" in refused.stdout
+    allowed = playbook(tmp_path, {**args, "models": [{**exact, "allow_pickle": True}]})
+    assert allowed.returncode == 0 and "changed=1" in allowed.stdout, allowed.stdout
+    evil_entry = {"url": f"{hub.url}/files/evil.bin", "dest": "vae/evil.bin", "sha256": sha256(evil)}
+    not_allowed = playbook(tmp_path, {**args, "models": [evil_entry]})
+    assert not_allowed.returncode != 0
+    assert "vae/evil.bin is a pickle stream: loading it can run code" in not_allowed.stdout
+    failed = playbook(tmp_path, {**args, "allow_pickle": True, "models": [evil_entry]})
+    assert failed.returncode != 0
+    assert "picklescan found dangerous import(s) in vae/evil.bin: posix system" in failed.stdout
+    assert not (store / "vae" / "evil.bin").exists()
+    no_leftovers(store)

@@ -2,8 +2,9 @@
 #
 # The one download engine of comfybake. The comfybake.core.models module and the
 # `comfybake models` CLI both drive it; nothing else in comfybake downloads.
-# It needs only the standard library and requests, and runs on the managed
-# host's Python (3.10 or later). One concept per module:
+# It needs only the standard library and requests (and picklescan, or the host's
+# comfybake command that carries it, for pickle-based files a manifest allows),
+# and runs on the managed host's Python (3.10 or later). One concept per module:
 #   errors    the errors, each naming the entry or value at fault
 #   options   the settings of a run and the keys of an entry, each declared once
 #   manifest  entries and their validation, source and file names
@@ -12,6 +13,7 @@
 #   hashing   SHA-256 of files and of out-of-order streams, the model-header check
 #   client    HTTP with retries, auth by origin and redirects; the probe of a source
 #   transfer  one file's transfer: a stream or parallel ranges, resumable
+#   pickles   pickle-based files: detection, the allow_pickle policy, the picklescan scan
 #   archives  safe extraction of zip and tar archives
 #   engine    the Fetcher: probe, preflight, download, verify, record
 """Fetch, verify and record the files of a model manifest in a model store."""
@@ -31,6 +33,7 @@ from .errors import (
     ManifestError,
     NotFoundError,
     PathError,
+    PickleError,
     RedirectError,
     TransferError,
 )
@@ -67,6 +70,7 @@ __all__ = [
     "NotFoundError",
     "Options",
     "PathError",
+    "PickleError",
     "Progress",
     "RedirectError",
     "Remote",

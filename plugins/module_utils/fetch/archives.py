@@ -19,6 +19,7 @@ from .errors import ArchiveError, DiskFullError, ManifestError
 from .hashing import BLOCK
 from .manifest import Entry, check_relative_path, human
 from .options import Options
+from .pickles import check_file
 from .store import Store
 
 
@@ -76,6 +77,8 @@ def _extract_archive(archive: str, work: str, entry: Entry, options: Options, st
                     digest.update(chunk)
                     out.write(chunk)
                 store.apply_attributes(target, options.mode, out.fileno())
+            # A pickle-based member obeys the entry's policy; on failure the caller removes `work`.
+            check_file(target, entry.dest + relative, entry.allow_pickle, entry.name)
             hashes[relative] = digest.hexdigest()
         store.apply_attributes(work, options.directory_mode)
     return hashes

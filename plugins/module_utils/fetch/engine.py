@@ -29,6 +29,7 @@ from .errors import (
     ManifestError,
     NotFoundError,
     PathError,
+    PickleError,
     TransferError,
 )
 from .hashing import BLOCK, StreamHasher, check_model_header, hash_file
@@ -45,6 +46,7 @@ from .manifest import (
     source_label,
 )
 from .options import Options
+from .pickles import check_file, kind_by_name, refusal
 from .report import Progress, Report, Result
 from .store import Store, fsync_dir, staging_path, stat_matches, stat_record
 from .transfer import Services, Transfer
@@ -180,6 +182,8 @@ class Fetcher:
                     item["files"] = list(entry.files)
             if url.startswith("http://"):
                 item["allow_http"] = True
+            if entry.allow_pickle:
+                item["allow_pickle"] = True
             locked.append(item)
         return locked
 
@@ -229,6 +233,7 @@ class Fetcher:
         if relpath is None:
             plan.needs_fetch = True
             return
+        self._refuse_pickle_name(plan)
         path = self.store.path(relpath)
         result.path = path
         if entry.extract:
@@ -333,6 +338,7 @@ class Fetcher:
                 entry.dest.rstrip("/") if exact else entry.dest + sanitize_filename(origin.filename or "", entry)
             )
         plan.result.path = self.store.path(plan.relpath)
+        self._refuse_pickle_name(plan)
         if entry.sha256 and origin.sha256 and entry.sha256 != origin.sha256:
             raise ChecksumError(
                 f"sha256 mismatch for {entry.name}: expected {entry.sha256}, the source publishes {origin.sha256}; "
@@ -352,6 +358,13 @@ class Fetcher:
         if not plan.expected:
             plan.sources = []  # a mirror's bytes are trusted only against a known hash
         plan.sources.append(origin)
+
+    def _refuse_pickle_name(self, plan: _Plan) -> None:
+        """A folder dest whose file name (from the source or the records) is a pickle-based format, before any GET."""
+        entry = plan.entry
+        kind = None if entry.extract or entry.allow_pickle else kind_by_name(plan.where())
+        if kind:
+            raise PickleError(refusal(plan.where(), kind), entry.name)
 
     def _settle(self, plan: _Plan) -> None:
         """After the probe: refuse unverifiable entries; keep a local file that has the published hash."""
@@ -552,6 +565,7 @@ class Fetcher:
                 raise ChecksumError(f"sha256 mismatch for {entry.name}: expected {expected} got {digest}", entry.name)
             if not entry.extract:
                 check_model_header(staging, plan.relpath or entry.dest, source.content_type)
+                check_file(staging, plan.where(), entry.allow_pickle, entry.name)  # before the rename
             os.fsync(fd)
             self.store.apply_attributes(staging, self.options.mode, fd)
             return digest, size, job.transferred

@@ -59,3 +59,8 @@ class ArchiveError(FetchError):
 
 class PathError(FetchError):
     """A destination that escapes the model store."""
+
+
+class PickleError(ContentError):
+    """A pickle-based file (code runs when it is loaded) that the manifest does not allow, or that
+    the scanner found dangerous, or that no scanner could check; nothing was installed."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import ManifestError
 from .options import ENTRY, Options
+from .pickles import kind_by_name, refusal
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".sft", ".onnx", ".gguf")
 ENTRY_KEYS = frozenset(ENTRY)
@@ -38,6 +39,7 @@ class Entry:
     auth: str = "none"  # hf | civitai | none
     allow_http: bool = False
     allow_unverified: bool = False
+    allow_pickle: bool = False  # the entry's allow_pickle or the run's
 
     @property
     def name(self) -> str:
@@ -112,6 +114,10 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
         raise ManifestError(f"extract needs a folder dest ending in '/', got {dest!r}")
     if files and not extract:
         raise ManifestError("files lists the members of an extracted archive; set extract: true")
+    allow_pickle = _flag(item, "allow_pickle") or options.allow_pickle
+    kind = kind_by_name(dest) if not dest.endswith("/") and state == "present" and not allow_pickle else None
+    if kind:
+        raise ManifestError(refusal(f"dest {dest!r}", kind))
     allow_http = _flag(item, "allow_http") or options.allow_http
     try:
         source = urllib.parse.urlsplit(url)
@@ -154,6 +160,7 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
         auth=auth,
         allow_http=allow_http,
         allow_unverified=_flag(item, "allow_unverified"),
+        allow_pickle=allow_pickle,
     )
 
 

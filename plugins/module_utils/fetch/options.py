@@ -192,6 +192,13 @@ class Options:
     archive_max_members: int = setting(
         "int", "Largest number of members in an archive.", default=10_000, minimum=0, commands=FETCH_ONLY
     )
+    allow_pickle: bool = setting(
+        "bool",
+        "Permit pickle-based files (C(.ckpt), C(.pt), C(.pth), C(.pkl), and any file or archive member whose bytes are"
+        " a pickle stream or a PyTorch zip) for every entry. Loading them can run code, so each is scanned with"
+        " picklescan before it is moved into place and refused when it imports anything dangerous.",
+        default=False,
+    )
     # Tuning that users do not set.
     backoff: float = 1.0
     max_retry_wait: float = 120.0
@@ -277,6 +284,14 @@ ENTRY: dict[str, Setting] = {
     "allow_unverified": Setting(
         "bool",
         ("Accept a file whose SHA-256 neither the entry nor the source gives (recorded on first fetch).",),
+        default=False,
+    ),
+    "allow_pickle": Setting(
+        "bool",
+        (
+            "Permit a pickle-based file for this entry (or pickle-based members of its archive); see"
+            " O(allow_pickle). It is scanned before it is moved into place.",
+        ),
         default=False,
     ),
 }

@@ -1,0 +1,178 @@
+# PRIVATE to comfybake: not a public API; it may change without notice.
+"""Pickle-based model files: which files are pickles, the policy, and the scan.
+
+Loading a pickle (torch.load of a .ckpt, .pt, .pth, a pickle .bin or .pkl) can run any code the
+file names, so such files are refused unless the entry or the run allows them, and an allowed
+one is scanned with picklescan (the pinned PICKLESCAN) before it is moved into place. Nothing
+here ever unpickles: the checks read opcodes (pickletools) and zip directories only.
+
+Where the scanner comes from: the test venv and a controller that installs it import it; the
+host's `comfybake` command carries it inside its zipapp (scripts/build-cli.py), so the module,
+when it cannot import picklescan, runs `comfybake models scan --json`. Without either the
+file fails, named, and is never installed unscanned.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickletools
+import shutil
+import subprocess
+import zipfile
+from dataclasses import dataclass, field
+
+from .errors import PickleError
+from .options import how_to_set
+
+PICKLESCAN = "picklescan==1.0.5"
+# Refused by name: formats that are pickles (or PyTorch zips of pickles) by definition. `.bin` is
+# not here: it names pickles (pytorch_model.bin) and raw weights alike, so its bytes decide.
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+HOST_COMMAND = "/usr/local/bin/comfybake"  # where the comfyui role installs the command
+SNIFF = 1 << 20  # the bytes read to tell a pickle stream from other data
+SCAN_TIMEOUT = 3600.0  # seconds for the host command to scan one (large) file
+
+
+@dataclass
+class Findings:
+    """What the scanner found: imports as `module name`, as picklescan prints them."""
+
+    dangerous: list[str] = field(default_factory=list)
+    suspicious: list[str] = field(default_factory=list)
+    error: str | None = None  # the scanner could not parse all of it
+
+    def as_dict(self) -> dict[str, object]:
+        return {"dangerous": self.dangerous, "suspicious": self.suspicious, "error": self.error}
+
+
+def kind_by_name(name: str) -> str | None:
+    """Why a file named `name` is pickle-based by its name alone, or None."""
+    if not name.lower().endswith(PICKLE_EXTENSIONS):
+        return None
+    return f"a pickle-based format ({os.path.splitext(name)[1]})"
+
+
+def pickle_kind(path: str, name: str) -> str | None:
+    """Why the file at `path` (installed as `name`) is pickle-based, or None when it is not."""
+    by_name = kind_by_name(name)
+    if by_name:
+        return by_name
+    with open(path, "rb") as handle:
+        head = handle.read(SNIFF)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = [member for member in archive.namelist() if member.lower().endswith((".pkl", ".pickle"))]
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+        return f"a PyTorch zip of pickles ({members[0]})" if members else None
+    return "a pickle stream" if _is_pickle_stream(head) else None
+
+
+def _is_pickle_stream(head: bytes) -> bool:
+    """A PROTO opcode (0x80, protocol 2 to 5, as torch.save writes) followed by valid opcodes."""
+    if len(head) < 3 or head[0] != 0x80 or head[1] not in range(2, 6):
+        return False
+    count = 0
+    try:
+        for opcode, _arg, _pos in pickletools.genops(io.BytesIO(head)):
+            count += 1
+            if opcode.name == "STOP" or count >= 16:
+                return True
+    except ValueError:  # an unknown opcode (random bytes), or the sniffed head ends inside an argument
+        return count >= 4
+    return False  # pragma: no cover - genops ends with STOP or raises
+
+
+def refusal(name: str, kind: str) -> str:
+    return (
+        f"{name} is {kind}: loading it can run code; use a .safetensors file, or set allow_pickle: true on this "
+        f"entry (or {how_to_set('allow_pickle')} for the run) to have it scanned and accepted"
+    )
+
+
+def check_file(path: str, name: str, allowed: bool, entry: str, command: bool = True) -> Findings | None:
+    """Apply the policy to the file at `path` that will be installed as `name` (relative to the store).
+
+    Not pickle-based: None. Pickle-based and not allowed, or found dangerous, or not scannable:
+    PickleError naming the entry. Otherwise the scanner's findings (suspicious imports only).
+    """
+    kind = pickle_kind(path, name)
+    if kind is None:
+        return None
+    if not allowed:
+        raise PickleError(refusal(name, kind), entry)
+    findings = scan(path, name, command)
+    if findings.dangerous:
+        raise PickleError(
+            f"picklescan found dangerous import(s) in {name}: {', '.join(findings.dangerous)}; loading it would run "
+            "that code, so it was not installed; use a .safetensors file or a source you trust",
+            entry,
+        )
+    if findings.error:
+        raise PickleError(
+            f"picklescan could not read all of {name} ({findings.error}), so it was not installed; "
+            "use a .safetensors file",
+            entry,
+        )
+    return findings
+
+
+def scan(path: str, name: str, command: bool = True) -> Findings:
+    """Scan the file at `path` as `name` (its extension picks picklescan's reader)."""
+    try:
+        from picklescan import scanner  # pylint: disable=import-outside-toplevel
+    except (ImportError, SyntaxError):
+        if not command:
+            raise PickleError(
+                f"picklescan is not installed for this Python; install {PICKLESCAN} to scan {name}"
+            ) from None
+        return _scan_with_command(path, name)
+    logging.getLogger("picklescan").setLevel(logging.CRITICAL)  # findings are reported here, once
+    try:
+        with open(path, "rb") as handle:
+            result = scanner.scan_bytes(handle, name, os.path.splitext(name)[1].lower())
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of the scanner leaves the file unscanned
+        return Findings(error=f"{type(error).__name__}: {error}")
+    found = {(g.module, g.name, g.safety.value) for g in result.globals}
+    return Findings(
+        dangerous=sorted(f"{module} {global_}" for module, global_, level in found if level == "dangerous"),
+        suspicious=sorted(f"{module} {global_}" for module, global_, level in found if level == "suspicious"),
+        error="parse error after its imports" if result.scan_err else None,
+    )
+
+
+def _scan_with_command(path: str, name: str) -> Findings:
+    """The host's `comfybake models scan`, whose zipapp carries picklescan."""
+    found = shutil.which("comfybake")
+    program = found or (HOST_COMMAND if os.access(HOST_COMMAND, os.X_OK) else None)
+    if program is None:
+        raise PickleError(
+            f"no pickle scanner to check {name}: install {PICKLESCAN} for this Python, or the comfybake command "
+            f"(the comfyui role installs {HOST_COMMAND}); it was not installed unscanned"
+        )
+    argv = [program, "models", "scan", "--json", "--as", name, path]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=SCAN_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise _command_failed(program, name, str(error)) from None
+    try:
+        report = json.loads(done.stdout)["results"][0]
+        return Findings(
+            dangerous=list(report["dangerous"]), suspicious=list(report["suspicious"]), error=report["error"]
+        )
+    except (ValueError, KeyError, IndexError, TypeError):
+        lines = done.stderr.strip().splitlines()
+        raise _command_failed(program, name, lines[-1] if lines else f"exit status {done.returncode}") from None
+
+
+def _command_failed(program: str, name: str, reason: str) -> PickleError:
+    return PickleError(
+        f"{program} models scan could not scan {name} ({reason}); it was not installed unscanned. "
+        f"Update the comfybake command (the comfyui role installs it) or install {PICKLESCAN} for this Python"
+    )
