@@ -59,3 +59,7 @@ class ArchiveError(FetchError):
 
 class PathError(FetchError):
     """A destination that escapes the model store."""
+
+
+class BudgetError(DiskFullError):
+    """The store would grow past its budget; found before the first byte."""

@@ -33,6 +33,7 @@ class Entry:
     auth: str = "none"  # hf | civitai | none
     allow_http: bool = False
     allow_unverified: bool = False
+    extracted_size: int | None = None  # bytes an archive takes once unpacked, for the budget
 
     @property
     def name(self) -> str:
@@ -105,6 +106,11 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
         raise ManifestError(f"extract needs a folder dest ending in '/', got {dest!r}")
     if files and not extract:
         raise ManifestError("files lists the members of an extracted archive; set extract: true")
+    extracted_size = item.get("extracted_size")
+    if extracted_size is not None and (
+        not isinstance(extracted_size, int) or isinstance(extracted_size, bool) or extracted_size < 0 or not extract
+    ):
+        raise ManifestError(f"extracted_size must be a number of bytes (with extract: true), got {extracted_size!r}")
     allow_http = _flag(item, "allow_http") or options.allow_http
     try:
         source = urllib.parse.urlsplit(url)
@@ -147,6 +153,7 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
         auth=auth,
         allow_http=allow_http,
         allow_unverified=_flag(item, "allow_unverified"),
+        extracted_size=extracted_size,
     )
 
 
