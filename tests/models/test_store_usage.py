@@ -349,6 +349,7 @@ def test_module_prunes_and_removes_absent_entries(hub: MockHub, store: Path, tmp
     converge = playbook(tmp_path, pruning)
     assert converge.returncode == 0 and "changed=1" in converge.stdout, converge.stdout
     assert "freed: 200" in converge.stdout, converge.stdout[-3000:]
+    assert converge.stdout.count("action: removed") == 2, converge.stdout[-3000:]  # state: absent, not prune
     left = sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file() and ".comfybake" not in p.parts)
     assert left == ["vae/keep.safetensors", "vae/mine.safetensors"]
     again = playbook(tmp_path, pruning)
