@@ -80,6 +80,11 @@ options:
             O(allow_pickle). It is scanned before it is moved into place."
         type: bool
         default: false
+      extracted_size:
+        description:
+          - "Bytes an archive (O(models[].extract)) takes once unpacked, for O(budget); twice the archive's size
+            when unset."
+        type: int
   store:
     description:
       - "Root of the model store (C(<folder>/<file>))."
@@ -183,6 +188,27 @@ options:
       - "Permit pickle-based files (C(.ckpt), C(.pt), C(.pth), C(.pkl), and any file or archive member whose bytes
         are a pickle stream or a PyTorch zip) for every entry. Loading them can run code, so each is scanned with
         picklescan before it is moved into place and refused when it imports anything dangerous."
+    type: bool
+    default: false
+  budget:
+    description:
+      - "Most bytes the store may hold, such as C(200GiB) (powers of 1024) or C(2TB) (powers of 1000); none by
+        default."
+      - "Before the first byte the run checks that the store's usage plus everything it is about to download (an
+        archive counts its size plus its extracted size: O(models[].extracted_size), else twice the archive's) fits,
+        and fails naming both numbers otherwise. C(comfybake models prune --budget) removes unreferenced files,
+        least recently used first, until the store fits."
+    type: str
+  protected:
+    description:
+      - "Globs of paths in the store (such as C(checkpoints/mine-*)) that pruning never removes."
+    type: list
+    elements: str
+    default: []
+  prune:
+    description:
+      - "After fetching, remove the files in the store that no entry of the manifest references (and their records
+        and stale partial downloads), except O(protected) globs and files a process has open."
     type: bool
     default: false
 """

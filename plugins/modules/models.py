@@ -35,6 +35,10 @@ description:
     and never over an https to http downgrade.
   - A failing entry does not stop the others; the task fails at the end and lists every
     failure. An invalid manifest fails before any network access.
+  - With O(prune), files in the store that no entry references are removed after fetching, with
+    their records and stale partial downloads; never a O(protected) glob nor a file a process
+    has open. With O(budget), the store's usage plus what the run downloads must fit before the
+    first byte.
 version_added: "0.1.0"
 author: comfybake contributors (@comfybake)
 extends_documentation_fragment:
@@ -91,6 +95,14 @@ EXAMPLES = r"""
     models: "{{ (lookup('ansible.builtin.file', 'models.lock.yml') | from_yaml).models }}"
     mirrors: [https://models.internal.example/store]
     verify: full
+
+- name: Fetch the manifest and remove what it no longer lists, keeping our own checkpoints
+  comfybake.core.models:
+    store: /srv/comfybake/models
+    models: "{{ comfyui_models }}"
+    prune: true
+    protected: [checkpoints/ours-*]
+    budget: 500GiB
 
 - name: Remove a model
   comfybake.core.models:
@@ -164,6 +176,26 @@ bytes:
   returned: always
   type: int
   sample: 0
+pruned:
+  description: What O(prune) removed (in check mode, would remove) and what it kept.
+  returned: when O(prune) is true
+  type: dict
+  contains:
+    removed:
+      description:
+        - Each removed file, relative to the store, with its size and why (C(unreferenced), C(stale partial download)).
+      type: list
+      elements: dict
+    kept:
+      description: Each file prune left, and why (protected, open by a running process, download in progress).
+      type: list
+      elements: dict
+    freed:
+      description: Bytes removed.
+      type: int
+    usage:
+      description: Bytes the store held before pruning.
+      type: int
 """
 
 import os
@@ -181,6 +213,7 @@ from ansible_collections.comfybake.core.plugins.module_utils.fetch import (
     argument_spec,
     human,
     parse_manifest,
+    prune,
 )
 
 ARGUMENT_SPEC = argument_spec(env_fallback)
@@ -191,9 +224,12 @@ def _entries(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in item.items() if v is not None} for item in models]
 
 
-def _diff(results: list[dict[str, Any]]) -> dict[str, str]:
+def _diff(results: list[dict[str, Any]], pruned: dict[str, Any] | None) -> dict[str, str]:
     before: list[str] = []
     after: list[str] = []
+    for item in (pruned or {}).get("removed", []):
+        before.append(f"{item['path']}: present ({human(item['bytes'])})\n")
+        after.append(f"{item['path']}: absent (pruned, {item['why']})\n")
     for item in results:
         if not item.get("changed"):
             continue
@@ -229,6 +265,7 @@ def main() -> None:
         if not os.path.isdir(options.store):
             raise FetchError(f"model store {options.store} does not exist; create it first (the comfyui role does)")
         report = Fetcher(options).run(entries)
+        pruned = prune(options, entries, apply=not module.check_mode) if options.prune else None
     except FetchError as error:
         module.fail_json(msg=str(error), **result)
     except Exception as error:  # noqa: BLE001 - unexpected: report with a traceback
@@ -237,8 +274,11 @@ def main() -> None:
     result["models"] = [item.as_dict() for item in report.results]
     result["changed"] = report.changed
     result["bytes"] = sum(item.bytes for item in report.results)
+    if pruned is not None:
+        result["pruned"] = {k: v for k, v in pruned.as_dict().items() if k not in ("dry_run", "budget")}
+        result["changed"] = result["changed"] or pruned.changed
     if module._diff:
-        result["diff"] = _diff(result["models"])
+        result["diff"] = _diff(result["models"], result.get("pruned"))
     for warning in report.warnings:
         module.warn(warning)
     if report.failed:

@@ -1,4 +1,4 @@
-"""`comfybake models fetch|lock|scan`: the model engine from the command line (and boot-time units)."""
+"""`comfybake models fetch|lock|scan|du|ls|prune`: the model engine from the command line (and boot-time units)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,6 +18,7 @@ from comfybake import yamlfile
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import fetch as engine
 from comfybake.engine.fetch import pickles
+from comfybake.instances import config_root_option
 
 LOCK_FORMAT = 1
 MANIFEST_HELP = "YAML/JSON list of models, a lock file, a vars file, or a models file with settings"
@@ -26,7 +28,12 @@ EXIT_CODES = {
     "lock": "exit status:\n  0  the lock file is written\n  2  the manifest, an option or a source is wrong",
     "scan": "exit status:\n  0  no dangerous import\n  1  some file imports something dangerous, or could not be\n"
     "     read whole (each is named)\n  2  a file is missing or picklescan is not available",
+    "du": "exit status:\n  0  the usage is printed\n  2  a manifest, an option or the store is wrong",
+    "ls": "exit status:\n  0  the files are listed\n  2  a manifest, an option or the store is wrong",
+    "prune": "exit status:\n  0  pruned (or, without --yes, listed what would go)\n"
+    "  2  a manifest, an option or the store is wrong; nothing was removed",
 }
+STORE_MANIFESTS_HELP = "manifests or models files whose entries are in use (default <config-root>/models.yml)"
 
 
 def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
@@ -81,6 +88,8 @@ def options_from(args: argparse.Namespace, settings: dict[str, Any], check_mode:
     for name, declared in engine.SETTINGS.items():
         if declared.secret:  # its flag is --<name>-file (add_arguments); the credential has its name
             given[name] = read_token(getattr(args, f"{name}_file", None), name)
+    if args.action not in ("fetch", "lock"):  # du, ls, prune: neither tokens nor the environment matter
+        given = {name: value for name, value in given.items() if not engine.SETTINGS[name].secret}
     if args.action == "lock":
         given["store"] = "."  # a lock resolves sources; it never touches a store
     return engine.Options.from_params(given, check_mode=check_mode)
@@ -164,15 +173,20 @@ def fetch(args: argparse.Namespace) -> int:
             raise engine.ManifestError(f"model store {options.store} does not exist; create it or fix --store")
         fetcher = engine.Fetcher(options, progress=Bars(sys.stderr), log=lambda line: print(line, file=sys.stderr))
         report = fetcher.run(entries)
+        pruned = engine.prune(options, entries, apply=not args.check) if options.prune else None
     except engine.FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
         payload = {"changed": report.changed, "results": [r.as_dict() for r in report.results]}
+        if pruned is not None:
+            payload.update(changed=report.changed or pruned.changed, pruned=pruned.as_dict())
         json.dump({**payload, "warnings": report.warnings}, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print_summary(report, sys.stdout)
+        if pruned is not None:
+            print_pruned(pruned, sys.stdout)
     return 1 if report.failed else 0
 
 
@@ -224,6 +238,133 @@ def scan(args: argparse.Namespace) -> int:
     return 1 if any(result["dangerous"] or result["error"] for result in results) else 0
 
 
+def store_context(args: argparse.Namespace) -> tuple[engine.Options, list[engine.Entry], dict[str, list[str]]]:
+    """The store, the entries of every manifest in use and the environments' folders, for du, ls and prune."""
+    manifests: list[Path] = list(args.manifests)
+    default = Path(args.config_root) / "models.yml"
+    if not manifests and default.is_file():
+        manifests = [default]
+    loaded = [read_models_file(path) for path in manifests]
+    settings: dict[str, Any] = {}
+    for _models, found in reversed(loaded):  # the first file's settings win
+        settings.update({k: v for k, v in found.items() if k in engine.SETTINGS})
+    if "store" not in settings and not hasattr(args, "store"):
+        raise engine.ManifestError(f"no store: give --store DIR, or a models file that names one (such as {default})")
+    options = options_from(args, settings)
+    if not Path(options.store).is_dir():
+        raise engine.ManifestError(f"model store {options.store} does not exist; fix --store")
+    if args.action == "prune" and not manifests:
+        raise engine.ManifestError(
+            f"no manifest: {default} does not exist and none was given; prune removes what no manifest "
+            "references, so give the manifests in use"
+        )
+    entries = [entry for models, _settings in loaded for entry in engine.parse_manifest(models, options)]
+    root = os.path.realpath(options.store)
+    environments: dict[str, list[str]] = {}
+    for path in sorted(Path(args.config_root).glob("envs/*/extra_model_paths.yaml")):
+        try:
+            document = yamlfile.load(path, "extra_model_paths")
+        except yamlfile.YAMLFileError as error:
+            raise engine.ManifestError(str(error)) from None
+        environments[path.parent.name] = engine.environment_folders(document, root)
+    return options, entries, environments
+
+
+def du(args: argparse.Namespace) -> int:
+    try:
+        options, entries, environments = store_context(args)
+        usage = engine.scan(options, entries, environments)
+    except (engine.FetchError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = usage.summary()
+    if options.budget is not None:
+        summary["budget"] = options.budget
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    out = sys.stdout
+    for title in ("folders", "entries", "environments"):
+        out.write(f"{'bytes':>10} {'files':>6}  {title[:-1] if title != 'entries' else 'entry'}\n")
+        for name, row in summary[title].items():
+            out.write(f"{engine.human(row['bytes']):>10} {row['files']:>6}  {name}\n")
+        out.write("\n")
+    for label in ("unreferenced", "partial"):
+        row = summary[label]
+        extra = f" ({row['in_use']} in use)" if label == "partial" else ""
+        out.write(f"{engine.human(row['bytes']):>10} {row['files']:>6}  {label}{extra}\n")
+    total = summary["total"]
+    out.write(f"{engine.human(total['bytes']):>10} {total['files']:>6}  total in {summary['store']}\n")
+    out.write(f"{engine.human(summary['free']):>10} {'':>6}  free\n")
+    if options.budget is not None:
+        out.write(f"{engine.human(options.budget):>10} {'':>6}  budget\n")
+    return 0
+
+
+def ls(args: argparse.Namespace) -> int:
+    try:
+        options, entries, environments = store_context(args)
+        usage = engine.scan(options, entries, environments)
+    except (engine.FetchError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump([item.as_dict() for item in usage.files], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    sys.stdout.write(f"{'size':>10}  {'state':<12}  {'path':<40}  {'entry':<30}  environments\n")
+    for item in usage.files:
+        state = item.state + (" (in use)" if item.in_use else "")
+        who = item.entry or (f"-> {item.target}" if item.target else "-")
+        where = ",".join(item.environments) or "-"
+        sys.stdout.write(f"{engine.human(item.size):>10}  {state:<12}  {item.path:<40}  {who:<30}  {where}\n")
+    return 0
+
+
+def print_pruned(pruned: engine.Pruned, stream: TextIO) -> None:
+    verb = "would remove" if pruned.dry_run else "removed"
+    for item in pruned.removed:
+        stream.write(f"{verb:>12} {engine.human(item['bytes']):>10}  {item['path']}  ({item['why']})\n")
+    for item in pruned.kept:
+        stream.write(f"{'kept':>12} {engine.human(item['bytes']):>10}  {item['path']}  ({item['why']})\n")
+    freed = "would free" if pruned.dry_run else "freed"
+    budget = f", budget {engine.human(pruned.budget)}" if pruned.budget is not None else ""
+    stream.write(
+        f"{len(pruned.removed)} file(s), {freed} {engine.human(pruned.freed)} of {engine.human(pruned.usage)}{budget}\n"
+    )
+    if pruned.dry_run and pruned.removed:
+        stream.write("dry run: nothing was removed; run again with --yes to remove them\n")
+
+
+def prune(args: argparse.Namespace) -> int:
+    try:
+        options, entries, _environments = store_context(args)
+        budget = options.budget if hasattr(args, "budget") else None  # the flag, not a models file's setting
+        pruned = engine.prune(options, entries, apply=args.yes, budget=budget)
+    except (engine.FetchError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump({"changed": pruned.changed and not pruned.dry_run, **pruned.as_dict()}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_pruned(pruned, sys.stdout)
+    return 0
+
+
+def _store_parser(actions: Any, name: str, helptext: str, func: Callable[[argparse.Namespace], int]) -> Any:
+    parser = actions.add_parser(
+        name, help=helptext, epilog=EXIT_CODES[name], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("manifests", type=Path, nargs="*", help=STORE_MANIFESTS_HELP)
+    engine.add_arguments(parser, name)
+    config_root_option(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     fetch_parser = actions.add_parser(
@@ -260,6 +401,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     scan_parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     scan_parser.set_defaults(func=scan)
+    _store_parser(actions, "du", "the store's usage by folder, manifest entry and environment; free space", du)
+    _store_parser(actions, "ls", "every file of the store: size, state, entry, environments that see it", ls)
+    prune_parser = _store_parser(
+        actions, "prune", "remove files no manifest references (a dry run unless --yes)", prune
+    )
+    prune_parser.add_argument(
+        "--yes", "--apply", dest="yes", action="store_true", help="remove the files (default: only list them)"
+    )
 
 
-SUBCOMMANDS["models"] = ("fetch and verify models, lock a manifest, or scan pickle-based files", configure)
+SUBCOMMANDS["models"] = (
+    "fetch and verify models, lock a manifest, scan pickle-based files, show and prune the store",
+    configure,
+)

@@ -16,6 +16,7 @@
 #   pickles   pickle-based files: detection, the allow_pickle policy, the picklescan scan
 #   archives  safe extraction of zip and tar archives
 #   engine    the Fetcher: probe, preflight, download, verify, record
+#   usage     what the store holds and who uses it, pruning, the disk budget
 """Fetch, verify and record the files of a model manifest in a model store."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .engine import Fetcher
 from .errors import (
     ArchiveError,
     AuthError,
+    BudgetError,
     ChecksumError,
     ContentError,
     DiskFullError,
@@ -50,6 +52,7 @@ from .manifest import (
 from .options import ENTRY, SETTINGS, Options, Setting, add_arguments, argument_spec, render_documentation
 from .report import Progress, Report, Result
 from .store import Store
+from .usage import Pruned, StoreFile, Usage, environment_folders, prune, scan
 
 __all__ = [
     "ENTRY",
@@ -58,6 +61,7 @@ __all__ = [
     "SETTINGS",
     "ArchiveError",
     "AuthError",
+    "BudgetError",
     "ChecksumError",
     "Client",
     "ContentError",
@@ -72,23 +76,29 @@ __all__ = [
     "PathError",
     "PickleError",
     "Progress",
+    "Pruned",
     "RedirectError",
     "Remote",
     "Report",
     "Result",
     "Setting",
     "Store",
+    "StoreFile",
     "StreamHasher",
     "TransferError",
+    "Usage",
     "add_arguments",
     "argument_spec",
     "check_model_header",
     "check_relative_path",
     "display_url",
+    "environment_folders",
     "hash_file",
     "human",
     "parse_civitai_url",
     "parse_hf_url",
     "parse_manifest",
+    "prune",
     "render_documentation",
+    "scan",
 ]

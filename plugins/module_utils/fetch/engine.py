@@ -50,6 +50,7 @@ from .pickles import check_file, kind_by_name, refusal
 from .report import Progress, Report, Result
 from .store import Store, fsync_dir, staging_path, stat_matches, stat_record
 from .transfer import Services, Transfer
+from .usage import check_budget, scan
 
 with contextlib.suppress(ImportError):  # its absence is reported by client.HAS_REQUESTS
     pass
@@ -180,6 +181,8 @@ class Fetcher:
                 item["extract"] = True
                 if entry.files:
                     item["files"] = list(entry.files)
+                if entry.extracted_size is not None:
+                    item["extracted_size"] = entry.extracted_size
             if url.startswith("http://"):
                 item["allow_http"] = True
             if entry.allow_pickle:
@@ -452,10 +455,13 @@ class Fetcher:
         plan.expected = digest.hexdigest()
 
     def _preflight_space(self, plans: Sequence[_Plan]) -> None:
-        """Fail before the first GET when the downloads cannot fit."""
+        """Fail before the first GET when the downloads cannot fit on the disk or in the budget."""
         need: dict[int, list[Any]] = {}
+        needs: list[tuple[str, int]] = []
+        unknown: list[str] = []
         for plan in plans:
             if plan.relpath is None or plan.remote is None or plan.remote.size is None:
+                unknown.append(plan.entry.name)
                 continue
             path = self.store.path(plan.relpath)
             existing = path
@@ -465,9 +471,13 @@ class Fetcher:
             partial = 0
             with contextlib.suppress(OSError):
                 partial = os.stat(staging_path(path, plan.entry.extract)).st_size
+            size = max(0, plan.remote.size - partial)
+            if plan.entry.extract:  # the archive and what it unpacks to are on disk together
+                size += plan.entry.extracted_size if plan.entry.extracted_size is not None else 2 * plan.remote.size
             slot = need.setdefault(device, [0, existing, []])
-            slot[0] += max(0, plan.remote.size - partial)
+            slot[0] += size
             slot[2].append(plan.entry.name)
+            needs.append((plan.entry.name, size))
         for amount, where, names in need.values():
             info = os.statvfs(where)
             free = info.f_bavail * info.f_frsize
@@ -476,6 +486,8 @@ class Fetcher:
                     f"need {human(amount)} on {where} (free {human(free)}) for {', '.join(names)}; "
                     "free space or grow the volume, then run again"
                 )
+        if self.options.budget is not None and plans:
+            check_budget(self.options, scan(self.options, []).total, needs, unknown)
 
     # transfer -----------------------------------------------------------------
 

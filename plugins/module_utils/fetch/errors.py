@@ -64,3 +64,7 @@ class PathError(FetchError):
 class PickleError(ContentError):
     """A pickle-based file (code runs when it is loaded) that the manifest does not allow, or that
     the scanner found dangerous, or that no scanner could check; nothing was installed."""
+
+
+class BudgetError(DiskFullError):
+    """The store would grow past its budget; found before the first byte."""

@@ -40,6 +40,7 @@ class Entry:
     allow_http: bool = False
     allow_unverified: bool = False
     allow_pickle: bool = False  # the entry's allow_pickle or the run's
+    extracted_size: int | None = None  # bytes an archive takes once unpacked, for the budget
 
     @property
     def name(self) -> str:
@@ -118,6 +119,11 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
     kind = kind_by_name(dest) if not dest.endswith("/") and state == "present" and not allow_pickle else None
     if kind:
         raise ManifestError(refusal(f"dest {dest!r}", kind))
+    extracted_size = item.get("extracted_size")
+    if extracted_size is not None and (
+        not isinstance(extracted_size, int) or isinstance(extracted_size, bool) or extracted_size < 0 or not extract
+    ):
+        raise ManifestError(f"extracted_size must be a number of bytes (with extract: true), got {extracted_size!r}")
     allow_http = _flag(item, "allow_http") or options.allow_http
     try:
         source = urllib.parse.urlsplit(url)
@@ -161,6 +167,7 @@ def _parse_entry(index: int, item: Mapping[str, Any], options: Options) -> Entry
         allow_http=allow_http,
         allow_unverified=_flag(item, "allow_unverified"),
         allow_pickle=allow_pickle,
+        extracted_size=extracted_size,
     )
 
 

@@ -30,6 +30,8 @@ from .errors import ManifestError
 MiB = 1 << 20
 SEGMENT = 16 * MiB  # unit of parallel ranges and of resume checkpoints
 FETCH_ONLY = ("fetch",)  # settings of the store, which `models lock` does not touch
+STORE_COMMANDS = ("fetch", "du", "ls", "prune")  # the settings that name the store and its policy
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(i?)(B?)\s*\Z", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Setting:
     env: str | None = None  # the environment variable it falls back to
     secret: bool = False  # a token: never logged; the CLI reads it from a file, never a flag value
     minimum: int | None = None  # the smallest number allowed
-    convert: str | None = None  # how a str becomes the value: octal (a mode), user or group (name or id), url
+    convert: str | None = None  # how a str becomes the value: octal (a mode), user or group (name or id), url, size
     flag: str | None = None  # the CLI flag when it is not --<name>
     commands: tuple[str, ...] = ("fetch", "lock")
 
@@ -56,6 +58,8 @@ def _convert(name: str, declared: Setting, value: Any) -> Any:
         return _octal(name, value)
     if declared.convert in ("user", "group"):
         return _account(name, declared.convert, str(value))
+    if declared.convert == "size":
+        return parse_size(name, value)
     if declared.type == "list":
         if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
             raise ManifestError(f"{name} must be a list of strings, got {value!r}")
@@ -95,6 +99,25 @@ def _number(name: str, kind: str, value: Any) -> int | float:
         raise ManifestError(f"{name} must be a{'n integer' if kind == 'int' else ' number'}, got {value!r}") from None
 
 
+def parse_size(name: str, value: Any) -> int:
+    """A size in bytes from a number or a string such as C(200GiB), C(1.5TB) or C(500G).
+
+    KiB, MiB, GiB, TiB and PiB (and K, M, G, T, P alone) are powers of 1024; KB, MB, GB, TB and
+    PB are powers of 1000, as disk vendors count.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ManifestError(f"{name} must be a size such as '200GiB', '1.5TB' or a number of bytes, got {value!r}")
+    number, prefix, binary, unit = match.groups()
+    power = "KMGTP".find(prefix.upper()) + 1
+    base = 1000 if prefix and unit and not binary else 1024
+    if binary and not prefix:
+        raise ManifestError(f"{name} must be a size such as '200GiB', '1.5TB' or a number of bytes, got {value!r}")
+    return int(float(number) * base**power)
+
+
 def _octal(name: str, value: Any) -> int:
     text = value if isinstance(value, str) else f"{value:o}" if isinstance(value, int) else repr(value)
     if not re.fullmatch(r"0?[0-7]{3,4}", text):
@@ -125,7 +148,9 @@ def setting(type: str, *description: str, default: Any = None, **how: Any) -> An
 class Options:
     """Settings of one run. Tokens live here and nowhere else."""
 
-    store: str = setting("path", "Root of the model store (C(<folder>/<file>)).", required=True, commands=FETCH_ONLY)
+    store: str = setting(
+        "path", "Root of the model store (C(<folder>/<file>)).", required=True, commands=STORE_COMMANDS
+    )
     parallel: int = setting("int", "Files fetched at the same time.", default=4, minimum=1)
     connections: int = setting(
         "int", "Ranged connections per file of 64 MiB or more, when the server supports ranges.", default=4, minimum=1
@@ -198,6 +223,30 @@ class Options:
         " a pickle stream or a PyTorch zip) for every entry. Loading them can run code, so each is scanned with"
         " picklescan before it is moved into place and refused when it imports anything dangerous.",
         default=False,
+    )
+    budget: int | None = setting(
+        "str",
+        "Most bytes the store may hold, such as C(200GiB) (powers of 1024) or C(2TB) (powers of 1000); none by"
+        " default.",
+        "Before the first byte the run checks that the store's usage plus everything it is about to download (an"
+        " archive counts its size plus its extracted size: O(models[].extracted_size), else twice the archive's)"
+        " fits, and fails naming both numbers otherwise. C(comfybake models prune --budget) removes unreferenced"
+        " files, least recently used first, until the store fits.",
+        convert="size",
+        commands=("fetch", "du", "prune"),
+    )
+    protected: tuple[str, ...] = setting(
+        "list",
+        "Globs of paths in the store (such as C(checkpoints/mine-*)) that pruning never removes.",
+        default=[],
+        commands=("fetch", "prune"),
+    )
+    prune: bool = setting(
+        "bool",
+        "After fetching, remove the files in the store that no entry of the manifest references (and their records"
+        " and stale partial downloads), except O(protected) globs and files a process has open.",
+        default=False,
+        commands=FETCH_ONLY,
     )
     # Tuning that users do not set.
     backoff: float = 1.0
@@ -293,6 +342,13 @@ ENTRY: dict[str, Setting] = {
             " O(allow_pickle). It is scanned before it is moved into place.",
         ),
         default=False,
+    ),
+    "extracted_size": Setting(
+        "int",
+        (
+            "Bytes an archive (O(models[].extract)) takes once unpacked, for O(budget); twice the archive's size"
+            " when unset.",
+        ),
     ),
 }
 MODELS = Setting(

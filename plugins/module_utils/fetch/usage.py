@@ -1,0 +1,397 @@
+# PRIVATE to comfybake: not a public API; it may change without notice.
+"""What a store holds and who uses it (`models du|ls`), pruning (`models prune`, the module's
+prune option) and the disk budget.
+
+One walk of the store (os.scandir, lstat only, nothing hashed) classifies every file:
+referenced by a manifest entry (an exact dest, the `names` record of a folder dest, or a file
+inside an extract folder), unreferenced, or partial (a staging file of a download; in use while
+the lock of its destination is held). Environments see a file when one of the folders of their
+extra_model_paths.yaml holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fnmatch
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BudgetError
+from .manifest import Entry, human
+from .options import Options, how_to_set
+from .store import PARTIAL_SUFFIX, STATE_DIR, Store, stat_matches
+
+STAGING_MARK = ".comfybake-"  # every staging name: .<name>[.archive].comfybake-partial[.json], -extract, -old
+STAGING_DIRS = (".comfybake-extract", ".comfybake-old")
+
+
+@dataclass
+class StoreFile:
+    """One file (or staging folder) of the store."""
+
+    path: str  # relative to the store root
+    size: int
+    atime: float
+    mtime: float
+    state: str = "unreferenced"  # verified | unverified | unreferenced | partial
+    entry: str | None = None  # the manifest entry that references it
+    environments: list[str] = field(default_factory=list)
+    in_use: bool = False  # a partial whose destination's lock is held: a download is running
+    target: str | None = None  # a partial's destination
+    folder: bool = False  # a staging folder (extraction under way or left over)
+
+    def as_dict(self) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "path": self.path,
+            "size": self.size,
+            "state": self.state,
+            "entry": self.entry,
+            "environments": self.environments,
+        }
+        if self.state == "partial":
+            item.update(in_use=self.in_use, target=self.target)
+        return item
+
+
+@dataclass
+class Usage:
+    root: str
+    files: list[StoreFile]
+    free: int
+    environments: dict[str, list[str]]
+
+    @property
+    def total(self) -> int:
+        return sum(item.size for item in self.files)
+
+    def summary(self) -> dict[str, Any]:
+        """Bytes and files by folder, by entry, by environment; unreferenced, partials and free space."""
+        folders: dict[str, list[int]] = {}
+        entries: dict[str, list[int]] = {}
+        seen: dict[str, list[int]] = {name: [0, 0] for name in self.environments}
+        for item in self.files:
+            if item.state == "partial":
+                continue
+            _add(folders, item.path.split("/", 1)[0] if "/" in item.path else ".", item.size)
+            if item.entry:
+                _add(entries, item.entry, item.size)
+            for name in item.environments:
+                _add(seen, name, item.size)
+        unreferenced = [item for item in self.files if item.state == "unreferenced"]
+        partial = [item for item in self.files if item.state == "partial"]
+        return {
+            "store": self.root,
+            "total": {"bytes": self.total, "files": len(self.files)},
+            "free": self.free,
+            "folders": _table(folders),
+            "entries": _table(entries),
+            "environments": _table(seen),
+            "unreferenced": {"bytes": sum(i.size for i in unreferenced), "files": len(unreferenced)},
+            "partial": {
+                "bytes": sum(i.size for i in partial),
+                "files": len(partial),
+                "in_use": sum(1 for i in partial if i.in_use),
+            },
+        }
+
+
+def _add(table: dict[str, list[int]], key: str, size: int) -> None:
+    slot = table.setdefault(key, [0, 0])
+    slot[0] += size
+    slot[1] += 1
+
+
+def _table(table: Mapping[str, list[int]]) -> dict[str, dict[str, int]]:
+    return {key: {"bytes": value[0], "files": value[1]} for key, value in sorted(table.items())}
+
+
+def environment_folders(document: Any, root: str) -> list[str]:
+    """The store folders one extra_model_paths.yaml points ComfyUI at, relative to the store root.
+
+    A key maps to one folder (C(loras/)) or to several, one a line; paths are relative to the
+    section's base_path, which must be the store for them to count.
+    """
+    folders: list[str] = []
+    if not isinstance(document, Mapping):
+        return folders
+    for section in document.values():
+        if not isinstance(section, Mapping):
+            continue
+        base = os.path.realpath(str(section.get("base_path") or root))
+        for key, value in section.items():
+            if key in ("base_path", "is_default") or not isinstance(value, str):
+                continue
+            for line in value.splitlines():
+                line = line.strip().rstrip("/")
+                if not line:
+                    continue
+                full = os.path.normpath(os.path.join(base, line))
+                if full == root or full.startswith(root + os.sep):
+                    folders.append(os.path.relpath(full, root))
+    return sorted(set(folders))
+
+
+def _referenced(entries: Sequence[Entry], store: Store) -> tuple[dict[str, str], dict[str, str]]:
+    """Exact files and extract folders the manifests reference, each with the entry's name."""
+    files: dict[str, str] = {}
+    folders: dict[str, str] = {}
+    for entry in entries:
+        if entry.state != "present":
+            continue
+        if entry.extract:
+            folders[entry.dest.rstrip("/")] = entry.name
+        elif not entry.folder:
+            files[entry.dest] = entry.name
+        else:
+            name = store.name_for(entry.key)
+            if name:
+                files[name] = entry.name
+    return files, folders
+
+
+def _lock_held(store: Store, relpath: str) -> bool:
+    """Whether a run holds the lock of `relpath` (Store.locked), tested without waiting or creating it."""
+    name = hashlib.sha1(relpath.encode(), usedforsecurity=False).hexdigest()
+    try:
+        fd = os.open(os.path.join(store.state_dir, "locks", name + ".lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _staging_target(directory: str, name: str) -> str:
+    """The destination a staging name belongs to: .<name>[.archive].comfybake-partial[.json] -> <name>."""
+    base = name[1:].split(STAGING_MARK, 1)[0]
+    if base.endswith(".archive") and name.endswith((PARTIAL_SUFFIX, PARTIAL_SUFFIX + ".json")):
+        base = base[: -len(".archive")]
+    return f"{directory}/{base}" if directory else base
+
+
+def scan(options: Options, entries: Sequence[Entry], environments: Mapping[str, Sequence[str]] | None = None) -> Usage:
+    """Walk the store once and classify every file; `environments` maps a name to its store folders."""
+    store = Store(options)
+    files, folders = _referenced(entries, store)
+    archives: dict[str, Any] = store.records["archives"]
+    envs = {name: list(paths) for name, paths in (environments or {}).items()}
+    found: list[StoreFile] = []
+
+    def walk(directory: str, relative: str) -> None:
+        with os.scandir(directory) as items:
+            for item in items:
+                relpath = f"{relative}/{item.name}" if relative else item.name
+                if not relative and item.name == STATE_DIR:
+                    continue
+                info = item.stat(follow_symlinks=False)
+                staging = item.name.startswith(".") and STAGING_MARK in item.name
+                if item.is_dir(follow_symlinks=False):
+                    if staging and item.name.endswith(STAGING_DIRS):
+                        size = sum(_sizes(item.path))
+                        target = _staging_target(relative, item.name)
+                        found.append(_partial(store, relpath, target, size, info, folder=True))
+                    else:
+                        walk(item.path, relpath)
+                    continue
+                if staging:
+                    found.append(_partial(store, relpath, _staging_target(relative, item.name), info.st_size, info))
+                    continue
+                record = StoreFile(relpath, info.st_size, info.st_atime, info.st_mtime)
+                _classify(record, store, files, folders, archives)
+                record.environments = sorted(n for n, paths in envs.items() if _visible(relpath, paths))
+                found.append(record)
+
+    if os.path.isdir(store.root):
+        walk(store.root, "")
+    space = os.statvfs(store.root)
+    found.sort(key=lambda item: item.path)
+    return Usage(store.root, found, space.f_bavail * space.f_frsize, envs)
+
+
+def _sizes(directory: str) -> Iterable[int]:
+    for base, _dirs, names in os.walk(directory):
+        for name in names:
+            with contextlib.suppress(OSError):
+                yield os.lstat(os.path.join(base, name)).st_size
+
+
+def _partial(
+    store: Store, relpath: str, target: str, size: int, info: os.stat_result, folder: bool = False
+) -> StoreFile:
+    item = StoreFile(relpath, size, info.st_atime, info.st_mtime, state="partial", target=target, folder=folder)
+    item.in_use = _lock_held(store, target)
+    return item
+
+
+def _classify(
+    item: StoreFile, store: Store, files: Mapping[str, str], folders: Mapping[str, str], archives: Mapping[str, Any]
+) -> None:
+    relpath = item.path
+    if relpath in files:
+        item.entry = files[relpath]
+        record = store.file_record(relpath)
+        good = record is not None and record.get("verified", True) and stat_matches(store.path(relpath), record)
+        item.state = "verified" if good else "unverified"
+        return
+    for folder, name in folders.items():
+        if relpath.startswith(folder + "/"):
+            item.entry = name
+            member = (archives.get(folder) or {}).get("files", {}).get(relpath[len(folder) + 1 :])
+            full = os.path.join(store.root, relpath)
+            item.state = "verified" if member and stat_matches(full, member) else "unverified"
+            return
+
+
+def _visible(relpath: str, folders: Sequence[str]) -> bool:
+    return any(folder == "." or relpath.startswith(folder + "/") for folder in folders)
+
+
+# pruning -------------------------------------------------------------------------------
+
+
+@dataclass
+class Pruned:
+    """What prune removed (or, in a dry run, would remove), and what it kept and why."""
+
+    removed: list[dict[str, Any]] = field(default_factory=list)  # path, bytes, why
+    kept: list[dict[str, Any]] = field(default_factory=list)  # path, bytes, why
+    dry_run: bool = True
+    budget: int | None = None
+    usage: int = 0  # the store's bytes before pruning
+
+    @property
+    def freed(self) -> int:
+        return sum(item["bytes"] for item in self.removed)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.removed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "removed": self.removed,
+            "kept": self.kept,
+            "freed": self.freed,
+            "usage": self.usage,
+            "budget": self.budget,
+        }
+
+
+def open_files() -> set[str]:
+    """Every path a process on this host has open, from /proc/*/fd (those this user may read)."""
+    paths: set[str] = set()
+    with contextlib.suppress(OSError):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            fds = f"/proc/{pid}/fd"
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(fds):
+                    with contextlib.suppress(OSError):
+                        paths.add(os.readlink(f"{fds}/{fd}"))
+    return paths
+
+
+def prune(
+    options: Options,
+    entries: Sequence[Entry],
+    apply: bool,
+    budget: int | None = None,
+) -> Pruned:
+    """Remove what no entry references: unreferenced files (with their records) and stale partials.
+
+    Never a path matching an O(protected) glob, never a file a process has open, never a partial
+    whose download is running. With `budget`, unreferenced files go least recently used first
+    (atime, then mtime) only until the store fits; stale partials always go.
+    """
+    usage = scan(options, entries)
+    store = Store(options)
+    report = Pruned(dry_run=not apply, budget=budget, usage=usage.total)
+    busy = open_files()
+    candidates: list[tuple[StoreFile, str]] = []
+    for item in usage.files:
+        if item.state == "partial":
+            if item.in_use:
+                report.kept.append({"path": item.path, "bytes": item.size, "why": "download in progress"})
+            else:
+                candidates.append((item, "stale partial download"))
+        elif item.state == "unreferenced":
+            candidates.append((item, "unreferenced"))
+    partials = [c for c in candidates if c[0].state == "partial"]
+    unreferenced = sorted((c for c in candidates if c[0].state != "partial"), key=lambda c: (c[0].atime, c[0].mtime))
+    remaining = usage.total
+    for item, why in [*partials, *unreferenced]:
+        if budget is not None and item.state != "partial" and remaining <= budget:
+            break
+        full = os.path.join(store.root, item.path)
+        keep = _keep_reason(item, full, options.protected, busy)
+        if keep:
+            report.kept.append({"path": item.path, "bytes": item.size, "why": keep})
+            continue
+        if apply and not _remove(store, item, full):
+            report.kept.append({"path": item.path, "bytes": item.size, "why": "changed while pruning"})
+            continue
+        report.removed.append({"path": item.path, "bytes": item.size, "why": why})
+        remaining -= item.size
+    return report
+
+
+def _keep_reason(item: StoreFile, full: str, protected: Sequence[str], busy: set[str]) -> str | None:
+    for pattern in protected:
+        if fnmatch.fnmatchcase(item.path, pattern) or (item.target and fnmatch.fnmatchcase(item.target, pattern)):
+            return f"protected ({pattern})"
+    real = os.path.realpath(full)
+    if real in busy or (item.folder and any(path.startswith(real + os.sep) for path in busy)):
+        return "open by a running process"
+    return None
+
+
+def _remove(store: Store, item: StoreFile, full: str) -> bool:
+    """Remove one file under its destination's lock, unless it changed since the walk (a run wrote it)."""
+    with store.locked(item.target or item.path):
+        try:
+            info = os.lstat(full)
+            if not item.folder and (info.st_size, info.st_mtime) != (item.size, item.mtime):
+                return False
+            if item.folder:
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)
+        except FileNotFoundError:
+            pass
+        if item.state != "partial":
+            store.refresh()
+            store.record("files", item.path, None)
+            for key, name in list(store.records["names"].items()):
+                if name == item.path:
+                    store.record("names", key, None)
+    return True
+
+
+# the budget ------------------------------------------------------------------------------
+
+
+def check_budget(options: Options, usage: int, needs: Sequence[tuple[str, int]], unknown: Sequence[str]) -> None:
+    """Fail before the first byte when usage plus what the run will add exceeds O(budget)."""
+    if options.budget is None:
+        return
+    need = sum(size for _name, size in needs)
+    if usage + need <= options.budget:
+        return
+    names = ", ".join(name for name, _size in needs)
+    extra = f" ({len(unknown)} more of unknown size: {', '.join(unknown)})" if unknown else ""
+    raise BudgetError(
+        f"the store would hold {human(usage + need)} ({human(usage)} now + {human(need)} for {names}{extra}), "
+        f"over its budget of {human(options.budget)}; raise {how_to_set('budget')}, or free space with "
+        "`comfybake models prune`"
+    )

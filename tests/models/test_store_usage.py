@@ -1,0 +1,356 @@
+"""Issue 17, items 9-11: what the store holds (`models du|ls`), pruning (`models prune`, the module's
+prune option), disk budgets, and `state: absent` per entry, on real stores filled from loopback hubs,
+with real processes holding files open and locks held."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness import archives
+from harness.mockhub import MockHub
+from harness.models import Run, safetensors, sha256, tree_hash
+from test_cli_and_module import playbook
+
+from comfybake.cli import main
+
+MiB = 1 << 20
+
+
+def write(path: Path, data: object) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    capsys.readouterr()
+    code = main(["models", *argv, "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+@pytest.fixture
+def holder() -> Iterator[Any]:
+    """Real processes that hold a file open, or hold a store lock, until the test ends."""
+    started: list[subprocess.Popen[str]] = []
+
+    def hold(path: Path, lock: bool = False) -> None:
+        code = (
+            "import fcntl, sys\n"
+            f"f = open({str(path)!r}, 'a')\n"
+            + ("fcntl.flock(f, fcntl.LOCK_EX)\n" if lock else "")
+            + "print('ready', flush=True)\nsys.stdin.read()\n"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        started.append(process)
+
+    yield hold
+    for process in started:
+        process.communicate("")
+
+
+def lock_file(store: Path, relpath: str) -> Path:
+    name = hashlib.sha1(relpath.encode(), usedforsecurity=False).hexdigest()
+    path = store / ".comfybake" / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def env_folder(config: Path, name: str, store: Path, folders: dict[str, str]) -> None:
+    """An environment's extra_model_paths.yaml as the comfyui_environments role writes it."""
+    folder = config / "envs" / name
+    folder.mkdir(parents=True)
+    section = {"base_path": str(store), "is_default": True, **folders}
+    write(folder / "extra_model_paths.yaml", {"comfybake_store": section})
+
+
+@pytest.fixture
+def filled(hub: MockHub, store: Path, run: Run, tmp_path: Path) -> dict[str, Any]:
+    """A store with an exact dest, a folder dest (a `names` record), an extracted archive, an
+    unreferenced file, a stale partial and one whose download is running; a models file; two
+    environments with different extra folders."""
+    exact, named = safetensors(b"e" * 5000, seed=1), safetensors(b"n" * 7000, seed=2)
+    pack = archives.zip_bytes({"a.onnx": b"a" * 3000, "sub/b.onnx": b"b" * 2000})
+    hub.add("/exact.safetensors", exact)
+    hub.add("/files/named.safetensors", named)
+    hub.add("/pack.zip", pack)
+    models = [
+        {"url": f"{hub.url}/exact.safetensors", "dest": "checkpoints/exact.safetensors", "sha256": sha256(exact)},
+        {"url": f"{hub.url}/files/named.safetensors", "dest": "loras/", "sha256": sha256(named)},
+        {"url": f"{hub.url}/pack.zip", "dest": "insightface/models/pack/", "extract": True, "sha256": sha256(pack)},
+    ]
+    report = run(models)
+    assert [r.action for r in report.results] == ["downloaded", "downloaded", "extracted"], report.results
+    (store / "loras" / "old.safetensors").write_bytes(b"o" * 1100)
+    (store / "upscale").mkdir()
+    (store / "upscale" / "x4.pth").write_bytes(b"u" * 1300)
+    (store / "checkpoints" / ".gone.safetensors.comfybake-partial").write_bytes(b"p" * 900)
+    (store / "checkpoints" / ".busy.safetensors.comfybake-partial").write_bytes(b"q" * 800)
+    config = tmp_path / "etc"
+    settings = {"store": str(store), "allow_http": True}
+    config.mkdir()
+    write(config / "models.yml", {**settings, "models": models})
+    env_folder(config, "base", store, {"checkpoints": "checkpoints/", "loras": "loras/"})
+    faces = {"checkpoints": "checkpoints/", "insightface": "insightface/", "upscale_models": "upscale/"}
+    env_folder(config, "faces", store, faces)
+    return {"models": models, "config": config, "exact": exact, "named": named, "pack": pack}
+
+
+def test_du_and_ls_classify_every_file_by_entry_state_and_environment(
+    filled: dict[str, Any], store: Path, holder: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    holder(lock_file(store, "checkpoints/busy.safetensors"), lock=True)
+    config = str(filled["config"])
+    files = {item["path"]: item for item in cli_json(capsys, "ls", "--config-root", config)}
+    exact, named = len(filled["exact"]), len(filled["named"])
+    assert {path: (item["state"], item["entry"], item["size"]) for path, item in files.items()} == {
+        "checkpoints/exact.safetensors": ("verified", "checkpoints/exact.safetensors", exact),
+        "loras/named.safetensors": ("verified", "loras/", named),
+        "insightface/models/pack/a.onnx": ("verified", "insightface/models/pack/", 3000),
+        "insightface/models/pack/sub/b.onnx": ("verified", "insightface/models/pack/", 2000),
+        "loras/old.safetensors": ("unreferenced", None, 1100),
+        "upscale/x4.pth": ("unreferenced", None, 1300),
+        "checkpoints/.gone.safetensors.comfybake-partial": ("partial", None, 900),
+        "checkpoints/.busy.safetensors.comfybake-partial": ("partial", None, 800),
+    }
+    assert files["checkpoints/.busy.safetensors.comfybake-partial"]["in_use"] is True
+    assert files["checkpoints/.gone.safetensors.comfybake-partial"]["in_use"] is False
+    assert files["checkpoints/exact.safetensors"]["environments"] == ["base", "faces"]
+    assert files["loras/named.safetensors"]["environments"] == ["base"]
+    assert files["insightface/models/pack/sub/b.onnx"]["environments"] == ["faces"]
+    assert files["upscale/x4.pth"]["environments"] == ["faces"]
+
+    usage = cli_json(capsys, "du", "--config-root", config)
+    assert usage["entries"] == {
+        "checkpoints/exact.safetensors": {"bytes": exact, "files": 1},
+        "insightface/models/pack/": {"bytes": 5000, "files": 2},
+        "loras/": {"bytes": named, "files": 1},
+    }
+    assert usage["folders"] == {
+        "checkpoints": {"bytes": exact, "files": 1},
+        "insightface": {"bytes": 5000, "files": 2},
+        "loras": {"bytes": named + 1100, "files": 2},
+        "upscale": {"bytes": 1300, "files": 1},
+    }
+    assert usage["environments"] == {
+        "base": {"bytes": exact + named + 1100, "files": 3},
+        "faces": {"bytes": exact + 5000 + 1300, "files": 4},
+    }
+    assert usage["unreferenced"] == {"bytes": 2400, "files": 2}
+    assert usage["partial"] == {"bytes": 1700, "files": 2, "in_use": 1}
+    assert usage["total"] == {"bytes": exact + named + 5000 + 2400 + 1700, "files": 8}
+    assert usage["free"] > 0
+    capsys.readouterr()
+    assert main(["models", "du", "--config-root", config]) == 0
+    table = capsys.readouterr().out
+    assert "unreferenced" in table and "partial (1 in use)" in table and "free" in table
+
+
+def test_prune_dry_run_then_apply_removes_exactly_the_unreferenced(
+    filled: dict[str, Any], store: Path, holder: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    holder(lock_file(store, "checkpoints/busy.safetensors"), lock=True)
+    (store / "loras" / "mine.safetensors").write_bytes(b"m" * 600)
+    (store / "loras" / "playing.safetensors").write_bytes(b"y" * 700)
+    holder(store / "loras" / "playing.safetensors")  # a running instance has it open
+    config = str(filled["config"])
+    before = tree_hash(store)
+    records = (store / ".comfybake" / "verified.json").read_text()
+    protect = ["--protected", "loras/mine-*", "--protected", "loras/mine.*"]
+    dry = cli_json(capsys, "prune", "--config-root", config, *protect)
+    assert dry["dry_run"] is True and dry["changed"] is False
+    assert tree_hash(store) == before
+    assert (store / "checkpoints" / ".gone.safetensors.comfybake-partial").exists()
+    assert (store / ".comfybake" / "verified.json").read_text() == records
+    removed = {item["path"]: item["bytes"] for item in dry["removed"]}
+    assert removed == {
+        "checkpoints/.gone.safetensors.comfybake-partial": 900,
+        "loras/old.safetensors": 1100,
+        "upscale/x4.pth": 1300,
+    }
+    kept = {item["path"]: item["why"] for item in dry["kept"]}
+    assert kept == {
+        "checkpoints/.busy.safetensors.comfybake-partial": "download in progress",
+        "loras/mine.safetensors": "protected (loras/mine.*)",
+        "loras/playing.safetensors": "open by a running process",
+    }
+    capsys.readouterr()
+    assert main(["models", "prune", "--config-root", config, "--protected", "loras/mine.*"]) == 0
+    assert "dry run: nothing was removed" in capsys.readouterr().out
+
+    applied = cli_json(capsys, "prune", "--config-root", config, "--protected", "loras/mine.*", "--yes")
+    assert applied["changed"] is True and applied["freed"] == 3300
+    assert {item["path"] for item in applied["removed"]} == set(removed)
+    after = tree_hash(store)
+    assert set(before) - set(after) == set(removed)
+    assert {k: v for k, v in before.items() if k in after} == after
+    # The records of referenced files stay; a second prune finds nothing more.
+    again = cli_json(capsys, "prune", "--config-root", config, "--protected", "loras/mine.*", "--yes")
+    assert again["removed"] == [] and again["changed"] is False
+    files = {item["path"]: item["state"] for item in cli_json(capsys, "ls", "--config-root", config)}
+    assert files["loras/named.safetensors"] == "verified"
+
+
+def test_prune_removes_the_records_of_what_it_removes(
+    hub: MockHub, store: Path, run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder dest dropped from the manifest: its file, its `files` record and its `names` record go."""
+    body = safetensors(seed=9)
+    hub.add("/files/dropped.safetensors", body)
+    entry = {"url": f"{hub.url}/files/dropped.safetensors", "dest": "loras/", "sha256": sha256(body)}
+    assert run.one([entry]).action == "downloaded"
+    manifest = write(tmp_path / "empty.yml", {"store": str(store), "models": []})
+    pruned = cli_json(capsys, "prune", str(manifest), "--yes", "--config-root", str(tmp_path / "none"))
+    assert [item["path"] for item in pruned["removed"]] == ["loras/dropped.safetensors"]
+    records = json.loads((store / ".comfybake" / "verified.json").read_text())
+    assert records["files"] == {} and records["names"] == {}
+    # Fetched again, it is downloaded again, not taken for present on a stale name.
+    assert run.one([entry]).action == "downloaded"
+
+
+def test_prune_refuses_without_a_manifest(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (store / "a.bin").write_bytes(b"x")
+    code = main(["models", "prune", "--store", str(store), "--config-root", str(tmp_path / "etc"), "--yes"])
+    assert code == 2
+    assert "no manifest" in capsys.readouterr().err
+    assert (store / "a.bin").exists()
+
+
+def test_prune_budget_removes_least_recently_used_first(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = time.time()
+    for index, name in enumerate(["oldest", "older", "newer", "newest"]):
+        path = store / "loras" / f"{name}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * MiB)
+        os.utime(path, (now - 10_000 + index * 1000, now - 10_000))
+    manifest = write(tmp_path / "models.yml", {"store": str(store), "models": []})
+    config = ["--config-root", str(tmp_path / "none")]
+    pruned = cli_json(capsys, "prune", str(manifest), *config, "--budget", "2.5MiB", "--yes")
+    assert [item["path"] for item in pruned["removed"]] == ["loras/oldest.safetensors", "loras/older.safetensors"]
+    assert pruned["freed"] == 2 * MiB and pruned["budget"] == int(2.5 * MiB)
+    assert sorted(p.name for p in (store / "loras").iterdir()) == ["newer.safetensors", "newest.safetensors"]
+    fits = cli_json(capsys, "prune", str(manifest), *config, "--budget", "2MiB", "--yes")
+    assert fits["removed"] == []
+
+
+def test_budget_is_checked_before_any_get_and_passes_when_it_fits(
+    hub: MockHub, store: Path, run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = os.urandom(2 * MiB)
+    pack = archives.zip_bytes({"m.onnx": os.urandom(MiB)})
+    hub.add("/files/big.bin", body)
+    hub.add("/pack.zip", pack)
+    (store / "old.bin").write_bytes(b"o" * MiB)
+    models = [
+        {"url": f"{hub.url}/files/big.bin", "dest": "unet/big.bin", "sha256": sha256(body)},
+        {"url": f"{hub.url}/pack.zip", "dest": "pack/", "extract": True, "sha256": sha256(pack)},
+    ]
+    # 1 MiB in the store + 2 MiB + the archive and twice its size unpacked > 4 MiB.
+    report = run(models, budget=4 * MiB)
+    assert [r.action for r in report.results] == ["failed", "failed"]
+    message = report.results[0].msg or ""
+    assert "over its budget of 4.0 MiB" in message, message
+    assert "budget (--budget, comfyui_models_budget)" in message
+    assert "1.0 MiB now" in message
+    assert [r.method for r in hub.requests() if r.method == "GET"] == []
+    assert [p.name for p in store.iterdir() if p.name != ".comfybake"] == ["old.bin"]
+    # The archive's extracted size, when the entry gives it, replaces the estimate; then it fits.
+    sized = [models[0], {**models[1], "extracted_size": MiB + 4096}]
+    manifest = write(tmp_path / "models.yml", {"store": str(store), "allow_http": True, "models": sized})
+    capsys.readouterr()
+    assert main(["models", "fetch", str(manifest), "--budget", "6MiB"]) == 0, capsys.readouterr().err
+    assert (store / "unet" / "big.bin").stat().st_size == 2 * MiB
+    # Through the CLI, the refusal is the same, before any GET.
+    hub.reset_log()
+    (store / "unet" / "big.bin").unlink()
+    capsys.readouterr()
+    assert main(["models", "fetch", str(manifest), "--budget", "3MiB", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert "over its budget of 3.0 MiB" in out["results"][0]["msg"]
+    assert [r for r in hub.requests() if r.method == "GET"] == []
+
+
+def test_budget_sizes_are_parsed_and_bad_ones_refused(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from comfybake.engine.fetch import ManifestError, Options
+
+    assert Options.from_params({"store": str(store), "budget": "200GiB"}).budget == 200 << 30
+    assert Options.from_params({"store": str(store), "budget": "2TB"}).budget == 2 * 10**12
+    assert Options.from_params({"store": str(store), "budget": "500G"}).budget == 500 << 30
+    assert Options.from_params({"store": str(store), "budget": 1234}).budget == 1234
+    with pytest.raises(ManifestError, match="budget must be a size such as '200GiB'"):
+        Options.from_params({"store": str(store), "budget": "lots"})
+    with pytest.raises(SystemExit) as usage_error:
+        main(["models", "du", "--store", str(store), "--budget", "many"])
+    assert usage_error.value.code == 2
+    assert "argument --budget: budget must be a size" in capsys.readouterr().err
+
+
+def test_state_absent_removes_an_exact_and_a_folder_dest_through_the_cli(
+    hub: MockHub, store: Path, run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exact, named = safetensors(seed=3), safetensors(seed=4)
+    hub.add("/exact.safetensors", exact)
+    hub.add("/files/named.safetensors", named)
+    models = [
+        {"url": f"{hub.url}/exact.safetensors", "dest": "vae/exact.safetensors", "sha256": sha256(exact)},
+        {"url": f"{hub.url}/files/named.safetensors", "dest": "loras/", "sha256": sha256(named)},
+    ]
+    manifest = write(tmp_path / "models.yml", {"store": str(store), "allow_http": True, "models": models})
+    assert main(["models", "fetch", str(manifest)]) == 0
+    assert (store / "vae" / "exact.safetensors").exists() and (store / "loras" / "named.safetensors").exists()
+    write(manifest, {"store": str(store), "allow_http": True, "models": [{**m, "state": "absent"} for m in models]})
+    result = cli_json(capsys, "fetch", str(manifest))
+    assert [(r["action"], r["changed"]) for r in result["results"]] == [("removed", True), ("removed", True)]
+    assert not (store / "vae" / "exact.safetensors").exists() and not (store / "loras" / "named.safetensors").exists()
+    records = json.loads((store / ".comfybake" / "verified.json").read_text())
+    assert records["files"] == {} and records["names"] == {}
+    again = cli_json(capsys, "fetch", str(manifest))
+    assert [(r["action"], r["changed"]) for r in again["results"]] == [("absent", False), ("absent", False)]
+
+
+def test_module_prunes_and_removes_absent_entries(hub: MockHub, store: Path, tmp_path: Path) -> None:
+    keep, drop, gone = safetensors(seed=6), safetensors(seed=7), safetensors(seed=8)
+    hub.add("/keep.safetensors", keep)
+    hub.add("/files/drop.safetensors", drop)
+    hub.add("/gone.safetensors", gone)
+    entries = [
+        {"url": f"{hub.url}/keep.safetensors", "dest": "vae/keep.safetensors", "sha256": sha256(keep)},
+        {"url": f"{hub.url}/files/drop.safetensors", "dest": "loras/", "sha256": sha256(drop)},
+        {"url": f"{hub.url}/gone.safetensors", "dest": "vae/gone.safetensors", "sha256": sha256(gone)},
+    ]
+    args: dict[str, object] = {"store": str(store), "allow_http": True, "models": entries}
+    first = playbook(tmp_path, args)
+    assert first.returncode == 0 and "changed=1" in first.stdout, first.stdout
+    (store / "vae" / "mine.safetensors").write_bytes(b"m" * 100)
+    # An exact dest and a folder dest marked absent, the protected file kept, the rest pruned.
+    (store / "upscale").mkdir()
+    (store / "upscale" / "stray.pth").write_bytes(b"s" * 200)
+    absent = [entries[0], {**entries[1], "state": "absent"}, {**entries[2], "state": "absent"}]
+    pruning = {**args, "models": absent, "prune": True, "protected": ["vae/mine.*"]}
+    check = playbook(tmp_path, pruning, "--check", "--diff")
+    assert check.returncode == 0 and "changed=1" in check.stdout, check.stdout
+    assert "upscale/stray.pth: absent (pruned, unreferenced)" in check.stdout
+    assert (store / "upscale" / "stray.pth").exists() and (store / "vae" / "gone.safetensors").exists()
+    converge = playbook(tmp_path, pruning)
+    assert converge.returncode == 0 and "changed=1" in converge.stdout, converge.stdout
+    assert "freed: 200" in converge.stdout, converge.stdout[-3000:]
+    assert converge.stdout.count("action: removed") == 2, converge.stdout[-3000:]  # state: absent, not prune
+    left = sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file() and ".comfybake" not in p.parts)
+    assert left == ["vae/keep.safetensors", "vae/mine.safetensors"]
+    again = playbook(tmp_path, pruning)
+    assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout
