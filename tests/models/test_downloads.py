@@ -573,6 +573,30 @@ def test_unverified_file_with_only_a_weak_etag_is_fetched_in_one_stream_and_neve
     assert any("in one stream: no sha256 and no strong validator" in w for w in report.warnings), report.warnings
 
 
+def test_unverified_file_with_only_last_modified_is_fetched_in_one_stream_and_never_resumed(
+    run: Run, hub: MockHub, store: Path
+) -> None:
+    """Last-Modified is a weak validator (RFC 9110): without a hash it proves no range; with one it may."""
+    body = os.urandom(6 * MiB)
+    stamp = "Wed, 02 Dec 2026 10:00:00 GMT"
+    hub.add("/m/lm.bin", body, etag=None, last_modified=stamp, truncate_at=2 * MiB, truncate_times=1)
+    entry = {"url": f"{hub.url}/m/lm.bin", "dest": "vae/lm.bin", "allow_unverified": True}
+    failed = run.one([entry], connections=4, retries=0)
+    assert failed.action == "failed"
+    assert list((store / "vae").iterdir()) == [], "a partial proven only by Last-Modified was kept for a resume"
+    report = run([entry], connections=4)
+    assert (report.results[0].action, report.results[0].verified) == ("downloaded", False)
+    assert (store / "vae" / "lm.bin").read_bytes() == body
+    gets = [r for r in hub.requests("/m/lm.bin") if r.method == "GET"]
+    assert all("Range" not in r.headers for r in gets), "ranges stitched on the strength of Last-Modified"
+    assert any("in one stream: no sha256 and no strong validator" in w for w in report.warnings), report.warnings
+    hub.add("/m/pinned.bin", body, etag=None, last_modified=stamp)
+    pinned = {"url": f"{hub.url}/m/pinned.bin", "dest": "vae/pinned.bin", "sha256": sha256(body)}
+    assert run.one([pinned], connections=4).action == "downloaded"
+    ranged = [r for r in hub.requests("/m/pinned.bin") if r.method == "GET" and "Range" in r.headers]
+    assert len(ranged) > 1 and all(r.headers.get("If-Range") == stamp for r in ranged), "with a hash, ranges stay"
+
+
 def test_resume_without_a_strong_validator_restarts_from_zero(run: Run, hub: MockHub, store: Path) -> None:
     """A checkpoint of an unverified file whose server now has only a weak ETag is not resumed."""
     body = os.urandom(3 * MiB)

@@ -98,14 +98,19 @@ class Remote:
 
     @property
     def validator(self) -> str | None:
-        """The strong validator sent as If-Range: a strong ETag (a weak `W/` one is not), else Last-Modified."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return self.last_modified
+        """The validator sent as If-Range: a strong ETag, else Last-Modified. Only with a hash to check
+        does Last-Modified suffice: it is weak (RFC 9110 8.8.2.2), so without one see `strong_etag`."""
+        return self.strong_etag or self.last_modified
+
+    @property
+    def strong_etag(self) -> str | None:
+        """The one validator that proves ranges are of one representation without a hash: a strong ETag
+        (a weak `W/` one is not, nor is Last-Modified)."""
+        return self.etag if self.etag and not self.etag.startswith("W/") else None
 
     def validator_of(self, response: requests.Response) -> str | None:
         """The same kind of validator as `validator` (ETag or Last-Modified) in another response of the source."""
-        if self.etag and not self.etag.startswith("W/"):
+        if self.strong_etag:
             return response.headers.get("ETag")
         return response.headers.get("Last-Modified")
 

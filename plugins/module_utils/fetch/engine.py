@@ -612,8 +612,8 @@ class Fetcher:
             why = f"the remote size changed ({state.get('size')} -> {source.size})"
         elif state.get("validator") != source.validator:
             why = f"the remote changed (validator {state.get('validator')} -> {source.validator})"
-        elif plan.expected is None and not source.validator:
-            why = "without a sha256, only a strong validator (a strong ETag or Last-Modified) proves the kept bytes"
+        elif plan.expected is None and not source.strong_etag:
+            why = "without a sha256, only a strong ETag (not a weak one, nor Last-Modified) proves the kept bytes"
         elif not source.ranges and state.get("prefix", 0) < (source.size or 0):
             why = "the server no longer accepts Range requests"
         if why:

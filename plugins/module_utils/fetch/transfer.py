@@ -72,9 +72,10 @@ class Transfer:
         if source.url.startswith("file://"):
             self._copy_file()
             return self.transferred
-        # Without a hash to check, ranges are stitched together only when a strong validator lets
-        # every one of them prove it is of the representation the probe saw (see _prove).
-        self.resumable = bool(source.ranges and source.size and (source.validator or self.expected))
+        # Without a hash to check, ranges are stitched together only when a strong ETag lets every
+        # one of them prove it is of the representation the probe saw (see _prove); Last-Modified is
+        # weak (RFC 9110 8.8.2.2): with a hash it is sent as If-Range, and the hash decides.
+        self.resumable = bool(source.ranges and source.size and (source.strong_etag or self.expected))
         worth_splitting = (
             source.ranges
             and options.connections > 1
@@ -84,7 +85,7 @@ class Transfer:
         if worth_splitting and not self.resumable:
             self.warn(
                 f"{self.entry.name}: fetching it in one stream: no sha256 and no strong validator "
-                "(a strong ETag or Last-Modified) to prove that its ranges are of one file"
+                "(a strong ETag; a weak one or Last-Modified is not) to prove that its ranges are of one file"
             )
         if (worth_splitting and self.resumable) or self.done:
             try:
