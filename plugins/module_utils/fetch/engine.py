@@ -48,7 +48,16 @@ from .manifest import (
 from .options import Options
 from .pickles import check_file, kind_by_name, refusal
 from .report import Progress, Report, Result
-from .store import Store, fsync_dir, staging_path, stat_matches, stat_record
+from .store import (
+    EXTRACT_SUFFIX,
+    OLD_SUFFIX,
+    Store,
+    fsync_dir,
+    staging_path,
+    stat_matches,
+    stat_record,
+    work_path,
+)
 from .transfer import Services, Transfer
 from .usage import check_budget, scan
 
@@ -627,7 +636,7 @@ class Fetcher:
         relpath = plan.where()
         target = self.store.path(relpath)
         parent = os.path.dirname(target)
-        work = os.path.join(parent, f".{os.path.basename(target)}.comfybake-extract")
+        work = work_path(target, EXTRACT_SUFFIX)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(work)
         try:
@@ -640,7 +649,7 @@ class Fetcher:
                 )
             old = None
             if os.path.lexists(target):
-                old = os.path.join(parent, f".{os.path.basename(target)}.comfybake-old")
+                old = work_path(target, OLD_SUFFIX)
                 with contextlib.suppress(FileNotFoundError):
                     shutil.rmtree(old)
                 os.rename(target, old)

@@ -19,6 +19,7 @@ from .hashing import BLOCK, StreamHasher
 from .manifest import MODEL_EXTENSIONS, Entry, display_url, human
 from .options import Options
 from .report import Progress
+from .store import TEMP_SUFFIX
 
 with contextlib.suppress(ImportError):  # its absence is reported by client.HAS_REQUESTS
     import requests
@@ -345,7 +346,7 @@ class Transfer:
                 "prefix": self.hasher.watermark,
                 "segments": sorted(self.done),
             }
-            temporary = self.sidecar + ".tmp"
+            temporary = self.sidecar + TEMP_SUFFIX  # in the name budget: store.STAGING_RESERVE
             with open(temporary, "w", encoding="utf-8") as handle:
                 json.dump(state, handle)
             os.replace(temporary, self.sidecar)
