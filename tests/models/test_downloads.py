@@ -17,6 +17,8 @@ from harness import archives
 from harness.mockhub import MockHub, Route, VirtualFile
 from harness.models import Run, no_leftovers, safetensors, sha256, tree_hash
 
+from comfybake.engine.fetch.client import content_range
+
 MiB = 1 << 20
 
 
@@ -482,6 +484,26 @@ def _swap_after(hub: MockHub, path: str, gets: int, route: Route) -> None:
                 hub.routes[path] = route
 
     hub.observers.append(observe)
+
+
+@pytest.mark.parametrize(
+    ("header", "parsed"),
+    [
+        ("bytes 0-99/1000", (0, 99, 1000)),
+        (" BYTES  5-5/6 ", (5, 5, 6)),
+        ("bytes */1000", (None, None, 1000)),
+        ("bytes 0-99/*", (0, 99, None)),
+        ("bytes 0-99", None),
+        ("bytes 0-99/1000x", None),
+        ("items 0-99/1000", None),
+        ("junk/1000", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_one_content_range_parser_for_the_probe_ranges_and_416(header: str | None, parsed: object) -> None:
+    """The probe's size, each 206's proof and a 416's total are read by the same parser."""
+    assert content_range(header) == parsed
 
 
 def test_unverified_ranges_with_a_wrong_content_range_fall_back_to_one_stream(

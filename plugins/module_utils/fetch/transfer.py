@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from .client import Client, Remote, raise_timeout, refuse_encoding, size_error, timed_out
+from .client import Client, Remote, content_range, raise_timeout, refuse_encoding, size_error, timed_out
 from .errors import ContentError, TransferError
 from .hashing import BLOCK, StreamHasher
 from .manifest import MODEL_EXTENSIONS, Entry, display_url, human
@@ -151,8 +150,8 @@ class Transfer:
 
     def _complete_416(self, response: requests.Response, start: int) -> None:
         """416 on a partial that is already whole: finalise it after the hash check (no refetch)."""
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        size = int(total) if total.isdigit() else self.source.size or self.entry.size
+        parsed = content_range(response.headers.get("Content-Range"))
+        size = parsed[2] if parsed and parsed[2] is not None else self.source.size or self.entry.size
         if size is not None and start == size:
             return
         raise TransferError(f"the server refused the resume at byte {start} (416); run again", self.entry.name)
@@ -297,10 +296,9 @@ class Transfer:
         checked (start, end and total) and, without a hash to check at the end, its validator against
         the probe's. Otherwise nothing of it is written and the file is fetched in one stream."""
         asked = f"bytes={start}-{end - 1}"
-        content_range = response.headers.get("Content-Range", "").strip()
-        match = re.fullmatch(r"bytes\s+(\d+)-(\d+)/(\d+)", content_range)
-        if not match or tuple(map(int, match.groups())) != (start, end - 1, self.source.size):
-            raise _UnprovenRangeError(f"the server sent Content-Range {content_range or '(none)'} for {asked}")
+        sent = response.headers.get("Content-Range", "").strip()
+        if content_range(sent) != (start, end - 1, self.source.size):
+            raise _UnprovenRangeError(f"the server sent Content-Range {sent or '(none)'} for {asked}")
         if self.expected is None:
             wanted, got = self.source.validator, self.source.validator_of(response)
             if got != wanted:
