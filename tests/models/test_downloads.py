@@ -17,6 +17,8 @@ from harness import archives
 from harness.mockhub import MockHub, Route, VirtualFile
 from harness.models import Run, no_leftovers, safetensors, sha256, tree_hash
 
+from comfybake.engine.fetch.client import content_range
+
 MiB = 1 << 20
 
 
@@ -484,6 +486,26 @@ def _swap_after(hub: MockHub, path: str, gets: int, route: Route) -> None:
     hub.observers.append(observe)
 
 
+@pytest.mark.parametrize(
+    ("header", "parsed"),
+    [
+        ("bytes 0-99/1000", (0, 99, 1000)),
+        (" BYTES  5-5/6 ", (5, 5, 6)),
+        ("bytes */1000", (None, None, 1000)),
+        ("bytes 0-99/*", (0, 99, None)),
+        ("bytes 0-99", None),
+        ("bytes 0-99/1000x", None),
+        ("items 0-99/1000", None),
+        ("junk/1000", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_one_content_range_parser_for_the_probe_ranges_and_416(header: str | None, parsed: object) -> None:
+    """The probe's size, each 206's proof and a 416's total are read by the same parser."""
+    assert content_range(header) == parsed
+
+
 def test_unverified_ranges_with_a_wrong_content_range_fall_back_to_one_stream(
     run: Run, hub: MockHub, store: Path
 ) -> None:
@@ -571,6 +593,30 @@ def test_unverified_file_with_only_a_weak_etag_is_fetched_in_one_stream_and_neve
     gets = [r for r in hub.requests("/m/weak.bin") if r.method == "GET"]
     assert all("Range" not in r.headers for r in gets)
     assert any("in one stream: no sha256 and no strong validator" in w for w in report.warnings), report.warnings
+
+
+def test_unverified_file_with_only_last_modified_is_fetched_in_one_stream_and_never_resumed(
+    run: Run, hub: MockHub, store: Path
+) -> None:
+    """Last-Modified is a weak validator (RFC 9110): without a hash it proves no range; with one it may."""
+    body = os.urandom(6 * MiB)
+    stamp = "Wed, 02 Dec 2026 10:00:00 GMT"
+    hub.add("/m/lm.bin", body, etag=None, last_modified=stamp, truncate_at=2 * MiB, truncate_times=1)
+    entry = {"url": f"{hub.url}/m/lm.bin", "dest": "vae/lm.bin", "allow_unverified": True}
+    failed = run.one([entry], connections=4, retries=0)
+    assert failed.action == "failed"
+    assert list((store / "vae").iterdir()) == [], "a partial proven only by Last-Modified was kept for a resume"
+    report = run([entry], connections=4)
+    assert (report.results[0].action, report.results[0].verified) == ("downloaded", False)
+    assert (store / "vae" / "lm.bin").read_bytes() == body
+    gets = [r for r in hub.requests("/m/lm.bin") if r.method == "GET"]
+    assert all("Range" not in r.headers for r in gets), "ranges stitched on the strength of Last-Modified"
+    assert any("in one stream: no sha256 and no strong validator" in w for w in report.warnings), report.warnings
+    hub.add("/m/pinned.bin", body, etag=None, last_modified=stamp)
+    pinned = {"url": f"{hub.url}/m/pinned.bin", "dest": "vae/pinned.bin", "sha256": sha256(body)}
+    assert run.one([pinned], connections=4).action == "downloaded"
+    ranged = [r for r in hub.requests("/m/pinned.bin") if r.method == "GET" and "Range" in r.headers]
+    assert len(ranged) > 1 and all(r.headers.get("If-Range") == stamp for r in ranged), "with a hash, ranges stay"
 
 
 def test_resume_without_a_strong_validator_restarts_from_zero(run: Run, hub: MockHub, store: Path) -> None:

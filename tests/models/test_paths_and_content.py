@@ -15,7 +15,7 @@ from harness.models import Run, no_leftovers, safetensors, sha256, tree_hash
 from comfybake.engine import fetch
 from comfybake.engine.fetch.store import staging_path
 
-NAME_BYTES = 223  # 255 bytes less the longest staging suffix, ".<name>.archive.comfybake-partial.json"
+NAME_BYTES = 219  # 255 bytes less the longest staging suffix, ".<name>.archive.comfybake-partial.json.tmp"
 
 BAD_DESTS = ["../../etc/cron.d/x", "/etc/x", "..\\x", "C:\\x", "\\\\host\\s\\x", "loras/a\x00b", "loras/.hidden"]
 
@@ -317,7 +317,7 @@ def test_a_server_sent_name_too_long_for_the_file_system_is_shortened(
     assert len(name.encode()) <= NAME_BYTES
     assert [p.name for p in (store / "loras").iterdir()] == [name]
     for archive in (False, True):
-        assert len(os.path.basename(staging_path(str(store / "loras" / name), archive)).encode()) + 5 <= 255
+        assert len(os.path.basename(staging_path(str(store / "loras" / name), archive)).encode()) + 9 <= 255
     (store / ".comfybake" / "verified.json").unlink()  # no record: the name is resolved again
     again = run.one([entry])
     assert (again.action, again.path) == ("present", result.path)
@@ -362,6 +362,28 @@ def test_a_server_sent_name_with_nothing_left_is_refused(run: Run, hub: MockHub,
 def test_a_manifest_name_too_long_for_the_file_system_is_refused(run: Run, hub: MockHub) -> None:
     message = run.error([{"url": f"{hub.url}/m", "dest": "loras/" + "n" * 240 + ".safetensors", "sha256": "0" * 64}])
     assert f"is 252 bytes long; a name in the store may have at most {NAME_BYTES} bytes" in message
+
+
+def test_the_longest_accepted_extract_folder_name_downloads_with_its_checkpoint(
+    run: Run, hub: MockHub, store: Path
+) -> None:
+    """Every staging name fits 255 bytes, the checkpoint's `<sidecar>.tmp` included: a dest accepted at
+    validation never fails with ENAMETOOLONG (it did at 223 bytes: `.<name>.archive...json.tmp`)."""
+    body = archives.zip_bytes({"a.safetensors": safetensors(os.urandom(3 << 20))})
+    hub.add("/pack.zip", body)
+    for length in (NAME_BYTES + 1, 223):
+        message = run.error([{"url": f"{hub.url}/pack.zip", "dest": f"loras/{'p' * length}/", "extract": True}])
+        assert f"is {length} bytes long; a name in the store may have at most {NAME_BYTES} bytes" in message
+    entry = {
+        "url": f"{hub.url}/pack.zip",
+        "dest": f"loras/{'p' * NAME_BYTES}/",
+        "extract": True,
+        "sha256": sha256(body),
+    }
+    result = run.one([entry], connections=1)
+    assert result.action == "extracted", result.msg
+    assert (store / "loras" / ("p" * NAME_BYTES) / "a.safetensors").is_file()
+    no_leftovers(store)
 
 
 def test_a_replaced_file_forgets_the_name_another_folder_dest_remembered(run: Run, hub: MockHub, store: Path) -> None:

@@ -42,7 +42,6 @@ from .errors import (
 from .hashing import StreamHasher, check_model_header, hash_file
 from .manifest import (
     Entry,
-    check_relative_path,
     display_url,
     human,
     parse_civitai_url,
@@ -51,7 +50,7 @@ from .manifest import (
 )
 from .options import ENTRY, SETTINGS, Options, Setting, add_arguments, argument_spec, render_documentation
 from .report import Progress, Report, Result
-from .store import Store
+from .store import Store, check_relative_path
 from .usage import Pruned, StoreFile, Usage, environment_folders, prune, scan
 
 __all__ = [

@@ -17,10 +17,10 @@ from typing import IO, Any
 
 from .errors import ArchiveError, DiskFullError, ManifestError
 from .hashing import BLOCK
-from .manifest import Entry, check_relative_path, human
+from .manifest import Entry, human
 from .options import Options
 from .pickles import check_file
-from .store import Store
+from .store import Store, check_relative_path
 
 
 def extract_archive(archive: str, work: str, entry: Entry, options: Options, store: Store) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -43,6 +44,7 @@ except ImportError as _error:  # pragma: no cover - reported by the module and C
     HAS_REQUESTS = False
     REQUESTS_IMPORT_ERROR = _error
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
 
 
 def timed_out(error: BaseException) -> bool:
@@ -54,6 +56,21 @@ def timed_out(error: BaseException) -> bool:
 def raise_timeout() -> str:
     """What to do about a timeout: the setting to raise, as the user gives it."""
     return f"raise {how_to_set('timeout')} for a slow server or link, or run again"
+
+
+def content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
+    """A Content-Range header as (first, last, total): `bytes 0-99/1000` -> (0, 99, 1000), an unsatisfied
+    range `bytes */1000` -> (None, None, 1000), an unknown total `bytes 0-99/*` -> (0, 99, None); None
+    when there is none or it is malformed."""
+    match = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if not match:
+        return None
+    first, last, total = match.groups()
+    return (
+        None if first is None else int(first),
+        None if last is None else int(last),
+        None if total == "*" else int(total),
+    )
 
 
 def refuse_encoding(response: requests.Response, entry: Entry) -> None:
@@ -98,14 +115,19 @@ class Remote:
 
     @property
     def validator(self) -> str | None:
-        """The strong validator sent as If-Range: a strong ETag (a weak `W/` one is not), else Last-Modified."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return self.last_modified
+        """The validator sent as If-Range: a strong ETag, else Last-Modified. Only with a hash to check
+        does Last-Modified suffice: it is weak (RFC 9110 8.8.2.2), so without one see `strong_etag`."""
+        return self.strong_etag or self.last_modified
+
+    @property
+    def strong_etag(self) -> str | None:
+        """The one validator that proves ranges are of one representation without a hash: a strong ETag
+        (a weak `W/` one is not, nor is Last-Modified)."""
+        return self.etag if self.etag and not self.etag.startswith("W/") else None
 
     def validator_of(self, response: requests.Response) -> str | None:
         """The same kind of validator as `validator` (ETag or Last-Modified) in another response of the source."""
-        if self.etag and not self.etag.startswith("W/"):
+        if self.strong_etag:
             return response.headers.get("ETag")
         return response.headers.get("Last-Modified")
 
@@ -330,9 +352,9 @@ class Client:
         remote.last_modified = headers.get("Last-Modified")
         remote.ranges = headers.get("Accept-Ranges", "").lower() == "bytes" or response.status_code == 206
         remote.content_type = headers.get("Content-Type")
-        if response.status_code == 206 and "/" in headers.get("Content-Range", ""):
-            total = headers["Content-Range"].rsplit("/", 1)[1]
-            remote.size = remote.size or (int(total) if total.isdigit() else None)
+        parsed = content_range(headers.get("Content-Range")) if response.status_code == 206 else None
+        if parsed:
+            remote.size = remote.size or parsed[2]
         elif remote.size is None and headers.get("Content-Length", "").isdigit():
             remote.size = int(headers["Content-Length"])
         disposition = filename_from_disposition(headers.get("Content-Disposition", ""))

@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,12 +48,30 @@ from .manifest import (
 from .options import Options
 from .pickles import check_file, kind_by_name, refusal
 from .report import Progress, Report, Result
-from .store import Store, fsync_dir, staging_path, stat_matches, stat_record
+from .store import (
+    EXTRACT_SUFFIX,
+    OLD_SUFFIX,
+    Store,
+    fsync_dir,
+    staging_path,
+    stat_matches,
+    stat_record,
+    work_path,
+)
 from .transfer import Services, Transfer
 from .usage import check_budget, scan
 
 with contextlib.suppress(ImportError):  # its absence is reported by client.HAS_REQUESTS
     pass
+
+
+def is_verified(known: str | None, record: Mapping[str, Any] | None = None) -> bool:
+    """Whether a known hash vouches for a file or archive: `known`, the manifest's or the source's
+    SHA-256, checked its bytes, or its record does not say `"verified": false`. Fetched without one
+    (allow_unverified), it stays unverified until a manifest gives a hash."""
+    if known is not None:
+        return True
+    return record is not None and record.get("verified", True) is not False
 
 
 @dataclass
@@ -256,8 +274,7 @@ class Fetcher:
             entry.sha256 == record.get("sha256")
             or (entry.sha256 is None and record.get("source") == source_label(entry.url))
         )
-        # A record of a file fetched without a known hash stays unverified until the manifest gives one.
-        verified = entry.sha256 is not None or record is None or record.get("verified", True) is not False
+        verified = is_verified(entry.sha256, record)
         if vouched and record is not None and self.options.verify == "recorded" and stat_matches(path, record):
             if entry.size is not None and entry.size != record.get("size"):
                 plan.needs_fetch = True
@@ -303,7 +320,7 @@ class Fetcher:
                 return False
         plan.result.sha256 = record.get("sha256")
         plan.result.files = sorted(files)
-        plan.result.verified = entry.sha256 is not None or record.get("verified", True) is not False
+        plan.result.verified = is_verified(entry.sha256, record)
         return True
 
     def _remove(self, plan: _Plan) -> None:
@@ -326,7 +343,7 @@ class Fetcher:
             else:
                 os.unlink(path)
                 self.store.record("files", relpath, None)
-            if entry.folder and not entry.extract:
+            if not exact_dest(entry):
                 self.store.record("names", entry.key, None)
 
     def _probe(self, plan: _Plan) -> None:
@@ -379,7 +396,7 @@ class Fetcher:
                 "add sha256 (or run `comfybake models lock`), or set allow_unverified: true",
                 entry.name,
             )
-        plan.result.verified = plan.expected is not None  # else allow_unverified: checked against nothing
+        plan.result.verified = is_verified(plan.expected)  # else allow_unverified: checked against nothing
         path = self.store.path(relpath)
         if entry.extract or not plan.expected or not os.path.isfile(path):
             return
@@ -519,7 +536,7 @@ class Fetcher:
                 raise last_error or FetchError("no source", entry.name)
             result.bytes += transferred
             result.sha256, result.size = digest, size
-            result.verified = plan.expected is not None  # else allow_unverified: as the server sent it
+            result.verified = is_verified(plan.expected)  # else allow_unverified: as the server sent it
             if entry.extract:
                 self._extract(plan, staging, digest)
                 result.action, result.changed = "extracted", True
@@ -612,8 +629,8 @@ class Fetcher:
             why = f"the remote size changed ({state.get('size')} -> {source.size})"
         elif state.get("validator") != source.validator:
             why = f"the remote changed (validator {state.get('validator')} -> {source.validator})"
-        elif plan.expected is None and not source.validator:
-            why = "without a sha256, only a strong validator (a strong ETag or Last-Modified) proves the kept bytes"
+        elif plan.expected is None and not source.strong_etag:
+            why = "without a sha256, only a strong ETag (not a weak one, nor Last-Modified) proves the kept bytes"
         elif not source.ranges and state.get("prefix", 0) < (source.size or 0):
             why = "the server no longer accepts Range requests"
         if why:
@@ -627,7 +644,7 @@ class Fetcher:
         relpath = plan.where()
         target = self.store.path(relpath)
         parent = os.path.dirname(target)
-        work = os.path.join(parent, f".{os.path.basename(target)}.comfybake-extract")
+        work = work_path(target, EXTRACT_SUFFIX)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(work)
         try:
@@ -640,7 +657,7 @@ class Fetcher:
                 )
             old = None
             if os.path.lexists(target):
-                old = os.path.join(parent, f".{os.path.basename(target)}.comfybake-old")
+                old = work_path(target, OLD_SUFFIX)
                 with contextlib.suppress(FileNotFoundError):
                     shutil.rmtree(old)
                 os.rename(target, old)
@@ -658,7 +675,7 @@ class Fetcher:
             info = stat_record(os.path.join(target, name))
             records[name] = {**info, "sha256": sha}
         record: dict[str, Any] = {"sha256": digest, "source": source_label(plan.entry.url), "files": records}
-        if plan.expected is None:
+        if not is_verified(plan.expected):
             record["verified"] = False  # allow_unverified: no known hash vouched for the archive
         self.store.record("archives", relpath, record)
         plan.result.files = sorted(files)

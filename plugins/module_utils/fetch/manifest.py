@@ -13,14 +13,12 @@ from typing import Any
 from .errors import ManifestError
 from .options import ENTRY, Options
 from .pickles import kind_by_name, refusal
+from .store import NAME_BYTES, NAME_MAX, check_relative_path
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".sft", ".onnx", ".gguf")
 ENTRY_KEYS = frozenset(ENTRY)
 SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}\Z")  # \Z, not $: $ also matches before a final line break
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
-NAME_MAX = 255  # bytes (UTF-8, not characters) in one file name on ext4, xfs, btrfs, tmpfs
-STAGING_RESERVE = len(".") + len(".archive.comfybake-partial.json")  # the longest name store.py derives
-NAME_BYTES = NAME_MAX - STAGING_RESERVE  # the longest name of a file or extract folder in the store: 223
 _EXTENSION_BYTES = 16  # a longer last suffix is part of the name, not an extension to keep
 
 
@@ -213,27 +211,6 @@ def _flag(item: Mapping[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise ManifestError(f"{key} must be true or false, got {value!r}")
     return value
-
-
-def check_relative_path(path: str, what: str) -> None:
-    """Refuse anything that could leave the store: absolute, '..', backslashes, drives, NUL, hidden names."""
-    bad = None
-    if "\x00" in path:
-        bad = "contains a NUL byte"
-    elif "\\" in path:
-        bad = "contains a backslash"
-    elif path.startswith("/"):
-        bad = "is absolute"
-    elif re.match(r"^[A-Za-z]:", path):
-        bad = "starts with a drive letter"
-    else:
-        parts = path.rstrip("/").split("/")
-        if any(part in ("", ".", "..") for part in parts):
-            bad = "has an empty, '.' or '..' component"
-        elif any(part.startswith(".") for part in parts):
-            bad = "has a hidden component (names starting with '.' are reserved for staging)"
-    if bad:
-        raise ManifestError(f"{what} {path!r} {bad}; give a path relative to the model store")
 
 
 def parse_hf_url(url: str) -> tuple[str, str, str]:

@@ -8,19 +8,28 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import PathError
-from .manifest import check_relative_path
+from .errors import ManifestError, PathError
 from .options import Options
 
 STATE_DIR = ".comfybake"  # per-store records and locks, at the store root
-RECORDS_FILE = "verified.json"
+RECORDS_FILE = "verified.json"  # its temporary name is in STATE_DIR, not next to a model
 PARTIAL_SUFFIX = ".comfybake-partial"  # staging files: hidden, no model extension
-SIDECAR_SUFFIX = PARTIAL_SUFFIX + ".json"
-# manifest.NAME_BYTES leaves room for the longest name derived here: ".<name>.archive" + SIDECAR_SUFFIX
+SIDECAR_SUFFIX = PARTIAL_SUFFIX + ".json"  # a staging file's resume checkpoint
+ARCHIVE_INFIX = ".archive"  # .<name>.archive.comfybake-partial: an archive downloaded for the folder <name>
+TEMP_SUFFIX = ".tmp"  # a checkpoint is written as <sidecar>.tmp, then renamed
+EXTRACT_SUFFIX = ".comfybake-extract"  # .<folder>.comfybake-extract: an archive unpacked before the rename
+OLD_SUFFIX = ".comfybake-old"  # .<folder>.comfybake-old: the folder it replaces, until the rename is done
+NAME_MAX = 255  # bytes (UTF-8, not characters) in one file name on ext4, xfs, btrfs, tmpfs
+# Every name derived from a store name <name> is "." + <name> + one of these; the longest sets the room.
+STAGING_RESERVE = len(".") + max(
+    len(ARCHIVE_INFIX + SIDECAR_SUFFIX + TEMP_SUFFIX), len(EXTRACT_SUFFIX), len(OLD_SUFFIX)
+)
+NAME_BYTES = NAME_MAX - STAGING_RESERVE  # the longest name of a file or extract folder in the store: 219
 
 
 class Store:
@@ -168,9 +177,36 @@ def stat_matches(path: str, record: Mapping[str, Any]) -> bool:
     return all(record.get(key) == value for key, value in current.items())
 
 
+def check_relative_path(path: str, what: str) -> None:
+    """Refuse anything that could leave the store: absolute, '..', backslashes, drives, NUL, hidden names."""
+    bad = None
+    if "\x00" in path:
+        bad = "contains a NUL byte"
+    elif "\\" in path:
+        bad = "contains a backslash"
+    elif path.startswith("/"):
+        bad = "is absolute"
+    elif re.match(r"^[A-Za-z]:", path):
+        bad = "starts with a drive letter"
+    else:
+        parts = path.rstrip("/").split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            bad = "has an empty, '.' or '..' component"
+        elif any(part.startswith(".") for part in parts):
+            bad = "has a hidden component (names starting with '.' are reserved for staging)"
+    if bad:
+        raise ManifestError(f"{what} {path!r} {bad}; give a path relative to the model store")
+
+
 def staging_path(path: str, archive: bool = False) -> str:
     directory, name = os.path.split(path.rstrip("/"))
-    return os.path.join(directory, f".{name}{'.archive' if archive else ''}{PARTIAL_SUFFIX}")
+    return os.path.join(directory, f".{name}{ARCHIVE_INFIX if archive else ''}{PARTIAL_SUFFIX}")
+
+
+def work_path(path: str, suffix: str) -> str:
+    """The hidden sibling of a store path an extraction works in: EXTRACT_SUFFIX or OLD_SUFFIX."""
+    directory, name = os.path.split(path.rstrip("/"))
+    return os.path.join(directory, f".{name}{suffix}")
 
 
 def fsync_dir(directory: str) -> None:

@@ -6,19 +6,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from .client import Client, Remote, raise_timeout, refuse_encoding, size_error, timed_out
+from .client import Client, Remote, content_range, raise_timeout, refuse_encoding, size_error, timed_out
 from .errors import ContentError, TransferError
 from .hashing import BLOCK, StreamHasher
 from .manifest import MODEL_EXTENSIONS, Entry, display_url, human
 from .options import Options
 from .report import Progress
+from .store import TEMP_SUFFIX
 
 with contextlib.suppress(ImportError):  # its absence is reported by client.HAS_REQUESTS
     import requests
@@ -72,9 +72,10 @@ class Transfer:
         if source.url.startswith("file://"):
             self._copy_file()
             return self.transferred
-        # Without a hash to check, ranges are stitched together only when a strong validator lets
-        # every one of them prove it is of the representation the probe saw (see _prove).
-        self.resumable = bool(source.ranges and source.size and (source.validator or self.expected))
+        # Without a hash to check, ranges are stitched together only when a strong ETag lets every
+        # one of them prove it is of the representation the probe saw (see _prove); Last-Modified is
+        # weak (RFC 9110 8.8.2.2): with a hash it is sent as If-Range, and the hash decides.
+        self.resumable = bool(source.ranges and source.size and (source.strong_etag or self.expected))
         worth_splitting = (
             source.ranges
             and options.connections > 1
@@ -84,7 +85,7 @@ class Transfer:
         if worth_splitting and not self.resumable:
             self.warn(
                 f"{self.entry.name}: fetching it in one stream: no sha256 and no strong validator "
-                "(a strong ETag or Last-Modified) to prove that its ranges are of one file"
+                "(a strong ETag; a weak one or Last-Modified is not) to prove that its ranges are of one file"
             )
         if (worth_splitting and self.resumable) or self.done:
             try:
@@ -149,8 +150,8 @@ class Transfer:
 
     def _complete_416(self, response: requests.Response, start: int) -> None:
         """416 on a partial that is already whole: finalise it after the hash check (no refetch)."""
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-        size = int(total) if total.isdigit() else self.source.size or self.entry.size
+        parsed = content_range(response.headers.get("Content-Range"))
+        size = parsed[2] if parsed and parsed[2] is not None else self.source.size or self.entry.size
         if size is not None and start == size:
             return
         raise TransferError(f"the server refused the resume at byte {start} (416); run again", self.entry.name)
@@ -295,10 +296,9 @@ class Transfer:
         checked (start, end and total) and, without a hash to check at the end, its validator against
         the probe's. Otherwise nothing of it is written and the file is fetched in one stream."""
         asked = f"bytes={start}-{end - 1}"
-        content_range = response.headers.get("Content-Range", "").strip()
-        match = re.fullmatch(r"bytes\s+(\d+)-(\d+)/(\d+)", content_range)
-        if not match or tuple(map(int, match.groups())) != (start, end - 1, self.source.size):
-            raise _UnprovenRangeError(f"the server sent Content-Range {content_range or '(none)'} for {asked}")
+        sent = response.headers.get("Content-Range", "").strip()
+        if content_range(sent) != (start, end - 1, self.source.size):
+            raise _UnprovenRangeError(f"the server sent Content-Range {sent or '(none)'} for {asked}")
         if self.expected is None:
             wanted, got = self.source.validator, self.source.validator_of(response)
             if got != wanted:
@@ -344,7 +344,7 @@ class Transfer:
                 "prefix": self.hasher.watermark,
                 "segments": sorted(self.done),
             }
-            temporary = self.sidecar + ".tmp"
+            temporary = self.sidecar + TEMP_SUFFIX  # in the name budget: store.STAGING_RESERVE
             with open(temporary, "w", encoding="utf-8") as handle:
                 json.dump(state, handle)
             os.replace(temporary, self.sidecar)

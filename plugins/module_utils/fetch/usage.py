@@ -24,10 +24,20 @@ from typing import Any
 from .errors import BudgetError
 from .manifest import Entry, human
 from .options import Options, how_to_set
-from .store import PARTIAL_SUFFIX, STATE_DIR, Store, stat_matches
+from .store import (
+    ARCHIVE_INFIX,
+    EXTRACT_SUFFIX,
+    OLD_SUFFIX,
+    PARTIAL_SUFFIX,
+    SIDECAR_SUFFIX,
+    STATE_DIR,
+    TEMP_SUFFIX,
+    Store,
+    stat_matches,
+)
 
 STAGING_MARK = ".comfybake-"  # every staging name: .<name>[.archive].comfybake-partial[.json], -extract, -old
-STAGING_DIRS = (".comfybake-extract", ".comfybake-old")
+STAGING_DIRS = (EXTRACT_SUFFIX, OLD_SUFFIX)
 
 
 @dataclass
@@ -173,8 +183,8 @@ def _lock_held(store: Store, relpath: str) -> bool:
 def _staging_target(directory: str, name: str) -> str:
     """The destination a staging name belongs to: .<name>[.archive].comfybake-partial[.json] -> <name>."""
     base = name[1:].split(STAGING_MARK, 1)[0]
-    if base.endswith(".archive") and name.endswith((PARTIAL_SUFFIX, PARTIAL_SUFFIX + ".json")):
-        base = base[: -len(".archive")]
+    if base.endswith(ARCHIVE_INFIX) and name.endswith((PARTIAL_SUFFIX, SIDECAR_SUFFIX, SIDECAR_SUFFIX + TEMP_SUFFIX)):
+        base = base[: -len(ARCHIVE_INFIX)]
     return f"{directory}/{base}" if directory else base
 
 
