@@ -537,6 +537,7 @@ def test_the_picklescan_pin_is_written_once() -> None:
     pin = f"picklescan=={pickles.PICKLESCAN_VERSION}"
     assert f'"{pin}"' in (ROOT / "pyproject.toml").read_text()
     assert pin in (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
+    assert f"picklescan {pickles.PICKLESCAN_VERSION}, or" in (ROOT / "plugins" / "modules" / "models.py").read_text()
     build = (ROOT / "scripts" / "build-cli.py").read_text()
     assert 'PICKLESCAN = f"picklescan=={PICKLESCAN_VERSION}"' in build
     assert re.search(r"picklescan[=-][0-9]", build) is None, "build-cli.py writes a version of its own"
