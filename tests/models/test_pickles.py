@@ -202,7 +202,7 @@ def test_random_bytes_are_not_called_a_pickle(tmp_path: Path) -> None:
     generator = random.Random(17)  # noqa: S311 - test data, reproducible
     path = tmp_path / "raw.bin"
     called = []
-    for sample in range(3000):
+    for sample in range(1000):
         path.write_bytes(generator.randbytes(4096))
         if pickles.pickle_kind(str(path), "raw.bin"):
             called.append(sample)

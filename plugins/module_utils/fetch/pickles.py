@@ -175,7 +175,7 @@ def check_file(path: str, name: str, allowed: bool, entry: str, command: bool = 
 
 def allowed_global(found: str) -> bool:
     """Whether `module name`, which picklescan does not rate safe, is on ALLOWED_GLOBALS."""
-    module, _, name = found.partition(" ")
+    module, _space, name = found.partition(" ")
     return name in ALLOWED_GLOBALS.get(module, ())
 
 
