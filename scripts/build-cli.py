@@ -17,6 +17,7 @@ is checked against PICKLESCAN_SHA256 before a byte of it goes in.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import io
 import os
@@ -35,8 +36,21 @@ OUTPUT = ROOT / "roles" / "comfyui" / "files" / "comfybake.pyz"
 INTERPRETER = "/usr/bin/python3 -s"  # the system python3 (python3-requests, python3-yaml), no user site
 MAIN = b"import sys\n\nfrom comfybake.cli import main\n\nsys.exit(main())\n"
 EPOCH = (1980, 1, 1, 0, 0, 0)
-PICKLESCAN = "picklescan==1.0.5"  # the version pyproject.toml's test dependencies pin
-PICKLESCAN_WHEEL = "picklescan-1.0.5-py3-none-any.whl"
+
+
+def pinned_picklescan() -> str:
+    """PICKLESCAN_VERSION from the engine's pickles.py, the one place the pin is written."""
+    tree = ast.parse((ENGINES / "fetch" / "pickles.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["PICKLESCAN_VERSION"]:
+            return str(ast.literal_eval(node.value))
+    sys.exit(f"build-cli: no PICKLESCAN_VERSION in {ENGINES / 'fetch' / 'pickles.py'}")
+
+
+PICKLESCAN_VERSION = pinned_picklescan()
+PICKLESCAN = f"picklescan=={PICKLESCAN_VERSION}"
+PICKLESCAN_WHEEL = f"picklescan-{PICKLESCAN_VERSION}-py3-none-any.whl"
+# The published wheel's hash: change it together with PICKLESCAN_VERSION.
 PICKLESCAN_SHA256 = "2abb3d4959a7ee9ccb1e1296db7c56f624bf6d345b93a0a9cf4185bc650dc2fd"
 WHEELS = ROOT / "build" / "wheels"
 
@@ -78,12 +92,14 @@ def picklescan_wheel(given: Path | None) -> Path:
 
 
 def vendored(wheel: Path) -> list[tuple[str, bytes]]:
-    """picklescan's modules and its licence and notice, as the wheel holds them."""
+    """picklescan's modules, its metadata (the version the engine checks) and licence, as the wheel holds them."""
     with zipfile.ZipFile(wheel) as archive:
         return [
             (name, archive.read(name))
             for name in archive.namelist()
-            if (name.startswith("picklescan/") and name.endswith(".py")) or "/licenses/" in name
+            if (name.startswith("picklescan/") and name.endswith(".py"))
+            or "/licenses/" in name
+            or name.endswith(".dist-info/METADATA")
         ]
 
 

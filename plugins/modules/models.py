@@ -65,8 +65,10 @@ notes:
     the second finds the file verified and transfers nothing.
   - Pickle-based files (C(.ckpt), C(.pt), C(.pth), C(.pkl), and pickle bytes in any file or archive member)
     are refused unless allowed; an allowed one is scanned with picklescan in its staging file, in process
-    when the host's Python has picklescan, else by running C(comfybake models scan), and fails on a dangerous
-    import. Without either scanner it fails; it is never installed unscanned.
+    when the host's Python has the pinned picklescan, else by running C(/usr/local/bin/comfybake models scan)
+    (root-owned, not group- or world-writable; never one on PATH), and fails on a dangerous import or any
+    import outside picklescan's safe list and comfybake's short allow list. Without either scanner it fails;
+    it is never installed unscanned.
 seealso:
   - module: ansible.builtin.get_url
 """

@@ -27,7 +27,8 @@ EXIT_CODES = {
     "  2  the manifest, an option or the store is wrong; nothing was fetched",
     "lock": "exit status:\n  0  the lock file is written\n  2  the manifest, an option or a source is wrong",
     "scan": "exit status:\n  0  no dangerous import\n  1  some file imports something dangerous, or could not be\n"
-    "     read whole (each is named)\n  2  a file is missing or picklescan is not available",
+    "     read whole, or imports something neither picklescan's safe list nor comfybake's\n"
+    "     allow list names (each is named)\n  2  a file is missing or picklescan is not available",
     "du": "exit status:\n  0  the usage is printed\n  2  a manifest, an option or the store is wrong",
     "ls": "exit status:\n  0  the files are listed\n  2  a manifest, an option or the store is wrong",
     "prune": "exit status:\n  0  pruned (or, without --yes, listed what would go)\n"
@@ -232,10 +233,17 @@ def scan(args: argparse.Namespace) -> int:
     else:
         for result in results:
             verdict = "dangerous: " + ", ".join(result["dangerous"]) if result["dangerous"] else "no dangerous import"
+            if unknown(result):
+                verdict += "; not on a safe or allow list: " + ", ".join(unknown(result))
             if result["error"]:
                 verdict += f" (not read whole: {result['error']})"
             print(f"{result['path']}: {verdict}")
-    return 1 if any(result["dangerous"] or result["error"] for result in results) else 0
+    return 1 if any(result["dangerous"] or result["error"] or unknown(result) for result in results) else 0
+
+
+def unknown(result: dict[str, Any]) -> list[str]:
+    """The imports picklescan rates suspicious that ALLOWED_GLOBALS does not allow: the engine refuses them."""
+    return [found for found in result["suspicious"] if not pickles.allowed_global(found)]
 
 
 def store_context(args: argparse.Namespace) -> tuple[engine.Options, list[engine.Entry], dict[str, list[str]]]:

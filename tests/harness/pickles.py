@@ -27,3 +27,20 @@ def torch_zip(data_pkl: bytes) -> bytes:
         for name, data in (("model/data.pkl", data_pkl), ("model/version", b"3\n"), ("model/data/0", b"\0" * 64)):
             archive.writestr(zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0)), data)
     return buffer.getvalue()
+
+
+def global_call(module: str, name: str, argument: bytes = b"") -> bytes:
+    """A protocol-2 pickle whose loading calls module.name(argument) (GLOBAL; REDUCE), written by hand."""
+    text = b"\x8c" + bytes([len(argument)]) + argument + b"\x85" if argument else b")"
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + text + b"R."
+
+
+def text_pickle(command: str = "true") -> bytes:
+    """Protocol 0 (text, no PROTO opcode): os.system(command)."""
+    return b"cposix\nsystem\n(S'" + command.encode() + b"'\ntR."
+
+
+def padded_pickle(padding: int = (1 << 20) + 10) -> bytes:
+    """Protocol 2 whose first value is a BINUNICODE longer than the sniffed head, then a gadget."""
+    filler = b"X" + padding.to_bytes(4, "little") + b"a" * padding + b"0"  # pushed, then POPped
+    return b"\x80\x02" + filler + malicious_pickle()[2:]

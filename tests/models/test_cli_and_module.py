@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from harness.pickles import harmless_pickle, malicious_pickle
 from harness.tools import ROOT, venv_bin
 
 from comfybake.cli import main
+from comfybake.engine.fetch import pickles
 
 MiB = 1 << 20
 
@@ -450,7 +452,11 @@ def test_cli_pickle_policy_and_scan(hub: MockHub, store: Path, tmp_path: Path) -
     assert [(r["name"], r["dangerous"]) for r in results] == [("good.pt", []), ("evil.pt", ["posix system"])]
 
 
-WITHOUT_PICKLESCAN = "import sys; sys.modules['picklescan'] = None; from comfybake.cli import main; sys.exit(main())"
+# No picklescan for this Python; the first argument is the host command (pickles.HOST_COMMAND, the private override).
+WITHOUT_PICKLESCAN = (
+    "import sys; sys.modules['picklescan'] = None; from comfybake.engine.fetch import pickles; "
+    "pickles.HOST_COMMAND = sys.argv.pop(1); from comfybake.cli import main; sys.exit(main())"
+)
 
 
 def test_engine_without_picklescan_uses_the_host_command_or_fails_clearly(
@@ -479,19 +485,62 @@ def test_engine_without_picklescan_uses_the_host_command_or_fails_clearly(
             {"url": f"{hub.url}/files/evil.pt", "dest": "checkpoints/evil.pt", "sha256": sha256(evil)},
         ],
     )
-    argv = [sys.executable, "-c", WITHOUT_PICKLESCAN, "models", "fetch", str(manifest), "--store", str(store)]
-    argv += ["--allow-pickle", "--allow-http"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(argv, capture_output=True, text=True, env={**env, "PATH": f"{bin_dir}:/usr/bin:/bin"})
+
+    def fetch_with(host_command: Path, path: str = "/usr/bin:/bin") -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-c", WITHOUT_PICKLESCAN, str(host_command), "models", "fetch", str(manifest)]
+        argv += ["--store", str(store), "--allow-pickle", "--allow-http"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PATH": path}
+        return subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+
+    done = fetch_with(shim)
     assert done.returncode == 1, done.stderr
     assert "1 downloaded, 1 failed" in done.stdout, done.stdout
     assert "picklescan found dangerous import(s) in checkpoints/evil.pt: posix system" in done.stdout
     (store / "checkpoints" / "good.pt").unlink()
-    bare = subprocess.run(argv, capture_output=True, text=True, env={**env, "PATH": "/nonexistent"})
+    # Only the host command is run, never a `comfybake` found on PATH.
+    bare = fetch_with(tmp_path / "nonexistent", path=f"{bin_dir}:/usr/bin:/bin")
     assert bare.returncode == 1
     assert "no pickle scanner to check checkpoints/good.pt: install picklescan==1.0.5 for this Python" in bare.stdout
+    shim.chmod(0o775)  # group-writable: anyone in the group could change what scans
+    writable = fetch_with(shim)
+    assert "no pickle scanner to check checkpoints/good.pt" in writable.stdout, writable.stdout
+    liar = bin_dir / "liar"
+    report = {"results": [{"path": "/elsewhere", "name": "x.pt", "dangerous": [], "suspicious": [], "error": None}]}
+    liar.write_text(f"#!/bin/sh\necho '{json.dumps(report)}'\n")
+    liar.chmod(0o755)
+    lied = fetch_with(liar)
+    assert f"{liar} models scan could not scan checkpoints/good.pt (a result about another file)" in lied.stdout
     assert sorted(p.name for p in (store / "checkpoints").iterdir()) == []
     no_leftovers(store)
+
+
+def test_a_picklescan_other_than_the_pin_is_not_used(tmp_path: Path) -> None:
+    """Defect 4: an older picklescan first on this Python's path is refused, naming both versions."""
+    fake = tmp_path / "site"
+    (fake / "picklescan").mkdir(parents=True)
+    (fake / "picklescan" / "__init__.py").write_text("")
+    result = "class R:\n    globals = []\n    scan_err = False\n\n\ndef scan_bytes(*args, **kwargs):\n    return R()\n"
+    (fake / "picklescan" / "scanner.py").write_text(result)  # finds nothing, as an outdated scanner might
+    (fake / "picklescan-0.0.9.dist-info").mkdir()
+    metadata = "Metadata-Version: 2.1\nName: picklescan\nVersion: 0.0.9\n"
+    (fake / "picklescan-0.0.9.dist-info" / "METADATA").write_text(metadata)
+    (tmp_path / "evil.pt").write_bytes(malicious_pickle())
+    env = {**os.environ, "PYTHONPATH": f"{fake}:{ROOT / 'src'}"}
+    argv = [sys.executable, "-m", "comfybake", "models", "scan", str(tmp_path / "evil.pt")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "this Python imports picklescan 0.0.9, not the pinned 1.0.5" in done.stderr
+
+
+def test_the_picklescan_pin_is_written_once() -> None:
+    """pickles.PICKLESCAN_VERSION is the pin; build-cli.py reads it, pyproject.toml and the constraints agree."""
+    pin = f"picklescan=={pickles.PICKLESCAN_VERSION}"
+    assert f'"{pin}"' in (ROOT / "pyproject.toml").read_text()
+    assert pin in (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
+    assert f"picklescan {pickles.PICKLESCAN_VERSION}, or" in (ROOT / "plugins" / "modules" / "models.py").read_text()
+    build = (ROOT / "scripts" / "build-cli.py").read_text()
+    assert 'PICKLESCAN = f"picklescan=={PICKLESCAN_VERSION}"' in build
+    assert re.search(r"picklescan[=-][0-9]", build) is None, "build-cli.py writes a version of its own"
 
 
 def test_module_pickle_policy(hub: MockHub, store: Path, tmp_path: Path) -> None:

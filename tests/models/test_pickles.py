@@ -5,15 +5,18 @@ a dangerous import fails the entry with nothing at the final path. Real files, l
 from __future__ import annotations
 
 import os
+import pickletools
+import random
 from pathlib import Path
 
 import pytest
 from harness import archives
 from harness.mockhub import MockHub
 from harness.models import Run, no_leftovers, safetensors, sha256
-from harness.pickles import harmless_pickle, malicious_pickle, torch_zip
+from harness.pickles import global_call, harmless_pickle, malicious_pickle, padded_pickle, text_pickle, torch_zip
 
 from comfybake.engine import fetch
+from comfybake.engine.fetch import pickles
 
 
 def gets(hub: MockHub, path: str) -> list[str]:
@@ -56,17 +59,18 @@ def test_allowed_harmless_pickle_is_scanned_and_installed(run: Run, hub: MockHub
 
 @pytest.mark.parametrize("name", ["evil.ckpt", "evil.bin"])
 def test_allowed_malicious_pickle_fails_with_the_finding_and_nothing_is_installed(
-    run: Run, hub: MockHub, store: Path, tmp_path: Path, name: str
+    run: Run, hub: MockHub, store: Path, name: str
 ) -> None:
-    marker = tmp_path / "ran"
-    body = malicious_pickle(f"touch {marker}")
+    body = malicious_pickle("touch /nonexistent/ran")
+    opcodes = [(op.name, arg) for op, arg, _pos in pickletools.genops(body)]  # a real gadget, never loaded
+    assert ("GLOBAL", "posix system") in opcodes and ("REDUCE", None) in opcodes
     hub.add(f"/files/{name}", body)
     entry = {"url": f"{hub.url}/files/{name}", "dest": f"checkpoints/{name}", "sha256": sha256(body)}
     result = run.one([{**entry, "allow_pickle": True}])
     assert result.action == "failed"
     assert f"picklescan found dangerous import(s) in checkpoints/{name}: posix system" in (result.msg or "")
     assert not (store / "checkpoints" / name).exists()
-    assert not marker.exists()
+    assert gets(hub, f"/files/{name}") == ["GET"]  # refused by the scan of the downloaded bytes, not by its name
     no_leftovers(store)
 
 
@@ -149,3 +153,79 @@ def test_lock_refuses_a_pickle_name_unless_allowed_and_keeps_the_permission(run:
     (locked,) = fetch.Fetcher(allowed).resolve(fetch.parse_manifest([entry], allowed))
     assert locked["dest"] == "checkpoints/model.ckpt" and locked["sha256"] == sha256(body)
     assert locked["allow_pickle"] is True
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("multiprocessing.util", "spawnv_passfds"), ("code", "interact"), ("logging.config", "listen")],
+)
+def test_allowed_pickle_with_a_global_picklescan_only_suspects_fails_naming_it(
+    run: Run, hub: MockHub, store: Path, module: str, name: str
+) -> None:
+    """Fail closed: picklescan rates these gadgets only "suspicious"; a global on neither its safe
+    list nor ours (pickles.ALLOWED_GLOBALS) fails the entry."""
+    body = global_call(module, name, b"x")
+    hub.add("/files/gadget.pt", body)
+    entry = {"url": f"{hub.url}/files/gadget.pt", "dest": "checkpoints/gadget.pt", "sha256": sha256(body)}
+    result = run.one([{**entry, "allow_pickle": True}])
+    assert result.action == "failed"
+    assert f"checkpoints/gadget.pt imports {module} {name}, not on picklescan's safe list" in (result.msg or "")
+    assert not (store / "checkpoints" / "gadget.pt").exists()
+    no_leftovers(store)
+
+
+def test_allowed_pickle_with_allow_listed_globals_is_installed(run: Run, hub: MockHub, store: Path) -> None:
+    body = global_call("torch._utils", "_rebuild_parameter")[:-1] + b"0" + global_call("torch", "FloatStorage")[2:]
+    hub.add("/files/ok.pt", body)
+    entry = {"url": f"{hub.url}/files/ok.pt", "dest": "checkpoints/ok.pt", "sha256": sha256(body)}
+    assert run.one([{**entry, "allow_pickle": True}]).action == "downloaded"
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "kind"),
+    [
+        ("text.bin", text_pickle(), "a pickle stream"),
+        ("padded.bin", padded_pickle(), "a pickle stream"),
+        ("broken.bin", b"PK\x03\x04" + b"\0" * 200, "a zip that cannot be read"),
+        ("legacy.bin", archives.tar_bytes({"pickle": harmless_pickle(), "storages": b"\0"}, gz=False), "a tar archive"),
+    ],
+)
+def test_bin_detection_fails_closed(run: Run, hub: MockHub, store: Path, name: str, body: bytes, kind: str) -> None:
+    hub.add(f"/{name}", body)
+    result = run.one([{"url": f"{hub.url}/{name}", "dest": f"vae/{name}", "sha256": sha256(body)}])
+    assert result.action == "failed"
+    assert f"vae/{name} is {kind}" in (result.msg or "")
+    assert not (store / "vae" / name).exists()
+
+
+def test_random_bytes_are_not_called_a_pickle(tmp_path: Path) -> None:
+    generator = random.Random(17)  # noqa: S311 - test data, reproducible
+    path = tmp_path / "raw.bin"
+    called = []
+    for sample in range(1000):
+        path.write_bytes(generator.randbytes(4096))
+        if pickles.pickle_kind(str(path), "raw.bin"):
+            called.append(sample)
+    assert called == []
+
+
+def test_a_pickle_already_in_place_obeys_the_policy_before_it_is_recorded(
+    run: Run, hub: MockHub, cdn: MockHub, store: Path
+) -> None:
+    """Defect 6: a file at its final path without a record becomes present only as a download would."""
+    evil = malicious_pickle()
+    hub.add("/files/evil.bin", evil)
+    (store / "vae").mkdir(parents=True)
+    (store / "vae" / "evil.bin").write_bytes(evil)
+    entry = {"url": f"{hub.url}/files/evil.bin", "dest": "vae/evil.bin"}
+    exact = run.one([{**entry, "sha256": sha256(evil)}])  # _inspect: the manifest's hash matches
+    assert exact.action == "failed" and "vae/evil.bin is a pickle stream" in (exact.msg or ""), exact.msg
+    allowed = run.one([{**entry, "sha256": sha256(evil), "allow_pickle": True}])
+    assert allowed.action == "failed" and "dangerous import(s) in vae/evil.bin: posix system" in (allowed.msg or "")
+    hub.add_hf("org/repo", "evil.bin", evil, cdn=cdn)
+    published = run.one([{"url": "hf://org/repo/evil.bin@main", "dest": "vae/evil.bin"}])  # _settle: the hub's hash
+    assert published.action == "failed" and "vae/evil.bin is a pickle stream" in (published.msg or ""), published
+    assert (
+        not (store / ".comfybake" / "verified.json").exists()
+        or "evil.bin" not in (store / ".comfybake" / "verified.json").read_text()
+    )

@@ -290,6 +290,7 @@ class Fetcher:
             return
         digest, size = plan.local = hash_file(path)
         if digest == expected and entry.size in (None, size):
+            self._check_unrecorded(plan, path, record, digest)
             self._record_file(relpath, path, digest, entry, verified=verified)
             result.action, result.sha256, result.size = "present", digest, size
             result.verified = verified
@@ -386,6 +387,11 @@ class Fetcher:
         if kind:
             raise PickleError(refusal(plan.where(), kind), entry.name)
 
+    def _check_unrecorded(self, plan: _Plan, path: str, record: dict[str, Any] | None, digest: str) -> None:
+        """A file already in place that no record vouches for obeys the pickle policy, as a download does."""
+        if record is None or record.get("sha256") != digest:
+            check_file(path, plan.where(), plan.entry.allow_pickle, plan.entry.name)
+
     def _settle(self, plan: _Plan) -> None:
         """After the probe: refuse unverifiable entries; keep a local file that has the published hash."""
         entry = plan.entry
@@ -408,6 +414,7 @@ class Fetcher:
         else:
             digest, size = plan.local = hash_file(path)
         if digest == plan.expected:
+            self._check_unrecorded(plan, path, record, digest)
             self._record_file(relpath, path, digest, entry)
             self._remember_name(plan)
             plan.result.action, plan.result.sha256, plan.result.size = "present", digest, size
