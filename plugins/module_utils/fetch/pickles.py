@@ -22,6 +22,7 @@ import os
 import pickletools
 import stat
 import subprocess
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ ALLOWED_GLOBALS = {
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 HOST_COMMAND = "/usr/local/bin/comfybake"  # where the comfyui role installs the command (tests may set this)
 SNIFF = 1 << 20  # the bytes read to tell a pickle stream from other data
+# genops decodes the string arguments of whatever bytes it is given and warns about their escapes.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="pickletools")
 SCAN_TIMEOUT = 3600.0  # seconds for the host command to scan one (large) file
 
 
@@ -97,9 +100,9 @@ def _is_pickle_stream(head: bytes) -> bool:
     STOP or many valid ones. Running out of the sniffed head while they still parse (a huge first
     argument) counts as a pickle: fail closed."""
     proto = len(head) >= 2 and head[0] == 0x80 and head[1] in range(2, 6)
+    stream = io.BytesIO(head)
     count = 0
     stack: list[bool] = []  # True for a MARK
-    stream = io.BytesIO(head)
     try:
         for opcode, _arg, _pos in pickletools.genops(stream):
             if not _stack_effect(opcode, stack):
