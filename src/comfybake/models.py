@@ -173,7 +173,11 @@ def fetch(args: argparse.Namespace) -> int:
             raise engine.ManifestError(f"model store {options.store} does not exist; create it or fix --store")
         fetcher = engine.Fetcher(options, progress=Bars(sys.stderr), log=lambda line: print(line, file=sys.stderr))
         report = fetcher.run(entries)
-        pruned = engine.prune(options, entries, apply=not args.check) if options.prune else None
+        pruned = None
+        if options.prune:
+            pruned = engine.prune(
+                options, entries, apply=not args.check, report=report, store=fetcher.store, sources=[str(args.manifest)]
+            )
     except engine.FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -323,6 +327,9 @@ def ls(args: argparse.Namespace) -> int:
 
 
 def print_pruned(pruned: engine.Pruned, stream: TextIO) -> None:
+    if pruned.skipped:
+        stream.write(pruned.skipped + "\n")
+        return
     verb = "would remove" if pruned.dry_run else "removed"
     for item in pruned.removed:
         stream.write(f"{verb:>12} {engine.human(item['bytes']):>10}  {item['path']}  ({item['why']})\n")
@@ -341,7 +348,8 @@ def prune(args: argparse.Namespace) -> int:
     try:
         options, entries, _environments = store_context(args)
         budget = options.budget if hasattr(args, "budget") else None  # the flag, not a models file's setting
-        pruned = engine.prune(options, entries, apply=args.yes, budget=budget)
+        sources = [str(path) for path in args.manifests] or [str(Path(args.config_root) / "models.yml")]
+        pruned = engine.prune(options, entries, apply=args.yes, budget=budget, sources=sources)
     except (engine.FetchError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
