@@ -289,6 +289,8 @@ def main() -> None:
         result["pruned"] = {k: v for k, v in pruned.as_dict().items() if k not in ("dry_run", "budget")}
         if pruned.skipped:
             module.warn(pruned.skipped)
+        for pattern in pruned.unmatched:
+            module.warn(f"protected glob {pattern!r} matches nothing in the store")
         result["changed"] = result["changed"] or pruned.changed
     if module._diff:
         result["diff"] = _diff(result["models"], result.get("pruned"))

@@ -85,6 +85,8 @@ def read_token(explicit: str | None, credential: str) -> str | None:
 def options_from(args: argparse.Namespace, settings: dict[str, Any], check_mode: bool = False) -> engine.Options:
     """The run's options: flags over the file's settings, then the environment, then the defaults."""
     given = {**settings, **{name: getattr(args, name) for name in engine.SETTINGS if hasattr(args, name)}}
+    if hasattr(args, "protected"):  # --protected adds to the models files' globs, never replaces them
+        given["protected"] = [*(settings.get("protected") or []), *args.protected]
     for name, declared in engine.SETTINGS.items():
         if declared.secret:  # its flag is --<name>-file (add_arguments); the credential has its name
             given[name] = read_token(getattr(args, f"{name}_file", None), name)
@@ -252,6 +254,9 @@ def store_context(args: argparse.Namespace) -> tuple[engine.Options, list[engine
     settings: dict[str, Any] = {}
     for _models, found in reversed(loaded):  # the first file's settings win
         settings.update({k: v for k, v in found.items() if k in engine.SETTINGS})
+    protected = [glob for _models, found in loaded for glob in found.get("protected") or []]
+    if protected:  # every file's globs protect
+        settings["protected"] = protected
     if "store" not in settings and not hasattr(args, "store"):
         raise engine.ManifestError(f"no store: give --store DIR, or a models file that names one (such as {default})")
     options = options_from(args, settings)
@@ -330,6 +335,8 @@ def print_pruned(pruned: engine.Pruned, stream: TextIO) -> None:
     if pruned.skipped:
         stream.write(pruned.skipped + "\n")
         return
+    for pattern in pruned.unmatched:
+        stream.write(f"warning: protected glob {pattern!r} matches nothing in the store\n")
     verb = "would remove" if pruned.dry_run else "removed"
     for item in pruned.removed:
         stream.write(f"{verb:>12} {engine.human(item['bytes']):>10}  {item['path']}  ({item['why']})\n")

@@ -522,3 +522,29 @@ def test_links_in_the_store_are_listed_never_pruned_nor_counted(
     assert [item["path"] for item in pruned["removed"]] == ["loras/plain.bin"]
     assert (store / "loras" / "nas").is_symlink() and (nas / "big.safetensors").exists()
     assert (store / "loras" / "one.safetensors").is_symlink()
+
+
+def test_protected_globs_add_up_and_folders_protect_what_they_hold(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every models file's globs and --protected add up; `loras/keep/`, `./x`, the store's own path work."""
+    for relpath in ("loras/keep/a.bin", "loras/kept/b.bin", "vae/v.bin", "clip/c.bin", "unet/u.bin", "gone.bin"):
+        (store / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (store / relpath).write_bytes(b"x" * 10)
+    first = write(tmp_path / "a.yml", {"store": str(store), "protected": ["loras/keep/"], "models": [OTHER]})
+    second = write(tmp_path / "b.yml", {"protected": ["./loras/kept", "nothing/here/*"], "models": [OTHER]})
+    argv = [str(first), str(second), "--config-root", str(tmp_path / "none"), "--yes"]
+    pruned = cli_json(capsys, "prune", *argv, "--protected", "vae", "--protected", f"{store}/clip/")
+    assert sorted(item["path"] for item in pruned["removed"]) == ["gone.bin", "unet/u.bin"]
+    kept = {item["path"]: item["why"] for item in pruned["kept"]}
+    assert kept == {
+        "loras/keep/a.bin": "protected (loras/keep/)",
+        "loras/kept/b.bin": "protected (./loras/kept)",
+        "vae/v.bin": "protected (vae)",
+        "clip/c.bin": f"protected ({store}/clip/)",
+    }
+    assert pruned["unmatched_protected"] == ["nothing/here/*"]
+    capsys.readouterr()
+    code = main(["models", "prune", *argv, "--protected", "/srv/elsewhere/*"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'/srv/elsewhere/*' is an absolute path outside the store" in err, err

@@ -237,7 +237,8 @@ class Options:
     )
     protected: tuple[str, ...] = setting(
         "list",
-        "Globs of paths in the store (such as C(checkpoints/mine-*)) that pruning never removes.",
+        "Globs of paths in the store (such as C(checkpoints/mine-*)) that pruning never removes; one that names"
+        " a folder (C(loras/keep/)) protects everything under it. Every models file's globs and the flags add up.",
         default=[],
         commands=("fetch", "prune"),
     )

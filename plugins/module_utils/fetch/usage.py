@@ -295,6 +295,7 @@ class Pruned:
     budget: int | None = None
     usage: int = 0  # the store's bytes before pruning
     skipped: str | None = None  # why prune did not run at all
+    unmatched: list[str] = field(default_factory=list)  # protected globs that match no file
 
     @property
     def freed(self) -> int:
@@ -315,6 +316,8 @@ class Pruned:
         }
         if self.skipped:
             item["skipped"] = self.skipped
+        if self.unmatched:
+            item["unmatched_protected"] = self.unmatched
         return item
 
 
@@ -438,6 +441,7 @@ def prune(
         )
         return result
     store = store or Store(options)
+    protected = protected_globs(options.protected, store.root)
     fetched: dict[str, str] = {}
     for item in report.results if report is not None else ():
         if item.path and item.action != "failed":
@@ -464,7 +468,7 @@ def prune(
         if budget is not None and item.state != "partial" and remaining <= budget:
             break
         full = os.path.join(store.root, item.path)
-        keep = blind or _keep_reason(item, full, options.protected, busy)
+        keep = blind or _keep_reason(item, full, protected, busy)
         if keep:
             result.kept.append({"path": item.path, "bytes": item.size, "why": keep})
             continue
@@ -473,13 +477,45 @@ def prune(
             continue
         result.removed.append({"path": item.path, "bytes": item.size, "why": why})
         remaining -= item.size
+    paths = [item.path for item in usage.files]
+    result.unmatched = [
+        original for original, pattern in protected if not any(_protects(pattern, path) for path in paths)
+    ]
     return result
 
 
-def _keep_reason(item: StoreFile, full: str, protected: Sequence[str], busy: OpenFiles) -> str | None:
-    for pattern in protected:
-        if fnmatch.fnmatchcase(item.path, pattern) or (item.target and fnmatch.fnmatchcase(item.target, pattern)):
-            return f"protected ({pattern})"
+def protected_globs(patterns: Sequence[str], root: str) -> list[tuple[str, str]]:
+    """Each O(protected) glob with its form relative to the store: C(./) and the store's own path
+    stripped, C(/) at the end dropped. An absolute path outside the store is refused."""
+    found: list[tuple[str, str]] = []
+    for original in patterns:
+        pattern = original
+        if os.path.isabs(pattern):
+            real = os.path.realpath(root)
+            for base in dict.fromkeys((root.rstrip("/"), real)):
+                if pattern == base or pattern.startswith(base + "/"):
+                    pattern = pattern[len(base) :].lstrip("/") or "*"
+                    break
+            else:
+                raise ManifestError(
+                    f"protected glob {original!r} is an absolute path outside the store {root}; "
+                    "give paths relative to the store, such as 'loras/keep/'"
+                )
+        while pattern.startswith("./"):
+            pattern = pattern[2:]
+        found.append((original, pattern.rstrip("/") or "*"))
+    return found
+
+
+def _protects(pattern: str, path: str) -> bool:
+    """A glob matches the path itself, or names a folder that holds it."""
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + "/*")
+
+
+def _keep_reason(item: StoreFile, full: str, protected: Sequence[tuple[str, str]], busy: OpenFiles) -> str | None:
+    for original, pattern in protected:
+        if _protects(pattern, item.path) or (item.target and _protects(pattern, item.target)):
+            return f"protected ({original})"
     if item.folder:
         inside = (os.path.join(base, name) for base, _dirs, names in os.walk(full) for name in names)
         if any(busy.holds(path) for path in inside):
