@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import stat
 import sys
 import threading
 import time
@@ -47,6 +49,13 @@ def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
         data = yamlfile.load(path, "manifest")
     except yamlfile.YAMLFileError as error:
         raise engine.ManifestError(str(error)) from None
+    found = _url_credentials(data, "") if path.stat().st_mode & stat.S_IROTH else []
+    if found:
+        raise engine.ManifestError(
+            f"{path} is readable by every user and holds credentials in a URL ({', '.join(found)}): they "
+            "do not belong in a file others can read; use a token (--hf-token-file, --civitai-token-file, a "
+            "systemd credential), or make the file unreadable to others (chmod o-r)"
+        )
     if isinstance(data, list):
         return data, {}
     if isinstance(data, dict) and isinstance(data.get("comfyui_models"), list):
@@ -63,6 +72,20 @@ def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     if isinstance(data, dict):
         raise engine.ManifestError(f"manifest {path} has no 'models' or 'comfyui_models' list")
     raise engine.ManifestError(f"manifest {path} must hold a list of models, got {type(data).__name__}")
+
+
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
+
+
+def _url_credentials(value: Any, where: str) -> list[str]:
+    """The keys (models[0].url, mirrors.huggingface[1]) whose value is a URL with user-info (user:pass@)."""
+    if isinstance(value, str):
+        return [where] if _USERINFO.match(value) else []
+    if isinstance(value, dict):
+        return [hit for key, item in value.items() for hit in _url_credentials(item, f"{where}.{key}".lstrip("."))]
+    if isinstance(value, list):
+        return [hit for index, item in enumerate(value) for hit in _url_credentials(item, f"{where}[{index}]")]
+    return []
 
 
 def read_token(explicit: str | None, credential: str) -> str | None:

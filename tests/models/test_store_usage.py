@@ -548,3 +548,17 @@ def test_protected_globs_add_up_and_folders_protect_what_they_hold(
     code = main(["models", "prune", *argv, "--protected", "/srv/elsewhere/*"])
     err = capsys.readouterr().err
     assert code == 2 and "'/srv/elsewhere/*' is an absolute path outside the store" in err, err
+
+
+def test_a_models_file_others_can_read_must_not_hold_url_credentials(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = [{"url": "https://user:secret@example.invalid/a.safetensors", "dest": "loras/", "sha256": "0" * 64}]
+    manifest = write(tmp_path / "models.yml", {"store": str(store), "models": models, "mirrors": []})
+    manifest.chmod(0o644)
+    capsys.readouterr()
+    assert main(["models", "du", str(manifest), "--config-root", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "holds credentials in a URL (models[0].url)" in err and "secret" not in err, err
+    manifest.chmod(0o640)  # readable by the store owner's group only: allowed, as a token file would be
+    assert main(["models", "du", str(manifest), "--config-root", str(tmp_path / "none")]) == 0
