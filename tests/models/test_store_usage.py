@@ -562,3 +562,15 @@ def test_a_models_file_others_can_read_must_not_hold_url_credentials(
     assert "holds credentials in a URL (models[0].url)" in err and "secret" not in err, err
     manifest.chmod(0o640)  # readable by the store owner's group only: allowed, as a token file would be
     assert main(["models", "du", str(manifest), "--config-root", str(tmp_path / "none")]) == 0
+
+
+def test_budget_counts_a_replaced_file_once(hub: MockHub, store: Path, run: Run) -> None:
+    """A file replaced at the same path goes when the new one lands: old + new is not the need."""
+    body = os.urandom(2 * MiB)
+    hub.add("/files/big.bin", body)
+    (store / "unet").mkdir()
+    (store / "unet" / "big.bin").write_bytes(b"o" * 2 * MiB)  # an older version, to be replaced
+    entry = {"url": f"{hub.url}/files/big.bin", "dest": "unet/big.bin", "sha256": sha256(body)}
+    report = run([entry], budget=3 * MiB)
+    assert [r.action for r in report.results] == ["downloaded"], report.results[0].msg
+    assert (store / "unet" / "big.bin").read_bytes() == body

@@ -50,7 +50,7 @@ from .pickles import check_file, kind_by_name, refusal
 from .report import Progress, Report, Result
 from .store import Store, fsync_dir, staging_path, stat_matches, stat_record
 from .transfer import Services, Transfer
-from .usage import check_budget, scan
+from .usage import check_budget, held_bytes, scan
 
 with contextlib.suppress(ImportError):  # its absence is reported by client.HAS_REQUESTS
     pass
@@ -477,7 +477,9 @@ class Fetcher:
             slot = need.setdefault(device, [0, existing, []])
             slot[0] += size
             slot[2].append(plan.entry.name)
-            needs.append((plan.entry.name, size))
+            # The budget is what the store holds after the run: a file (or extract folder) this
+            # run replaces at the same path is counted in the usage already and goes.
+            needs.append((plan.entry.name, max(0, size - held_bytes(path))))
         for amount, where, names in need.values():
             info = os.statvfs(where)
             free = info.f_bavail * info.f_frsize

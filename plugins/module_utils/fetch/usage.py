@@ -564,3 +564,14 @@ def check_budget(options: Options, usage: int, needs: Sequence[tuple[str, int]],
         f"over its budget of {human(options.budget)}; raise {how_to_set('budget')}, or free space with "
         "`comfybake models prune`"
     )
+
+
+def held_bytes(path: str) -> int:
+    """The bytes a destination holds now: a regular file, or every file of a folder; a link holds none."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return 0
+    if os.path.isdir(path) and not os.path.islink(path):
+        return sum(_sizes(path))
+    return info.st_size if os.path.isfile(path) and not os.path.islink(path) else 0
