@@ -443,9 +443,9 @@ def prune(
     store = store or Store(options)
     protected = protected_globs(options.protected, store.root)
     fetched: dict[str, str] = {}
-    for item in report.results if report is not None else ():
-        if item.path and item.action != "failed":
-            fetched[os.path.relpath(item.path, store.root)] = item.name
+    for done in report.results if report is not None else ():
+        if done.path and done.action != "failed":
+            fetched[os.path.relpath(done.path, store.root)] = done.name
     usage = scan(options, entries, store=store, fetched=fetched)
     result.usage = usage.total
     busy = open_files()
