@@ -365,6 +365,8 @@ def print_pruned(pruned: engine.Pruned, stream: TextIO) -> None:
         stream.write(f"{verb:>12} {engine.human(item['bytes']):>10}  {item['path']}  ({item['why']})\n")
     for item in pruned.kept:
         stream.write(f"{'kept':>12} {engine.human(item['bytes']):>10}  {item['path']}  ({item['why']})\n")
+    for path in pruned.gone:
+        stream.write(f"{'gone':>12} {'':>10}  {path}  (removed meanwhile by someone else)\n")
     freed = "would free" if pruned.dry_run else "freed"
     budget = f", budget {engine.human(pruned.budget)}" if pruned.budget is not None else ""
     stream.write(

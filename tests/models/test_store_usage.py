@@ -387,7 +387,8 @@ def test_prune_refuses_an_empty_manifest_and_keeps_every_file(
 
 def test_the_role_models_file_never_says_prune() -> None:
     """The boot-time fetch (the store owner, /proc hidden) reads this file: it must never prune."""
-    task = yaml.safe_load(Path("roles/comfyui_models/tasks/manifest.yml").read_text())[0]
+    tasks = yaml.safe_load(Path("roles/comfyui_models/tasks/manifest.yml").read_text())
+    task = next(task for task in tasks if task["name"] == "Install the models file")
     assert "'prune': false" in task["ansible.builtin.copy"]["content"]
 
 
@@ -574,3 +575,28 @@ def test_budget_counts_a_replaced_file_once(hub: MockHub, store: Path, run: Run)
     report = run([entry], budget=3 * MiB)
     assert [r.action for r in report.results] == ["downloaded"], report.results[0].msg
     assert (store / "unet" / "big.bin").read_bytes() == body
+
+
+def test_prune_drops_an_emptied_extract_folder_its_record_and_honours_a_held_lock(
+    hub: MockHub, store: Path, run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str], holder: Any
+) -> None:
+    """One save for every removal; an extract folder pruned empty loses its `archives` record and
+    its folders; a file whose lock a run holds is kept, without waiting for it."""
+    pack = archives.zip_bytes({"a.onnx": b"a" * 300, "sub/b.onnx": b"b" * 200})
+    hub.add("/pack.zip", pack)
+    entry = {"url": f"{hub.url}/pack.zip", "dest": "insightface/models/pack/", "extract": True, "sha256": sha256(pack)}
+    assert run.one([entry]).action == "extracted"
+    (store / "loras").mkdir()
+    (store / "loras" / "locked.bin").write_bytes(b"l" * 10)
+    holder(lock_file(store, "loras/locked.bin"), lock=True)
+    manifest = write(tmp_path / "m.yml", {"store": str(store), "models": [OTHER]})
+    pruned = cli_json(capsys, "prune", str(manifest), "--config-root", str(tmp_path / "none"), "--yes")
+    assert sorted(item["path"] for item in pruned["removed"]) == [
+        "insightface/models/pack/a.onnx",
+        "insightface/models/pack/sub/b.onnx",
+    ]
+    assert pruned["kept"] == [{"path": "loras/locked.bin", "bytes": 10, "why": "a run holds its lock"}]
+    records = json.loads((store / ".comfybake" / "verified.json").read_text())
+    assert records["archives"] == {}
+    assert sorted(p.name for p in store.iterdir()) == [".comfybake", "insightface", "loras"]
+    assert list((store / "insightface").iterdir()) == []

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import fnmatch
-import hashlib
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -167,9 +166,8 @@ def _referenced(
 
 def _lock_held(store: Store, relpath: str) -> bool:
     """Whether a run holds the lock of `relpath` (Store.locked), tested without waiting or creating it."""
-    name = hashlib.sha1(relpath.encode(), usedforsecurity=False).hexdigest()
     try:
-        fd = os.open(os.path.join(store.state_dir, "locks", name + ".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(store.lock_path(relpath), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -296,6 +294,7 @@ class Pruned:
     usage: int = 0  # the store's bytes before pruning
     skipped: str | None = None  # why prune did not run at all
     unmatched: list[str] = field(default_factory=list)  # protected globs that match no file
+    gone: list[str] = field(default_factory=list)  # removed by someone else meanwhile
 
     @property
     def freed(self) -> int:
@@ -318,6 +317,8 @@ class Pruned:
             item["skipped"] = self.skipped
         if self.unmatched:
             item["unmatched_protected"] = self.unmatched
+        if self.gone:
+            item["gone"] = self.gone
         return item
 
 
@@ -472,11 +473,22 @@ def prune(
         if keep:
             result.kept.append({"path": item.path, "bytes": item.size, "why": keep})
             continue
-        if apply and not _remove(store, item, full):
-            result.kept.append({"path": item.path, "bytes": item.size, "why": "changed while pruning"})
+        outcome = _remove(store, item, full) if apply else "removed"
+        if outcome == "gone":
+            result.gone.append(item.path)
+            remaining -= item.size
+            continue
+        if outcome != "removed":
+            how = "changed while pruning" if outcome == "changed" else "a run holds its lock"
+            result.kept.append({"path": item.path, "bytes": item.size, "why": how})
             continue
         result.removed.append({"path": item.path, "bytes": item.size, "why": why})
         remaining -= item.size
+    if apply and (result.removed or result.gone):
+        paths = [item["path"] for item in result.removed] + result.gone
+        store.refresh()
+        store.forget(paths)
+        _remove_empty_folders(store, paths)
     paths = [item.path for item in usage.files]
     result.unmatched = [
         original for original, pattern in protected if not any(_protects(pattern, path) for path in paths)
@@ -525,26 +537,38 @@ def _keep_reason(item: StoreFile, full: str, protected: Sequence[tuple[str, str]
     return None
 
 
-def _remove(store: Store, item: StoreFile, full: str) -> bool:
-    """Remove one file under its destination's lock, unless it changed since the walk (a run wrote it)."""
-    with store.locked(item.target or item.path):
+def _remove(store: Store, item: StoreFile, full: str) -> str:
+    """Remove one file (or staging folder) under its destination's lock, without waiting for it.
+
+    Returns removed, gone (someone else removed it), changed (a run wrote it since the walk) or
+    busy (a run holds its lock). The records are dropped afterwards, all in one save.
+    """
+    with store.try_locked(item.target or item.path) as held:
+        if not held:
+            return "busy"
         try:
             info = os.lstat(full)
             if not item.folder and (info.st_size, info.st_mtime) != (item.size, item.mtime):
-                return False
+                return "changed"
             if item.folder:
                 shutil.rmtree(full)
             else:
                 os.unlink(full)
         except FileNotFoundError:
-            pass
-        if item.state != "partial":
-            store.refresh()
-            store.record("files", item.path, None)
-            for key, name in list(store.records["names"].items()):
-                if name == item.path:
-                    store.record("names", key, None)
-    return True
+            return "gone"
+    return "removed"
+
+
+def _remove_empty_folders(store: Store, paths: Iterable[str]) -> None:
+    """Remove the folders the removals emptied, below the top-level ones (ComfyUI's model folders stay)."""
+    folders = {os.path.dirname(path) for path in paths}
+    for folder in sorted(folders, key=lambda f: -f.count("/")):
+        while "/" in folder:
+            try:
+                os.rmdir(os.path.join(store.root, folder))
+            except OSError:  # not empty, or gone
+                break
+            folder = os.path.dirname(folder)
 
 
 # the budget ------------------------------------------------------------------------------
