@@ -219,6 +219,7 @@ from ansible_collections.comfybake.core.plugins.module_utils.fetch import (
     argument_spec,
     human,
     parse_manifest,
+    prunable,
     prune,
 )
 
@@ -271,6 +272,7 @@ def main() -> None:
         if not os.path.isdir(options.store):
             raise FetchError(f"model store {options.store} does not exist; create it first (the comfyui role does)")
         fetcher = Fetcher(options)
+        fetcher.prunable = prunable(options, entries, ["models"])
         report = fetcher.run(entries)
         pruned = None
         if options.prune:

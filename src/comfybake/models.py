@@ -197,6 +197,7 @@ def fetch(args: argparse.Namespace) -> int:
         if not Path(options.store).is_dir():
             raise engine.ManifestError(f"model store {options.store} does not exist; create it or fix --store")
         fetcher = engine.Fetcher(options, progress=Bars(sys.stderr), log=lambda line: print(line, file=sys.stderr))
+        fetcher.prunable = engine.prunable(options, entries, [str(args.manifest)])
         report = fetcher.run(entries)
         pruned = None
         if options.prune:

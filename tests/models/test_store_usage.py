@@ -600,3 +600,25 @@ def test_prune_drops_an_emptied_extract_folder_its_record_and_honours_a_held_loc
     assert records["archives"] == {}
     assert sorted(p.name for p in store.iterdir()) == [".comfybake", "insightface", "loras"]
     assert list((store / "insightface").iterdir()) == []
+
+
+def test_budget_with_prune_does_not_count_what_the_same_run_prunes(
+    hub: MockHub, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = os.urandom(2 * MiB)
+    hub.add("/files/new.bin", body)
+    (store / "unet").mkdir()
+    (store / "unet" / "old.bin").write_bytes(b"o" * 2 * MiB)  # unreferenced: this run's prune removes it
+    models = [{"url": f"{hub.url}/files/new.bin", "dest": "unet/new.bin", "sha256": sha256(body)}]
+    settings = {"store": str(store), "allow_http": True, "prune": True, "models": models}
+    tight = write(tmp_path / "tight.yml", {**settings, "budget": "1MiB"})
+    capsys.readouterr()
+    assert main(["models", "fetch", str(tight)]) == 1
+    out = capsys.readouterr().out
+    assert "2.0 MiB now, 2.0 MiB of it pruned by this run + 2.0 MiB" in out, out
+    assert "comfybake models prune" not in out  # prune is on: it cannot help more
+    manifest = write(tmp_path / "m.yml", {**settings, "budget": "3MiB"})
+    out = cli_json(capsys, "fetch", str(manifest))
+    assert [r["action"] for r in out["results"]] == ["downloaded"], out
+    assert [item["path"] for item in out["pruned"]["removed"]] == ["unet/old.bin"]
+    assert sorted(p.name for p in (store / "unet").iterdir()) == ["new.bin"]

@@ -454,6 +454,10 @@ class Fetcher:
         remote.size = total
         plan.expected = digest.hexdigest()
 
+    # The bytes the front end's prune will remove after this run (usage.prunable): the budget
+    # does not count them.
+    prunable: int = 0
+
     def _preflight_space(self, plans: Sequence[_Plan]) -> None:
         """Fail before the first GET when the downloads cannot fit on the disk or in the budget."""
         need: dict[int, list[Any]] = {}
@@ -489,7 +493,7 @@ class Fetcher:
                     "free space or grow the volume, then run again"
                 )
         if self.options.budget is not None and plans:
-            check_budget(self.options, scan(self.options, []).total, needs, unknown)
+            check_budget(self.options, scan(self.options, []).total, needs, unknown, self.prunable)
 
     # transfer -----------------------------------------------------------------
 

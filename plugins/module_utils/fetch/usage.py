@@ -574,19 +574,27 @@ def _remove_empty_folders(store: Store, paths: Iterable[str]) -> None:
 # the budget ------------------------------------------------------------------------------
 
 
-def check_budget(options: Options, usage: int, needs: Sequence[tuple[str, int]], unknown: Sequence[str]) -> None:
-    """Fail before the first byte when usage plus what the run will add exceeds O(budget)."""
+def check_budget(
+    options: Options, usage: int, needs: Sequence[tuple[str, int]], unknown: Sequence[str], prunable: int = 0
+) -> None:
+    """Fail before the first byte when usage plus what the run will add exceeds O(budget).
+
+    `prunable`: the bytes this run's own prune (O(prune)) will remove, not counted.
+    """
     if options.budget is None:
         return
     need = sum(size for _name, size in needs)
-    if usage + need <= options.budget:
+    kept = usage - prunable
+    if kept + need <= options.budget:
         return
     names = ", ".join(name for name, _size in needs)
     extra = f" ({len(unknown)} more of unknown size: {', '.join(unknown)})" if unknown else ""
+    pruned = f", {human(prunable)} of it pruned by this run" if prunable else ""
+    # With prune on, what prune can remove is counted out already: only the budget can help.
+    hint = "" if options.prune else ", or free space with `comfybake models prune` (it removes unreferenced files)"
     raise BudgetError(
-        f"the store would hold {human(usage + need)} ({human(usage)} now + {human(need)} for {names}{extra}), "
-        f"over its budget of {human(options.budget)}; raise {how_to_set('budget')}, or free space with "
-        "`comfybake models prune`"
+        f"the store would hold {human(kept + need)} ({human(usage)} now{pruned} + {human(need)} for {names}{extra}), "
+        f"over its budget of {human(options.budget)}; raise {how_to_set('budget')}{hint}"
     )
 
 
@@ -599,3 +607,10 @@ def held_bytes(path: str) -> int:
     if os.path.isdir(path) and not os.path.islink(path):
         return sum(_sizes(path))
     return info.st_size if os.path.isfile(path) and not os.path.islink(path) else 0
+
+
+def prunable(options: Options, entries: Sequence[Entry], sources: Sequence[str]) -> int:
+    """The bytes O(prune) will remove after this fetch (its dry run), for the budget; 0 without prune or budget."""
+    if not options.prune or options.budget is None:
+        return 0
+    return prune(options, entries, apply=False, sources=sources).freed
