@@ -25,6 +25,7 @@ from test_cli_and_module import playbook
 
 from comfybake.cli import main
 from comfybake.engine.fetch import options as fetch_options
+from comfybake.engine.fetch import store as fetch_store
 
 MiB = 1 << 20
 # An entry whose file is not in the store: a manifest that lists a model, so that prune runs.
@@ -622,3 +623,15 @@ def test_budget_with_prune_does_not_count_what_the_same_run_prunes(
     assert [r["action"] for r in out["results"]] == ["downloaded"], out
     assert [item["path"] for item in out["pruned"]["removed"]] == ["unet/old.bin"]
     assert sorted(p.name for p in (store / "unet").iterdir()) == ["new.bin"]
+
+
+def test_staging_names_map_back_to_their_destination() -> None:
+    """One definition of the staging names (store.py): prune finds a partial's destination from it."""
+    for archive in (False, True):
+        staging = fetch_store.staging_path("/s/loras/x.safetensors", archive)
+        assert fetch_store.staging_target(os.path.basename(staging)) == "x.safetensors"
+        assert fetch_store.staging_target(os.path.basename(staging) + ".json") == "x.safetensors"
+    for path in fetch_store.extract_paths("/s/insightface/pack/"):
+        assert fetch_store.staging_target(os.path.basename(path)) == "pack"
+    assert fetch_store.staging_target("x.safetensors") is None
+    assert fetch_store.staging_target(".comfybake-partial") is None

@@ -217,3 +217,30 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Staging names beside a destination: .<name>[.archive].comfybake-partial[.json] (staging_path)
+# for downloads, .<name>.comfybake-extract and .<name>.comfybake-old for an extraction.
+EXTRACT_SUFFIX = ".comfybake-extract"
+OLD_SUFFIX = ".comfybake-old"
+STAGING_SUFFIXES = (SIDECAR_SUFFIX, PARTIAL_SUFFIX, EXTRACT_SUFFIX, OLD_SUFFIX)
+
+
+def extract_paths(target: str) -> tuple[str, str]:
+    """The work folder an extraction unpacks into, and where the previous folder waits meanwhile."""
+    parent, name = os.path.split(target.rstrip("/"))
+    return os.path.join(parent, f".{name}{EXTRACT_SUFFIX}"), os.path.join(parent, f".{name}{OLD_SUFFIX}")
+
+
+def staging_target(name: str) -> str | None:
+    """The destination name a staging name belongs to (the inverse of staging_path and
+    extract_paths), or None when `name` is not a staging name."""
+    if not name.startswith("."):
+        return None
+    for suffix in STAGING_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix) + 1:
+            base = name[1 : -len(suffix)]
+            if suffix in (PARTIAL_SUFFIX, SIDECAR_SUFFIX) and base.endswith(".archive"):
+                base = base[: -len(".archive")]
+            return base or None
+    return None

@@ -24,10 +24,7 @@ from .errors import BudgetError, ManifestError
 from .manifest import Entry, human
 from .options import Options, how_to_set
 from .report import Report
-from .store import PARTIAL_SUFFIX, STATE_DIR, Store, stat_matches
-
-STAGING_MARK = ".comfybake-"  # every staging name: .<name>[.archive].comfybake-partial[.json], -extract, -old
-STAGING_DIRS = (".comfybake-extract", ".comfybake-old")
+from .store import EXTRACT_SUFFIX, OLD_SUFFIX, STATE_DIR, Store, staging_target, stat_matches
 
 
 @dataclass
@@ -179,14 +176,6 @@ def _lock_held(store: Store, relpath: str) -> bool:
     return False
 
 
-def _staging_target(directory: str, name: str) -> str:
-    """The destination a staging name belongs to: .<name>[.archive].comfybake-partial[.json] -> <name>."""
-    base = name[1:].split(STAGING_MARK, 1)[0]
-    if base.endswith(".archive") and name.endswith((PARTIAL_SUFFIX, PARTIAL_SUFFIX + ".json")):
-        base = base[: -len(".archive")]
-    return f"{directory}/{base}" if directory else base
-
-
 def scan(
     options: Options,
     entries: Sequence[Entry],
@@ -218,17 +207,17 @@ def scan(
                     link.entry = files.get(relpath)
                     found.append(link)
                     continue
-                staging = item.name.startswith(".") and STAGING_MARK in item.name
+                base = staging_target(item.name)  # the destination of a staging name (store.py)
+                target = (f"{relative}/{base}" if relative else base) if base else None
                 if item.is_dir(follow_symlinks=False):
-                    if staging and item.name.endswith(STAGING_DIRS):
+                    if target and item.name.endswith((EXTRACT_SUFFIX, OLD_SUFFIX)):
                         size = sum(_sizes(item.path))
-                        target = _staging_target(relative, item.name)
                         found.append(_partial(store, relpath, target, size, info, folder=True))
                     else:
                         walk(item.path, relpath)
                     continue
-                if staging:
-                    found.append(_partial(store, relpath, _staging_target(relative, item.name), info.st_size, info))
+                if target:
+                    found.append(_partial(store, relpath, target, info.st_size, info))
                     continue
                 record = StoreFile(relpath, info.st_size, info.st_atime, info.st_mtime)
                 _classify(record, store, files, folders, archives)
