@@ -201,7 +201,8 @@ options:
     type: str
   protected:
     description:
-      - "Globs of paths in the store (such as C(checkpoints/mine-*)) that pruning never removes."
+      - "Globs of paths in the store (such as C(checkpoints/mine-*)) that pruning never removes; one that names a
+        folder (C(loras/keep/)) protects everything under it. Every models file's globs and the flags add up."
     type: list
     elements: str
     default: []

@@ -189,7 +189,9 @@ pruned:
       type: list
       elements: dict
     kept:
-      description: Each file prune left, and why (protected, open by a running process, download in progress).
+      description:
+        - Each file prune left, and why (protected, open by a running process, download in progress, or
+          that it cannot tell which files processes have open, when not run as root).
       type: list
       elements: dict
     freed:
@@ -198,6 +200,10 @@ pruned:
     usage:
       description: Bytes the store held before pruning.
       type: int
+    skipped:
+      description: Why prune removed nothing at all (an entry of the run failed, so what it uses is not known).
+      type: str
+      returned: when prune was skipped
 """
 
 import os
@@ -215,6 +221,7 @@ from ansible_collections.comfybake.core.plugins.module_utils.fetch import (
     argument_spec,
     human,
     parse_manifest,
+    prunable,
     prune,
 )
 
@@ -266,8 +273,14 @@ def main() -> None:
         entries = parse_manifest(_entries(params["models"]), options)
         if not os.path.isdir(options.store):
             raise FetchError(f"model store {options.store} does not exist; create it first (the comfyui role does)")
-        report = Fetcher(options).run(entries)
-        pruned = prune(options, entries, apply=not module.check_mode) if options.prune else None
+        fetcher = Fetcher(options)
+        fetcher.prunable = prunable(options, entries, ["models"])
+        report = fetcher.run(entries)
+        pruned = None
+        if options.prune:
+            pruned = prune(
+                options, entries, apply=not module.check_mode, report=report, store=fetcher.store, sources=["models"]
+            )
     except FetchError as error:
         module.fail_json(msg=str(error), **result)
     except Exception as error:  # noqa: BLE001 - unexpected: report with a traceback
@@ -278,6 +291,10 @@ def main() -> None:
     result["bytes"] = sum(item.bytes for item in report.results)
     if pruned is not None:
         result["pruned"] = {k: v for k, v in pruned.as_dict().items() if k not in ("dry_run", "budget")}
+        if pruned.skipped:
+            module.warn(pruned.skipped)
+        for pattern in pruned.unmatched:
+            module.warn(f"protected glob {pattern!r} matches nothing in the store")
         result["changed"] = result["changed"] or pruned.changed
     if module._diff:
         result["diff"] = _diff(result["models"], result.get("pruned"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import stat
 import sys
 import threading
 import time
@@ -48,6 +50,13 @@ def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
         data = yamlfile.load(path, "manifest")
     except yamlfile.YAMLFileError as error:
         raise engine.ManifestError(str(error)) from None
+    found = _url_credentials(data, "") if path.stat().st_mode & stat.S_IROTH else []
+    if found:
+        raise engine.ManifestError(
+            f"{path} is readable by every user and holds credentials in a URL ({', '.join(found)}): they "
+            "do not belong in a file others can read; use a token (--hf-token-file, --civitai-token-file, a "
+            "systemd credential), or make the file unreadable to others (chmod o-r)"
+        )
     if isinstance(data, list):
         return data, {}
     if isinstance(data, dict) and isinstance(data.get("comfyui_models"), list):
@@ -64,6 +73,20 @@ def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     if isinstance(data, dict):
         raise engine.ManifestError(f"manifest {path} has no 'models' or 'comfyui_models' list")
     raise engine.ManifestError(f"manifest {path} must hold a list of models, got {type(data).__name__}")
+
+
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
+
+
+def _url_credentials(value: Any, where: str) -> list[str]:
+    """The keys (models[0].url, mirrors.huggingface[1]) whose value is a URL with user-info (user:pass@)."""
+    if isinstance(value, str):
+        return [where] if _USERINFO.match(value) else []
+    if isinstance(value, dict):
+        return [hit for key, item in value.items() for hit in _url_credentials(item, f"{where}.{key}".lstrip("."))]
+    if isinstance(value, list):
+        return [hit for index, item in enumerate(value) for hit in _url_credentials(item, f"{where}[{index}]")]
+    return []
 
 
 def read_token(explicit: str | None, credential: str) -> str | None:
@@ -86,6 +109,8 @@ def read_token(explicit: str | None, credential: str) -> str | None:
 def options_from(args: argparse.Namespace, settings: dict[str, Any], check_mode: bool = False) -> engine.Options:
     """The run's options: flags over the file's settings, then the environment, then the defaults."""
     given = {**settings, **{name: getattr(args, name) for name in engine.SETTINGS if hasattr(args, name)}}
+    if hasattr(args, "protected"):  # --protected adds to the models files' globs, never replaces them
+        given["protected"] = [*(settings.get("protected") or []), *args.protected]
     for name, declared in engine.SETTINGS.items():
         if declared.secret:  # its flag is --<name>-file (add_arguments); the credential has its name
             given[name] = read_token(getattr(args, f"{name}_file", None), name)
@@ -173,8 +198,13 @@ def fetch(args: argparse.Namespace) -> int:
         if not Path(options.store).is_dir():
             raise engine.ManifestError(f"model store {options.store} does not exist; create it or fix --store")
         fetcher = engine.Fetcher(options, progress=Bars(sys.stderr), log=lambda line: print(line, file=sys.stderr))
+        fetcher.prunable = engine.prunable(options, entries, [str(args.manifest)])
         report = fetcher.run(entries)
-        pruned = engine.prune(options, entries, apply=not args.check) if options.prune else None
+        pruned = None
+        if options.prune:
+            pruned = engine.prune(
+                options, entries, apply=not args.check, report=report, store=fetcher.store, sources=[str(args.manifest)]
+            )
     except engine.FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -256,6 +286,9 @@ def store_context(args: argparse.Namespace) -> tuple[engine.Options, list[engine
     settings: dict[str, Any] = {}
     for _models, found in reversed(loaded):  # the first file's settings win
         settings.update({k: v for k, v in found.items() if k in engine.SETTINGS})
+    protected = [glob for _models, found in loaded for glob in found.get("protected") or []]
+    if protected:  # every file's globs protect
+        settings["protected"] = protected
     if "store" not in settings and not hasattr(args, "store"):
         raise engine.ManifestError(f"no store: give --store DIR, or a models file that names one (such as {default})")
     options = options_from(args, settings)
@@ -331,11 +364,18 @@ def ls(args: argparse.Namespace) -> int:
 
 
 def print_pruned(pruned: engine.Pruned, stream: TextIO) -> None:
+    if pruned.skipped:
+        stream.write(pruned.skipped + "\n")
+        return
+    for pattern in pruned.unmatched:
+        stream.write(f"warning: protected glob {pattern!r} matches nothing in the store\n")
     verb = "would remove" if pruned.dry_run else "removed"
     for item in pruned.removed:
         stream.write(f"{verb:>12} {engine.human(item['bytes']):>10}  {item['path']}  ({item['why']})\n")
     for item in pruned.kept:
         stream.write(f"{'kept':>12} {engine.human(item['bytes']):>10}  {item['path']}  ({item['why']})\n")
+    for path in pruned.gone:
+        stream.write(f"{'gone':>12} {'':>10}  {path}  (removed meanwhile by someone else)\n")
     freed = "would free" if pruned.dry_run else "freed"
     budget = f", budget {engine.human(pruned.budget)}" if pruned.budget is not None else ""
     stream.write(
@@ -349,7 +389,8 @@ def prune(args: argparse.Namespace) -> int:
     try:
         options, entries, _environments = store_context(args)
         budget = options.budget if hasattr(args, "budget") else None  # the flag, not a models file's setting
-        pruned = engine.prune(options, entries, apply=args.yes, budget=budget)
+        sources = [str(path) for path in args.manifests] or [str(Path(args.config_root) / "models.yml")]
+        pruned = engine.prune(options, entries, apply=args.yes, budget=budget, sources=sources)
     except (engine.FetchError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +24,16 @@ from harness.models import Run, safetensors, sha256, tree_hash
 from test_cli_and_module import playbook
 
 from comfybake.cli import main
+from comfybake.engine.fetch import options as fetch_options
+from comfybake.engine.fetch import store as fetch_store
 
 MiB = 1 << 20
+# An entry whose file is not in the store: a manifest that lists a model, so that prune runs.
+OTHER = {
+    "url": "https://example.invalid/other.safetensors",
+    "dest": "checkpoints/other.safetensors",
+    "sha256": "0" * 64,
+}
 
 
 def write(path: Path, data: object) -> Path:
@@ -212,7 +222,7 @@ def test_prune_removes_the_records_of_what_it_removes(
     hub.add("/files/dropped.safetensors", body)
     entry = {"url": f"{hub.url}/files/dropped.safetensors", "dest": "loras/", "sha256": sha256(body)}
     assert run.one([entry]).action == "downloaded"
-    manifest = write(tmp_path / "empty.yml", {"store": str(store), "models": []})
+    manifest = write(tmp_path / "other.yml", {"store": str(store), "models": [OTHER]})
     pruned = cli_json(capsys, "prune", str(manifest), "--yes", "--config-root", str(tmp_path / "none"))
     assert [item["path"] for item in pruned["removed"]] == ["loras/dropped.safetensors"]
     records = json.loads((store / ".comfybake" / "verified.json").read_text())
@@ -238,7 +248,7 @@ def test_prune_budget_removes_least_recently_used_first(
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"x" * MiB)
         os.utime(path, (now - 10_000 + index * 1000, now - 10_000))
-    manifest = write(tmp_path / "models.yml", {"store": str(store), "models": []})
+    manifest = write(tmp_path / "models.yml", {"store": str(store), "models": [OTHER]})
     config = ["--config-root", str(tmp_path / "none")]
     pruned = cli_json(capsys, "prune", str(manifest), *config, "--budget", "2.5MiB", "--yes")
     assert [item["path"] for item in pruned["removed"]] == ["loras/oldest.safetensors", "loras/older.safetensors"]
@@ -354,3 +364,276 @@ def test_module_prunes_and_removes_absent_entries(hub: MockHub, store: Path, tmp
     assert left == ["vae/keep.safetensors", "vae/mine.safetensors"]
     again = playbook(tmp_path, pruning)
     assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout
+
+
+# The review's defects (empty manifests, sizes, blind /proc, failed runs, links) -------------
+
+
+def test_prune_refuses_an_empty_manifest_and_keeps_every_file(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`models: []` is more likely unset than meant: prune (and fetch's prune) refuse, naming the file."""
+    (store / "loras").mkdir()
+    (store / "loras" / "a.safetensors").write_bytes(b"a" * 100)
+    manifest = write(tmp_path / "models.yml", {"store": str(store), "models": [], "prune": True})
+    before = tree_hash(store)
+    for argv in (["prune", str(manifest), "--yes", "--config-root", str(tmp_path / "none")], ["fetch", str(manifest)]):
+        capsys.readouterr()
+        code = main(["models", *argv])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"{manifest} lists no model in use" in err and "list the models in use" in err
+    assert tree_hash(store) == before
+
+
+def test_the_role_models_file_never_says_prune() -> None:
+    """The boot-time fetch (the store owner, /proc hidden) reads this file: it must never prune."""
+    tasks = yaml.safe_load(Path("roles/comfyui_models/tasks/manifest.yml").read_text())
+    task = next(task for task in tasks if task["name"] == "Install the models file")
+    assert "'prune': false" in task["ansible.builtin.copy"]["content"]
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("1000", 1000),
+        ("1000B", 1000),
+        ("1 KiB", 1024),
+        ("1K", 1024),
+        ("1KB", 1000),
+        ("200GiB", 200 << 30),
+        ("2TB", 2 * 10**12),
+        (500_000_000_000, 500_000_000_000),
+        ("500000000000", 500_000_000_000),
+    ],
+)
+def test_parse_size_counts_plain_numbers_as_bytes(value: object, size: int) -> None:
+    assert fetch_options.parse_size("budget", value) == size
+
+
+def test_prune_as_another_user_cannot_see_open_files_and_removes_nothing(holder: Any) -> None:
+    """Not root: another user's fds are unreadable, so an open file could look unreferenced."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run prune as another user while a root process holds a file")
+    base = Path(tempfile.mkdtemp(prefix="comfybake-blind-"))
+    try:
+        store = base / "models"
+        (store / "loras").mkdir(parents=True)
+        held = store / "loras" / "held.safetensors"
+        held.write_bytes(b"h" * 100)
+        (store / "loras" / "free.safetensors").write_bytes(b"f" * 100)
+        manifest = write(base / "m.yml", {"store": str(store), "models": [OTHER]})
+        for path in (base, store, store / "loras", manifest):
+            path.chmod(0o777 if path.is_dir() else 0o644)
+        holder(held)  # root holds it open
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "comfybake"]
+        argv = ["models", "prune", str(manifest), "--config-root", str(base / "none"), "--yes", "--json"]
+        env = {**os.environ, "PYTHONPATH": str(Path("src").resolve())}
+        done = subprocess.run([*command, *argv], capture_output=True, text=True, env=env, check=False)
+        assert done.returncode == 0, done.stderr
+        pruned = json.loads(done.stdout)
+        assert pruned["removed"] == []
+        whys = {item["path"]: item["why"] for item in pruned["kept"]}
+        assert set(whys) == {"loras/held.safetensors", "loras/free.safetensors"}
+        assert all("cannot tell which files running processes have open" in why for why in whys.values()), whys
+        assert "run prune as root" in whys["loras/free.safetensors"]
+        assert held.exists() and (store / "loras" / "free.safetensors").exists()
+    finally:
+        shutil.rmtree(base)
+
+
+def test_prune_keeps_a_file_a_process_only_maps(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """safetensors loads by mmap and may close the fd: /proc/PID/maps still shows the file."""
+    (store / "loras").mkdir()
+    mapped = store / "loras" / "mapped.safetensors"
+    mapped.write_bytes(b"m" * 4096)
+    code = (
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.mmap.restype = ctypes.c_void_p\n"
+        "c = ctypes\n"
+        "libc.mmap.argtypes = [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long]\n"
+        f"fd = os.open({str(mapped)!r}, os.O_RDONLY)\n"
+        "assert libc.mmap(None, 4096, 1, 1, fd, 0) not in (None, ctypes.c_void_p(-1).value)\n"
+        "os.close(fd)\n"
+        "print('ready', flush=True)\nsys.stdin.read()\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        assert str(mapped) not in {
+            os.path.realpath(f"/proc/{process.pid}/fd/{n}") for n in os.listdir(f"/proc/{process.pid}/fd")
+        }
+        manifest = write(tmp_path / "m.yml", {"store": str(store), "models": [OTHER]})
+        pruned = cli_json(capsys, "prune", str(manifest), "--config-root", str(tmp_path / "none"), "--yes")
+        assert pruned["removed"] == []
+        assert pruned["kept"] == [
+            {"path": "loras/mapped.safetensors", "bytes": 4096, "why": "open by a running process"}
+        ]
+    finally:
+        process.communicate("")
+    assert mapped.exists()
+
+
+def test_fetch_with_prune_skips_prune_when_an_entry_failed(
+    hub: MockHub, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed folder entry's file may be on disk under a name the run did not learn: prune nothing."""
+    body = safetensors(seed=21)
+    hub.add("/files/good.safetensors", body)
+    (store / "loras").mkdir()
+    (store / "loras" / "theirs.safetensors").write_bytes(b"t" * 100)  # what the failing entry would name
+    models = [
+        {"url": f"{hub.url}/files/good.safetensors", "dest": "checkpoints/good.safetensors", "sha256": sha256(body)},
+        {"url": f"{hub.url}/files/missing.safetensors", "dest": "loras/", "sha256": "1" * 64},
+    ]
+    manifest = write(tmp_path / "m.yml", {"store": str(store), "allow_http": True, "prune": True, "models": models})
+    capsys.readouterr()
+    code = main(["models", "fetch", str(manifest), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert out["pruned"]["removed"] == [] and "prune skipped: 1 entry(ies) failed" in out["pruned"]["skipped"]
+    assert (store / "loras" / "theirs.safetensors").exists()
+    # A folder dest whose name the store does not know references its whole folder.
+    pruned = cli_json(capsys, "prune", str(manifest), "--config-root", str(tmp_path / "none"), "--yes")
+    assert pruned["removed"] == [] and (store / "loras" / "theirs.safetensors").exists()
+
+
+def test_links_in_the_store_are_listed_never_pruned_nor_counted(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nas = tmp_path / "nas"
+    nas.mkdir()
+    (nas / "big.safetensors").write_bytes(b"n" * 5000)
+    (store / "loras").mkdir()
+    (store / "loras" / "nas").symlink_to(nas)
+    (store / "loras" / "one.safetensors").symlink_to(nas / "big.safetensors")
+    (store / "loras" / "plain.bin").write_bytes(b"p" * 10)
+    manifest = write(tmp_path / "m.yml", {"store": str(store), "models": [OTHER]})
+    config = ["--config-root", str(tmp_path / "none")]
+    files = {item["path"]: (item["state"], item["size"]) for item in cli_json(capsys, "ls", str(manifest), *config)}
+    assert files == {
+        "loras/nas": ("link", 0),
+        "loras/one.safetensors": ("link", 0),
+        "loras/plain.bin": ("unreferenced", 10),
+    }
+    assert cli_json(capsys, "du", str(manifest), *config)["total"] == {"bytes": 10, "files": 1}
+    pruned = cli_json(capsys, "prune", str(manifest), *config, "--yes")
+    assert [item["path"] for item in pruned["removed"]] == ["loras/plain.bin"]
+    assert (store / "loras" / "nas").is_symlink() and (nas / "big.safetensors").exists()
+    assert (store / "loras" / "one.safetensors").is_symlink()
+
+
+def test_protected_globs_add_up_and_folders_protect_what_they_hold(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every models file's globs and --protected add up; `loras/keep/`, `./x`, the store's own path work."""
+    for relpath in ("loras/keep/a.bin", "loras/kept/b.bin", "vae/v.bin", "clip/c.bin", "unet/u.bin", "gone.bin"):
+        (store / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (store / relpath).write_bytes(b"x" * 10)
+    first = write(tmp_path / "a.yml", {"store": str(store), "protected": ["loras/keep/"], "models": [OTHER]})
+    second = write(tmp_path / "b.yml", {"protected": ["./loras/kept", "nothing/here/*"], "models": [OTHER]})
+    argv = [str(first), str(second), "--config-root", str(tmp_path / "none"), "--yes"]
+    pruned = cli_json(capsys, "prune", *argv, "--protected", "vae", "--protected", f"{store}/clip/")
+    assert sorted(item["path"] for item in pruned["removed"]) == ["gone.bin", "unet/u.bin"]
+    kept = {item["path"]: item["why"] for item in pruned["kept"]}
+    assert kept == {
+        "loras/keep/a.bin": "protected (loras/keep/)",
+        "loras/kept/b.bin": "protected (./loras/kept)",
+        "vae/v.bin": "protected (vae)",
+        "clip/c.bin": f"protected ({store}/clip/)",
+    }
+    assert pruned["unmatched_protected"] == ["nothing/here/*"]
+    capsys.readouterr()
+    code = main(["models", "prune", *argv, "--protected", "/srv/elsewhere/*"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'/srv/elsewhere/*' is an absolute path outside the store" in err, err
+
+
+def test_a_models_file_others_can_read_must_not_hold_url_credentials(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = [{"url": "https://user:secret@example.invalid/a.safetensors", "dest": "loras/", "sha256": "0" * 64}]
+    manifest = write(tmp_path / "models.yml", {"store": str(store), "models": models, "mirrors": []})
+    manifest.chmod(0o644)
+    capsys.readouterr()
+    assert main(["models", "du", str(manifest), "--config-root", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "holds credentials in a URL (models[0].url)" in err and "secret" not in err, err
+    manifest.chmod(0o640)  # readable by the store owner's group only: allowed, as a token file would be
+    assert main(["models", "du", str(manifest), "--config-root", str(tmp_path / "none")]) == 0
+
+
+def test_budget_counts_a_replaced_file_once(hub: MockHub, store: Path, run: Run) -> None:
+    """A file replaced at the same path goes when the new one lands: old + new is not the need."""
+    body = os.urandom(2 * MiB)
+    hub.add("/files/big.bin", body)
+    (store / "unet").mkdir()
+    (store / "unet" / "big.bin").write_bytes(b"o" * 2 * MiB)  # an older version, to be replaced
+    entry = {"url": f"{hub.url}/files/big.bin", "dest": "unet/big.bin", "sha256": sha256(body)}
+    report = run([entry], budget=3 * MiB)
+    assert [r.action for r in report.results] == ["downloaded"], report.results[0].msg
+    assert (store / "unet" / "big.bin").read_bytes() == body
+
+
+def test_prune_drops_an_emptied_extract_folder_its_record_and_honours_a_held_lock(
+    hub: MockHub, store: Path, run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str], holder: Any
+) -> None:
+    """One save for every removal; an extract folder pruned empty loses its `archives` record and
+    its folders; a file whose lock a run holds is kept, without waiting for it."""
+    pack = archives.zip_bytes({"a.onnx": b"a" * 300, "sub/b.onnx": b"b" * 200})
+    hub.add("/pack.zip", pack)
+    entry = {"url": f"{hub.url}/pack.zip", "dest": "insightface/models/pack/", "extract": True, "sha256": sha256(pack)}
+    assert run.one([entry]).action == "extracted"
+    (store / "loras").mkdir()
+    (store / "loras" / "locked.bin").write_bytes(b"l" * 10)
+    holder(lock_file(store, "loras/locked.bin"), lock=True)
+    manifest = write(tmp_path / "m.yml", {"store": str(store), "models": [OTHER]})
+    pruned = cli_json(capsys, "prune", str(manifest), "--config-root", str(tmp_path / "none"), "--yes")
+    assert sorted(item["path"] for item in pruned["removed"]) == [
+        "insightface/models/pack/a.onnx",
+        "insightface/models/pack/sub/b.onnx",
+    ]
+    assert pruned["kept"] == [{"path": "loras/locked.bin", "bytes": 10, "why": "a run holds its lock"}]
+    records = json.loads((store / ".comfybake" / "verified.json").read_text())
+    assert records["archives"] == {}
+    assert sorted(p.name for p in store.iterdir()) == [".comfybake", "insightface", "loras"]
+    assert list((store / "insightface").iterdir()) == []
+
+
+def test_budget_with_prune_does_not_count_what_the_same_run_prunes(
+    hub: MockHub, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = os.urandom(2 * MiB)
+    hub.add("/files/new.bin", body)
+    (store / "unet").mkdir()
+    (store / "unet" / "old.bin").write_bytes(b"o" * 2 * MiB)  # unreferenced: this run's prune removes it
+    models = [{"url": f"{hub.url}/files/new.bin", "dest": "unet/new.bin", "sha256": sha256(body)}]
+    settings = {"store": str(store), "allow_http": True, "prune": True, "models": models}
+    tight = write(tmp_path / "tight.yml", {**settings, "budget": "1MiB"})
+    capsys.readouterr()
+    assert main(["models", "fetch", str(tight)]) == 1
+    out = capsys.readouterr().out
+    assert "2.0 MiB now, 2.0 MiB of it pruned by this run + 2.0 MiB" in out, out
+    assert "comfybake models prune" not in out  # prune is on: it cannot help more
+    manifest = write(tmp_path / "m.yml", {**settings, "budget": "3MiB"})
+    out = cli_json(capsys, "fetch", str(manifest))
+    assert [r["action"] for r in out["results"]] == ["downloaded"], out
+    assert [item["path"] for item in out["pruned"]["removed"]] == ["unet/old.bin"]
+    assert sorted(p.name for p in (store / "unet").iterdir()) == ["new.bin"]
+
+
+def test_staging_names_map_back_to_their_destination() -> None:
+    """One definition of the staging names (store.py): prune finds a partial's destination from it."""
+    for archive in (False, True):
+        staging = fetch_store.staging_path("/s/loras/x.safetensors", archive)
+        assert fetch_store.staging_target(os.path.basename(staging)) == "x.safetensors"
+        assert fetch_store.staging_target(os.path.basename(staging) + ".json") == "x.safetensors"
+        assert fetch_store.staging_target(os.path.basename(staging) + ".json.tmp") == "x.safetensors"
+    for suffix in (fetch_store.EXTRACT_SUFFIX, fetch_store.OLD_SUFFIX):
+        path = fetch_store.work_path("/s/insightface/pack/", suffix)
+        assert fetch_store.staging_target(os.path.basename(path)) == "pack"
+    assert fetch_store.staging_target("x.safetensors") is None
+    assert fetch_store.staging_target(".comfybake-partial") is None

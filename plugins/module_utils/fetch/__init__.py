@@ -50,8 +50,8 @@ from .manifest import (
 )
 from .options import ENTRY, SETTINGS, Options, Setting, add_arguments, argument_spec, render_documentation
 from .report import Progress, Report, Result
-from .store import Store, check_relative_path
-from .usage import Pruned, StoreFile, Usage, environment_folders, prune, scan
+from .store import Store
+from .usage import Pruned, StoreFile, Usage, environment_folders, prunable, prune, scan
 
 __all__ = [
     "ENTRY",
@@ -97,6 +97,7 @@ __all__ = [
     "parse_civitai_url",
     "parse_hf_url",
     "parse_manifest",
+    "prunable",
     "prune",
     "render_documentation",
     "scan",

@@ -59,7 +59,7 @@ from .store import (
     work_path,
 )
 from .transfer import Services, Transfer
-from .usage import check_budget, scan
+from .usage import check_budget, held_bytes, scan
 
 with contextlib.suppress(ImportError):  # its absence is reported by client.HAS_REQUESTS
     pass
@@ -478,6 +478,10 @@ class Fetcher:
         remote.size = total
         plan.expected = digest.hexdigest()
 
+    # The bytes the front end's prune will remove after this run (usage.prunable): the budget
+    # does not count them.
+    prunable: int = 0
+
     def _preflight_space(self, plans: Sequence[_Plan]) -> None:
         """Fail before the first GET when the downloads cannot fit on the disk or in the budget."""
         need: dict[int, list[Any]] = {}
@@ -501,7 +505,9 @@ class Fetcher:
             slot = need.setdefault(device, [0, existing, []])
             slot[0] += size
             slot[2].append(plan.entry.name)
-            needs.append((plan.entry.name, size))
+            # The budget is what the store holds after the run: a file (or extract folder) this
+            # run replaces at the same path is counted in the usage already and goes.
+            needs.append((plan.entry.name, max(0, size - held_bytes(path))))
         for amount, where, names in need.values():
             info = os.statvfs(where)
             free = info.f_bavail * info.f_frsize
@@ -511,7 +517,7 @@ class Fetcher:
                     "free space or grow the volume, then run again"
                 )
         if self.options.budget is not None and plans:
-            check_budget(self.options, scan(self.options, []).total, needs, unknown)
+            check_budget(self.options, scan(self.options, []).total, needs, unknown, self.prunable)
 
     # transfer -----------------------------------------------------------------
 

@@ -111,7 +111,7 @@ def parse_size(name: str, value: Any) -> int:
     if not match:
         raise ManifestError(f"{name} must be a size such as '200GiB', '1.5TB' or a number of bytes, got {value!r}")
     number, prefix, binary, unit = match.groups()
-    power = "KMGTP".find(prefix.upper()) + 1
+    power = "KMGTP".find(prefix.upper()) + 1 if prefix else 0  # find("") is 0: a plain number is bytes
     base = 1000 if prefix and unit and not binary else 1024
     if binary and not prefix:
         raise ManifestError(f"{name} must be a size such as '200GiB', '1.5TB' or a number of bytes, got {value!r}")
@@ -237,7 +237,8 @@ class Options:
     )
     protected: tuple[str, ...] = setting(
         "list",
-        "Globs of paths in the store (such as C(checkpoints/mine-*)) that pruning never removes.",
+        "Globs of paths in the store (such as C(checkpoints/mine-*)) that pruning never removes; one that names"
+        " a folder (C(loras/keep/)) protects everything under it. Every models file's globs and the flags add up.",
         default=[],
         commands=("fetch", "prune"),
     )

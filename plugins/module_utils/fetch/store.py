@@ -10,7 +10,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .errors import ManifestError, PathError
@@ -153,6 +153,44 @@ class Store:
             self.records = current
             self._dirty = {"files": {}, "archives": {}, "names": {}}
 
+    def lock_path(self, relpath: str) -> str:
+        """The lock file of one destination (Store.locked takes it)."""
+        name = hashlib.sha1(relpath.encode(), usedforsecurity=False).hexdigest()
+        return os.path.join(self.state_dir, "locks", name + ".lock")
+
+    @contextlib.contextmanager
+    def try_locked(self, relpath: str) -> Iterator[bool]:
+        """Store.locked without waiting: yields False (and holds nothing) while another run holds it."""
+        os.makedirs(os.path.dirname(self.lock_path(relpath)), mode=0o700, exist_ok=True)
+        with open(self.lock_path(relpath), "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def forget(self, relpaths: Iterable[str]) -> None:
+        """Drop the records of removed paths in one save: their `files` records, the `names` that
+        point at them, and the `archives` record of an extract folder left with no file."""
+        gone = set(relpaths)
+        with self._lock:
+            changes = [("files", key) for key in self.records["files"] if key in gone]
+            changes += [("names", key) for key, name in self.records["names"].items() if name in gone]
+            for folder in self.records["archives"]:
+                full = os.path.join(self.root, folder)
+                if not os.path.isdir(full) or not any(names for _base, _dirs, names in os.walk(full)):
+                    changes.append(("archives", folder))
+            for section, key in changes:
+                self.records[section].pop(key, None)
+                if not self.options.check_mode:
+                    self._dirty[section][key] = None
+            if changes and not self.options.check_mode:
+                self._save()
+
 
 def _read_records(path: str) -> dict[str, Any]:
     records: dict[str, Any] = {"version": 1, "files": {}, "archives": {}, "names": {}}
@@ -215,3 +253,21 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Every staging name beside a destination, for telling them apart from models (staging_target).
+STAGING_SUFFIXES = (SIDECAR_SUFFIX + TEMP_SUFFIX, SIDECAR_SUFFIX, PARTIAL_SUFFIX, EXTRACT_SUFFIX, OLD_SUFFIX)
+
+
+def staging_target(name: str) -> str | None:
+    """The destination name a staging name belongs to (the inverse of staging_path, the sidecar
+    and its temporary name, and work_path), or None when `name` is not a staging name."""
+    if not name.startswith("."):
+        return None
+    for suffix in STAGING_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix) + 1:
+            base = name[1 : -len(suffix)]
+            if suffix not in (EXTRACT_SUFFIX, OLD_SUFFIX) and base.endswith(ARCHIVE_INFIX):
+                base = base[: -len(ARCHIVE_INFIX)]
+            return base or None
+    return None

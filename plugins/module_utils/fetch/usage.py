@@ -14,30 +14,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import fnmatch
-import hashlib
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BudgetError
+from .errors import BudgetError, ManifestError
 from .manifest import Entry, human
 from .options import Options, how_to_set
-from .store import (
-    ARCHIVE_INFIX,
-    EXTRACT_SUFFIX,
-    OLD_SUFFIX,
-    PARTIAL_SUFFIX,
-    SIDECAR_SUFFIX,
-    STATE_DIR,
-    TEMP_SUFFIX,
-    Store,
-    stat_matches,
-)
-
-STAGING_MARK = ".comfybake-"  # every staging name: .<name>[.archive].comfybake-partial[.json], -extract, -old
-STAGING_DIRS = (EXTRACT_SUFFIX, OLD_SUFFIX)
+from .report import Report
+from .store import EXTRACT_SUFFIX, OLD_SUFFIX, STATE_DIR, Store, staging_target, stat_matches
 
 
 @dataclass
@@ -48,7 +35,7 @@ class StoreFile:
     size: int
     atime: float
     mtime: float
-    state: str = "unreferenced"  # verified | unverified | unreferenced | partial
+    state: str = "unreferenced"  # verified | unverified | unreferenced | partial | link
     entry: str | None = None  # the manifest entry that references it
     environments: list[str] = field(default_factory=list)
     in_use: bool = False  # a partial whose destination's lock is held: a download is running
@@ -77,7 +64,8 @@ class Usage:
 
     @property
     def total(self) -> int:
-        return sum(item.size for item in self.files)
+        """The bytes the store holds; a symbolic link counts nothing (what it points at is elsewhere)."""
+        return sum(item.size for item in self.files if item.state != "link")
 
     def summary(self) -> dict[str, Any]:
         """Bytes and files by folder, by entry, by environment; unreferenced, partials and free space."""
@@ -85,7 +73,7 @@ class Usage:
         entries: dict[str, list[int]] = {}
         seen: dict[str, list[int]] = {name: [0, 0] for name in self.environments}
         for item in self.files:
-            if item.state == "partial":
+            if item.state in ("partial", "link"):
                 continue
             _add(folders, item.path.split("/", 1)[0] if "/" in item.path else ".", item.size)
             if item.entry:
@@ -96,7 +84,8 @@ class Usage:
         partial = [item for item in self.files if item.state == "partial"]
         return {
             "store": self.root,
-            "total": {"bytes": self.total, "files": len(self.files)},
+            "total": {"bytes": self.total, "files": sum(1 for i in self.files if i.state != "link")},
+            "links": sum(1 for i in self.files if i.state == "link"),
             "free": self.free,
             "folders": _table(folders),
             "entries": _table(entries),
@@ -146,8 +135,14 @@ def environment_folders(document: Any, root: str) -> list[str]:
     return sorted(set(folders))
 
 
-def _referenced(entries: Sequence[Entry], store: Store) -> tuple[dict[str, str], dict[str, str]]:
-    """Exact files and extract folders the manifests reference, each with the entry's name."""
+def _referenced(
+    entries: Sequence[Entry], store: Store, unknown_whole: bool = False
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Exact files and extract folders the manifests reference, each with the entry's name.
+
+    With `unknown_whole` (prune), a folder dest whose file name is not known yet references its
+    whole folder: the file it would name may be any of them.
+    """
     files: dict[str, str] = {}
     folders: dict[str, str] = {}
     for entry in entries:
@@ -161,14 +156,15 @@ def _referenced(entries: Sequence[Entry], store: Store) -> tuple[dict[str, str],
             name = store.name_for(entry.key)
             if name:
                 files[name] = entry.name
+            elif unknown_whole:
+                folders[entry.dest.rstrip("/")] = entry.name
     return files, folders
 
 
 def _lock_held(store: Store, relpath: str) -> bool:
     """Whether a run holds the lock of `relpath` (Store.locked), tested without waiting or creating it."""
-    name = hashlib.sha1(relpath.encode(), usedforsecurity=False).hexdigest()
     try:
-        fd = os.open(os.path.join(store.state_dir, "locks", name + ".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(store.lock_path(relpath), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -180,18 +176,21 @@ def _lock_held(store: Store, relpath: str) -> bool:
     return False
 
 
-def _staging_target(directory: str, name: str) -> str:
-    """The destination a staging name belongs to: .<name>[.archive].comfybake-partial[.json] -> <name>."""
-    base = name[1:].split(STAGING_MARK, 1)[0]
-    if base.endswith(ARCHIVE_INFIX) and name.endswith((PARTIAL_SUFFIX, SIDECAR_SUFFIX, SIDECAR_SUFFIX + TEMP_SUFFIX)):
-        base = base[: -len(ARCHIVE_INFIX)]
-    return f"{directory}/{base}" if directory else base
+def scan(
+    options: Options,
+    entries: Sequence[Entry],
+    environments: Mapping[str, Sequence[str]] | None = None,
+    store: Store | None = None,
+    fetched: Mapping[str, str] | None = None,
+) -> Usage:
+    """Walk the store once and classify every file; `environments` maps a name to its store folders.
 
-
-def scan(options: Options, entries: Sequence[Entry], environments: Mapping[str, Sequence[str]] | None = None) -> Usage:
-    """Walk the store once and classify every file; `environments` maps a name to its store folders."""
-    store = Store(options)
-    files, folders = _referenced(entries, store)
+    `store` and `fetched` (relpath -> entry name, the paths a run just resolved) come from the
+    run that prune follows, so that check mode and the real run see the same names.
+    """
+    store = store or Store(options)
+    files, folders = _referenced(entries, store, unknown_whole=fetched is not None)
+    files.update(fetched or {})
     archives: dict[str, Any] = store.records["archives"]
     envs = {name: list(paths) for name, paths in (environments or {}).items()}
     found: list[StoreFile] = []
@@ -203,17 +202,22 @@ def scan(options: Options, entries: Sequence[Entry], environments: Mapping[str, 
                 if not relative and item.name == STATE_DIR:
                     continue
                 info = item.stat(follow_symlinks=False)
-                staging = item.name.startswith(".") and STAGING_MARK in item.name
+                if item.is_symlink():  # never followed, counted, nor pruned: it may point at a NAS
+                    link = StoreFile(relpath, 0, info.st_atime, info.st_mtime, state="link")
+                    link.entry = files.get(relpath)
+                    found.append(link)
+                    continue
+                base = staging_target(item.name)  # the destination of a staging name (store.py)
+                target = (f"{relative}/{base}" if relative else base) if base else None
                 if item.is_dir(follow_symlinks=False):
-                    if staging and item.name.endswith(STAGING_DIRS):
+                    if target and item.name.endswith((EXTRACT_SUFFIX, OLD_SUFFIX)):
                         size = sum(_sizes(item.path))
-                        target = _staging_target(relative, item.name)
                         found.append(_partial(store, relpath, target, size, info, folder=True))
                     else:
                         walk(item.path, relpath)
                     continue
-                if staging:
-                    found.append(_partial(store, relpath, _staging_target(relative, item.name), info.st_size, info))
+                if target:
+                    found.append(_partial(store, relpath, target, info.st_size, info))
                     continue
                 record = StoreFile(relpath, info.st_size, info.st_atime, info.st_mtime)
                 _classify(record, store, files, folders, archives)
@@ -277,6 +281,9 @@ class Pruned:
     dry_run: bool = True
     budget: int | None = None
     usage: int = 0  # the store's bytes before pruning
+    skipped: str | None = None  # why prune did not run at all
+    unmatched: list[str] = field(default_factory=list)  # protected globs that match no file
+    gone: list[str] = field(default_factory=list)  # removed by someone else meanwhile
 
     @property
     def freed(self) -> int:
@@ -287,7 +294,7 @@ class Pruned:
         return bool(self.removed)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        item = {
             "dry_run": self.dry_run,
             "removed": self.removed,
             "kept": self.kept,
@@ -295,21 +302,101 @@ class Pruned:
             "usage": self.usage,
             "budget": self.budget,
         }
+        if self.skipped:
+            item["skipped"] = self.skipped
+        if self.unmatched:
+            item["unmatched_protected"] = self.unmatched
+        if self.gone:
+            item["gone"] = self.gone
+        return item
 
 
-def open_files() -> set[str]:
-    """Every path a process on this host has open, from /proc/*/fd (those this user may read)."""
-    paths: set[str] = set()
-    with contextlib.suppress(OSError):
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
+BLIND = "cannot tell which files running processes have open ({}); run prune as root"
+
+
+@dataclass
+class OpenFiles:
+    """The files processes on this host have open or mapped, by (st_dev, st_ino)."""
+
+    ids: set[tuple[int, int]] = field(default_factory=set)
+    unreadable: list[str] = field(default_factory=list)  # /proc paths this user may not read
+
+    def holds(self, path: str) -> bool:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) in self.ids
+
+
+def open_files(proc: str = "/proc") -> OpenFiles:
+    """Every file a process has open (/proc/PID/fd) or mapped (/proc/PID/maps: mmapped safetensors).
+
+    Files are compared by device and inode, not by path (a container or a bind mount shows
+    another path). What this user may not read is listed in `unreadable`: another user's
+    processes, or all of them when /proc hides them (hidepid, systemd's ProtectProc=invisible).
+    Root reads every process of its host; one the kernel refuses even to root (a sandbox's
+    supervisor, outside this system's services) cannot be a ComfyUI and is not counted.
+    """
+    found = OpenFiles()
+    root = os.geteuid() == 0
+    if not root and _hidden(proc):
+        found.unreadable.append(f"{proc} (mounted hidepid: other users' processes are invisible)")
+    for pid in os.listdir(proc):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        fds = f"{proc}/{pid}/fd"
+        try:
+            numbers = os.listdir(fds)
+        except PermissionError:
+            if not root:
+                found.unreadable.append(fds)
+            continue
+        except OSError:  # the process ended
+            continue
+        refused = False
+        for number in numbers:
+            try:
+                info = os.stat(f"{fds}/{number}")
+            except PermissionError:
+                refused = True
                 continue
-            fds = f"/proc/{pid}/fd"
+            except OSError:
+                continue
+            found.ids.add((info.st_dev, info.st_ino))
+        try:
+            with open(f"{proc}/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+                lines = maps.read().splitlines()
+        except PermissionError:
+            lines, refused = [], True
+        except OSError:
+            continue
+        if refused and not root:
+            found.unreadable.append(f"{proc}/{pid}")
+        for line in lines:
+            fields = line.split(None, 5)
+            if len(fields) < 6 or not fields[5].startswith("/") or fields[4] == "0":
+                continue
+            major, minor = fields[3].split(":")
+            found.ids.add((os.makedev(int(major, 16), int(minor, 16)), int(fields[4])))
             with contextlib.suppress(OSError):
-                for fd in os.listdir(fds):
-                    with contextlib.suppress(OSError):
-                        paths.add(os.readlink(f"{fds}/{fd}"))
-    return paths
+                info = os.stat(fields[5].removesuffix(" (deleted)"))
+                found.ids.add((info.st_dev, info.st_ino))
+    return found
+
+
+def _hidden(proc: str) -> bool:
+    """Whether /proc is mounted with hidepid (other users' processes invisible or unreadable)."""
+    try:
+        with open(f"{proc}/self/mountinfo", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == proc and "hidepid=" in line:
+                    value = line.split("hidepid=", 1)[1].split(",", 1)[0].split()[0]
+                    return value not in ("0", "off")
+    except OSError:
+        return True
+    return False
 
 
 def prune(
@@ -317,22 +404,49 @@ def prune(
     entries: Sequence[Entry],
     apply: bool,
     budget: int | None = None,
+    report: Report | None = None,
+    store: Store | None = None,
+    sources: Sequence[str] = (),
 ) -> Pruned:
     """Remove what no entry references: unreferenced files (with their records) and stale partials.
 
-    Never a path matching an O(protected) glob, never a file a process has open, never a partial
-    whose download is running. With `budget`, unreferenced files go least recently used first
-    (atime, then mtime) only until the store fits; stale partials always go.
+    Never a path matching an O(protected) glob, never a file a process has open or mapped, never a
+    partial whose download is running, never a symbolic link. With `budget`, unreferenced files go
+    least recently used first (atime, then mtime) only until the store fits; stale partials always
+    go. After a fetch, `report` and `store` are that run's: its paths count as referenced, and a
+    run with failed entries prunes nothing. `sources` names the manifests, for the errors.
     """
-    usage = scan(options, entries)
-    store = Store(options)
-    report = Pruned(dry_run=not apply, budget=budget, usage=usage.total)
+    if not any(entry.state == "present" for entry in entries):
+        where = ", ".join(sources) or "the manifest"
+        raise ManifestError(
+            f"prune refuses: {where} lists no model in use, and pruning against it would remove every "
+            "file in the store; list the models in use (protect the rest with protected), or remove files by hand"
+        )
+    result = Pruned(dry_run=not apply, budget=budget)
+    if report is not None and report.failed:
+        names = ", ".join(item.name for item in report.failed)
+        result.skipped = (
+            f"prune skipped: {len(report.failed)} entry(ies) failed ({names}), so what they use is not known; "
+            "fix them and run again"
+        )
+        return result
+    store = store or Store(options)
+    protected = protected_globs(options.protected, store.root)
+    fetched: dict[str, str] = {}
+    for done in report.results if report is not None else ():
+        if done.path and done.action != "failed":
+            fetched[os.path.relpath(done.path, store.root)] = done.name
+    usage = scan(options, entries, store=store, fetched=fetched)
+    result.usage = usage.total
     busy = open_files()
+    blind = (
+        BLIND.format(f"{len(busy.unreadable)} unreadable, such as {busy.unreadable[0]}") if busy.unreadable else None
+    )
     candidates: list[tuple[StoreFile, str]] = []
     for item in usage.files:
         if item.state == "partial":
             if item.in_use:
-                report.kept.append({"path": item.path, "bytes": item.size, "why": "download in progress"})
+                result.kept.append({"path": item.path, "bytes": item.size, "why": "download in progress"})
             else:
                 candidates.append((item, "stale partial download"))
         elif item.state == "unreferenced":
@@ -344,64 +458,148 @@ def prune(
         if budget is not None and item.state != "partial" and remaining <= budget:
             break
         full = os.path.join(store.root, item.path)
-        keep = _keep_reason(item, full, options.protected, busy)
+        keep = blind or _keep_reason(item, full, protected, busy)
         if keep:
-            report.kept.append({"path": item.path, "bytes": item.size, "why": keep})
+            result.kept.append({"path": item.path, "bytes": item.size, "why": keep})
             continue
-        if apply and not _remove(store, item, full):
-            report.kept.append({"path": item.path, "bytes": item.size, "why": "changed while pruning"})
+        outcome = _remove(store, item, full) if apply else "removed"
+        if outcome == "gone":
+            result.gone.append(item.path)
+            remaining -= item.size
             continue
-        report.removed.append({"path": item.path, "bytes": item.size, "why": why})
+        if outcome != "removed":
+            how = "changed while pruning" if outcome == "changed" else "a run holds its lock"
+            result.kept.append({"path": item.path, "bytes": item.size, "why": how})
+            continue
+        result.removed.append({"path": item.path, "bytes": item.size, "why": why})
         remaining -= item.size
-    return report
+    if apply and (result.removed or result.gone):
+        paths = [item["path"] for item in result.removed] + result.gone
+        store.refresh()
+        store.forget(paths)
+        _remove_empty_folders(store, paths)
+    paths = [item.path for item in usage.files]
+    result.unmatched = [
+        original for original, pattern in protected if not any(_protects(pattern, path) for path in paths)
+    ]
+    return result
 
 
-def _keep_reason(item: StoreFile, full: str, protected: Sequence[str], busy: set[str]) -> str | None:
-    for pattern in protected:
-        if fnmatch.fnmatchcase(item.path, pattern) or (item.target and fnmatch.fnmatchcase(item.target, pattern)):
-            return f"protected ({pattern})"
-    real = os.path.realpath(full)
-    if real in busy or (item.folder and any(path.startswith(real + os.sep) for path in busy)):
+def protected_globs(patterns: Sequence[str], root: str) -> list[tuple[str, str]]:
+    """Each O(protected) glob with its form relative to the store: C(./) and the store's own path
+    stripped, C(/) at the end dropped. An absolute path outside the store is refused."""
+    found: list[tuple[str, str]] = []
+    for original in patterns:
+        pattern = original
+        if os.path.isabs(pattern):
+            real = os.path.realpath(root)
+            for base in dict.fromkeys((root.rstrip("/"), real)):
+                if pattern == base or pattern.startswith(base + "/"):
+                    pattern = pattern[len(base) :].lstrip("/") or "*"
+                    break
+            else:
+                raise ManifestError(
+                    f"protected glob {original!r} is an absolute path outside the store {root}; "
+                    "give paths relative to the store, such as 'loras/keep/'"
+                )
+        while pattern.startswith("./"):
+            pattern = pattern[2:]
+        found.append((original, pattern.rstrip("/") or "*"))
+    return found
+
+
+def _protects(pattern: str, path: str) -> bool:
+    """A glob matches the path itself, or names a folder that holds it."""
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + "/*")
+
+
+def _keep_reason(item: StoreFile, full: str, protected: Sequence[tuple[str, str]], busy: OpenFiles) -> str | None:
+    for original, pattern in protected:
+        if _protects(pattern, item.path) or (item.target and _protects(pattern, item.target)):
+            return f"protected ({original})"
+    if item.folder:
+        inside = (os.path.join(base, name) for base, _dirs, names in os.walk(full) for name in names)
+        if any(busy.holds(path) for path in inside):
+            return "open by a running process"
+    elif busy.holds(full):
         return "open by a running process"
     return None
 
 
-def _remove(store: Store, item: StoreFile, full: str) -> bool:
-    """Remove one file under its destination's lock, unless it changed since the walk (a run wrote it)."""
-    with store.locked(item.target or item.path):
+def _remove(store: Store, item: StoreFile, full: str) -> str:
+    """Remove one file (or staging folder) under its destination's lock, without waiting for it.
+
+    Returns removed, gone (someone else removed it), changed (a run wrote it since the walk) or
+    busy (a run holds its lock). The records are dropped afterwards, all in one save.
+    """
+    with store.try_locked(item.target or item.path) as held:
+        if not held:
+            return "busy"
         try:
             info = os.lstat(full)
             if not item.folder and (info.st_size, info.st_mtime) != (item.size, item.mtime):
-                return False
+                return "changed"
             if item.folder:
                 shutil.rmtree(full)
             else:
                 os.unlink(full)
         except FileNotFoundError:
-            pass
-        if item.state != "partial":
-            store.refresh()
-            store.record("files", item.path, None)
-            for key, name in list(store.records["names"].items()):
-                if name == item.path:
-                    store.record("names", key, None)
-    return True
+            return "gone"
+    return "removed"
+
+
+def _remove_empty_folders(store: Store, paths: Iterable[str]) -> None:
+    """Remove the folders the removals emptied, below the top-level ones (ComfyUI's model folders stay)."""
+    folders = {os.path.dirname(path) for path in paths}
+    for folder in sorted(folders, key=lambda f: -f.count("/")):
+        while "/" in folder:
+            try:
+                os.rmdir(os.path.join(store.root, folder))
+            except OSError:  # not empty, or gone
+                break
+            folder = os.path.dirname(folder)
 
 
 # the budget ------------------------------------------------------------------------------
 
 
-def check_budget(options: Options, usage: int, needs: Sequence[tuple[str, int]], unknown: Sequence[str]) -> None:
-    """Fail before the first byte when usage plus what the run will add exceeds O(budget)."""
+def check_budget(
+    options: Options, usage: int, needs: Sequence[tuple[str, int]], unknown: Sequence[str], prunable: int = 0
+) -> None:
+    """Fail before the first byte when usage plus what the run will add exceeds O(budget).
+
+    `prunable`: the bytes this run's own prune (O(prune)) will remove, not counted.
+    """
     if options.budget is None:
         return
     need = sum(size for _name, size in needs)
-    if usage + need <= options.budget:
+    kept = usage - prunable
+    if kept + need <= options.budget:
         return
     names = ", ".join(name for name, _size in needs)
     extra = f" ({len(unknown)} more of unknown size: {', '.join(unknown)})" if unknown else ""
+    pruned = f", {human(prunable)} of it pruned by this run" if prunable else ""
+    # With prune on, what prune can remove is counted out already: only the budget can help.
+    hint = "" if options.prune else ", or free space with `comfybake models prune` (it removes unreferenced files)"
     raise BudgetError(
-        f"the store would hold {human(usage + need)} ({human(usage)} now + {human(need)} for {names}{extra}), "
-        f"over its budget of {human(options.budget)}; raise {how_to_set('budget')}, or free space with "
-        "`comfybake models prune`"
+        f"the store would hold {human(kept + need)} ({human(usage)} now{pruned} + {human(need)} for {names}{extra}), "
+        f"over its budget of {human(options.budget)}; raise {how_to_set('budget')}{hint}"
     )
+
+
+def held_bytes(path: str) -> int:
+    """The bytes a destination holds now: a regular file, or every file of a folder; a link holds none."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return 0
+    if os.path.isdir(path) and not os.path.islink(path):
+        return sum(_sizes(path))
+    return info.st_size if os.path.isfile(path) and not os.path.islink(path) else 0
+
+
+def prunable(options: Options, entries: Sequence[Entry], sources: Sequence[str]) -> int:
+    """The bytes O(prune) will remove after this fetch (its dry run), for the budget; 0 without prune or budget."""
+    if not options.prune or options.budget is None:
+        return 0
+    return prune(options, entries, apply=False, sources=sources).freed
