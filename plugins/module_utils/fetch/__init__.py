@@ -50,7 +50,7 @@ from .manifest import (
 )
 from .options import ENTRY, SETTINGS, Options, Setting, add_arguments, argument_spec, render_documentation
 from .report import Progress, Report, Result
-from .store import Store
+from .store import Store, check_relative_path
 from .usage import Pruned, StoreFile, Usage, environment_folders, prunable, prune, scan
 
 __all__ = [
