@@ -311,13 +311,21 @@ def store_context(args: argparse.Namespace) -> tuple[engine.Options, list[engine
     return options, entries, environments
 
 
-def du(args: argparse.Namespace) -> int:
+def store_usage(args: argparse.Namespace) -> tuple[engine.Options, engine.Usage] | None:
+    """The store's usage for du and ls; None (after printing why) when the store or a manifest is wrong."""
     try:
         options, entries, environments = store_context(args)
-        usage = engine.scan(options, entries, environments)
+        return options, engine.scan(options, entries, environments)
     except (engine.FetchError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return None
+
+
+def du(args: argparse.Namespace) -> int:
+    found = store_usage(args)
+    if found is None:
         return 2
+    options, usage = found
     summary = usage.summary()
     if options.budget is not None:
         summary["budget"] = options.budget
@@ -344,12 +352,10 @@ def du(args: argparse.Namespace) -> int:
 
 
 def ls(args: argparse.Namespace) -> int:
-    try:
-        options, entries, environments = store_context(args)
-        usage = engine.scan(options, entries, environments)
-    except (engine.FetchError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    found = store_usage(args)
+    if found is None:
         return 2
+    _options, usage = found
     if args.json:
         json.dump([item.as_dict() for item in usage.files], sys.stdout, indent=1)
         sys.stdout.write("\n")
