@@ -63,9 +63,23 @@ def test_a_build_writes_a_lock_and_a_rerun_changes_nothing(make_spec: Any, fixtu
     assert "-r inputs/node-ComfyUI-Comfybake-SixOld.txt" in packages["six"]["via"]
     assert venv_six(spec).strip() == "1.16.0"
 
+    built = json.loads((Path(spec.root) / "last-build.json").read_text())  # the exporter's
+    assert {k: built[k] for k in ("version", "success", "release", "error")} == {
+        "version": 1,
+        "success": True,
+        "release": Path(first.release).name,
+        "error": None,
+    }
+    assert built["started"] < built["finished"] == built["checked"]
+    assert built["duration"] == pytest.approx(built["finished"] - built["started"], abs=0.002)
+    assert (Path(spec.root) / "last-build.json").stat().st_mode == (Path(spec.root) / ".lock").stat().st_mode
+
     again = engine.Builder(spec).run()
     assert not again.changed and again.release == first.release
     assert set(again.timings) == {"resolve pins", "verify live release"}, "a converged run builds nothing"
+    checked = json.loads((Path(spec.root) / "last-build.json").read_text())
+    assert checked.pop("checked") > built.pop("checked")
+    assert checked == built, "a converged run keeps the last build's numbers"
 
 
 def test_conflicting_nodes_are_named_and_the_live_release_keeps_serving(make_spec: Any) -> None:
@@ -76,6 +90,10 @@ def test_conflicting_nodes_are_named_and_the_live_release_keeps_serving(make_spe
     assert "six==1.16.0" in message and "six==1.17.0" in message
     assert "live release is untouched" in message
     assert live(good) == built.release and releases(good) == [Path(built.release).name]
+    failed = json.loads((Path(good.root) / "last-build.json").read_text())
+    assert (failed["success"], failed["release"]) == (False, None)
+    assert failed["error"] == message.splitlines()[0] and "do not resolve together" in failed["error"]
+    assert failed["finished"] - failed["started"] == pytest.approx(failed["duration"], abs=0.002)
     assert venv_six(good).strip() == "1.16.0"
 
 
@@ -157,6 +175,19 @@ def test_local_modifications_fail_instead_of_being_overwritten(make_spec: Any) -
     assert "edited on the host" in (node / "__init__.py").read_text(), "nothing was clobbered"
 
 
+def test_a_failed_build_records_its_error_without_the_secrets_it_holds(make_spec: Any) -> None:
+    """The record's error is scrubbed of the run's credentials, as given and in URLs, whatever echoed them."""
+    spec = make_spec(index_url="https://user:s3cret-index-pass@127.0.0.1:9/simple")
+    message = build_fails(make_spec(("ComfyUI-Comfybake-Basic", "1" * 40), index_url=spec.index_url))
+    record = json.loads((Path(spec.root) / "last-build.json").read_text())
+    assert (record["success"], record["release"], record["error"]) == (False, None, message.splitlines()[0])
+    echoed = engine.EnvError("uv: 401 for https://user:s3cret-index-pass@127.0.0.1:9/simple (s3cret-index-pass)\nmore")
+    builder = engine.Builder(spec)
+    builder._record_build(0.0, None, echoed)
+    record = json.loads((Path(spec.root) / "last-build.json").read_text())
+    assert record["error"] == "uv: 401 for https://<redacted>@127.0.0.1:9/simple (<redacted>)"
+
+
 def test_repositories_outside_the_allowlist_and_urls_with_credentials_are_refused(make_spec: Any) -> None:
     spec = make_spec(BASIC, allowed_repos=["https://github.com/trusted-owner/"])
     assert "is not allowlisted (allowed_repos: https://github.com/trusted-owner/)" in build_fails(spec)
@@ -223,10 +254,12 @@ def test_old_releases_are_pruned_and_the_previous_one_is_kept(make_spec: Any) ->
 def test_check_mode_reports_a_due_build_and_builds_nothing(make_spec: Any, fixture_repos: Any) -> None:
     spec = make_spec(BASIC)
     built = engine.Builder(spec).run()
+    record = (Path(spec.root) / "last-build.json").read_bytes()
     assert not engine.Builder(spec).run(check_mode=True).changed
     moved = make_spec(BASIC, comfyui=engine.Source("ComfyUI", spec.comfyui.repo, "v0.8.1"))
     result = engine.Builder(moved).run(check_mode=True)
     assert result.changed and result.diff is not None
+    assert (Path(spec.root) / "last-build.json").read_bytes() == record, "check mode writes no record"
     assert f"ComfyUI v0.8.1 ({fixture_repos['ComfyUI'].commits['v0.8.1']})" in result.diff["after"]
     assert live(spec) == built.release and releases(spec) == [Path(built.release).name]
 

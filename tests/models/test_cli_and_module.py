@@ -306,9 +306,28 @@ def test_module_check_diff_converge_idempotence_and_no_token_at_vvvv(
     converge = playbook(tmp_path, args)
     assert converge.returncode == 0 and "changed=1" in converge.stdout, converge.stdout
     served = cdn.bytes_served
+    state = store / ".comfybake"
+    record = json.loads((state / "last-run.json").read_text())  # the exporter's: what the run did
+    assert {k: record[k] for k in ("version", "bytes", "entries", "failed", "failures", "success")} == {
+        "version": 1,
+        "bytes": len(good),
+        "entries": 1,
+        "failed": 0,
+        "failures": [],
+        "success": True,
+    }
+    assert record["started"] <= record["finished"] == record["last_success"]
+    assert record["duration"] == pytest.approx(record["finished"] - record["started"], abs=0.002)
+    assert (state / "last-run.json").stat().st_mode == (state / "verified.json").stat().st_mode
     again = playbook(tmp_path, args)
     assert again.returncode == 0 and "changed=0" in again.stdout, again.stdout
     assert cdn.bytes_served == served
+    converged = json.loads((state / "last-run.json").read_text())
+    assert (converged["bytes"], converged["success"]) == (0, True)
+    assert converged["last_success"] == converged["finished"] > record["finished"]
+    before = (state / "last-run.json").read_bytes()
+    assert playbook(tmp_path, args, "--check").returncode == 0
+    assert (state / "last-run.json").read_bytes() == before, "check mode writes no record"
     hub.add_echo("/echo/error-code", "error-code")  # issue 17, defect 7: the engine scrubs before Ansible's no_log
     echoed = {"url": f"{hub.url}/echo/error-code", "dest": "y/e.bin"}
     failing = {**args, "models": [*args["models"], {"url": "hf://org/locked/m.safetensors@main", "dest": "x/"}, echoed]}
@@ -317,6 +336,17 @@ def test_module_check_diff_converge_idempotence_and_no_token_at_vvvv(
     assert "2 of 3 model(s) failed" in failed.stdout
     assert "accept the licence" in failed.stdout
     assert "repo/file not found (404 (<redacted>))" in failed.stdout
+    text = (state / "last-run.json").read_text()
+    assert_no_canary([text])
+    assert "://" not in text, "names only, never a URL"
+    failing_run = json.loads(text)
+    assert {k: failing_run[k] for k in ("entries", "failed", "failures", "success")} == {
+        "entries": 3,
+        "failed": 2,
+        "failures": ["x/", "y/e.bin"],
+        "success": False,
+    }
+    assert failing_run["last_success"] == converged["last_success"], "a failed run keeps the last success"
     no_leftovers(store)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..comfyui_log import gate_failures, optional_node_failures
-from ..redaction import redact_data
+from ..redaction import redact_data, scrub, url_credentials
 from .errors import EnvError, redact
 from .gitcache import Git, Submodule, SubmoduleCheck
 from .imports import likely_missing, site_packages
@@ -49,6 +49,7 @@ from .writable import SEEDS, in_comfyui, keep_as_seeds, link_release, permission
 
 SCHEMA = 1
 RESOLVED_NAME = "requirements.lock.txt"
+BUILD_RECORD = "last-build.json"  # <root>/last-build.json: what the last build did (Builder._record_build)
 DEFAULT_PROTECTED = ("torch", "torchvision", "torchaudio", "xformers")
 
 
@@ -123,29 +124,42 @@ class Builder:
     def run(self, check_mode: bool = False) -> Result:
         validate(self.spec, check_mode)
         with self._locked(check_mode):
-            if not check_mode:
-                self.warnings += sweep(self.releases)  # what a killed run left, before anything else
-            pins = self._timed("resolve pins", lambda: self._pins(dry_run=check_mode))
-            fingerprint = self.fingerprint(pins)
-            live = self.live_lock()
-            if live and live.get("fingerprint") == fingerprint:
-                self._timed("verify live release", lambda: self._verify_live(live))
-                return self._result(False, live, None)
-            if pins.comfyui_kind != "unresolved":
-                self.warnings += moved_refs(self.spec.name, live, pins.summary(self.spec))
-            diff = {
-                "before": describe(live) if live else "",
-                "after": describe(pins.summary(self.spec)),
-                "before_header": f"{self.spec.name} (live)",
-                "after_header": f"{self.spec.name} (wanted)",
-            }
             if check_mode:
-                lock = {"fingerprint": fingerprint, "release": os.path.join(self.releases, fingerprint[:16])}
-                return self._result(True, lock, diff)
-            lock = self._build(pins, fingerprint)
-            self._switch(lock["release"])
-            self._prune(lock["release"])
-            return self._result(True, lock, diff, previous=live.get("release") if live else None)
+                return self._converge(True)
+            started = time.time()
+            try:
+                result = self._converge(False)
+            except Exception as error:
+                self._record_build(started, None, error)
+                raise
+            self._record_build(started, result, None)
+            return result
+
+    def _converge(self, check_mode: bool) -> Result:
+        """Build and switch to a new release when the inputs changed (run holds the lock)."""
+        if not check_mode:
+            self.warnings += sweep(self.releases)  # what a killed run left, before anything else
+        pins = self._timed("resolve pins", lambda: self._pins(dry_run=check_mode))
+        fingerprint = self.fingerprint(pins)
+        live = self.live_lock()
+        if live and live.get("fingerprint") == fingerprint:
+            self._timed("verify live release", lambda: self._verify_live(live))
+            return self._result(False, live, None)
+        if pins.comfyui_kind != "unresolved":
+            self.warnings += moved_refs(self.spec.name, live, pins.summary(self.spec))
+        diff = {
+            "before": describe(live) if live else "",
+            "after": describe(pins.summary(self.spec)),
+            "before_header": f"{self.spec.name} (live)",
+            "after_header": f"{self.spec.name} (wanted)",
+        }
+        if check_mode:
+            lock = {"fingerprint": fingerprint, "release": os.path.join(self.releases, fingerprint[:16])}
+            return self._result(True, lock, diff)
+        lock = self._build(pins, fingerprint)
+        self._switch(lock["release"])
+        self._prune(lock["release"])
+        return self._result(True, lock, diff, previous=live.get("release") if live else None)
 
     def fingerprint(self, pins: Pins) -> str:
         spec = self.spec
@@ -665,6 +679,37 @@ class Builder:
     ) -> Result:
         return Result(changed, lock["release"], lock["fingerprint"], previous, lock, diff, self.warnings, self.timings)
 
+    def _record_build(self, started: float, result: Result | None, error: Exception | None) -> None:
+        """`<root>/last-build.json`, for the exporter and node_exporter's textfile collector. A build
+        (or a run that failed at any step after validation) writes when it started and ended, whether
+        it succeeded, the release it made live and the first line of its error, scrubbed of secrets.
+        A converged run builds nothing: it keeps the last build's numbers and sets `checked`."""
+        path = os.path.join(self.root, BUILD_RECORD)
+        finished = time.time()
+        if result is not None and not result.changed:
+            record = _read_record(path)
+            if "success" not in record:  # the live release was built before the records were
+                record = {"started": None, "finished": None, "duration": None, "success": True, "error": None}
+                record["release"] = os.path.basename(result.release)
+        else:
+            message = str(error).strip().splitlines() if error is not None else []
+            record = {
+                "started": round(started, 3),
+                "finished": round(finished, 3),
+                "duration": round(finished - started, 3),
+                "success": error is None,
+                "release": os.path.basename(result.release) if result is not None else None,
+                "error": None,
+            }
+            if error is not None:
+                first = message[0] if message else type(error).__name__
+                record["error"] = scrub(first, url_credentials(dataclasses.asdict(self.spec)))
+        record.update(version=1, checked=round(finished, 3))
+        try:
+            _write_json(path, record)
+        except OSError as failure:
+            self.warnings.append(f"could not write the build record {path}: {failure.strerror or failure}")
+
     # ----------------------------------------------------------------- uv
 
     def _env(self) -> dict[str, str]:
@@ -803,6 +848,16 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
+
+
+def _read_record(path: str) -> dict[str, Any]:
+    """A build record (`{}` when there is none or it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("version") == 1 else {}
 
 
 def _now() -> str:

@@ -135,8 +135,16 @@ class Fetcher:
     # public ------------------------------------------------------------------
 
     def run(self, entries: Sequence[Entry]) -> Report:
-        """Converge the store; per-entry failures are reported, the others still run."""
+        """Converge the store; per-entry failures are reported, the others still run. A real run
+        (not check mode) ends by writing its last-run record (_record_run)."""
         self.secrets |= url_credentials([entry.url for entry in entries])
+        started = time.time()
+        report = self._converge(entries)
+        if not self.options.check_mode:
+            self._record_run(len(entries), report, started)
+        return report
+
+    def _converge(self, entries: Sequence[Entry]) -> Report:
         plans = [_Plan(e, Result(name=e.name, source=source_label(e.url)), started=time.monotonic()) for e in entries]
         for plan in plans:  # exact dests, and folder dests whose name the store remembers
             plan.relpath = (
@@ -173,6 +181,33 @@ class Fetcher:
             if plan.result.files:
                 plan.result.files = [self.scrub(name) for name in plan.result.files]
         return Report([p.result for p in plans], list(self.warnings))
+
+    def _record_run(self, entries: int, report: Report, started: float) -> None:
+        """`<store>/.comfybake/last-run.json`, for the exporter and node_exporter's textfile collector:
+        when the run started and ended, the bytes it moved and the entries that failed (by name only:
+        never a URL or a token), and when a run last had no failure. A manifest refused before any
+        work (ManifestError) leaves the store, and this record, untouched. Not writing it is a
+        warning, never a failure of the run."""
+        finished = time.time()
+        names = [result.name for result in report.failed]
+        success = not names
+        record = {
+            "version": 1,
+            "started": round(started, 3),
+            "finished": round(finished, 3),
+            "duration": round(finished - started, 3),
+            "bytes": sum(result.bytes for result in report.results),
+            "entries": entries,
+            "failed": len(names),
+            "failures": [self.scrub(name) for name in names],
+            "success": success,
+            "last_success": round(finished, 3) if success else self.store.last_run().get("last_success"),
+        }
+        try:
+            self.store.save_last_run(record)
+        except OSError as error:
+            self.warn(f"could not write the last-run record in {self.store.state_dir}: {error.strerror or error}")
+            report.warnings.append(self.warnings[-1])
 
     def resolve(self, entries: Sequence[Entry]) -> list[dict[str, Any]]:
         """Pin every entry: exact revision, exact file name, size and SHA-256 (the lock)."""

@@ -18,6 +18,7 @@ from .options import Options
 
 STATE_DIR = ".comfybake"  # per-store records and locks, at the store root
 RECORDS_FILE = "verified.json"  # its temporary name is in STATE_DIR, not next to a model
+LAST_RUN_FILE = "last-run.json"  # what the last real run did (Store.save_last_run), for the exporter
 PARTIAL_SUFFIX = ".comfybake-partial"  # staging files: hidden, no model extension
 SIDECAR_SUFFIX = PARTIAL_SUFFIX + ".json"  # a staging file's resume checkpoint
 ARCHIVE_INFIX = ".archive"  # .<name>.archive.comfybake-partial: an archive downloaded for the folder <name>
@@ -152,6 +153,29 @@ class Store:
             os.replace(temporary, path)
             self.records = current
             self._dirty = {"files": {}, "archives": {}, "names": {}}
+
+    def last_run(self) -> dict[str, Any]:
+        """The record of the last real run (`{}` when there is none or it cannot be read)."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            with open(os.path.join(self.state_dir, LAST_RUN_FILE), encoding="utf-8") as handle:
+                loaded = json.load(handle)
+            if isinstance(loaded, dict) and loaded.get("version") == 1:
+                return loaded
+        return {}
+
+    def save_last_run(self, record: Mapping[str, Any]) -> None:
+        """Replace the last-run record in one rename, as readable as the verification records."""
+        os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
+        path = os.path.join(self.state_dir, LAST_RUN_FILE)
+        temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=1, sort_keys=True)
+                handle.write("\n")
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
 
     def lock_path(self, relpath: str) -> str:
         """The lock file of one destination (Store.locked takes it)."""
