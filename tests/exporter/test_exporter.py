@@ -10,11 +10,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from harness.double import free_port
 from harness.exporter import exporter, samples, value, write_host
+
+from comfybake import exporter as exporter_module
 
 Start = Callable[..., dict[str, Any]]
 PROMPT = {"1": {"class_type": "KSampler", "inputs": {}}}
@@ -216,3 +219,11 @@ def test_wrong_options_are_named(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--listen 'localhost' is not ADDRESS:PORT, such as 127.0.0.1:9721" in done.stderr
     done = exporter("scrape", "--config-root", str(tmp_path), "--timeout", "0")
     assert done.returncode == 2 and "--timeout 0 must be more than 0 seconds" in done.stderr
+
+
+def test_the_prometheus_client_pin_is_one_version() -> None:
+    """The exporter names the pin it needs; pyproject.toml, the constraints and this venv agree."""
+    root = Path(__file__).resolve().parents[2]
+    assert f'"{exporter_module.PROMETHEUS_CLIENT}"' in (root / "pyproject.toml").read_text()
+    assert exporter_module.PROMETHEUS_CLIENT in (root / "requirements" / "constraints.txt").read_text().splitlines()
+    assert f"prometheus_client=={metadata.version('prometheus_client')}" == exporter_module.PROMETHEUS_CLIENT
