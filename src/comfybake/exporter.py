@@ -289,10 +289,9 @@ class Collector:
         families: list[Metric] = [up, ready, running, pending, completed, failed, durations, vram_total, vram_free]
 
         try:
-            host = load_host(self.config_root)
+            host, unreadable = load_host(self.config_root), False
         except HostError:
-            host = {"instances": []}
-            self.state.error("", "instances_json")
+            host, unreadable = {"instances": []}, True
         records: list[dict[str, Any]] = [r for r in host.get("instances") or [] if isinstance(r, dict) and "name" in r]
         use_systemd = not supervised(host) and systemd_running()
         answers = ask_all(records, self.timeout, use_systemd)
@@ -300,8 +299,12 @@ class Collector:
         with self.state.locked():
             try:
                 self.state.load()
-            except OSError:
+                loaded = True
+            except OSError:  # unreadable or not JSON: kept for the operator, counting goes on in memory
                 self.state.error("", "state")
+                loaded = False
+            if unreadable:
+                self.state.error("", "instances_json")
             for record, answer in zip(records, answers, strict=True):
                 name, environment = str(record["name"]), str(record.get("environment", ""))
                 values = [name, environment]
@@ -343,7 +346,8 @@ class Collector:
             families += self._environments(host, records)
             families += self._models()
             try:
-                self.state.save()
+                if loaded:
+                    self.state.save()
             except OSError:
                 self.state.error("", "state")  # counted in memory; saved with the next scrape that can
             for key, count in sorted(self.state.data["errors"].items()):

@@ -95,6 +95,11 @@ def test_prompts_are_counted_once_across_exporter_processes(start: Start, tmp_pa
     assert value(second, "comfybake_prompt_duration_seconds_bucket", **labels, le="+Inf") == 4
     third = scrape(config, "--state", str(state))
     assert value(third, "comfybake_prompts_completed_total", **labels) == 3
+    # A state file that is not JSON is kept for the operator; an error is counted, nothing re-counted in it.
+    state.write_text("{broken")
+    broken = scrape(config, "--state", str(state))
+    assert value(broken, "comfybake_exporter_errors_total", instance="", what="state") == 1
+    assert state.read_text() == "{broken"
     # The default state file is under the config root.
     scrape(config)
     assert (config / "state" / "exporter.json").is_file()
@@ -212,6 +217,13 @@ def test_info_metrics_from_a_lock_and_no_token_anywhere(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "comfybake_environment_info{" in output.read_text() and TOKEN not in output.read_text()
     assert [path.name for path in output.parent.iterdir()] == ["comfybake.prom"]
+
+
+def test_a_host_without_instances_json_counts_an_error_and_still_answers(tmp_path: Path) -> None:
+    found = scrape(tmp_path / "etc")
+    assert value(found, "comfybake_exporter_errors_total", instance="", what="instances_json") == 1
+    assert value(scrape(tmp_path / "etc"), "comfybake_exporter_errors_total", instance="", what="instances_json") == 2
+    assert not [name for name, _labels in found if name == "comfybake_instance_up"]
 
 
 def test_wrong_options_are_named(tmp_path: Path) -> None:
