@@ -50,14 +50,24 @@ def _ram() -> tuple[int, int]:
         return 0, 0
 
 
+GIB = 1024**3
+
+
 def devices(cpu: bool) -> list[dict[str, object]]:
-    """A CPU, or one stand-in CUDA device per id in CUDA_VISIBLE_DEVICES (no GPU is touched)."""
+    """A CPU, or one stand-in CUDA device per id in CUDA_VISIBLE_DEVICES (no GPU is touched): 24 GiB
+    each, 20 GiB free less 1 GiB per index, so a reader can tell the devices apart."""
     if cpu:
         return [{"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0}]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
     ids = [d.strip() for d in visible.split(",") if d.strip()]
     return [
-        {"name": f"cuda:{i} Test Double GPU {gpu}", "type": "cuda", "index": i, "vram_total": 0, "vram_free": 0}
+        {
+            "name": f"cuda:{i} Test Double GPU {gpu}",
+            "type": "cuda",
+            "index": i,
+            "vram_total": 24 * GIB,
+            "vram_free": (20 - i) * GIB,
+        }
         for i, gpu in enumerate(ids)
     ]
 

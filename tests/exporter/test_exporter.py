@@ -56,9 +56,9 @@ def test_up_ready_queue_and_vram(start: Start, tmp_path: Path) -> None:
         assert value(found, "comfybake_instance_ready", **labels) == ready
         assert value(found, "comfybake_queue_running", **labels) == 1
         assert value(found, "comfybake_queue_pending", **labels) == 1
-        for device in ("cuda:0 Test Double GPU 0", "cuda:1 Test Double GPU 1"):
-            assert value(found, "comfybake_vram_total_bytes", **labels, device=device) == 0
-            assert value(found, "comfybake_vram_free_bytes", **labels, device=device) == 0
+        for index, device in enumerate(("cuda:0 Test Double GPU 0", "cuda:1 Test Double GPU 1")):
+            assert value(found, "comfybake_vram_total_bytes", **labels, device=device) == 24 * 1024**3
+            assert value(found, "comfybake_vram_free_bytes", **labels, device=device) == (20 - index) * 1024**3
     a["double"].post("/interrupt", {})
     assert value(found, "comfybake_exporter_scrape_duration_seconds") is not None
     assert not any(name == "comfybake_instance_restarts" for name, _labels in found), "no systemd here"
