@@ -92,8 +92,14 @@ class State:
             return
         except (OSError, ValueError) as error:
             raise OSError(f"cannot read the exporter's state {self.path}: {error}") from None
-        if isinstance(data, dict) and data.get("format") == STATE_FORMAT:
-            self.data = {"format": STATE_FORMAT, "instances": {}, "errors": {}} | data
+        if not (
+            isinstance(data, dict)
+            and data.get("format") == STATE_FORMAT
+            and isinstance(data.get("instances"), dict)
+            and isinstance(data.get("errors"), dict)
+        ):
+            raise OSError(f"{self.path} is not the exporter's state (format {STATE_FORMAT})")
+        self.data = data
 
     def save(self) -> None:
         """Write atomically: a temporary file in the same folder, then a rename."""

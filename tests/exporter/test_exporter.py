@@ -96,10 +96,11 @@ def test_prompts_are_counted_once_across_exporter_processes(start: Start, tmp_pa
     third = scrape(config, "--state", str(state))
     assert value(third, "comfybake_prompts_completed_total", **labels) == 3
     # A state file that is not JSON is kept for the operator; an error is counted, nothing re-counted in it.
-    state.write_text("{broken")
-    broken = scrape(config, "--state", str(state))
-    assert value(broken, "comfybake_exporter_errors_total", instance="", what="state") == 1
-    assert state.read_text() == "{broken"
+    for text in ("{broken", '{"format": 1, "instances": []}'):
+        state.write_text(text)
+        broken = scrape(config, "--state", str(state))
+        assert value(broken, "comfybake_exporter_errors_total", instance="", what="state") == 1
+        assert state.read_text() == text
     # The default state file is under the config root.
     scrape(config)
     assert (config / "state" / "exporter.json").is_file()
