@@ -18,6 +18,9 @@ from harness.double import free_port
 from harness.exporter import exporter, samples, value, write_host
 
 from comfybake import exporter as exporter_module
+from comfybake.engine import environment
+from comfybake.engine.environment.builder import Pins
+from comfybake.engine.redaction import redact_data
 
 Start = Callable[..., dict[str, Any]]
 PROMPT = {"1": {"class_type": "KSampler", "inputs": {}}}
@@ -154,28 +157,18 @@ def test_info_metrics_from_a_lock_and_no_token_anywhere(tmp_path: Path) -> None:
     env = code_root / "envs" / "comm"
     release = env / "releases" / "0123456789abcdef"
     release.mkdir(parents=True)
-    # A lock as the environment builder writes it (builder.py: pins.summary plus the release).
-    lock = {
-        "fingerprint": "0123456789abcdef" * 4,
-        "release": str(release),
-        "comfyui": {
-            "repo": f"https://user:{TOKEN}@git.example.test/ComfyUI.git",
-            "version": "v0.8.0",
-            "kind": "tag",
-            "commit": "a" * 40,
-        },
-        "custom_nodes": [
-            {
-                "name": "ComfyUI-Comfybake-Basic",
-                "repo": "https://git.example.test/b.git",
-                "version": "main",
-                "commit": "b" * 40,
-            }
-        ],
-        "torch": {"flavor": "cpu", "packages": ["torch"], "index_url": None},
-        "pip_constraints": [],
-        "pip_packages": [],
-    }
+    # The lock's pins as the environment builder writes them (Pins.summary, then redaction).
+    spec = environment.Spec(
+        name="comm",
+        root=str(env),
+        comfyui=environment.Source("ComfyUI", "https://git.example.test/ComfyUI.git", "v0.8.0"),
+        uv="uv",
+        custom_nodes=[environment.Source("ComfyUI-Comfybake-Basic", "https://git.example.test/b.git", "main")],
+    )
+    pins = Pins("a" * 40, "tag", {"ComfyUI-Comfybake-Basic": "b" * 40})
+    lock = dict(
+        redact_data({"schema": 1, "environment": "comm", "fingerprint": "0123456789abcdef" * 4, **pins.summary(spec)})
+    )
     (release / "comfybake.lock.json").write_text(json.dumps(lock))
     (env / "current").symlink_to("releases/0123456789abcdef")
     build = {"version": 1, "started": 100.0, "finished": 160.0, "duration": 60.0, "success": True}
