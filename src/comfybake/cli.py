@@ -14,7 +14,13 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
 
 
 # Modules that add subcommands; imported when the parser is built (they import this module).
-COMMAND_MODULES = ("comfybake.environments", "comfybake.gateway", "comfybake.instances", "comfybake.models")
+COMMAND_MODULES = (
+    "comfybake.environments",
+    "comfybake.exporter",
+    "comfybake.gateway",
+    "comfybake.instances",
+    "comfybake.models",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -49,14 +50,24 @@ def _ram() -> tuple[int, int]:
         return 0, 0
 
 
+GIB = 1024**3
+
+
 def devices(cpu: bool) -> list[dict[str, object]]:
-    """A CPU, or one stand-in CUDA device per id in CUDA_VISIBLE_DEVICES (no GPU is touched)."""
+    """A CPU, or one stand-in CUDA device per id in CUDA_VISIBLE_DEVICES (no GPU is touched): 24 GiB
+    each, 20 GiB free less 1 GiB per index, so a reader can tell the devices apart."""
     if cpu:
         return [{"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0}]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0")
     ids = [d.strip() for d in visible.split(",") if d.strip()]
     return [
-        {"name": f"cuda:{i} Test Double GPU {gpu}", "type": "cuda", "index": i, "vram_total": 0, "vram_free": 0}
+        {
+            "name": f"cuda:{i} Test Double GPU {gpu}",
+            "type": "cuda",
+            "index": i,
+            "vram_total": 24 * GIB,
+            "vram_free": (20 - i) * GIB,
+        }
         for i, gpu in enumerate(ids)
     ]
 
@@ -208,11 +219,22 @@ class PromptQueue:
             self.changed()
             self.interrupted.clear()
             seconds = float(item["extra_data"].get("test_double_seconds", 0))  # type: ignore[union-attr]
+            prompt_id = str(item["prompt_id"])
+            began = int(time.time() * 1000)
             self.interrupted.wait(seconds)
             with self.lock:
                 self.running.remove(item)
                 status = "interrupted" if self.interrupted.is_set() else "success"
-                self.history[str(item["prompt_id"])] = {"prompt": item["prompt"], "status": {"status_str": status}}
+                end = "execution_interrupted" if self.interrupted.is_set() else "execution_success"
+                # ComfyUI's status: the outcome and its messages with millisecond timestamps.
+                messages = [
+                    ["execution_start", {"prompt_id": prompt_id, "timestamp": began}],
+                    [end, {"prompt_id": prompt_id, "timestamp": int(time.time() * 1000)}],
+                ]
+                self.history[prompt_id] = {
+                    "prompt": item["prompt"],
+                    "status": {"status_str": status, "completed": status == "success", "messages": messages},
+                }
             self.changed()
             logging.info("Prompt executed in %.2f seconds", seconds)
 
@@ -361,6 +383,17 @@ class Handler(BaseHTTPRequestHandler):
                 return
             item = self.prompts.put(prompt, dict(body.get("extra_data") or {}))
             self._send(200, {"prompt_id": item["prompt_id"], "number": item["number"], "node_errors": {}})
+        elif route == "/history":  # ComfyUI's: {"clear": true} and/or {"delete": [prompt ids]}
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = {}
+            with self.prompts.lock:
+                if body.get("clear"):
+                    self.prompts.history.clear()
+                for prompt_id in body.get("delete") or []:
+                    self.prompts.history.pop(str(prompt_id), None)
+            self._send(200, "", "text/plain")
         elif route == "/interrupt":
             self.prompts.interrupted.set()
             self._send(200, "", "text/plain")

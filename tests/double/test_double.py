@@ -369,7 +369,18 @@ def test_queue_fills_and_drains(start_double, tmp_path: Path) -> None:
     while double.get("/prompt")[1]["exec_info"]["queue_remaining"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert double.get("/queue")[1] == {"queue_running": [], "queue_pending": []}
-    assert len(double.get("/history")[1]) == 2
+    history = double.get("/history")[1]
+    assert len(history) == 2
+    for prompt_id, item in history.items():  # ComfyUI's status: outcome and messages with ms timestamps
+        assert item["status"]["status_str"] == "success" and item["status"]["completed"] is True
+        (start, start_data), (end, end_data) = item["status"]["messages"]
+        assert (start, end) == ("execution_start", "execution_success")
+        assert start_data["prompt_id"] == end_data["prompt_id"] == prompt_id
+        assert 400 <= end_data["timestamp"] - start_data["timestamp"] < 5000
+    assert double.post("/history", {"delete": [next(iter(history))]})[0] == 200
+    assert list(double.get("/history")[1]) == list(history)[1:]
+    assert double.post("/history", {"clear": True})[0] == 200
+    assert double.get("/history")[1] == {}
 
 
 def test_prompt_with_unknown_node_is_refused(start_double, tmp_path: Path) -> None:

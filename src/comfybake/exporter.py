@@ -1,0 +1,544 @@
+"""`comfybake exporter serve|scrape`: Prometheus metrics of a host's instances, environments and model store.
+
+Reads what the roles wrote (`<config root>/instances.json`, `<config root>/models.yml`, each
+environment's live `comfybake.lock.json` and `last-build.json`, the store's
+`.comfybake/last-run.json`) and asks every instance for `/system_stats`, `/queue` and `/history`,
+all at once, per scrape: one hung instance costs at most `--timeout` seconds. Readiness is
+comfyui_wait's (module_utils/runtime.py `probe`). Prompt counters come from `/history` read
+incrementally: the prompt ids already counted and the totals live in a state file, so a restart
+of the exporter neither loses nor re-counts a prompt. No label or value holds a token: labels are
+names, ports are not even shown, and what a record or a lock says beyond names and commits is
+never read into a metric. Metric names and their meaning: docs/observability.md.
+
+prometheus_client is imported only by these commands, so the rest of the CLI works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from comfybake.cli import SUBCOMMANDS
+from comfybake.engine import runtime
+from comfybake.instances import HostError, config_root_option, load_host, supervised
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
+DEFAULT_LISTEN = "127.0.0.1:9721"
+DEFAULT_TIMEOUT = 2.0
+STATE_FORMAT = 1
+# Seconds a prompt ran (execution_start to its end): from a quick image to a long video.
+DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+PROMETHEUS_CLIENT = "prometheus_client==0.26.0"
+
+
+class ExporterError(Exception):
+    """The exporter cannot start: a missing library, a wrong option."""
+
+
+# --------------------------------------------------------------------------- state
+
+
+def default_state(config_root: str) -> Path:
+    return Path(config_root) / "state" / "exporter.json"
+
+
+def empty_histogram() -> dict[str, Any]:
+    return {"buckets": [0] * (len(DURATION_BUCKETS) + 1), "sum": 0.0, "count": 0}
+
+
+class State:
+    """Counters that survive restarts: per instance the prompt ids seen, the totals, the histogram;
+    per (instance, what) the errors. Loaded and saved under an flock, so two exporters (a serving
+    one and a textfile run) never count one prompt twice."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"format": STATE_FORMAT, "instances": {}, "errors": {}}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the state's lock file (beside it) while reading, counting and saving; without a
+        writable folder, count in memory (the `state` error says why)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115 - held below
+        except OSError:
+            yield
+            return
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as error:
+            raise OSError(f"cannot read the exporter's state {self.path}: {error}") from None
+        if not (
+            isinstance(data, dict)
+            and data.get("format") == STATE_FORMAT
+            and isinstance(data.get("instances"), dict)
+            and isinstance(data.get("errors"), dict)
+        ):
+            raise OSError(f"{self.path} is not the exporter's state (format {STATE_FORMAT})")
+        self.data = data
+
+    def save(self) -> None:
+        """Write atomically: a temporary file in the same folder, then a rename."""
+        fd, temporary = tempfile.mkstemp(prefix=".exporter-", suffix=".json", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.data, handle, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(temporary, 0o640)
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def instance(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.data["instances"].setdefault(
+            name, {"seen": [], "completed": 0, "failed": 0, "duration": empty_histogram()}
+        )
+        return found
+
+    def error(self, instance: str, what: str) -> None:
+        key = f"{instance}\t{what}"
+        self.data["errors"][key] = int(self.data["errors"].get(key, 0)) + 1
+
+    def count_history(self, name: str, history: dict[str, Any]) -> None:
+        """Count every prompt of /history not counted before; forget ids /history no longer holds
+        (ComfyUI keeps a bounded number, and an id never comes back)."""
+        record = self.instance(name)
+        seen = set(record["seen"])
+        for prompt_id, item in history.items():
+            if prompt_id in seen or not isinstance(item, dict):
+                continue
+            status = item.get("status") or {}  # ComfyUI adds an item when its prompt has finished
+            seen.add(prompt_id)
+            if status.get("status_str") == "success":
+                record["completed"] += 1
+            else:
+                record["failed"] += 1
+            seconds = duration(status.get("messages") or [])
+            if seconds is not None:
+                observe(record["duration"], seconds)
+        record["seen"] = sorted(seen & set(history))
+
+
+def duration(messages: list[Any]) -> float | None:
+    """Seconds from execution_start to execution_success (or the error/interruption), from ms timestamps."""
+    stamps: dict[str, float] = {}
+    for message in messages:
+        if isinstance(message, list) and len(message) == 2 and isinstance(message[1], dict):
+            stamp = message[1].get("timestamp")
+            if isinstance(stamp, (int, float)):
+                stamps[str(message[0])] = float(stamp)
+    end = next(
+        (stamps[k] for k in ("execution_success", "execution_error", "execution_interrupted") if k in stamps), None
+    )
+    if "execution_start" not in stamps or end is None:
+        return None
+    return max(0.0, (end - stamps["execution_start"]) / 1000)
+
+
+def observe(histogram: dict[str, Any], seconds: float) -> None:
+    index = next((i for i, bound in enumerate(DURATION_BUCKETS) if seconds <= bound), len(DURATION_BUCKETS))
+    histogram["buckets"][index] += 1
+    histogram["sum"] += seconds
+    histogram["count"] += 1
+
+
+# --------------------------------------------------------------------------- instances
+
+
+def ask_instance(record: dict[str, Any], timeout: float, use_systemd: bool) -> dict[str, Any]:
+    """One instance's answers (run in its own thread; the caller stops waiting at the deadline)."""
+    instance = runtime.Instance(record)
+    found: dict[str, Any] = {"errors": []}
+    if use_systemd and record.get("unit"):
+        restarts = runtime.unit_state(instance.unit).get("NRestarts", "")
+        if restarts.isdigit():
+            found["restarts"] = int(restarts)
+    try:
+        found["stats"] = runtime.get_json(instance.url("/system_stats"), timeout=timeout)
+    except (OSError, ValueError, urllib.error.URLError):
+        found["errors"].append("system_stats")
+        return found
+    found["ready"] = runtime.probe(instance)[0] == "ready"
+    for route in ("queue", "history"):
+        try:
+            found[route] = runtime.get_json(instance.url(f"/{route}"), timeout=timeout)
+        except (OSError, ValueError, urllib.error.URLError):
+            found["errors"].append(route)
+    return found
+
+
+def ask_all(records: list[dict[str, Any]], timeout: float, use_systemd: bool) -> list[dict[str, Any] | None]:
+    """Every instance at once (daemon threads: a hung one never holds the exporter); None for one
+    that did not answer within `timeout` seconds."""
+    results: list[dict[str, Any] | None] = [None] * len(records)
+
+    def run(index: int, record: dict[str, Any]) -> None:
+        results[index] = ask_instance(record, timeout, use_systemd)
+
+    threads = [
+        threading.Thread(target=run, args=(index, record), daemon=True, name=f"exporter-{record['name']}")
+        for index, record in enumerate(records)
+    ]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [result if not thread.is_alive() else None for result, thread in zip(results, threads, strict=True)]
+
+
+def systemd_running() -> bool:
+    return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+
+
+# --------------------------------------------------------------------------- host files
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def model_store(config_root: str) -> tuple[str, int, int, int | None] | None:
+    """(store, bytes used, bytes free, budget or None) from the models file, or None without one."""
+    from comfybake import models
+    from comfybake.engine import fetch as engine
+
+    if not (Path(config_root) / "models.yml").is_file():
+        return None
+    args = argparse.Namespace(manifests=[], config_root=config_root, action="du")
+    options, entries, environments = models.store_context(args)
+    usage = engine.scan(options, entries, environments)
+    free = shutil.disk_usage(options.store).free
+    return options.store, usage.total, free, options.budget
+
+
+# --------------------------------------------------------------------------- the collector
+
+
+class Collector:
+    """Reads everything per scrape (prometheus_client calls `collect` for each)."""
+
+    def __init__(self, config_root: str, state_path: Path, timeout: float) -> None:
+        self.config_root = config_root
+        self.state = State(state_path)
+        self.timeout = timeout
+        self.lock = threading.Lock()  # one scrape at a time within this process
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        started = time.monotonic()
+        labels = ["instance", "environment"]
+        up = GaugeMetricFamily("comfybake_instance_up", "The instance's HTTP port answers /system_stats", labels=labels)
+        ready = GaugeMetricFamily(
+            "comfybake_instance_ready", "The instance is ready (comfyui_wait's definition)", labels=labels
+        )
+        running = GaugeMetricFamily("comfybake_queue_running", "Prompts running (GET /queue)", labels=labels)
+        pending = GaugeMetricFamily("comfybake_queue_pending", "Prompts waiting (GET /queue)", labels=labels)
+        completed = CounterMetricFamily(
+            "comfybake_prompts_completed", "Prompts that finished with success (from /history)", labels=labels
+        )
+        failed = CounterMetricFamily(
+            "comfybake_prompts_failed", "Prompts that finished with an error or were interrupted", labels=labels
+        )
+        durations = HistogramMetricFamily(
+            "comfybake_prompt_duration_seconds", "Seconds a prompt ran (execution_start to its end)", labels=labels
+        )
+        device_labels = [*labels, "device"]
+        vram_total = GaugeMetricFamily("comfybake_vram_total_bytes", "A device's memory", labels=device_labels)
+        vram_free = GaugeMetricFamily("comfybake_vram_free_bytes", "A device's free memory", labels=device_labels)
+        restarts = GaugeMetricFamily(
+            "comfybake_instance_restarts", "systemd's NRestarts of the instance's unit", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "comfybake_exporter_errors", "What the exporter could not read", labels=["instance", "what"]
+        )
+        families: list[Metric] = [up, ready, running, pending, completed, failed, durations, vram_total, vram_free]
+
+        try:
+            host, unreadable = load_host(self.config_root), False
+        except HostError:
+            host, unreadable = {"instances": []}, True
+        records: list[dict[str, Any]] = [r for r in host.get("instances") or [] if isinstance(r, dict) and "name" in r]
+        use_systemd = not supervised(host) and systemd_running()
+        answers = ask_all(records, self.timeout, use_systemd)
+
+        with self.state.locked():
+            try:
+                self.state.load()
+                loaded = True
+            except OSError:  # unreadable or not JSON: kept for the operator, counting goes on in memory
+                self.state.error("", "state")
+                loaded = False
+            if unreadable:
+                self.state.error("", "instances_json")
+            for record, answer in zip(records, answers, strict=True):
+                name, environment = str(record["name"]), str(record.get("environment", ""))
+                values = [name, environment]
+                if answer is None:
+                    self.state.error(name, "timeout")
+                    answer = {"errors": []}
+                for what in answer["errors"]:
+                    self.state.error(name, what)
+                stats = answer.get("stats")
+                up.add_metric(values, 1 if isinstance(stats, dict) else 0)
+                ready.add_metric(values, 1 if answer.get("ready") else 0)
+                queue = answer.get("queue")
+                if isinstance(queue, dict):
+                    running.add_metric(values, len(queue.get("queue_running") or []))
+                    pending.add_metric(values, len(queue.get("queue_pending") or []))
+                history = answer.get("history")
+                if isinstance(history, dict):
+                    self.state.count_history(name, history)
+                counted = self.state.instance(name)
+                completed.add_metric(values, counted["completed"])
+                failed.add_metric(values, counted["failed"])
+                histogram = counted["duration"]
+                cumulative, buckets = 0, []
+                for bound, count in zip([*DURATION_BUCKETS, float("inf")], histogram["buckets"], strict=True):
+                    cumulative += count
+                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+                durations.add_metric(values, buckets, histogram["sum"])
+                devices = stats.get("devices") if isinstance(stats, dict) else None
+                for device in devices if isinstance(devices, list) else []:
+                    if not isinstance(device, dict):
+                        continue
+                    device_values = [*values, str(device.get("name", ""))]
+                    vram_total.add_metric(device_values, float(device.get("vram_total") or 0))
+                    vram_free.add_metric(device_values, float(device.get("vram_free") or 0))
+                if "restarts" in answer:
+                    restarts.add_metric(values, answer["restarts"])
+            if restarts.samples:
+                families.append(restarts)
+            families += self._environments(host, records)
+            families += self._models()
+            try:
+                if loaded:
+                    self.state.save()
+            except OSError:
+                self.state.error("", "state")  # counted in memory; saved with the next scrape that can
+            for key, count in sorted(self.state.data["errors"].items()):
+                instance, _tab, what = key.partition("\t")
+                errors.add_metric([instance, what], count)
+        families.append(errors)
+        scrape = GaugeMetricFamily("comfybake_exporter_scrape_duration_seconds", "Seconds this scrape took")
+        scrape.add_metric([], time.monotonic() - started)
+        families.append(scrape)
+        yield from families
+
+    def _environments(self, host: dict[str, Any], records: list[dict[str, Any]]) -> list[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        info = GaugeMetricFamily(
+            "comfybake_environment_info",
+            "1, labelled with the environment's live release and ComfyUI commit",
+            labels=["environment", "release", "comfyui_commit"],
+        )
+        nodes = GaugeMetricFamily(
+            "comfybake_node_info", "1, labelled with a custom node's commit", labels=["environment", "node", "commit"]
+        )
+        build_time = GaugeMetricFamily(
+            "comfybake_environment_build_last_timestamp_seconds",
+            "When the last build of the environment finished",
+            labels=["environment"],
+        )
+        build_duration = GaugeMetricFamily(
+            "comfybake_environment_build_last_duration_seconds", "Seconds the last build took", labels=["environment"]
+        )
+        build_success = GaugeMetricFamily(
+            "comfybake_environment_build_last_success", "1 when the last build succeeded", labels=["environment"]
+        )
+        code_root = host.get("code_root")
+        names = sorted({str(r.get("environment")) for r in records if r.get("environment")})
+        for name in names if code_root else []:
+            root = Path(str(code_root)) / "envs" / name
+            lock = read_json(root / "current" / "comfybake.lock.json")
+            if lock is not None:
+                release = os.path.basename(os.path.realpath(root / "current"))
+                comfyui = lock.get("comfyui") or {}
+                info.add_metric([name, release, str(comfyui.get("commit", ""))], 1)
+                for node in lock.get("custom_nodes") or []:
+                    if isinstance(node, dict):
+                        nodes.add_metric([name, str(node.get("name", "")), str(node.get("commit", ""))], 1)
+            else:
+                self.state.error("", "lock")
+            build = read_json(root / "last-build.json")
+            if build is not None:
+                if isinstance(build.get("finished"), (int, float)):
+                    build_time.add_metric([name], float(build["finished"]))
+                if isinstance(build.get("duration"), (int, float)):
+                    build_duration.add_metric([name], float(build["duration"]))
+                if isinstance(build.get("success"), bool):
+                    build_success.add_metric([name], 1 if build["success"] else 0)
+        return [family for family in (info, nodes, build_time, build_duration, build_success) if family.samples]
+
+    def _models(self) -> list[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from comfybake.engine import fetch as engine
+
+        try:
+            found = model_store(self.config_root)
+        except (engine.FetchError, OSError):
+            self.state.error("", "model_store")
+            return []
+        if found is None:
+            return []
+        store, used, free, budget = found
+        metrics = [
+            ("model_store_used_bytes", "Bytes the model store's files take", used),
+            ("model_store_free_bytes", "Bytes free on the model store's file system", free),
+            ("model_store_budget_bytes", "The model store's budget (models files' `budget`)", budget),
+        ]
+        record = read_json(Path(store) / ".comfybake" / "last-run.json") or {}
+        prefix = "models_fetch_last_"
+        metrics += [
+            (f"{prefix}run_timestamp_seconds", "When the last fetch finished", record.get("finished")),
+            (
+                f"{prefix}success_timestamp_seconds",
+                "When the last fetch without a failure finished",
+                record.get("last_success"),
+            ),
+            (f"{prefix}duration_seconds", "Seconds the last fetch took", record.get("duration")),
+            (f"{prefix}bytes", "Bytes the last fetch transferred", record.get("bytes")),
+            (f"{prefix}failures", "Entries the last fetch failed", record.get("failed")),
+        ]
+        families: list[Metric] = []
+        for name, text, value in metrics:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                family = GaugeMetricFamily(f"comfybake_{name}", text, labels=["store"])
+                family.add_metric([store], float(value))
+                families.append(family)
+        return families
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def registry(args: argparse.Namespace) -> CollectorRegistry:
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        raise ExporterError(
+            f"the exporter needs {PROMETHEUS_CLIENT}: install it (pip install {PROMETHEUS_CLIENT})"
+        ) from None
+    if args.timeout <= 0:
+        raise ExporterError(f"--timeout {args.timeout:g} must be more than 0 seconds")
+    state = Path(args.state) if args.state else default_state(args.config_root)
+    found = CollectorRegistry(auto_describe=False)
+    found.register(Collector(args.config_root, state, args.timeout))
+    return found
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    address, _colon, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not address or not 0 < number < 65536:
+        raise ExporterError(f"--listen {text!r} is not ADDRESS:PORT, such as {DEFAULT_LISTEN}")
+    return address.strip("[]"), number
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        address, port = parse_listen(args.listen)
+        found = registry(args)
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(port, addr=address, registry=found)
+    except (ExporterError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"comfybake exporter: serving /metrics on {args.listen}", file=sys.stderr, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    server.shutdown()
+    return 0
+
+
+def scrape(args: argparse.Namespace) -> int:
+    try:
+        found = registry(args)
+        from prometheus_client import generate_latest, write_to_textfile
+
+        if args.output:
+            write_to_textfile(str(args.output), found)  # a temporary file, then a rename
+        else:
+            sys.stdout.write(generate_latest(found).decode("utf-8"))
+    except (ExporterError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    serve_parser = actions.add_parser("serve", help="serve /metrics over HTTP until stopped")
+    serve_parser.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"ADDRESS:PORT to serve on (default {DEFAULT_LISTEN}, loopback)"
+    )
+    serve_parser.set_defaults(func=serve)
+    scrape_parser = actions.add_parser(
+        "scrape", help="print the metrics once (text format), or write them for node_exporter's textfile collector"
+    )
+    scrape_parser.add_argument("--output", type=Path, help="write to FILE atomically instead of printing")
+    scrape_parser.set_defaults(func=scrape)
+    for sub in (serve_parser, scrape_parser):
+        config_root_option(sub)
+        sub.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT,
+            help=f"seconds to wait for the instances, all at once (default {DEFAULT_TIMEOUT:g})",
+        )
+        sub.add_argument(
+            "--state",
+            help="the file that keeps the prompt counters across restarts (default <config-root>/state/exporter.json); "
+            "the exporter's user must be able to write its folder",
+        )
+
+
+SUBCOMMANDS["exporter"] = ("Prometheus metrics of this host's instances, environments and model store", configure)

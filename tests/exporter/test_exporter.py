@@ -1,0 +1,235 @@
+"""`comfybake exporter` against test-double instances on loopback: real HTTP, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from harness.double import free_port
+from harness.exporter import exporter, samples, value, write_host
+
+from comfybake import exporter as exporter_module
+from comfybake.engine import environment
+from comfybake.engine.environment.builder import Pins
+from comfybake.engine.redaction import redact_data
+
+Start = Callable[..., dict[str, Any]]
+PROMPT = {"1": {"class_type": "KSampler", "inputs": {}}}
+
+
+def queue(record: dict[str, Any], seconds: float) -> str:
+    status, body = record["double"].post("/prompt", {"prompt": PROMPT, "extra_data": {"test_double_seconds": seconds}})
+    assert status == 200, body
+    return str(body["prompt_id"])
+
+
+def drained(record: dict[str, Any]) -> None:
+    deadline = time.monotonic() + 10
+    while record["double"].get("/prompt")[1]["exec_info"]["queue_remaining"]:
+        assert time.monotonic() < deadline, "the double's queue did not drain"
+        time.sleep(0.05)
+
+
+def scrape(config_root: Path, *argv: str, env: dict[str, str] | None = None) -> dict[Any, float]:
+    done = exporter("scrape", "--config-root", str(config_root), *argv, env=env)
+    assert done.returncode == 0, done.stderr
+    return samples(done.stdout)
+
+
+def test_up_ready_queue_and_vram(start: Start, tmp_path: Path) -> None:
+    a = start("a")
+    # The same process, configured with another command line: up, but not ready (comfyui_wait's rule).
+    b = {**a, "name": "b", "args": [*a["args"], "--reserve-vram", "2"]}
+    config = write_host(tmp_path / "etc", [a, b])
+    queue(a, 5)
+    queue(a, 5)
+    found = scrape(config)
+    for name, up, ready in (("a", 1, 1), ("b", 1, 0)):
+        labels = {"instance": name, "environment": "comm"}
+        assert value(found, "comfybake_instance_up", **labels) == up
+        assert value(found, "comfybake_instance_ready", **labels) == ready
+        assert value(found, "comfybake_queue_running", **labels) == 1
+        assert value(found, "comfybake_queue_pending", **labels) == 1
+        for index, device in enumerate(("cuda:0 Test Double GPU 0", "cuda:1 Test Double GPU 1")):
+            assert value(found, "comfybake_vram_total_bytes", **labels, device=device) == 24 * 1024**3
+            assert value(found, "comfybake_vram_free_bytes", **labels, device=device) == (20 - index) * 1024**3
+    a["double"].post("/interrupt", {})
+    assert value(found, "comfybake_exporter_scrape_duration_seconds") is not None
+    assert not any(name == "comfybake_instance_restarts" for name, _labels in found), "no systemd here"
+
+
+def test_prompts_are_counted_once_across_exporter_processes(start: Start, tmp_path: Path) -> None:
+    a = start("a")
+    state = tmp_path / "var" / "exporter.json"
+    config = write_host(tmp_path / "etc", [a])
+    labels = {"instance": "a", "environment": "comm"}
+    first_id = queue(a, 0)
+    queue(a, 0)
+    queue(a, 5)
+    time.sleep(0.3)
+    a["double"].post("/interrupt", {})  # the running prompt ends as a failure
+    drained(a)
+    first = scrape(config, "--state", str(state))
+    assert value(first, "comfybake_instance_ready", **labels) == 1, first
+    assert value(first, "comfybake_prompts_completed_total", **labels) == 2
+    assert value(first, "comfybake_prompts_failed_total", **labels) == 1
+    assert value(first, "comfybake_prompt_duration_seconds_count", **labels) == 3
+    assert json.loads(state.read_text())["instances"]["a"]["completed"] == 2
+    # A second exporter process: the prompts still in /history are not counted again, the new one
+    # is, and those ComfyUI has dropped from /history (it keeps a bounded number) stay counted.
+    status, _body = a["double"].post("/history", {"delete": [first_id]})
+    assert status == 200 and first_id not in a["double"].get("/history")[1]
+    queue(a, 0)
+    drained(a)
+    second = scrape(config, "--state", str(state))
+    assert value(second, "comfybake_instance_ready", **labels) == 1, second
+    assert value(second, "comfybake_prompts_completed_total", **labels) == 3
+    assert value(second, "comfybake_prompts_failed_total", **labels) == 1
+    assert value(second, "comfybake_prompt_duration_seconds_count", **labels) == 4
+    assert value(second, "comfybake_prompt_duration_seconds_bucket", **labels, le="+Inf") == 4
+    third = scrape(config, "--state", str(state))
+    assert value(third, "comfybake_prompts_completed_total", **labels) == 3
+    # A state file that is not JSON is kept for the operator; an error is counted, nothing re-counted in it.
+    for text in ("{broken", '{"format": 1, "instances": []}'):
+        state.write_text(text)
+        broken = scrape(config, "--state", str(state))
+        assert value(broken, "comfybake_exporter_errors_total", instance="", what="state") == 1
+        assert state.read_text() == text
+    # The default state file is under the config root.
+    scrape(config)
+    assert (config / "state" / "exporter.json").is_file()
+
+
+def test_a_hung_instance_costs_at_most_the_timeout(start: Start, tmp_path: Path) -> None:
+    a = start("a")
+    with socket.socket() as hung:  # accepts connections (the kernel's backlog) and never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        silent = {"name": "hung", "environment": "comm", "port": hung.getsockname()[1]}
+        config = write_host(tmp_path / "etc", [a, silent])
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "comfybake", "exporter", "serve", "--config-root", str(config)),
+                *("--listen", f"127.0.0.1:{port}", "--timeout", "1", "--state", str(tmp_path / "state.json")),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            found: dict[Any, float] = {}
+            deadline = time.monotonic() + 30
+            while not found:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+                        found = samples(response.read().decode())
+                except OSError:
+                    time.sleep(0.1)
+        finally:
+            server.terminate()
+            assert server.wait(timeout=10) == 0
+    assert value(found, "comfybake_instance_up", instance="a", environment="comm") == 1
+    assert value(found, "comfybake_instance_up", instance="hung", environment="comm") == 0
+    assert value(found, "comfybake_instance_ready", instance="hung", environment="comm") == 0
+    hung_errors = {
+        dict(labels)["what"]: v
+        for (name, labels), v in found.items()
+        if name == "comfybake_exporter_errors_total" and dict(labels)["instance"] == "hung"
+    }
+    assert sum(hung_errors.values()) >= 1 and set(hung_errors) <= {"timeout", "system_stats"}, hung_errors
+
+
+TOKEN = "hf_exporterSecretToken0123456789"
+
+
+def test_info_metrics_from_a_lock_and_no_token_anywhere(tmp_path: Path) -> None:
+    code_root = tmp_path / "opt"
+    env = code_root / "envs" / "comm"
+    release = env / "releases" / "0123456789abcdef"
+    release.mkdir(parents=True)
+    # The lock's pins as the environment builder writes them (Pins.summary, then redaction).
+    spec = environment.Spec(
+        name="comm",
+        root=str(env),
+        comfyui=environment.Source("ComfyUI", "https://git.example.test/ComfyUI.git", "v0.8.0"),
+        uv="uv",
+        custom_nodes=[environment.Source("ComfyUI-Comfybake-Basic", "https://git.example.test/b.git", "main")],
+    )
+    pins = Pins("a" * 40, "tag", {"ComfyUI-Comfybake-Basic": "b" * 40})
+    lock = dict(
+        redact_data({"schema": 1, "environment": "comm", "fingerprint": "0123456789abcdef" * 4, **pins.summary(spec)})
+    )
+    (release / "comfybake.lock.json").write_text(json.dumps(lock))
+    (env / "current").symlink_to("releases/0123456789abcdef")
+    build = {"version": 1, "started": 100.0, "finished": 160.0, "duration": 60.0, "success": True}
+    (env / "last-build.json").write_text(json.dumps({**build, "release": "0123456789abcdef", "error": TOKEN}))
+    store = tmp_path / "models"
+    (store / ".comfybake").mkdir(parents=True)
+    (store / "loras").mkdir()
+    (store / "loras" / "style.safetensors").write_bytes(b"\0" * 4096)
+    run = {"version": 1, "started": 10, "finished": 20, "duration": 10, "bytes": 4096, "entries": 1, "failed": 0}
+    (store / ".comfybake" / "last-run.json").write_text(json.dumps({**run, "success": True, "last_success": 20}))
+    record = {"name": "a", "environment": "comm", "port": free_port(), "env": {"HF_TOKEN": TOKEN}}
+    config = write_host(tmp_path / "etc", [record], code_root=str(code_root))
+    (config / "models.yml").write_text(f"store: {store}\nbudget: 1000000\nmodels: []\n")
+    os.chmod(config / "models.yml", 0o600)
+    done = exporter("scrape", "--config-root", str(config), env={"HF_TOKEN": TOKEN, "CIVITAI_TOKEN": TOKEN})
+    assert done.returncode == 0, done.stderr
+    assert TOKEN not in done.stdout and TOKEN not in done.stderr
+    found = samples(done.stdout)
+    assert value(found, "comfybake_instance_up", instance="a", environment="comm") == 0
+    info = {"environment": "comm", "release": "0123456789abcdef", "comfyui_commit": "a" * 40}
+    assert value(found, "comfybake_environment_info", **info) == 1
+    node = {"environment": "comm", "node": "ComfyUI-Comfybake-Basic", "commit": "b" * 40}
+    assert value(found, "comfybake_node_info", **node) == 1
+    assert value(found, "comfybake_environment_build_last_timestamp_seconds", environment="comm") == 160
+    assert value(found, "comfybake_environment_build_last_duration_seconds", environment="comm") == 60
+    assert value(found, "comfybake_environment_build_last_success", environment="comm") == 1
+    labels = {"store": str(store)}
+    assert value(found, "comfybake_model_store_used_bytes", **labels) == 4096
+    assert value(found, "comfybake_model_store_free_bytes", **labels) > 0  # type: ignore[operator]
+    assert value(found, "comfybake_model_store_budget_bytes", **labels) == 1000000
+    assert value(found, "comfybake_models_fetch_last_run_timestamp_seconds", **labels) == 20
+    assert value(found, "comfybake_models_fetch_last_success_timestamp_seconds", **labels) == 20
+    assert value(found, "comfybake_models_fetch_last_duration_seconds", **labels) == 10
+    assert value(found, "comfybake_models_fetch_last_bytes", **labels) == 4096
+    assert value(found, "comfybake_models_fetch_last_failures", **labels) == 0
+    # Written atomically for node_exporter's textfile collector: the same metrics, no token.
+    output = tmp_path / "textfile" / "comfybake.prom"
+    output.parent.mkdir()
+    done = exporter("scrape", "--config-root", str(config), "--output", str(output), env={"HF_TOKEN": TOKEN})
+    assert done.returncode == 0, done.stderr
+    assert "comfybake_environment_info{" in output.read_text() and TOKEN not in output.read_text()
+    assert [path.name for path in output.parent.iterdir()] == ["comfybake.prom"]
+
+
+def test_a_host_without_instances_json_counts_an_error_and_still_answers(tmp_path: Path) -> None:
+    found = scrape(tmp_path / "etc")
+    assert value(found, "comfybake_exporter_errors_total", instance="", what="instances_json") == 1
+    assert value(scrape(tmp_path / "etc"), "comfybake_exporter_errors_total", instance="", what="instances_json") == 2
+    assert not [name for name, _labels in found if name == "comfybake_instance_up"]
+
+
+def test_wrong_options_are_named(tmp_path: Path) -> None:
+    done = exporter("serve", "--config-root", str(tmp_path), "--listen", "localhost")
+    assert done.returncode == 2 and "--listen 'localhost' is not ADDRESS:PORT, such as 127.0.0.1:9721" in done.stderr
+    done = exporter("scrape", "--config-root", str(tmp_path), "--timeout", "0")
+    assert done.returncode == 2 and "--timeout 0 must be more than 0 seconds" in done.stderr
+
+
+def test_the_prometheus_client_pin_is_one_version() -> None:
+    """The exporter names the pin it needs; pyproject.toml, the constraints and this venv agree."""
+    root = Path(__file__).resolve().parents[2]
+    assert f'"{exporter_module.PROMETHEUS_CLIENT}"' in (root / "pyproject.toml").read_text()
+    assert exporter_module.PROMETHEUS_CLIENT in (root / "requirements" / "constraints.txt").read_text().splitlines()
+    assert f"prometheus_client=={metadata.version('prometheus_client')}" == exporter_module.PROMETHEUS_CLIENT
