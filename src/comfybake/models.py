@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import stat
 import sys
 import threading
@@ -20,6 +19,7 @@ from comfybake import yamlfile
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import fetch as engine
 from comfybake.engine.fetch import pickles
+from comfybake.engine.redaction import url_credentials
 from comfybake.instances import config_root_option
 
 LOCK_FORMAT = 1
@@ -75,13 +75,10 @@ def read_models_file(path: Path) -> tuple[list[Any], dict[str, Any]]:
     raise engine.ManifestError(f"manifest {path} must hold a list of models, got {type(data).__name__}")
 
 
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
-
-
 def _url_credentials(value: Any, where: str) -> list[str]:
     """The keys (models[0].url, mirrors.huggingface[1]) whose value is a URL with user-info (user:pass@)."""
     if isinstance(value, str):
-        return [where] if _USERINFO.match(value) else []
+        return [where] if url_credentials(value) else []
     if isinstance(value, dict):
         return [hit for key, item in value.items() for hit in _url_credentials(item, f"{where}.{key}".lstrip("."))]
     if isinstance(value, list):

@@ -92,10 +92,9 @@ class Store:
     @contextlib.contextmanager
     def locked(self, relpath: str) -> Iterator[None]:
         """Serialise work on one destination across threads and processes."""
-        locks = os.path.join(self.state_dir, "locks")
-        os.makedirs(locks, mode=0o700, exist_ok=True)
-        name = hashlib.sha1(relpath.encode(), usedforsecurity=False).hexdigest()
-        with open(os.path.join(locks, name + ".lock"), "a") as handle:
+        path = self.lock_path(relpath)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -185,8 +184,9 @@ class Store:
     @contextlib.contextmanager
     def try_locked(self, relpath: str) -> Iterator[bool]:
         """Store.locked without waiting: yields False (and holds nothing) while another run holds it."""
-        os.makedirs(os.path.dirname(self.lock_path(relpath)), mode=0o700, exist_ok=True)
-        with open(self.lock_path(relpath), "a") as handle:
+        path = self.lock_path(relpath)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path, "a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
