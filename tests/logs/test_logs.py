@@ -133,6 +133,8 @@ def test_the_global_option_wins_over_the_environment_and_usage_errors_are_object
     usage = comfybake("models", "no-such-action")
     assert usage.returncode == 2
     assert [r["level"] for r in lines(usage.stderr)][-1] == "error", usage.stderr
+    joined = comfybake("--log-format=json", "models", "no-such-action", log_format=None)
+    assert [r["component"] for r in lines(joined.stderr)] == ["models", "models"], joined.stderr
     plain = comfybake("--log-format", "text", "models", "fetch", str(missing), "--store", str(tmp_path))
     assert plain.stderr.startswith("error: cannot read manifest"), plain.stderr
 
