@@ -635,7 +635,8 @@ def keeper(args: argparse.Namespace) -> int:
             except OSError as error:  # status then says "retry pending"; the retries go on
                 logs.say(f"cannot write {state_path}: {error.strerror}", "error")
             for record in ripe:  # supervisorctl start waits until the program runs or fails again
-                logs.say(retry_one(host, record), instance=record["name"])
+                said = retry_one(host, record)
+                logs.say(said, "error" if ": retry failed: " in said else "info", instance=record["name"])
         if args.once:
             return 0
         soonest = min(due.values(), default=now + args.poll)  # a retry falls due before the next look
