@@ -20,10 +20,11 @@ import os
 import re
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from comfybake.engine.redaction import redact
+from comfybake.engine.redaction import redact, redact_data, secret_name
 
 ENVIRONMENT = "COMFYBAKE_LOG_FORMAT"
 FORMATS = ("text", "json")
@@ -60,7 +61,7 @@ def record(message: str, component: str, level: str = "", **fields: Any) -> dict
     }
     for key, value in fields.items():
         if value not in (None, ""):
-            found[key] = redact(value) if isinstance(value, str) else value
+            found[key] = redact_data(value, secret=secret_name(key))
     return found
 
 
@@ -75,6 +76,7 @@ class JsonLines(io.TextIOBase):
         self.stream = stream
         self.component = component
         self.pending = ""
+        self.lock = threading.RLock()  # the fetch's worker threads warn at once
 
     def writable(self) -> bool:
         return True
@@ -83,17 +85,20 @@ class JsonLines(io.TextIOBase):
         return False
 
     def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            self.line(line)
+        with self.lock:
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self.line(line)
         return len(text)
 
     def line(self, text: str, level: str = "", **fields: Any) -> None:
         text = text.rpartition("\r")[2].replace("\033[K", "").strip()
         if text:
-            self.stream.write(json.dumps(record(text, self.component, level, **fields), ensure_ascii=False) + "\n")
-            self.stream.flush()
+            encoded = json.dumps(record(text, self.component, level, **fields), ensure_ascii=False) + "\n"
+            with self.lock:
+                self.stream.write(encoded)
+                self.stream.flush()
 
     def flush(self) -> None:
         self.stream.flush()
@@ -110,8 +115,9 @@ def emit(message: str, level: str = "", **fields: Any) -> None:
     `environment`, `entry`, ...) in JSON mode."""
     stream = sys.stderr
     if isinstance(stream, JsonLines):
-        stream.write(stream.pending and "\n")  # a half-written line first, on its own
-        stream.line(message, level, **fields)
+        with stream.lock:
+            stream.write(stream.pending and "\n")  # a half-written line first, on its own
+            stream.line(message, level, **fields)
     else:
         print(message, file=stream, flush=True)
 
