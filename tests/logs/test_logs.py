@@ -5,6 +5,7 @@ loopback hub; every stderr line is parsed."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -21,6 +22,8 @@ from harness.exporter import port_open
 from harness.mockhub import MockHub
 from harness.models import CANARY_HF, assert_no_canary, safetensors
 from harness.tools import ROOT, venv_bin
+
+from comfybake import logs
 
 COMMON = ("time", "level", "component", "host", "message")
 
@@ -213,3 +216,21 @@ def test_the_models_unit_passes_the_log_format_and_instances_keep_their_journal_
     option = spec["argument_specs"]["main"]["options"]["comfyui_log_format"]
     assert defaults["comfyui_log_format"] == option["default"] == "text"
     assert option["choices"] == ["text", "json"]
+
+
+def test_json_lines_keep_a_redraw_s_last_state_drop_blank_lines_and_redact_every_field() -> None:
+    """In process: what the stream does with the shapes of text commands write."""
+    sink = io.StringIO()
+    stream = logs.JsonLines(sink, "models")
+    stream.write("\r\033[K[###.....] 1 MiB\r\033[K   downloaded  loras/a.safetensors\n\n")
+    stream.write(f"warning: https://user:{CANARY_HF}@hub/x ")
+    stream.write("half\n")
+    stream.close()
+    records = lines(sink.getvalue())
+    assert [(r["level"], r["message"]) for r in records] == [
+        ("info", "downloaded  loras/a.safetensors"),
+        ("warning", "https://***@hub/x half"),
+    ]
+    found = logs.record("m", "models", hf_token=CANARY_HF, source={"url": f"https://u:{CANARY_HF}@h/"})
+    assert found["hf_token"] == "<redacted>" and found["source"] == {"url": "https://***@h/"}
+    assert_no_canary([json.dumps(found)])
