@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from comfybake import __version__
+from comfybake import __version__, logs
 
 # name -> (help, function that adds the subcommand's arguments and sets `func`)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Playbooks, roles and Packer templates live in the repository; see its README.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help=f"messages on stderr as plain lines (text) or one JSON object a line (json); default "
+        f"${logs.ENVIRONMENT}, else text",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, configure) in sorted(SUBCOMMANDS.items()):
         configure(subparsers.add_parser(name, help=help_text, description=help_text))
@@ -39,8 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    plain = sys.stderr
+    logs.install(logs.early_format(argv), logs.command_of(argv))  # the parser's own errors too
+    try:
+        return _run(argv)
+    finally:
+        if isinstance(sys.stderr, logs.JsonLines):
+            sys.stderr.close()  # a last line without its newline
+        sys.stderr = plain
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        log_format = args.log_format or logs.format_from(os.environ.get(logs.ENVIRONMENT), logs.ENVIRONMENT)
+    except logs.LogFormatError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logs.install(log_format, args.command or "cli")
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from comfybake import instances, yamlfile
+from comfybake import instances, logs, yamlfile
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import runtime
 from comfybake.engine.environment import EnvError, releases
@@ -182,7 +182,7 @@ def rollback(args: argparse.Namespace) -> int:
         failure = restart(host, running)
         if failure:
             report["error"] = failure
-            print(failure, file=sys.stderr)
+            logs.emit(failure, "error", environment=args.name)
             code = 1
         else:
             results = runtime.wait_all(

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from comfybake import logs
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import runtime
 from comfybake.instances import HostError, config_root_option, load_host, supervised
@@ -488,14 +489,15 @@ def serve(args: argparse.Namespace) -> int:
 
         server, _thread = start_http_server(port, addr=address, registry=found)
     except (ExporterError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        logs.emit(f"error: {error}", "error", listen=args.listen)
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"comfybake exporter: serving /metrics on {args.listen}", file=sys.stderr, flush=True)
+    logs.emit(f"comfybake exporter: serving /metrics on {args.listen}", listen=args.listen)
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
     server.shutdown()
+    logs.emit(f"comfybake exporter: stopped serving /metrics on {args.listen}", listen=args.listen)
     return 0
 
 
@@ -509,7 +511,7 @@ def scrape(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(generate_latest(found).decode("utf-8"))
     except (ExporterError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        logs.emit(f"error: {error}", "error")
         return 2
     return 0
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from comfybake import logs
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import comfyui_log, runtime
 from comfybake.engine.environment import writable
@@ -301,9 +302,10 @@ def control(args: argparse.Namespace) -> int:
         report["drained"] = runtime.drain_all([runtime.Instance(record) for record in chosen], args.drain)
         for drained in report["drained"]:
             if not drained["drained"]:
-                print(
+                logs.emit(
                     f"{drained['name']}: {drained['queue']} prompts still queued after {args.drain:g} s",
-                    file=sys.stderr,
+                    "warning",
+                    instance=drained["name"],
                 )
     if supervised(host):
         done = supervisorctl(host, args.action, *[program(record) for record in chosen])
@@ -320,7 +322,7 @@ def control(args: argparse.Namespace) -> int:
         tool = "systemctl"
     if done.returncode != 0:
         report["error"] = f"{tool} {args.action} failed: {(done.stderr or done.stdout).strip()}"
-        print(report["error"], file=sys.stderr)
+        logs.emit(report["error"], "error", instance=report["instances"][0] if len(chosen) == 1 else None)
         return _reported(args, report, 1)
     if args.action == "stop" or args.no_wait:
         if not args.json:
@@ -610,9 +612,11 @@ def keeper(args: argparse.Namespace) -> int:
         if days > 0 and records and now >= next_clean:
             for item in clean_instances(records, days, supervised(host)):
                 if item["files"] or item["errors"]:
-                    print(f"{item['name']}: deleted {item['files']} files older than {days:g} days", flush=True)
+                    logs.say(
+                        f"{item['name']}: deleted {item['files']} files older than {days:g} days", instance=item["name"]
+                    )
                 for error in item["errors"]:
-                    print(f"cannot delete {error}", flush=True)
+                    logs.say(f"cannot delete {error}", "error", instance=item["name"])
             next_clean = now + args.clean_every
         if interval > 0:
             ripe = []
@@ -629,9 +633,10 @@ def keeper(args: argparse.Namespace) -> int:
             try:
                 state_path.write_text(json.dumps(due), encoding="utf-8")
             except OSError as error:  # status then says "retry pending"; the retries go on
-                print(f"cannot write {state_path}: {error.strerror}", flush=True)
+                logs.say(f"cannot write {state_path}: {error.strerror}", "error")
             for record in ripe:  # supervisorctl start waits until the program runs or fails again
-                print(retry_one(host, record), flush=True)
+                said = retry_one(host, record)
+                logs.say(said, "error" if ": retry failed: " in said else "info", instance=record["name"])
         if args.once:
             return 0
         soonest = min(due.values(), default=now + args.poll)  # a retry falls due before the next look
@@ -650,7 +655,7 @@ def guarded(
         try:
             return func(args)
         except HostError as error:
-            print(f"{command}: {error}", file=sys.stderr)
+            logs.emit(f"{command}: {error}", "error")
             return 2
 
     return run

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from comfybake import yamlfile
+from comfybake import logs, yamlfile
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import fetch as engine
 from comfybake.engine.fetch import pickles
@@ -129,6 +129,7 @@ class Bars(engine.Progress):
         self.lock = threading.Lock()
         self.drawn = 0.0
         self.started = time.monotonic()
+        self.logged: set[str] = set()  # the entries logged as they finished (JSON mode)
 
     def start(self, name: str, total: int | None) -> None:
         with self.lock:
@@ -148,6 +149,10 @@ class Bars(engine.Progress):
             if self.tty:
                 self.stream.write("\r\033[K")
             total = self.totals.get(name) or self.done.get(name, 0)
+            if logs.json_mode():  # as it happens (a boot-time fetch may take an hour); not again in the summary
+                self.logged.add(name)
+                logs.emit(f"{action} {name}", entry=name, action=action, bytes=total)
+                return
             self.stream.write(f"{action:>10}  {engine.human(total):>10}  {name}\n")
             self.stream.flush()
 
@@ -185,6 +190,33 @@ def print_summary(report: engine.Report, stream: TextIO) -> None:
     stream.write(", ".join(f"{count} {action}" for action, count in sorted(counts.items())) + note + "\n")
 
 
+def log_summary(report: engine.Report, logged: set[str]) -> None:
+    """The summary as log objects (JSON mode, on stderr): one per entry not `logged` as it finished,
+    and a total; the warnings were logged as they came."""
+    for result in report.results:
+        if result.name in logged:
+            continue
+        level = "error" if result.action == "failed" else "info"
+        message = result.msg if result.action == "failed" and result.msg else f"{result.action} {result.name}"
+        fields = {"action": result.action, "bytes": result.bytes, "seconds": round(result.seconds, 3)}
+        logs.emit(message, level, entry=result.name, verified=result.verified, **fields)
+    counts: dict[str, int] = {}
+    for result in report.results:
+        counts[result.action] = counts.get(result.action, 0) + 1
+    logs.emit(", ".join(f"{count} {action}" for action, count in sorted(counts.items())) or "no models", totals=counts)
+
+
+def warnings_of(entries: list[engine.Entry]) -> Callable[[str], None]:
+    """How the engine's warnings reach stderr: each names the entry it concerns, if one (the
+    message starts with the entry's name), for the `entry` field of JSON lines."""
+    names = sorted((entry.name for entry in entries), key=len, reverse=True)
+
+    def warn(message: str) -> None:
+        logs.emit(message, "warning", entry=next((name for name in names if message.startswith(f"{name}: ")), None))
+
+    return warn
+
+
 def fetch(args: argparse.Namespace) -> int:
     try:
         models, settings = read_models_file(args.manifest)
@@ -194,7 +226,8 @@ def fetch(args: argparse.Namespace) -> int:
         entries = engine.parse_manifest(models, options)
         if not Path(options.store).is_dir():
             raise engine.ManifestError(f"model store {options.store} does not exist; create it or fix --store")
-        fetcher = engine.Fetcher(options, progress=Bars(sys.stderr), log=lambda line: print(line, file=sys.stderr))
+        bars = Bars(sys.stderr)
+        fetcher = engine.Fetcher(options, progress=bars, log=warnings_of(entries))
         fetcher.prunable = engine.prunable(options, entries, [str(args.manifest)])
         report = fetcher.run(entries)
         pruned = None
@@ -211,6 +244,10 @@ def fetch(args: argparse.Namespace) -> int:
             payload.update(changed=report.changed or pruned.changed, pruned=pruned.as_dict())
         json.dump({**payload, "warnings": report.warnings}, sys.stdout, indent=1)
         sys.stdout.write("\n")
+    elif logs.json_mode():  # a journal reads one object per entry, not a table
+        log_summary(report, bars.logged)
+        if pruned is not None:
+            print_pruned(pruned, sys.stderr)
     else:
         print_summary(report, sys.stdout)
         if pruned is not None:
@@ -224,7 +261,7 @@ def lock(args: argparse.Namespace) -> int:
         models, settings = read_models_file(args.manifest)
         options = options_from(args, settings)
         entries = engine.parse_manifest(models, options)
-        locked = engine.Fetcher(options, log=lambda line: print(line, file=sys.stderr)).resolve(entries)
+        locked = engine.Fetcher(options, log=warnings_of(entries)).resolve(entries)
     except engine.FetchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

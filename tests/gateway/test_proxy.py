@@ -313,6 +313,11 @@ def test_hosts_and_paths_modes_route_on_one_port(site: Site, mode: str, tmp_path
         assert re.fullmatch(r"ws:[0-9a-f]{32}", title), title
         foreign = gateway.request(port, "/system_stats", headers={**alice, "Host": "rebound.example"}, host=name)
         assert foreign.status == 421
+        # Hosts mode: each route's host has its logger; paths mode shares one host (the uri tells).
+        loggers = access_loggers(gateway.stdout)
+        expected = {"instance.e.a", "instance.other.c", "environment.e"} if mode == "hosts" else set()
+        assert {f"http.log.access.comfybake_access.{name}" for name in expected} <= loggers, loggers
+        assert mode == "hosts" or loggers == {"http.log.access.comfybake_access"}, loggers
     finally:
         gateway.stop()
 
@@ -396,6 +401,23 @@ def test_uploads_over_the_limit_are_refused_and_the_instance_keeps_serving(site:
     assert big.status == 413, big.status
     # One client's oversized upload must not take the instance's route down for the others.
     assert site.gateway.request(site.ports["a"], "/system_stats", headers=auth).status == 200
+
+
+def access_loggers(log: Path) -> set[str]:
+    """The logger of every line of a JSON access log."""
+    return {json.loads(line)["logger"] for line in log.read_text().splitlines() if line.startswith("{")}
+
+
+def test_each_route_names_itself_in_the_access_log(site: Site) -> None:
+    """Caddy 2.6 logs a request as it arrived, before a handler could add a field: in ports mode
+    each route's lines come from its own logger, which names the instance and its environment."""
+    auth = basic("alice", PASSWORD)
+    for route in ("a", "env:e"):
+        assert site.gateway.request(site.ports[route], "/system_stats", headers=auth).status == 200
+    loggers = access_loggers(site.gateway.stdout)
+    assert {"http.log.access.comfybake_access.instance.e.a", "http.log.access.comfybake_access.environment.e"} <= (
+        loggers
+    ), loggers
 
 
 # -- last: what was written ------------------------------------------------------------------

@@ -358,6 +358,27 @@ def _logging(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def route_logger(kind: str, name: str, environment: str) -> str:
+    """The access logger of one route, so that its lines name it (Caddy 2.6 logs the request as it
+    arrived, before any handler could add a field): `comfybake_access.instance.<environment>.<name>`
+    or `comfybake_access.environment.<name>`; the access log's `include` takes them all."""
+    return f"{ACCESS_LOGGER}.instance.{environment}.{name}" if kind == "instance" else f"{ACCESS_LOGGER}.{kind}.{name}"
+
+
+def _route_loggers(servers: dict[str, dict[str, Any]], entries: list[tuple[str, dict[str, Any], str]]) -> None:
+    """Name each route's access logger where the server can tell the routes apart: by port (a
+    server of one route: ports mode), else by host name (hosts mode). Paths mode shares one host:
+    its lines keep `comfybake_access`, and their `request.uri` names the route."""
+    ports = [route["port"] for _kind, route, _environment in entries]
+    for kind, route, environment in entries:
+        server = servers[f"port{route['port']}"]
+        logger = route_logger(kind, route["name"], environment)
+        if ports.count(route["port"]) == 1:
+            server["logs"]["default_logger_name"] = logger
+        elif route["host"]:
+            server["logs"].setdefault("logger_names", {})[route["host"]] = logger
+
+
 def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Principal]) -> dict[str, Any]:
     """Caddy's configuration for `routes` (routes.public_routes), `settings` and `principals`."""
     settings = normalize(settings)
@@ -406,6 +427,7 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
         each["routes"].append(
             {"handle": [_static(421, "this gateway does not serve that host name; use one of its names or routes")]}
         )
+    _route_loggers(servers, entries)
     subjects = sorted(set(names) | {entry[1]["host"] for entry in entries if entry[1]["host"]})
     return {
         "admin": {"listen": f"unix/{settings['admin_socket']}", "config": {"persist": False}},

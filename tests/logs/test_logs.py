@@ -1,0 +1,236 @@
+"""Logs a machine can read: `comfybake --log-format json` and COMFYBAKE_LOG_FORMAT=json turn every
+line a command writes on stderr into one JSON object (time, level, component, host, message, and
+the entry, instance or environment concerned), never with a token. Real CLI processes against a
+loopback hub; every stderr line is parsed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from harness.double import free_port
+from harness.exporter import port_open
+from harness.mockhub import MockHub
+from harness.models import CANARY_HF, assert_no_canary, safetensors
+from harness.tools import ROOT, venv_bin
+
+from comfybake import logs
+
+COMMON = ("time", "level", "component", "host", "message")
+
+
+def comfybake(*argv: str, log_format: str | None = "json", **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "HF_TOKEN": CANARY_HF, **env}
+    environment.pop("COMFYBAKE_LOG_FORMAT", None)
+    if log_format is not None:
+        environment["COMFYBAKE_LOG_FORMAT"] = log_format
+    done = subprocess.run([venv_bin("comfybake"), *argv], capture_output=True, text=True, env=environment, check=False)
+    assert_no_canary([done.stdout, done.stderr])
+    return done
+
+
+def lines(stderr: str) -> list[dict[str, Any]]:
+    """Every stderr line as a JSON object with the common fields; fails on any other line."""
+    found = []
+    for line in stderr.splitlines():
+        record = json.loads(line)  # a line that is not JSON fails here, with the line in the error
+        assert isinstance(record, dict) and all(record.get(key) for key in COMMON), line
+        assert record["host"] == socket.gethostname() and record["level"] in ("info", "warning", "error"), line
+        assert record["time"].endswith("Z"), line
+        found.append(record)
+    assert found, "no line on stderr"
+    return found
+
+
+@pytest.fixture
+def hub() -> Any:
+    with MockHub("127.0.0.1") as server:
+        yield server
+
+
+@pytest.fixture
+def cdn() -> Any:
+    with MockHub("127.0.0.2") as server:
+        yield server
+
+
+def test_fetch_logs_one_object_per_entry_with_its_name_and_never_a_token(
+    hub: MockHub, cdn: MockHub, tmp_path: Path
+) -> None:
+    """The boot-time fetch's lines: progress, warnings, results and errors, each naming its entry.
+    Canaries: the hub's token (sent as a bearer token, echoed back in a response header) and a
+    password in a source URL."""
+    store = tmp_path / "models"
+    store.mkdir()
+    hub.add_hf("org/repo", "m.safetensors", safetensors(), cdn=cdn, token=CANARY_HF)
+    hub.add_echo("/echo/error-code", "error-code")  # answers 404 with the credential in X-Error-Code
+    mirrored = hub.add("/mirrored.bin", b"x" * 4096)
+    hub.add("/mirror/vae/mirrored.bin", b"y" * 4096)  # a mirror with other bytes: a warning, then the origin
+    canary_url = f"http://someone:{CANARY_HF}@127.0.0.1:{hub.port}/echo/error-code"
+    manifest = tmp_path / "models.yml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "store": str(store),
+                "hf_endpoint": hub.url,
+                "allow_http": True,
+                "retries": 1,
+                "mirrors": [f"{hub.url}/mirror"],
+                "models": [
+                    {"url": "hf://org/repo/m.safetensors@main", "dest": "loras/"},
+                    {"url": f"{hub.url}/mirrored.bin", "dest": "vae/mirrored.bin", "sha256": mirrored},
+                    {"url": canary_url, "dest": "vae/echo.bin"},
+                ],
+            }
+        )
+    )
+    manifest.chmod(0o600)  # credentials in a URL: not readable by others
+    done = comfybake("models", "fetch", str(manifest))
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == "", "JSON mode keeps the summary off stdout (the journal reads stderr)"
+    records = lines(done.stderr)
+    assert {record["component"] for record in records} == {"models"}
+    by_entry: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_entry.setdefault(record.get("entry", ""), []).append(record)
+    assert set(by_entry) >= {"loras/", "vae/mirrored.bin", "vae/echo.bin"}, done.stderr
+    assert any(r.get("action") == "downloaded" for r in by_entry["loras/"])
+    assert any(r["level"] == "warning" for r in by_entry["vae/mirrored.bin"]), done.stderr
+    failed = [r for r in by_entry["vae/echo.bin"] if r["level"] == "error"]
+    assert failed and "<redacted>" in failed[0]["message"], by_entry["vae/echo.bin"]
+    assert "someone:" not in done.stderr, "the URL's credentials reached the log"
+    assert records[-1]["totals"] == {"downloaded": 2, "failed": 1}, records[-1]
+
+
+def test_text_mode_keeps_plain_lines_and_the_summary_on_stdout(hub: MockHub, tmp_path: Path) -> None:
+    store = tmp_path / "models"
+    store.mkdir()
+    digest = hub.add("/a.bin", b"a" * 100)
+    manifest = tmp_path / "models.yml"
+    manifest.write_text(yaml.safe_dump([{"url": f"{hub.url}/a.bin", "dest": "vae/a.bin", "sha256": digest}]))
+    for log_format in (None, "text"):
+        done = comfybake("models", "fetch", str(manifest), "--store", str(store), "--allow-http", log_format=log_format)
+        assert done.returncode == 0, done.stderr
+        assert "present" in done.stdout or "downloaded" in done.stdout, done.stdout
+        assert not any(line.startswith("{") for line in done.stderr.splitlines()), done.stderr
+
+
+def test_the_global_option_wins_over_the_environment_and_usage_errors_are_objects(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.yml"
+    done = comfybake(
+        "--log-format", "json", "models", "fetch", str(missing), "--store", str(tmp_path), log_format="text"
+    )
+    assert done.returncode == 2
+    [record] = lines(done.stderr)
+    assert record["level"] == "error" and str(missing) in record["message"], record
+    assert not record["message"].startswith("error:"), "the level is a field, not a prefix"
+    usage = comfybake("models", "no-such-action")
+    assert usage.returncode == 2
+    assert [r["level"] for r in lines(usage.stderr)][-1] == "error", usage.stderr
+    joined = comfybake("--log-format=json", "models", "no-such-action", log_format=None)
+    assert [r["component"] for r in lines(joined.stderr)] == ["models", "models"], joined.stderr
+    plain = comfybake("--log-format", "text", "models", "fetch", str(missing), "--store", str(tmp_path))
+    assert plain.stderr.startswith("error: cannot read manifest"), plain.stderr
+
+
+def test_an_unknown_log_format_is_refused_naming_the_value(tmp_path: Path) -> None:
+    done = comfybake("models", "du", "--config-root", str(tmp_path), log_format="yaml")
+    assert done.returncode == 2
+    assert "COMFYBAKE_LOG_FORMAT 'yaml' is not a log format: use one of text, json" in done.stderr, done.stderr
+    option = comfybake("--log-format", "yaml", "models", "du", log_format=None)
+    assert option.returncode == 2 and "invalid choice: 'yaml'" in option.stderr, option.stderr
+
+
+def test_instances_errors_are_objects_of_their_component(tmp_path: Path) -> None:
+    done = comfybake("instances", "--config-root", str(tmp_path / "absent"), "status")
+    assert done.returncode == 2
+    [record] = lines(done.stderr)
+    assert (record["component"], record["level"]) == ("instances", "error"), record
+    environments = comfybake("environments", "--config-root", str(tmp_path / "absent"), "list")
+    assert lines(environments.stderr)[0]["component"] == "environments", environments.stderr
+
+
+def test_the_keeper_reports_on_stdout_in_text_mode_and_objects_naming_the_instance_in_json(tmp_path: Path) -> None:
+    """The keeper (supervisord's stand-in for timers) is long-running: its reports are log lines."""
+    for name in ("a", "b"):
+        old = tmp_path / "state" / name / "output" / "old.png"
+        old.parent.mkdir(parents=True)
+        old.write_bytes(b"x")
+        os.utime(old, (time.time() - 40 * 86400,) * 2)
+    records = [{"name": name, "state_dir": str(tmp_path / "state" / name)} for name in ("a", "b")]
+    (tmp_path / "instances.json").write_text(
+        json.dumps({"instances": records, "retry_interval": 0, "retention_days": 30, "service_manager": "systemd"})
+    )
+    keeper = ("instances", "--config-root", str(tmp_path), "keeper", "--once")
+    done = comfybake(*keeper)
+    assert done.returncode == 0 and done.stdout == "", done.stdout + done.stderr
+    cleaned = {record["instance"]: record["message"] for record in lines(done.stderr)}
+    assert cleaned == {"a": "a: deleted 1 files older than 30 days", "b": "b: deleted 1 files older than 30 days"}
+    assert {record["component"] for record in lines(done.stderr)} == {"instances"}
+
+
+def test_the_exporter_logs_start_stop_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "instances.json").write_text(json.dumps({"instances": []}))
+    port = free_port()
+    environment = {**os.environ, "COMFYBAKE_LOG_FORMAT": "json"}
+    command = [venv_bin("comfybake"), "exporter", "serve", "--config-root", str(tmp_path)]
+    command += ["--listen", f"127.0.0.1:{port}", "--state", str(tmp_path / "exporter.json")]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment) as process:
+        try:
+            deadline = time.monotonic() + 30
+            while not port_open(port) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert port_open(port), "the exporter did not start"
+            busy = comfybake(*command[1:])  # the same port again
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _out, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    started, stopped = lines(stderr)
+    assert started["component"] == stopped["component"] == "exporter"
+    assert "serving /metrics" in started["message"] and "stopped" in stopped["message"], stderr
+    assert started["listen"] == f"127.0.0.1:{port}"
+    assert busy.returncode == 2
+    [error] = lines(busy.stderr)
+    assert error["level"] == "error" and error["listen"] == f"127.0.0.1:{port}", error
+
+
+def test_the_models_unit_passes_the_log_format_and_instances_keep_their_journal_identity() -> None:
+    """The boot-time fetch reads COMFYBAKE_LOG_FORMAT from its unit; ComfyUI's own output stays in
+    the journal under the instance's identity (comfyui-<name>), whatever the format."""
+    models = (ROOT / "roles/comfyui_models/templates/comfybake-models.service.j2").read_text()
+    assert "Environment=COMFYBAKE_LOG_FORMAT={{ comfyui_log_format }}\n" in models
+    instance = (ROOT / "roles/comfyui_instances/templates/comfyui@.service.j2").read_text()
+    assert "SyslogIdentifier=comfyui-%i\n" in instance
+    defaults = yaml.safe_load((ROOT / "roles/comfyui/defaults/main.yml").read_text())
+    spec = yaml.safe_load((ROOT / "roles/comfyui/meta/argument_specs.yml").read_text())
+    option = spec["argument_specs"]["main"]["options"]["comfyui_log_format"]
+    assert defaults["comfyui_log_format"] == option["default"] == "text"
+    assert option["choices"] == ["text", "json"]
+
+
+def test_json_lines_keep_a_redraw_s_last_state_drop_blank_lines_and_redact_every_field() -> None:
+    """In process: what the stream does with the shapes of text commands write."""
+    sink = io.StringIO()
+    stream = logs.JsonLines(sink, "models")
+    stream.write("\r\033[K[###.....] 1 MiB\r\033[K   downloaded  loras/a.safetensors\n\n")
+    stream.write(f"warning: https://user:{CANARY_HF}@hub/x ")
+    stream.write("half\n")
+    stream.close()
+    records = lines(sink.getvalue())
+    assert [(r["level"], r["message"]) for r in records] == [
+        ("info", "downloaded  loras/a.safetensors"),
+        ("warning", "https://***@hub/x half"),
+    ]
+    found = logs.record("m", "models", hf_token=CANARY_HF, source={"url": f"https://u:{CANARY_HF}@h/"})
+    assert found["hf_token"] == "<redacted>" and found["source"] == {"url": "https://***@h/"}
+    assert_no_canary([json.dumps(found)])
