@@ -177,7 +177,11 @@ def test_metrics_route_collisions_name_both_sides() -> None:
         public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "127.0.0.1:9721", "port": 9721}})
     with pytest.raises(GatewayError, match=r"the exporter itself .* and instance 'b' itself both want port 8189"):
         public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "127.0.0.1:8189"}})
-    with pytest.raises(GatewayError, match="exporter's route 'metrics' and instance 'metrics' would both answer"):
+    with pytest.raises(
+        GatewayError,
+        match=r"exporter's route 'metrics' and instance 'metrics' would both answer as metrics\.example\.com; rename "
+        "the instance, or set comfyui_gateway_metrics false",
+    ):
         public_routes([record("metrics", "prod", 8188)], {**NAMES, **METRICS, "mode": "hosts", "domain": "example.com"})
     with pytest.raises(GatewayError, match=r"comfyui_exporter_listen 'loopback' .* is not ADDRESS:PORT"):
         public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "loopback"}})

@@ -204,6 +204,7 @@ def _hosts_mode(
     seen: dict[str, str] = {}
     routes = [("instance", record) for record in instances] + [("environment", env) for env in environments.values()]
     routes += [] if metrics is None else [("the exporter's route", metrics)]
+    fix = {"the exporter's route": "rename the {other}, or set comfyui_gateway_metrics false"}
     for kind, route in routes:
         label = route["name"].lower()
         if not LABEL.fullmatch(label):
@@ -213,7 +214,8 @@ def _hosts_mode(
             )
         host = f"{label}.{settings['domain']}"
         if host in seen:
-            problems.append(f"{kind} {route['name']!r} and {seen[host]} would both answer as {host}; rename one")
+            hint = fix.get(kind, "rename one").format(other=seen[host].split()[0])
+            problems.append(f"{kind} {route['name']!r} and {seen[host]} would both answer as {host}; {hint}")
         seen[host] = f"{kind} {route['name']!r}"
         path = METRICS_PATH if route is metrics else "/"
         route.update(port=settings["port"], host=host, public_url=_url(host, settings["port"], path))
