@@ -48,6 +48,9 @@ options:
         C(names), C(listen), C(tls), C(max_request_body), C(health_uri), C(health_interval),
         C(storage), C(admin_socket), C(access_log) (the role's C(comfyui_gateway_*) variables; see
         docs/gateway.md).
+      - C(metrics), a dict of C(upstream) (C(HOST:PORT) of the host's exporter) and C(port) (the
+        route's port in C(ports) mode, 9722 by default), adds the route C(metrics) that only
+        principals whose scope holds C(metrics) or C(*) reach; absent or null, no such route.
     type: dict
     required: true
   users:
@@ -61,7 +64,9 @@ options:
         type: str
         required: true
       scope:
-        description: The routes the user may use, C(*), C(environment:<name>) or C(instance:<name>).
+        description:
+          - The routes the user may use, C(*), C(environment:<name>), C(instance:<name>) or C(metrics)
+            (the exporter's route).
         type: list
         elements: str
         required: true
@@ -125,7 +130,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 routes:
-  description: The public routes, C(instances) and C(environments), each with its C(public_url).
+  description:
+    - The public routes, C(instances) and C(environments), each with its C(public_url), and
+      C(metrics), the exporter's route (null without one).
   returned: always
   type: dict
 changed_files:

@@ -294,11 +294,13 @@ def gateway_upstreams(admin_socket: str) -> tuple[dict[str, dict[str, Any]] | No
     return {str(item.get("address")): item for item in listed or [] if isinstance(item, dict)}, "running"
 
 
-def probe(upstream: str) -> str:
-    """`ok`, or why the instance does not answer /system_stats directly."""
+def probe(upstream: str, path: str = "/system_stats") -> str:
+    """`ok`, or why the instance does not answer /system_stats (the exporter /metrics) directly."""
     try:
-        with urllib.request.urlopen(f"http://{upstream}/system_stats", timeout=PROBE_TIMEOUT) as response:
-            json.loads(response.read())
+        with urllib.request.urlopen(f"http://{upstream}{path}", timeout=PROBE_TIMEOUT) as response:
+            body = response.read()
+            if path == "/system_stats":
+                json.loads(body)
             return "ok"
     except urllib.error.HTTPError as error:
         return f"HTTP {error.code}"
@@ -345,6 +347,18 @@ def status_rows(routes: dict[str, Any], upstreams: dict[str, dict[str, Any]] | N
         }
         for route in routes.get("environments", [])
     ]
+    metrics = routes.get("metrics")
+    if metrics:
+        address = metrics["upstream"]
+        rows.append(
+            {
+                "kind": "metrics",
+                "name": "exporter",
+                "environment": None,
+                "public_url": metrics.get("public_url"),
+                "upstreams": [{"address": address, "direct": probe(address, "/metrics"), "gateway": seen(address)}],
+            }
+        )
     return rows
 
 
@@ -442,8 +456,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             action="append",
             required=True,
             metavar="SCOPE",
-            help="what it may reach: '*', instance:NAME or environment:NAME (an environment's route and its"
-            " instances'); repeat for several",
+            help="what it may reach: '*', instance:NAME, environment:NAME (an environment's route and its"
+            " instances') or metrics (the exporter's route, for Prometheus); repeat for several",
         )
 
     users = groups.add_parser("users", help="the users who sign in with a password (HTTP Basic, browsers)")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from comfybake.engine.gateway import caddy
+from comfybake.engine.gateway import caddy, credentials
 from comfybake.engine.gateway.credentials import Principal
 from comfybake.engine.gateway.errors import GatewayError
 from comfybake.engine.gateway.routes import public_routes
@@ -137,3 +137,89 @@ def test_the_configuration_keeps_admin_off_tcp_and_credentials_out_of_logs() -> 
     assert "Strict-Transport-Security" not in headers  # internal CA: never HSTS for localhost
     acme = caddy.normalize({**NAMES, "tls": {"mode": "acme"}})
     assert "Strict-Transport-Security" in json.dumps(caddy.render(public_routes(LAYOUT, acme), acme, [])["apps"])
+
+
+# -- the exporter's route (metrics) ----------------------------------------------------------
+
+METRICS = {"metrics": {"upstream": "127.0.0.1:9721"}}
+
+
+def test_the_metrics_route_is_placed_by_each_mode() -> None:
+    ports = public_routes(LAYOUT, {**NAMES, **METRICS})["metrics"]
+    assert (ports["port"], ports["public_url"], ports["upstream"]) == (
+        9722,
+        "https://gpu1.example.com:9722/metrics",
+        "127.0.0.1:9721",
+    )
+    moved = public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "0.0.0.0:9800", "port": 9900}})["metrics"]
+    assert (moved["port"], moved["upstream"]) == (9900, "127.0.0.1:9800")  # a wildcard is dialled on loopback
+    hosts = public_routes(LAYOUT, {**NAMES, **METRICS, "mode": "hosts", "domain": "comfy.example.com", "port": 443})
+    assert hosts["metrics"]["host"] == "metrics.comfy.example.com"
+    assert hosts["metrics"]["public_url"] == "https://metrics.comfy.example.com/metrics"
+    paths = public_routes(LAYOUT, {**NAMES, **METRICS, "mode": "paths"})["metrics"]
+    assert (paths["path"], paths["public_url"]) == ("/metrics", "https://gpu1.example.com:8443/metrics")
+    # The other routes are where they were without it: adding it moves no URL.
+    for mode in ("ports", "hosts", "paths"):
+        settings = {**NAMES, "mode": mode, "domain": "comfy.example.com"}
+        without, with_it = public_routes(LAYOUT, settings), public_routes(LAYOUT, {**settings, **METRICS})
+        assert without["metrics"] is None
+        assert (without["instances"], without["environments"]) == (with_it["instances"], with_it["environments"])
+
+
+def test_metrics_route_collisions_name_both_sides() -> None:
+    with pytest.raises(GatewayError) as error:
+        public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "127.0.0.1:9721", "port": 9188}})
+    assert "the metrics route (comfyui_gateway_metrics_port) and the route of instance 'a' both want port 9188" in str(
+        error.value
+    )
+    assert "comfyui_gateway_metrics_port" in str(error.value).rsplit("change", 1)[1]
+    with pytest.raises(GatewayError, match=r"the metrics route .* and the exporter itself .* both want port 9721"):
+        public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "127.0.0.1:9721", "port": 9721}})
+    with pytest.raises(GatewayError, match=r"the exporter itself .* and instance 'b' itself both want port 8189"):
+        public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "127.0.0.1:8189"}})
+    with pytest.raises(
+        GatewayError,
+        match=r"exporter's route 'metrics' and instance 'metrics' would both answer as metrics\.example\.com; rename "
+        "the instance, or set comfyui_gateway_metrics false",
+    ):
+        public_routes([record("metrics", "prod", 8188)], {**NAMES, **METRICS, "mode": "hosts", "domain": "example.com"})
+    with pytest.raises(GatewayError, match=r"comfyui_exporter_listen 'loopback' .* is not ADDRESS:PORT"):
+        public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "loopback"}})
+    with pytest.raises(GatewayError, match="comfyui_gateway_metrics_port 70000 must be a port"):
+        public_routes(LAYOUT, {**NAMES, "metrics": {"upstream": "127.0.0.1:9721", "port": 70000}})
+
+
+def test_only_the_metrics_scope_and_star_reach_the_metrics_route() -> None:
+    assert credentials.check_scope(["metrics", "environment:prod"]) == ["environment:prod", "metrics"]
+    for wrong in ("metrics:prod", "metric", "Metrics"):
+        with pytest.raises(GatewayError, match=f"scope {wrong!r} is invalid: use .*'metrics'"):
+            credentials.check_scope([wrong])
+    settings = caddy.normalize({**NAMES, **METRICS})
+    prometheus = Principal("prometheus", "key", "$2b$10$" + "p" * 53, ["metrics"])
+    config = caddy.render(public_routes(LAYOUT, settings), settings, [*principals(), prometheus])
+    assert accounts(config, 9722) == ["alice", "prometheus"]  # alice's *; not bob's instance, ci's environment
+    for port in (9188, 9189, 9190, 8443):
+        assert "prometheus" not in accounts(config, port)
+    route = config["apps"]["http"]["servers"]["port9722"]["routes"][0]
+    chain = json.dumps(route)
+    assert '"dial": "127.0.0.1:9721"' in chain
+    assert "Set-Cookie" not in chain and "health_checks" not in chain  # one upstream: no session, no pool
+    assert "strip_path_prefix" not in chain  # Prometheus' /metrics reaches the exporter as it was sent
+
+
+def test_without_the_metrics_setting_there_is_no_metrics_route() -> None:
+    for given in ({}, {"metrics": None}):
+        settings = caddy.normalize({**NAMES, **given})
+        public = public_routes(LAYOUT, settings)
+        assert public["metrics"] is None
+        assert "port9722" not in caddy.render(public, settings, principals())["apps"]["http"]["servers"]
+    # gateway.json of an earlier version, without the key, renders as before
+    settings = caddy.normalize(NAMES)
+    earlier = {key: value for key, value in public_routes(LAYOUT, settings).items() if key != "metrics"}
+    assert caddy.render(earlier, settings, principals()) == caddy.render(
+        public_routes(LAYOUT, settings), settings, principals()
+    )
+    paths = caddy.normalize({**NAMES, **METRICS, "mode": "paths"})
+    server = caddy.render(public_routes(LAYOUT, paths), paths, principals())["apps"]["http"]["servers"]["port8443"]
+    metrics = next(route for route in server["routes"] if route["match"][0].get("path") == ["/metrics"])
+    assert metrics["match"][0]["host"] == ["gpu1.example.com", "10.0.0.5"]

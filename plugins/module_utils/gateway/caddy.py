@@ -14,7 +14,8 @@ Every route, whichever mode places it (routes.py), runs the same chain:
 5. The proxy: an instance's route to its one upstream; an environment's route balances new
    sessions (`least_conn`, active health checks on ComfyUI's /system_stats) and sets a cookie
    naming the instance, which keeps the session there (its /ws, /prompt, /history and /view
-   belong to one server) while that instance is healthy.
+   belong to one server) while that instance is healthy. The exporter's route (`metrics`) goes
+   to its one upstream, the host's `comfybake exporter`, with the path as Prometheus sent it.
 
 Access and error logs are JSON, through a filter that drops Authorization, Cookie,
 Proxy-Authorization and Set-Cookie, and the `token` query value.
@@ -306,16 +307,18 @@ def _route_chain(
 ) -> list[dict[str, Any]]:
     """Steps 2-5 for one route, as the routes of a subroute."""
     accounts = _accounts(principals, kind, route["name"], environment)
-    if kind == "instance":
-        proxy = [{"handle": [_proxy([route["upstream"]], "first")]}]
-    else:
+    if kind == "environment":
         proxy = _environment_proxy(route, settings)
+    else:
+        proxy = [{"handle": [_proxy([route["upstream"]], "first")]}]
+    # An instance's or environment's prefix is stripped; the exporter's /metrics is its own path.
+    strip = route["path"] != "/" and kind != "metrics"
     prefix = [{"handle": [{"handler": "rewrite", "strip_path_prefix": route["path"].rstrip("/")}]}]
     return [
         {"handle": [_response_headers(settings)]},
         *_credentials(accounts),
         *_body_limit(settings),
-        *(prefix if route["path"] != "/" else []),
+        *(prefix if strip else []),
         *proxy,
     ]
 
@@ -326,8 +329,8 @@ def _allowed(names: list[str], route: dict[str, Any]) -> list[str]:
 
 def _match(names: list[str], route: dict[str, Any]) -> dict[str, Any]:
     match: dict[str, Any] = {"host": _allowed(names, route)}
-    if route["path"] != "/":
-        match["path"] = [route["path"] + "*"]
+    if route["path"] != "/":  # a prefix (/instances/a/), or the exporter's one path (/metrics)
+        match["path"] = [route["path"] + "*" if route["path"].endswith("/") else route["path"]]
     return match
 
 
@@ -385,6 +388,8 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
     names = list(settings["names"])
     entries = [("instance", route, route["environment"]) for route in routes["instances"]]
     entries += [("environment", route, route["name"]) for route in routes["environments"]]
+    # gateway.json of an earlier version has no metrics key: no exporter's route.
+    entries += [("metrics", routes["metrics"], "")] if routes.get("metrics") else []
     servers: dict[str, dict[str, Any]] = {}
     for kind, route, environment in entries:
         name = f"port{route['port']}"
@@ -420,7 +425,11 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
                 {
                     "match": [{"host": names}],
                     "handle": [
-                        _static(404, "no route here: the routes are /instances/<name>/ and /environments/<name>/")
+                        _static(
+                            404,
+                            "no route here: the routes are /instances/<name>/ and /environments/<name>/"
+                            + (f" and {routes['metrics']['path']}" if routes.get("metrics") else ""),
+                        )
                     ],
                 }
             )

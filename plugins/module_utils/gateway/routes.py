@@ -11,6 +11,12 @@ Modes (`comfyui_gateway_mode`):
 - `hosts`: one port, a host name per route: `<instance>.<domain>` and `<environment>.<domain>`.
 - `paths`: one port and host, `/instances/<name>/` and `/environments/<name>/` (ComfyUI's
   frontend still asks for some absolute paths, so this mode has caveats: docs/gateway.md).
+
+With `metrics: {"upstream": "HOST:PORT"}` in the settings (the host's `comfybake exporter`), one
+more route, `metrics`, serves the exporter to Prometheus: on its own port (`metrics.port`,
+METRICS_PORT unless set) in `ports` mode, as `metrics.<domain>` in `hosts` mode, and below
+`/metrics` in `paths` mode. Its port is claimed after every other route's, so adding it never
+moves another route: the instances' and environments' URLs are the same with it or without it.
 """
 
 from __future__ import annotations
@@ -34,7 +40,11 @@ DEFAULTS: dict[str, Any] = {
     "environment_ports": {},
     "domain": "",
     "names": ["localhost", "127.0.0.1"],
+    "metrics": None,  # {"upstream": "127.0.0.1:9721", "port": 9722}: the exporter's route
 }
+METRICS = "metrics"  # the route's name, its host label (hosts mode) and the scope that reaches it
+METRICS_PORT = 9722  # its port in ports mode, unless comfyui_gateway_metrics_port says otherwise
+METRICS_PATH = "/metrics"  # where Prometheus asks (its default metrics_path), in every mode
 
 
 def _is_port(value: Any) -> bool:
@@ -68,6 +78,37 @@ def _upstream(record: dict[str, Any]) -> str:
     return f"{_url_host(parts.hostname)}:{parts.port}"
 
 
+def _dial(listen: Any) -> tuple[str, int] | None:
+    """(host, port) to dial for an ADDRESS:PORT where a service listens: loopback for a wildcard
+    address; None if it is not one."""
+    host, _colon, port = str(listen).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port.isdigit() or not _is_port(int(port)):
+        return None
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - an address the exporter may listen on, not a bind
+        host = "::1" if host == "::" else "127.0.0.1"
+    if not check_name(host):
+        return None
+    return host, int(port)
+
+
+def _check_metrics(metrics: Any, problems: list[str]) -> None:
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict) or set(metrics) - {"upstream", "port"}:
+        problems.append(f"gateway setting metrics {metrics!r} must be an object with upstream (HOST:PORT) and port")
+        return
+    if _dial(metrics.get("upstream")) is None:
+        problems.append(
+            f"comfyui_exporter_listen {metrics.get('upstream')!r} (the metrics route's upstream) is not ADDRESS:PORT,"
+            " such as 127.0.0.1:9721"
+        )
+    if not _is_port(metrics.get("port", METRICS_PORT)):
+        problems.append(
+            f"comfyui_gateway_metrics_port {metrics.get('port')!r} must be a port from {MIN_PORT} to {MAX_PORT}"
+        )
+
+
 def settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **{key: value for key, value in settings.items() if value is not None}}
 
@@ -95,6 +136,7 @@ def _check_settings(settings: dict[str, Any], problems: list[str]) -> None:
             f"comfyui_gateway_environment_ports {ports!r} must map environment names to ports "
             f"from {MIN_PORT} to {MAX_PORT}"
         )
+    _check_metrics(settings["metrics"], problems)
     if settings["mode"] == "hosts" and not (isinstance(settings["domain"], str) and check_name(settings["domain"])):
         problems.append(
             f"comfyui_gateway_domain {settings['domain']!r} must be a host name in hosts mode "
@@ -105,6 +147,7 @@ def _check_settings(settings: dict[str, Any], problems: list[str]) -> None:
 def _ports_mode(
     instances: list[dict[str, Any]],
     environments: dict[str, dict[str, Any]],
+    metrics: dict[str, Any] | None,
     settings: dict[str, Any],
     problems: list[str],
 ) -> None:
@@ -122,9 +165,10 @@ def _ports_mode(
                 f"{what}: public port {port} is outside {MIN_PORT}-{MAX_PORT}; lower comfyui_gateway_port_offset"
             )
         elif port in taken:
+            also = "" if metrics is None else ", comfyui_gateway_metrics_port, comfyui_exporter_listen"
             problems.append(
                 f"{what} and {taken[port]} both want port {port}; change comfyui_gateway_port_offset, "
-                "comfyui_gateway_environment_ports or the instance's port"
+                f"comfyui_gateway_environment_ports{also} or the instance's port"
             )
         taken[port] = what
 
@@ -144,16 +188,23 @@ def _ports_mode(
             port = next_port
             claim(port, f"the route of environment {name!r}")
         route.update(port=port, public_url=_url(host, port))
+    if metrics is not None:  # last: it never moves another route
+        claim(int(metrics["upstream"].rpartition(":")[2]), "the exporter itself (comfyui_exporter_listen)")
+        claim(metrics["port"], "the metrics route (comfyui_gateway_metrics_port)")
+        metrics["public_url"] = _url(host, metrics["port"], METRICS_PATH)
 
 
 def _hosts_mode(
     instances: list[dict[str, Any]],
     environments: dict[str, dict[str, Any]],
+    metrics: dict[str, Any] | None,
     settings: dict[str, Any],
     problems: list[str],
 ) -> None:
     seen: dict[str, str] = {}
     routes = [("instance", record) for record in instances] + [("environment", env) for env in environments.values()]
+    routes += [] if metrics is None else [("the exporter's route", metrics)]
+    fix = {"the exporter's route": "rename the {other}, or set comfyui_gateway_metrics false"}
     for kind, route in routes:
         label = route["name"].lower()
         if not LABEL.fullmatch(label):
@@ -163,14 +214,17 @@ def _hosts_mode(
             )
         host = f"{label}.{settings['domain']}"
         if host in seen:
-            problems.append(f"{kind} {route['name']!r} and {seen[host]} would both answer as {host}; rename one")
+            hint = fix.get(kind, "rename one").format(other=seen[host].split()[0])
+            problems.append(f"{kind} {route['name']!r} and {seen[host]} would both answer as {host}; {hint}")
         seen[host] = f"{kind} {route['name']!r}"
-        route.update(port=settings["port"], host=host, public_url=_url(host, settings["port"]))
+        path = METRICS_PATH if route is metrics else "/"
+        route.update(port=settings["port"], host=host, public_url=_url(host, settings["port"], path))
 
 
 def _paths_mode(
     instances: list[dict[str, Any]],
     environments: dict[str, dict[str, Any]],
+    metrics: dict[str, Any] | None,
     settings: dict[str, Any],
     problems: list[str],
 ) -> None:
@@ -186,12 +240,15 @@ def _paths_mode(
         record.update(port=settings["port"], path=f"/instances/{record['name']}/")
     for route in environments.values():
         route.update(port=settings["port"], path=f"/environments/{route['name']}/")
-    for route in [*instances, *environments.values()]:
+    if metrics is not None:  # the exporter's own path: nothing is stripped
+        metrics.update(port=settings["port"], path=METRICS_PATH)
+    for route in [*instances, *environments.values(), *([] if metrics is None else [metrics])]:
         route["public_url"] = _url(host, settings["port"], route["path"])
 
 
 def public_routes(records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    """The gateway's routes for the instance layout `records`: one per instance, one per environment.
+    """The gateway's routes for the instance layout `records`: one per instance, one per
+    environment, and `metrics` (the exporter's route, None without settings' `metrics`).
 
     An environment's route balances over its enabled instances only; a disabled instance keeps
     its own route, which answers 502 while it is stopped.
@@ -222,12 +279,30 @@ def public_routes(records: list[dict[str, Any]], settings: dict[str, Any]) -> di
         if route["enabled"]:
             env["instances"].append(route["name"])
             env["upstreams"].append(route["upstream"])
-    if settings["mode"] == "ports":
-        _ports_mode(instances, environments, settings, problems)
-    elif settings["mode"] == "hosts":
-        _hosts_mode(instances, environments, settings, problems)
-    else:
-        _paths_mode(instances, environments, settings, problems)
+    metrics = _metrics_route(settings["metrics"])
+    place = {"ports": _ports_mode, "hosts": _hosts_mode}.get(settings["mode"], _paths_mode)
+    place(instances, environments, metrics, settings, problems)
     if problems:
         raise GatewayError("the gateway's routes collide:\n- " + "\n- ".join(problems))
-    return {"instances": instances, "environments": [environments[name] for name in sorted(environments)]}
+    return {
+        "instances": instances,
+        "environments": [environments[name] for name in sorted(environments)],
+        "metrics": metrics,
+    }
+
+
+def _metrics_route(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The exporter's route, before a mode places it: its upstream (loopback for a wildcard)."""
+    if metrics is None:
+        return None
+    dial = _dial(metrics["upstream"])
+    if dial is None:  # _check_metrics reported it already
+        raise GatewayError(f"comfyui_exporter_listen {metrics['upstream']!r} is not ADDRESS:PORT")
+    return {
+        "name": METRICS,
+        "upstream": f"{_url_host(dial[0])}:{dial[1]}",
+        "port": metrics.get("port", METRICS_PORT),
+        "host": "",
+        "path": "/",
+        "public_url": "",
+    }
