@@ -3,13 +3,19 @@ evaluates the role's alert rules (every `for:` shortened to 1 s): what an operat
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ import pytest
 from harness.double import free_port
 from harness.exporter import port_open, write_host
 from harness.prometheus import Prometheus, PrometheusError, Target, leaked, running, write_config
-from harness.tls import make_tls
+from harness.tls import TLSFiles, make_tls
 
 Start = Callable[..., dict[str, Any]]
 TOKEN = "hf_prometheusCanaryToken0123456789"
@@ -78,7 +84,7 @@ def test_prometheus_scrapes_the_exporter_and_fires_instance_down(
             assert baseline == 0
             # Two prompts on a: one runs, one waits; then both complete.
             for _ in range(2):
-                status, body = a["double"].post("/prompt", {"prompt": PROMPT, "extra_data": {"test_double_seconds": 2}})
+                status, body = a["double"].post("/prompt", {"prompt": PROMPT, "extra_data": {"test_double_seconds": 3}})
                 assert status == 200, body
             server.wait(
                 "a's queue: 1 running, 1 pending",
@@ -145,19 +151,63 @@ def test_scrape_configs_through_a_gateway_pass_promtool(tmp_path: Path) -> None:
         Target("h:1").scrape_config(tmp_path)
 
 
-def test_the_script_waits_for_queries_and_names_what_never_came(serve: Callable[[Path], int], tmp_path: Path) -> None:
-    """`prometheus.py run` as the gateway scenario calls it (here against the exporter itself)."""
-    port = serve(write_host(tmp_path / "etc", []))
+@contextmanager
+def guarded(upstream: int, tls: TLSFiles, accepted: set[str]) -> Iterator[int]:
+    """HTTPS on loopback that forwards GET to the exporter only with an accepted Authorization header
+    (what the gateway's metrics route does, reduced to the part a scrape configuration must get right)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.headers.get("Authorization") not in accepted:
+                self.send_response(401)
+                self.end_headers()
+                return
+            with urllib.request.urlopen(f"http://127.0.0.1:{upstream}{self.path}", timeout=10) as response:
+                body = response.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.cert, tls.key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_script_scrapes_through_auth_and_tls(serve: Callable[[Path], int], tmp_path: Path) -> None:
+    """`prometheus.py run` as the gateway scenario calls it: over TLS with basic auth, then a bearer key."""
+    tls = make_tls(tmp_path / "tls")
+    (tmp_path / "auth").write_text("prometheus:s3cret-password\n")
+    (tmp_path / "key").write_text("cbk_bearer-key\n")
+    accepted = {"Basic " + base64.b64encode(b"prometheus:s3cret-password").decode(), "Bearer cbk_bearer-key"}
     script = [sys.executable, str(Path(__file__).resolve().parents[1] / "harness" / "prometheus.py"), "run"]
-    target = ("--target", f"http://127.0.0.1:{port}/metrics")
-    done = subprocess.run(
-        [*script, *target, "--query", 'up{job="comfybake"} == 1', "--forbid", TOKEN, "--wait", "30"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[0])["result"][0]["metric"]["host"] == "127.0.0.1"
-    done = subprocess.run(
-        [*script, *target, "--query", "comfybake_instance_up", "--wait", "2"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 1 and "waited 2 s for a result of comfybake_instance_up" in done.stderr, done.stderr
+    with guarded(serve(write_host(tmp_path / "etc", [])), tls, accepted) as port:
+        target = ("--target", f"https://127.0.0.1:{port}/metrics", "--ca", str(tls.ca))
+        done = subprocess.run(
+            [*script, *target, "--basic-auth-file", str(tmp_path / "auth"), "--query", 'up{job="comfybake"} == 1',
+             "--forbid", TOKEN, "--wait", "30"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[0])["result"][0]["metric"]["host"] == "127.0.0.1"
+        # A bearer key; --forbid finds a text that is there (a metric's name) and fails naming the count.
+        done = subprocess.run(
+            [*script, *target, "--bearer-file", str(tmp_path / "key"), "--query", 'up{job="comfybake"} == 1',
+             "--forbid", "comfybake_exporter_scrape_duration_seconds", "--wait", "30"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.stdout and json.loads(done.stdout.splitlines()[0])["result"], done.stdout + done.stderr
+    assert done.returncode == 1 and "1 series of job comfybake hold a forbidden text" in done.stderr, done.stderr
+    assert "s3cret" not in done.stdout + done.stderr and "cbk_" not in done.stdout + done.stderr
