@@ -173,3 +173,21 @@ def test_rules_and_dashboard_read_only_metrics_the_exporter_exposes(start: Start
     histogram = re.compile(r"_(bucket|sum|count)$")
     read = {histogram.sub("", name) for name in set().union(*used.values())}
     assert sorted({histogram.sub("", name) for name in exposed} - read) == []
+
+
+def test_the_documented_scrape_config_is_one_prometheus_accepts(tmp_path: Path) -> None:
+    """docs/observability.md's "Wiring" example, its files made real: promtool checks it, rules included."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    wiring = docs.split("## Wiring Prometheus and Grafana", 1)[1]
+    example = re.search(r"```yaml\n(.*?)```", wiring, re.DOTALL)
+    assert example, "no yaml example under Wiring Prometheus and Grafana"
+    text = example[1]
+    for path in re.findall(r"/etc/prometheus/\S+", text):
+        local = tmp_path / Path(path).name
+        local.write_text(RULES.read_text() if path.endswith(".yml") else "x\n")
+        text = text.replace(path, str(local))
+    (tmp_path / "prometheus.yml").write_text(text)
+    done = promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+    assert done.returncode == 0 and "SUCCESS: 10 rules found" in done.stdout, done.stdout + done.stderr
+    job = yaml.safe_load(text)["scrape_configs"][0]
+    assert job["job_name"] == "comfybake" and job["honor_labels"] is True

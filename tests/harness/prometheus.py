@@ -90,8 +90,9 @@ class Target:
             "scheme": parts.scheme,
             "metrics_path": parts.path or "/metrics",
             "static_configs": [{"targets": [parts.netloc]}],
+            # A `host` label: the target's address without its port (docs/observability.md).
             "relabel_configs": [
-                {"source_labels": ["__address__"], "regex": "(.*):[0-9]+", "target_label": "host", "replacement": "$1"}
+                {"source_labels": ["__address__"], "regex": "(.+?)(?::[0-9]+)?", "target_label": "host"}
             ],
         }
         if self.basic_auth_file is not None and self.bearer_file is not None:
