@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,15 @@ from typing import Any
 import pytest
 from harness.double import free_port
 from harness.exporter import port_open, write_host
-from harness.prometheus import Prometheus, PrometheusError, Target, leaked, running, write_config
+from harness.prometheus import (
+    Prometheus,
+    PrometheusError,
+    Target,
+    dashboard_exprs,
+    leaked,
+    running,
+    write_config,
+)
 from harness.tls import TLSFiles, make_tls
 
 Start = Callable[..., dict[str, Any]]
@@ -121,6 +130,16 @@ def test_prometheus_scrapes_the_exporter_and_fires_instance_down(
             # Still scraped (a scrape that outlasts Prometheus's 1 s timeout would make `up` 0).
             server.wait("the exporter's target still up", lambda: server.value('up{job="comfybake"}') == 1)
             assert leaked(server, TOKEN) == []
+            # Every query of the dashboard is PromQL this server runs, and most find series here.
+            answered = {}
+            for expr in dashboard_exprs():
+                concrete = expr.replace("$__rate_interval", "1m").replace("$host", ".*").replace("$instance", ".*")
+                try:
+                    answered[expr] = server.query(concrete)
+                except urllib.error.HTTPError as error:
+                    answered[expr] = [{"error": error.read().decode()}]
+            assert [(expr, found) for expr, found in answered.items() if found and "error" in found[0]] == []
+            assert sum(1 for found in answered.values() if found) > len(answered) / 2, answered
 
 
 def test_scrape_configs_through_a_gateway_pass_promtool(tmp_path: Path) -> None:

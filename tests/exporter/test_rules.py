@@ -16,12 +16,12 @@ import pytest
 import yaml
 from harness.double import free_port
 from harness.exporter import exporter, samples, write_host
+from harness.prometheus import DASHBOARD, dashboard_exprs
 
 Start = Callable[..., dict[str, Any]]
 FILES = Path(__file__).resolve().parents[2] / "roles" / "comfyui_exporter" / "files"
 RULES = FILES / "prometheus" / "comfybake-rules.yml"
 RULE_TESTS = FILES / "prometheus" / "comfybake-rules.test.yml"
-DASHBOARD = FILES / "grafana" / "comfybake-dashboard.json"
 ALERTS = {
     "ComfybakeInstanceDown", "ComfybakeInstanceNotReady", "ComfybakeQueueStuck", "ComfybakePromptsFailing",
     "ComfybakeVramNearlyFull", "ComfybakeModelStoreNearlyFull", "ComfybakeModelFetchFailed",
@@ -93,17 +93,6 @@ def test_every_alert_is_there_documented_and_tested_both_ways() -> None:
     assert fires == ALERTS and quiet == ALERTS
     docs = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
     assert [name for name in sorted(ALERTS) if f"`{name}`" not in docs] == []
-
-
-def dashboard_exprs() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            found = re.fullmatch(r"label_values\((.+),\s*\w+\)", variable["query"]["query"])
-            assert found, variable
-            exprs.append(found[1])
-    return exprs
 
 
 def test_the_dashboard_is_a_grafana_dashboard_on_a_datasource_variable() -> None:

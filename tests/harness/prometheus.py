@@ -43,9 +43,9 @@ except ImportError:  # run as a script: tests/ is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from harness.double import free_port
 
-RULES = (
-    Path(__file__).resolve().parents[2] / "roles" / "comfyui_exporter" / "files" / "prometheus" / "comfybake-rules.yml"
-)
+FILES = Path(__file__).resolve().parents[2] / "roles" / "comfyui_exporter" / "files"
+RULES = FILES / "prometheus" / "comfybake-rules.yml"
+DASHBOARD = FILES / "grafana" / "comfybake-dashboard.json"
 JOB = "comfybake"
 T = TypeVar("T")
 
@@ -233,6 +233,19 @@ def running(folder: Path, target: Target, **options: Any) -> Iterator[Prometheus
 def leaked(server: Prometheus, text: str) -> list[dict[str, Any]]:
     """Every series of the job whose labels or value hold `text` (a canary token)."""
     return [sample for sample in server.query(f'{{job="{JOB}"}}') if text in json.dumps(sample)]
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the dashboard: its panels' queries and its variables' selectors."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            found = re.fullmatch(r"label_values\((.+),\s*\w+\)", variable["query"]["query"])
+            if not found:
+                raise PrometheusError(f"dashboard variable {variable['name']}: not label_values(SELECTOR, LABEL)")
+            exprs.append(found[1])
+    return exprs
 
 
 # --------------------------------------------------------------------------- the script
