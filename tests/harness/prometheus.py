@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -101,8 +102,8 @@ class Target:
             user, colon, password = self.basic_auth_file.read_text().strip().partition(":")
             if not colon:
                 raise PrometheusError(f"{self.basic_auth_file} must hold one line USER:PASSWORD")
-            (folder / "password").write_text(password)
-            (folder / "password").chmod(0o600)
+            with os.fdopen(os.open(folder / "password", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as sink:
+                sink.write(password)  # readable by this account only, from the start
             config["basic_auth"] = {"username": user, "password_file": str(folder / "password")}
         if self.bearer_file is not None:
             config["authorization"] = {"type": "Bearer", "credentials_file": str(self.bearer_file.resolve())}
