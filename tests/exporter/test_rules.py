@@ -16,7 +16,7 @@ import pytest
 import yaml
 from harness.double import free_port
 from harness.exporter import exporter, samples, write_host
-from harness.prometheus import DASHBOARD, dashboard_exprs
+from harness.prometheus import DASHBOARD, dashboard_exprs, metric_names
 
 Start = Callable[..., dict[str, Any]]
 FILES = Path(__file__).resolve().parents[2] / "roles" / "comfyui_exporter" / "files"
@@ -32,7 +32,6 @@ PROMETHEUS_SERIES = {"up", "ALERTS"}
 # The exporter exposes it only where systemd runs the instances (docs/observability.md), which this
 # machine does not: it must at least be a metric the exporter writes and the docs list.
 SYSTEMD_ONLY = {"comfybake_instance_restarts"}
-KEYWORDS = {"and", "or", "unless", "bool", "offset", "group_left", "group_right", "inf", "nan"}
 
 
 def promtool(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -44,20 +43,6 @@ def promtool(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def rules() -> list[dict[str, Any]]:
     return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects (Grafana's $variables allowed)."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
-    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
-    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana variables
-    return {
-        match[1]
-        for match in re.finditer(r"(?<![\w.:])([A-Za-z_:][\w:]*)(\s*\()?", expr)
-        if not match[2] and match[1].lower() not in KEYWORDS
-    }
 
 
 def test_metric_names_reads_promql() -> None:

@@ -48,6 +48,7 @@ FILES = Path(__file__).resolve().parents[2] / "roles" / "comfyui_exporter" / "fi
 RULES = FILES / "prometheus" / "comfybake-rules.yml"
 DASHBOARD = FILES / "grafana" / "comfybake-dashboard.json"
 JOB = "comfybake"
+KEYWORDS = {"and", "or", "unless", "bool", "offset", "group_left", "group_right", "inf", "nan"}
 T = TypeVar("T")
 
 
@@ -234,6 +235,20 @@ def running(folder: Path, target: Target, **options: Any) -> Iterator[Prometheus
 def leaked(server: Prometheus, text: str) -> list[dict[str, Any]]:
     """Every series of the job whose labels or value hold `text` (a canary token)."""
     return [sample for sample in server.query(f'{{job="{JOB}"}}') if text in json.dumps(sample)]
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (Grafana's $variables allowed)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # label lists
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana variables
+    return {
+        match[1]
+        for match in re.finditer(r"(?<![\w.:])([A-Za-z_:][\w:]*)(\s*\()?", expr)
+        if not match[2] and match[1].lower() not in KEYWORDS
+    }
 
 
 def dashboard_exprs() -> list[str]:
