@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare this machine for comfybake's main job and tests, skipping every step already done:
-#   1. Debian packages (docker.io, packer, debootstrap, git, caddy, ...), installed as root;
+#   1. Debian packages (docker.io, packer, debootstrap, git, caddy, prometheus, ...), installed as root;
 #   2. a running Docker engine (systemd's docker.service, or dockerd started here);
 #   3. the project venv (.venv), installed from pyproject.toml with requirements/constraints.txt;
 #   4. the host's comfybake command (scripts/build-cli.py: roles/comfyui/files/comfybake.pyz);
@@ -12,8 +12,9 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${COMFYBAKE_VENV:-$root/.venv}
 python=${PYTHON:-python3}
-# caddy and chromium: the gateway tests run the real proxy and a real browser in front of it
-packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl caddy chromium)
+# caddy and chromium: the gateway tests run the real proxy and a real browser in front of it;
+# prometheus: promtool checks the exporter's alert rules, and the server scrapes it in tests
+packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl caddy chromium prometheus)
 dockerd_log=${COMFYBAKE_DOCKERD_LOG:-/var/log/comfybake-dockerd.log}
 
 say() { printf 'bootstrap: %s\n' "$*"; }
@@ -28,9 +29,10 @@ install_packages() {
   [[ $(id -u) -eq 0 ]] || die "missing Debian packages: ${missing[*]}; install them as root (apt-get install ${missing[*]}) or re-run as root"
   say "installing ${missing[*]}"
   # Debian's caddy package starts caddy.service (a file server on :80, an admin API on TCP
-  # :2019) on a machine run by systemd; the tests run their own caddy, so it is masked first.
+  # :2019) and prometheus starts prometheus.service (:9090, scraping this machine) on a machine
+  # run by systemd; the tests run their own, so both are masked first and never start.
   if [[ -d /run/systemd/system ]]; then
-    systemctl mask --now caddy.service caddy-api.service >/dev/null 2>&1 || true
+    systemctl mask --now caddy.service caddy-api.service prometheus.service >/dev/null 2>&1 || true
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
