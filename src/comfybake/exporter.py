@@ -47,9 +47,8 @@ STATE_FORMAT = 1
 # Seconds a prompt ran (execution_start to its end): from a quick image to a long video.
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 PROMETHEUS_CLIENT = "prometheus_client==0.26.0"
-# nvidia-ml-py (module `pynvml`, pure Python), loaded only with --nvml auto.
+# nvidia-ml-py (module pynvml), imported only where NVML is asked for; the zipapp carries both pins.
 NVML_VERSION = "13.615.71"
-NVML_MODES = ("off", "auto")
 
 
 class ExporterError(Exception):
@@ -323,6 +322,7 @@ def read_store(config_root: str) -> tuple[tuple[str, list[tuple[str, str, float]
 
 # --------------------------------------------------------------------------- GPUs (NVML)
 
+NVML_MODES = ("off", "auto")  # --nvml: `off` never imports pynvml
 GPU_LABELS = ["gpu", "uuid", "name"]
 
 
