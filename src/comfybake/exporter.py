@@ -457,6 +457,9 @@ class Collector:
         self.store = Background("store", read_store)
         self.restarts = Background("systemd", read_restarts)
         self.gpus = Background("nvml", Nvml().read) if nvml == "auto" else None
+        # What the store's walk imports, imported now: a first scrape's deadline is the walk's own.
+        importlib.import_module("comfybake.models")
+        importlib.import_module("comfybake.engine.fetch")
 
     def collect(self) -> Iterator[Metric]:
         with self.lock:

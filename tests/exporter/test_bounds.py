@@ -110,19 +110,24 @@ def test_a_hung_store_walk_serves_the_last_completed_walk(
 ) -> None:
     server, port = serve
     labels = {"store": str(store)}
-    first = get(server, port)
-    assert value(first, "comfybake_model_store_used_bytes", **labels) == 4096
+    late = 0.0  # scrapes whose walk was late (a first walk on a busy machine may be)
+    while True:  # until a scrape's own walk was in time: then no walk runs between scrapes
+        first = get(server, port)
+        counted = value(first, "comfybake_exporter_errors_total", instance="", what="store") or 0.0
+        if counted == late and value(first, "comfybake_model_store_used_bytes", **labels) == 4096:
+            break
+        assert counted < 5, first
+        late = counted
     assert value(first, "comfybake_model_store_scan_age_seconds", **labels) is not None
-    assert value(first, "comfybake_exporter_errors_total", instance="", what="store") is None
 
     pipe = hang(store)
     (store / "loras" / "b.safetensors").write_bytes(b"\0" * 8192)
     second = get(server, port)  # answers although its walk hangs: the last completed walk's values
     assert value(second, "comfybake_model_store_used_bytes", **labels) == 4096
-    assert value(second, "comfybake_exporter_errors_total", instance="", what="store") == 1
+    assert value(second, "comfybake_exporter_errors_total", instance="", what="store") == late + 1
     third = get(server, port)
     assert value(third, "comfybake_model_store_used_bytes", **labels) == 4096
-    assert value(third, "comfybake_exporter_errors_total", instance="", what="store") == 2
+    assert value(third, "comfybake_exporter_errors_total", instance="", what="store") == late + 2
     ages = [value(found, "comfybake_model_store_scan_age_seconds", **labels) for found in (second, third)]
     assert ages[0] is not None and ages[1] is not None and ages[1] > ages[0]
     assert blocked_walks(server.pid) == 1, "a late walk is waited for, not started again"
