@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -236,11 +237,14 @@ class Background:
     busy, NVML on a wedged GPU), run off the scrape's thread and never twice at once. A scrape
     starts it unless the previous one is still running, waits for it until the scrape's deadline,
     and reports the last completed run: this one when it was in time, else the one before (`late`
-    is then true). A late read keeps running, and its result serves the next scrape."""
+    is then true). A late read keeps running, and its result serves the next scrape. A read that
+    fails in a way it does not handle itself finds `empty` and the error `failed`."""
 
-    def __init__(self, name: str, read: Callable[..., tuple[Any, list[str]]]) -> None:
+    def __init__(self, name: str, read: Callable[..., tuple[Any, list[str]]], empty: Any, failed: str) -> None:
         self.name = name
         self.read = read
+        self.empty = empty
+        self.failed = failed
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.latest: Run | None = None
@@ -262,7 +266,11 @@ class Background:
         return self.latest, thread is not None and thread.is_alive()
 
     def _run(self, *args: Any) -> None:
-        value, errors = self.read(*args)
+        try:
+            value, errors = self.read(*args)
+        except Exception:  # noqa: BLE001 - a collector that stops reading is worse: counted, shown on stderr
+            traceback.print_exc()
+            value, errors = self.empty, [self.failed]
         self.latest = Run(value, errors)
 
 
@@ -454,9 +462,9 @@ class Collector:
         self.state = State(state_path)
         self.timeout = timeout
         self.lock = threading.Lock()  # one scrape at a time within this process
-        self.store = Background("store", read_store)
-        self.restarts = Background("systemd", read_restarts)
-        self.gpus = Background("nvml", Nvml().read) if nvml == "auto" else None
+        self.store = Background("store", read_store, None, "model_store")
+        self.restarts = Background("systemd", read_restarts, {}, "systemd")
+        self.gpus = Background("nvml", Nvml().read, [], "nvml") if nvml == "auto" else None
         # What the store's walk imports, imported now: a first scrape's deadline is the walk's own.
         importlib.import_module("comfybake.models")
         importlib.import_module("comfybake.engine.fetch")
