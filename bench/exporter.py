@@ -9,9 +9,10 @@ GPUs each), and a real `comfybake exporter serve` process reads them. Measured p
   the other) reading /system_stats, /queue and /history of every instance; the same statistics,
   its CPU from this process's own clock.
 
-The exporter does more per instance than the baseline (the readiness probe asks /object_info
-and /models too, the prompt counters are read and saved under a lock); the ratio is what that
-and the exporter's parallel asks cost or save.
+The exporter does more per instance than the baseline (the readiness probe asks /system_stats
+once more, and /object_info and /models where an instance requires nodes or models; the prompt
+counters are read and saved under a lock); the ratio is what that and the exporter's parallel
+asks cost or save.
 
     .venv/bin/python bench/exporter.py                  # 1, 4 and 16 instances, 50 scrapes each
     .venv/bin/python bench/exporter.py --counts 4 --scrapes 10
