@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import importlib
 import json
 import os
 import shutil
@@ -26,8 +27,9 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,8 @@ STATE_FORMAT = 1
 # Seconds a prompt ran (execution_start to its end): from a quick image to a long video.
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 PROMETHEUS_CLIENT = "prometheus_client==0.26.0"
+# nvidia-ml-py (module pynvml), imported only where NVML is asked for; the zipapp carries both pins.
+NVML_VERSION = "13.615.71"
 
 
 class ExporterError(Exception):
@@ -173,14 +177,10 @@ def observe(histogram: dict[str, Any], seconds: float) -> None:
 # --------------------------------------------------------------------------- instances
 
 
-def ask_instance(record: dict[str, Any], timeout: float, use_systemd: bool) -> dict[str, Any]:
+def ask_instance(record: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One instance's answers (run in its own thread; the caller stops waiting at the deadline)."""
     instance = runtime.Instance(record)
     found: dict[str, Any] = {"errors": []}
-    if use_systemd and record.get("unit"):
-        restarts = runtime.unit_state(instance.unit).get("NRestarts", "")
-        if restarts.isdigit():
-            found["restarts"] = int(restarts)
     try:
         found["stats"] = runtime.get_json(instance.url("/system_stats"), timeout=timeout)
     except (OSError, ValueError, urllib.error.URLError):
@@ -195,19 +195,18 @@ def ask_instance(record: dict[str, Any], timeout: float, use_systemd: bool) -> d
     return found
 
 
-def ask_all(records: list[dict[str, Any]], timeout: float, use_systemd: bool) -> list[dict[str, Any] | None]:
+def ask_all(records: list[dict[str, Any]], timeout: float, deadline: float) -> list[dict[str, Any] | None]:
     """Every instance at once (daemon threads: a hung one never holds the exporter); None for one
-    that did not answer within `timeout` seconds."""
+    that did not answer by `deadline` (time.monotonic)."""
     results: list[dict[str, Any] | None] = [None] * len(records)
 
     def run(index: int, record: dict[str, Any]) -> None:
-        results[index] = ask_instance(record, timeout, use_systemd)
+        results[index] = ask_instance(record, timeout)
 
     threads = [
         threading.Thread(target=run, args=(index, record), daemon=True, name=f"exporter-{record['name']}")
         for index, record in enumerate(records)
     ]
-    deadline = time.monotonic() + timeout
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -217,6 +216,213 @@ def ask_all(records: list[dict[str, Any]], timeout: float, use_systemd: bool) ->
 
 def systemd_running() -> bool:
     return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+
+
+# --------------------------------------------------------------------------- reads that may hang
+
+
+class Run:
+    """What one completed background read found: `value`, the errors it met (counted once, by the
+    first scrape that reports the run) and when it finished (time.monotonic)."""
+
+    def __init__(self, value: Any, errors: list[str]) -> None:
+        self.value = value
+        self.errors = errors
+        self.finished = time.monotonic()
+        self.reported = False
+
+
+class Background:
+    """A read that may hang (the store's walk on a stuck disk, `systemctl show` while systemd is
+    busy, NVML on a wedged GPU), run off the scrape's thread and never twice at once. A scrape
+    starts it unless the previous one is still running, waits for it until the scrape's deadline,
+    and reports the last completed run: this one when it was in time, else the one before (`late`
+    is then true). A late read keeps running, and its result serves the next scrape. A read that
+    fails in a way it does not handle itself finds `empty` and the error `failed`."""
+
+    def __init__(self, name: str, read: Callable[..., tuple[Any, list[str]]], empty: Any, failed: str) -> None:
+        self.name = name
+        self.read = read
+        self.empty = empty
+        self.failed = failed
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.latest: Run | None = None
+
+    def start(self, *args: Any) -> None:
+        """Start the read with `args`, unless the previous one is still running."""
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, args=args, daemon=True, name=f"exporter-{self.name}")
+                self.thread.start()
+
+    def result(self, deadline: float) -> tuple[Run | None, bool]:
+        """Wait for the running read until `deadline` (time.monotonic); the last completed run, and
+        whether this one is late."""
+        with self.lock:
+            thread = self.thread
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return self.latest, thread is not None and thread.is_alive()
+
+    def _run(self, *args: Any) -> None:
+        try:
+            value, errors = self.read(*args)
+        except Exception:  # noqa: BLE001 - a collector that stops reading is worse: counted, shown on stderr
+            traceback.print_exc()
+            value, errors = self.empty, [self.failed]
+        self.latest = Run(value, errors)
+
+
+def read_restarts(units: list[str]) -> tuple[dict[str, int], list[str]]:
+    """systemd's NRestarts of every unit, from one `systemctl show` (a block per unit, in order)."""
+    if not units:
+        return {}, []
+    done = runtime.systemctl("show", *units, "--property=NRestarts")
+    blocks = done.stdout.split("\n\n")
+    if done.returncode != 0 or len(blocks) < len(units):
+        return {}, ["systemd"]
+    found: dict[str, int] = {}
+    for unit, block in zip(units, blocks, strict=False):
+        restarts = block.strip().partition("=")[2]
+        if restarts.isdigit():
+            found[unit] = int(restarts)
+    return found, []
+
+
+def read_store(config_root: str) -> tuple[tuple[str, list[tuple[str, str, float]]] | None, list[str]]:
+    """The store and its (metric, help, value) from the models file, one walk and the last-run
+    record; None without a models file."""
+    from comfybake.engine import fetch as engine
+
+    try:
+        found = model_store(config_root)
+    except (engine.FetchError, OSError):
+        return None, ["model_store"]
+    if found is None:
+        return None, []
+    store, used, free, budget = found
+    metrics = [
+        ("model_store_used_bytes", "Bytes the model store's files take", used),
+        ("model_store_free_bytes", "Bytes free on the model store's file system", free),
+        ("model_store_budget_bytes", "The model store's budget (models files' `budget`)", budget),
+    ]
+    record = read_json(Path(store) / ".comfybake" / "last-run.json") or {}
+    prefix = "models_fetch_last_"
+    metrics += [
+        (f"{prefix}run_timestamp_seconds", "When the last fetch finished", record.get("finished")),
+        (
+            f"{prefix}success_timestamp_seconds",
+            "When the last fetch without a failure finished",
+            record.get("last_success"),
+        ),
+        (f"{prefix}duration_seconds", "Seconds the last fetch took", record.get("duration")),
+        (f"{prefix}bytes", "Bytes the last fetch transferred", record.get("bytes")),
+        (f"{prefix}failures", "Entries the last fetch failed", record.get("failed")),
+    ]
+    values = [
+        (name, text, float(value))
+        for name, text, value in metrics
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    return (store, values), []
+
+
+# --------------------------------------------------------------------------- GPUs (NVML)
+
+NVML_MODES = ("off", "auto")  # --nvml: `off` never imports pynvml
+GPU_LABELS = ["gpu", "uuid", "name"]
+
+
+class Nvml:
+    """NVML through nvidia-ml-py (`pynvml`), imported on the first read only (never with
+    `--nvml off`). nvmlInit succeeds once per process; until it has (no library, no driver, no
+    GPU yet) each read tries again and reports the `nvml` error."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+    def read(self) -> tuple[list[dict[str, Any]], list[str]]:
+        try:  # only here: with --nvml off this module is never imported
+            pynvml: Any = importlib.import_module("pynvml")
+        except ImportError:
+            return [], ["nvml"]
+        try:
+            if not self.ready:
+                pynvml.nvmlInit()
+                self.ready = True
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError:
+            return [], ["nvml"]
+        devices, errors = [], []
+        for index in range(count):
+            try:
+                device = self.device(pynvml, index)
+            except pynvml.NVMLError:
+                errors = ["nvml"]
+                continue
+            devices.append(device)
+        return devices, errors
+
+    @staticmethod
+    def device(pynvml: Any, index: int) -> dict[str, Any]:
+        """One device's labels and values; what the device does not support (ECC on most
+        consumer GPUs, power on some) is left out."""
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(handle)
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+        found: dict[str, Any] = {
+            "labels": [str(index), uuid.decode() if isinstance(uuid, bytes) else str(uuid),
+                       name.decode() if isinstance(name, bytes) else str(name)],
+        }  # fmt: skip
+        reads: dict[str, Callable[[], Any]] = {
+            "utilization": lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100,
+            "memory": lambda: pynvml.nvmlDeviceGetMemoryInfo(handle),
+            "temperature": lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+            "power": lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+            "ecc": lambda: pynvml.nvmlDeviceGetTotalEccErrors(
+                handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_AGGREGATE_ECC
+            ),
+        }
+        for key, read in reads.items():
+            try:
+                found[key] = read()
+            except pynvml.NVMLError_NotSupported:
+                continue
+        return found
+
+
+def gpu_families(devices: list[dict[str, Any]]) -> list[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    utilization = GaugeMetricFamily(
+        "comfybake_gpu_utilization_ratio", "Share of the last sample period a kernel ran (NVML)", labels=GPU_LABELS
+    )
+    used = GaugeMetricFamily("comfybake_gpu_memory_used_bytes", "Device memory in use (NVML)", labels=GPU_LABELS)
+    total = GaugeMetricFamily("comfybake_gpu_memory_total_bytes", "Device memory (NVML)", labels=GPU_LABELS)
+    temperature = GaugeMetricFamily(
+        "comfybake_gpu_temperature_celsius", "The GPU's core temperature (NVML)", labels=GPU_LABELS
+    )
+    power = GaugeMetricFamily("comfybake_gpu_power_watts", "The device's power draw (NVML)", labels=GPU_LABELS)
+    ecc = CounterMetricFamily(
+        "comfybake_gpu_ecc_uncorrected_errors",
+        "Uncorrected ECC errors over the device's life (NVML aggregate counter)",
+        labels=GPU_LABELS,
+    )
+    for device in devices:
+        labels = device["labels"]
+        if "utilization" in device:
+            utilization.add_metric(labels, float(device["utilization"]))
+        if "memory" in device:
+            used.add_metric(labels, float(device["memory"].used))
+            total.add_metric(labels, float(device["memory"].total))
+        if "temperature" in device:
+            temperature.add_metric(labels, float(device["temperature"]))
+        if "power" in device:
+            power.add_metric(labels, float(device["power"]))
+        if "ecc" in device:
+            ecc.add_metric(labels, float(device["ecc"]))
+    return [family for family in (utilization, used, total, temperature, power, ecc) if family.samples]
 
 
 # --------------------------------------------------------------------------- host files
@@ -248,13 +454,20 @@ def model_store(config_root: str) -> tuple[str, int, int, int | None] | None:
 
 
 class Collector:
-    """Reads everything per scrape (prometheus_client calls `collect` for each)."""
+    """Reads everything per scrape (prometheus_client calls `collect` for each), within `timeout`
+    seconds: the instances, the store's walk, systemd and NVML all share the scrape's deadline."""
 
-    def __init__(self, config_root: str, state_path: Path, timeout: float) -> None:
+    def __init__(self, config_root: str, state_path: Path, timeout: float, nvml: str = "off") -> None:
         self.config_root = config_root
         self.state = State(state_path)
         self.timeout = timeout
         self.lock = threading.Lock()  # one scrape at a time within this process
+        self.store = Background("store", read_store, None, "model_store")
+        self.restarts = Background("systemd", read_restarts, {}, "systemd")
+        self.gpus = Background("nvml", Nvml().read, [], "nvml") if nvml == "auto" else None
+        # What the store's walk imports, imported now: a first scrape's deadline is the walk's own.
+        importlib.import_module("comfybake.models")
+        importlib.import_module("comfybake.engine.fetch")
 
     def collect(self) -> Iterator[Metric]:
         with self.lock:
@@ -301,7 +514,22 @@ class Collector:
             host, unreadable = {"instances": []}, True
         records: list[dict[str, Any]] = [r for r in host.get("instances") or [] if isinstance(r, dict) and "name" in r]
         use_systemd = not supervised(host) and systemd_running()
-        answers = ask_all(records, self.timeout, use_systemd)
+        deadline = started + self.timeout
+        # The slow reads start first and run while the instances are asked; each is waited for
+        # until the same deadline (a late one reports its previous run, see Background).
+        units = [runtime.Instance(r).unit for r in records if r.get("unit")] if use_systemd else []
+        self.store.start(self.config_root)
+        if units:
+            self.restarts.start(units)
+        if self.gpus is not None:
+            self.gpus.start()
+        answers = ask_all(records, self.timeout, deadline)
+        slow = {"store": self.store.result(deadline)}
+        if units:
+            slow["systemd"] = self.restarts.result(deadline)
+        if self.gpus is not None:
+            slow["nvml"] = self.gpus.result(deadline)
+        restart_counts = slow["systemd"][0].value if "systemd" in slow and slow["systemd"][0] else {}
 
         with self.state.locked():
             try:
@@ -346,12 +574,22 @@ class Collector:
                     device_values = [*values, str(device.get("name", ""))]
                     vram_total.add_metric(device_values, float(device.get("vram_total") or 0))
                     vram_free.add_metric(device_values, float(device.get("vram_free") or 0))
-                if "restarts" in answer:
-                    restarts.add_metric(values, answer["restarts"])
+                unit = runtime.Instance(record).unit if record.get("unit") else ""
+                if unit in restart_counts:
+                    restarts.add_metric(values, restart_counts[unit])
             if restarts.samples:
                 families.append(restarts)
             families += self._environments(host, records)
-            families += self._models()
+            for what, (run, late) in slow.items():
+                if late:
+                    self.state.error("", what)
+                if run is not None and not run.reported:
+                    run.reported = True
+                    for error in run.errors:
+                        self.state.error("", error)
+            families += self._models(slow["store"][0])
+            if "nvml" in slow and slow["nvml"][0] is not None:
+                families += gpu_families(slow["nvml"][0].value)
             try:
                 if loaded:
                     self.state.save()
@@ -412,43 +650,26 @@ class Collector:
                     build_success.add_metric([name], 1 if build["success"] else 0)
         return [family for family in (info, nodes, build_time, build_duration, build_success) if family.samples]
 
-    def _models(self) -> list[Metric]:
+    @staticmethod
+    def _models(run: Run | None) -> list[Metric]:
+        """The last completed walk's values (this scrape's when it was in time), with its age."""
         from prometheus_client.core import GaugeMetricFamily
 
-        from comfybake.engine import fetch as engine
-
-        try:
-            found = model_store(self.config_root)
-        except (engine.FetchError, OSError):
-            self.state.error("", "model_store")
+        if run is None or run.value is None:
             return []
-        if found is None:
-            return []
-        store, used, free, budget = found
-        metrics = [
-            ("model_store_used_bytes", "Bytes the model store's files take", used),
-            ("model_store_free_bytes", "Bytes free on the model store's file system", free),
-            ("model_store_budget_bytes", "The model store's budget (models files' `budget`)", budget),
-        ]
-        record = read_json(Path(store) / ".comfybake" / "last-run.json") or {}
-        prefix = "models_fetch_last_"
-        metrics += [
-            (f"{prefix}run_timestamp_seconds", "When the last fetch finished", record.get("finished")),
-            (
-                f"{prefix}success_timestamp_seconds",
-                "When the last fetch without a failure finished",
-                record.get("last_success"),
-            ),
-            (f"{prefix}duration_seconds", "Seconds the last fetch took", record.get("duration")),
-            (f"{prefix}bytes", "Bytes the last fetch transferred", record.get("bytes")),
-            (f"{prefix}failures", "Entries the last fetch failed", record.get("failed")),
-        ]
+        store, values = run.value
         families: list[Metric] = []
-        for name, text, value in metrics:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                family = GaugeMetricFamily(f"comfybake_{name}", text, labels=["store"])
-                family.add_metric([store], float(value))
-                families.append(family)
+        for name, text, value in values:
+            family = GaugeMetricFamily(f"comfybake_{name}", text, labels=["store"])
+            family.add_metric([store], value)
+            families.append(family)
+        age = GaugeMetricFamily(
+            "comfybake_model_store_scan_age_seconds",
+            "Seconds since the walk that gave the store's values finished",
+            labels=["store"],
+        )
+        age.add_metric([store], time.monotonic() - run.finished)
+        families.append(age)
         return families
 
 
@@ -466,7 +687,7 @@ def registry(args: argparse.Namespace) -> CollectorRegistry:
         raise ExporterError(f"--timeout {args.timeout:g} must be more than 0 seconds")
     state = Path(args.state) if args.state else default_state(args.config_root)
     found = CollectorRegistry(auto_describe=False)
-    found.register(Collector(args.config_root, state, args.timeout))
+    found.register(Collector(args.config_root, state, args.timeout, args.nvml))
     return found
 
 
@@ -535,6 +756,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
             type=float,
             default=DEFAULT_TIMEOUT,
             help=f"seconds to wait for the instances, all at once (default {DEFAULT_TIMEOUT:g})",
+        )
+        sub.add_argument(
+            "--nvml",
+            choices=NVML_MODES,
+            default="off",
+            help="auto: GPU metrics from NVML (nvidia-ml-py) where a GPU and its driver exist; "
+            "off (default): NVML is never loaded",
         )
         sub.add_argument(
             "--state",
