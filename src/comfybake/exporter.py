@@ -45,6 +45,8 @@ STATE_FORMAT = 1
 # Seconds a prompt ran (execution_start to its end): from a quick image to a long video.
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 PROMETHEUS_CLIENT = "prometheus_client==0.26.0"
+# nvidia-ml-py (module pynvml), imported only where NVML is asked for; the zipapp carries both pins.
+NVML_VERSION = "13.615.71"
 
 
 class ExporterError(Exception):
