@@ -7,11 +7,12 @@ collection built after this step carries it. The archive is reproducible: entrie
 and dated 1980-01-01, so the same sources give the same bytes, and a host that has it
 already reports no change. Standard library only; `scripts/bootstrap.sh` runs it.
 
-It also carries picklescan (the pinned wheel, pure Python, with its licence), which scans the
-pickle-based model files a manifest allows, on hosts where no one installs it: the command
-uses it, and the module runs `comfybake models scan` when it cannot import it. The wheel is
-downloaded once by pip into build/wheels (or given with --picklescan-wheel) and its SHA-256
-is checked against PICKLESCAN_SHA256 before a byte of it goes in.
+It also carries pinned pure-Python wheels (BUNDLED: their modules, metadata and licences) that
+hosts then need not install: picklescan, which scans the pickle-based model files a manifest
+allows (the command uses it, and the module runs `comfybake models scan` when it cannot import
+it), and the exporter's prometheus_client and nvidia-ml-py (`comfybake exporter`). Each wheel is
+downloaded once by pip into build/wheels (or given with --wheel FILE) and its SHA-256 is checked
+against the published one before a byte of it goes in.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,20 +40,45 @@ MAIN = b"import sys\n\nfrom comfybake.cli import main\n\nsys.exit(main())\n"
 EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def pinned_picklescan() -> str:
-    """PICKLESCAN_VERSION from the engine's pickles.py, the one place the pin is written."""
-    tree = ast.parse((ENGINES / "fetch" / "pickles.py").read_text())
+EXPORTER = PACKAGE / "exporter.py"
+
+
+def pinned(source: Path, constant: str) -> str:
+    """A module-level string constant of a source file, the one place that pin is written."""
+    tree = ast.parse(source.read_text())
     for node in tree.body:
-        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["PICKLESCAN_VERSION"]:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [constant]:
             return str(ast.literal_eval(node.value))
-    sys.exit(f"build-cli: no PICKLESCAN_VERSION in {ENGINES / 'fetch' / 'pickles.py'}")
+    sys.exit(f"build-cli: no {constant} in {source}")
 
 
-PICKLESCAN_VERSION = pinned_picklescan()
+@dataclass(frozen=True)
+class Wheel:
+    """A pinned pure-Python wheel the archive carries: which top-level modules of it, and its published hash."""
+
+    requirement: str  # project==version, as pip takes it
+    sha256: str  # the published wheel's: change it together with the pin
+    modules: tuple[str, ...]  # top-level packages or modules to bundle (not the wheel's examples or tests)
+
+    @property
+    def filename(self) -> str:
+        project, _equals, version = self.requirement.partition("==")
+        return f"{project.replace('-', '_').lower()}-{version}-py3-none-any.whl"
+
+
+PICKLESCAN_VERSION = pinned(ENGINES / "fetch" / "pickles.py", "PICKLESCAN_VERSION")
 PICKLESCAN = f"picklescan=={PICKLESCAN_VERSION}"
-PICKLESCAN_WHEEL = f"picklescan-{PICKLESCAN_VERSION}-py3-none-any.whl"
-# The published wheel's hash: change it together with PICKLESCAN_VERSION.
-PICKLESCAN_SHA256 = "2abb3d4959a7ee9ccb1e1296db7c56f624bf6d345b93a0a9cf4185bc650dc2fd"
+# The exporter's (`comfybake exporter`): prometheus_client always, nvidia-ml-py (pynvml) only where
+# a GPU's NVML is asked for; both imported only by that command.
+PROMETHEUS_CLIENT = pinned(EXPORTER, "PROMETHEUS_CLIENT")
+NVML = f"nvidia-ml-py=={pinned(EXPORTER, 'NVML_VERSION')}"
+BUNDLED = (
+    Wheel(PICKLESCAN, "2abb3d4959a7ee9ccb1e1296db7c56f624bf6d345b93a0a9cf4185bc650dc2fd", ("picklescan",)),
+    Wheel(
+        PROMETHEUS_CLIENT, "fa93d06737aa02bacd05794768508bb97d2fbee28cb3bca04eaae92f0ca953d6", ("prometheus_client",)
+    ),
+    Wheel(NVML, "959bf4adf6fe1308e4bd739e722236b0d1ec8392e2cefad33ff70c311380b9b6", ("pynvml",)),
+)
 WHEELS = ROOT / "build" / "wheels"
 
 
@@ -70,45 +97,63 @@ def sources() -> list[tuple[str, bytes]]:
     return sorted(found)
 
 
-def picklescan_wheel(given: Path | None) -> Path:
-    """The pinned picklescan wheel: the one given, else build/wheels', else pip downloads it there."""
-    wheel = given or WHEELS / PICKLESCAN_WHEEL
-    if given is None and not wheel.exists():
+def given_wheels(given: list[Path]) -> dict[str, Path]:
+    """The wheels given on the command line, by the name of the pinned wheel each one is."""
+    expected = {wheel.filename for wheel in BUNDLED}
+    found: dict[str, Path] = {}
+    for path in given:
+        if path.name not in expected:
+            names = ", ".join(sorted(expected))
+            sys.exit(f"build-cli: {path} is not one of the pinned wheels ({names}); give those files")
+        found[path.name] = path
+    return found
+
+
+def fetched(wheel: Wheel, given: Path | None) -> Path:
+    """The pinned wheel: the one given, else build/wheels', else pip downloads it there; its SHA-256 checked."""
+    path = given or WHEELS / wheel.filename
+    if given is None and not path.exists():
         WHEELS.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=WHEELS) as folder:  # then renamed: parallel builds see a whole file
             download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
-            done = subprocess.run([*download, "--dest", folder, PICKLESCAN], check=False)
-            if done.returncode != 0 or not (Path(folder) / PICKLESCAN_WHEEL).exists():
-                sys.exit(f"build-cli: pip could not download {PICKLESCAN}; give the wheel with --picklescan-wheel FILE")
-            os.replace(Path(folder) / PICKLESCAN_WHEEL, wheel)
+            done = subprocess.run([*download, "--dest", folder, wheel.requirement], check=False)
+            if done.returncode != 0 or not (Path(folder) / wheel.filename).exists():
+                sys.exit(f"build-cli: pip could not download {wheel.requirement}; give the wheel with --wheel FILE")
+            os.replace(Path(folder) / wheel.filename, path)
     try:
-        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as error:
-        sys.exit(f"build-cli: cannot read {wheel}: {error.strerror}")
-    if digest != PICKLESCAN_SHA256:
+        sys.exit(f"build-cli: cannot read {path}: {error.strerror}")
+    if digest != wheel.sha256:
         fix = "give the published wheel" if given else "remove it and build again"
-        sys.exit(f"build-cli: {wheel} has sha256 {digest}, not {PICKLESCAN_SHA256} ({PICKLESCAN}); {fix}")
-    return wheel
+        sys.exit(f"build-cli: {path} has sha256 {digest}, not {wheel.sha256} ({wheel.requirement}); {fix}")
+    return path
 
 
-def vendored(wheel: Path) -> list[tuple[str, bytes]]:
-    """picklescan's modules, its metadata (the version the engine checks) and licence, as the wheel holds them."""
-    with zipfile.ZipFile(wheel) as archive:
+def vendored(wheel: Wheel, path: Path) -> list[tuple[str, bytes]]:
+    """The wheel's modules, its metadata (the version a caller may check) and licence, as the wheel holds them."""
+    with zipfile.ZipFile(path) as archive:
         return [
             (name, archive.read(name))
             for name in archive.namelist()
-            if (name.startswith("picklescan/") and name.endswith(".py"))
-            or "/licenses/" in name
+            if (name.endswith(".py") and (name.split("/")[0] in wheel.modules or name[: -len(".py")] in wheel.modules))
+            or ".dist-info/licenses/" in name
             or name.endswith(".dist-info/METADATA")
         ]
 
 
-def build(output: Path, wheel: Path) -> bool:
+def bundled(given: list[Path]) -> list[tuple[str, bytes]]:
+    """Every pinned wheel's entries for the archive."""
+    paths = given_wheels(given)
+    return [entry for wheel in BUNDLED for entry in vendored(wheel, fetched(wheel, paths.get(wheel.filename)))]
+
+
+def build(output: Path, wheels: list[tuple[str, bytes]]) -> bool:
     """Write the archive if its bytes differ from what is there; return whether it changed."""
     buffer = io.BytesIO()
     buffer.write(f"#!{INTERPRETER}\n".encode())
     with zipfile.ZipFile(buffer, "a", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, content in [("__main__.py", MAIN), *sources(), *sorted(vendored(wheel))]:
+        for name, content in [("__main__.py", MAIN), *sources(), *sorted(wheels)]:
             entry = zipfile.ZipInfo(name, date_time=EPOCH)
             entry.external_attr = (stat.S_IFREG | 0o644) << 16
             entry.compress_type = zipfile.ZIP_DEFLATED
@@ -127,13 +172,19 @@ def build(output: Path, wheel: Path) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"where to write it (default: {OUTPUT})")
+    names = ", ".join(wheel.filename for wheel in BUNDLED)
     parser.add_argument(
-        "--picklescan-wheel",
+        "--wheel",
+        dest="wheels",
         type=Path,
-        help=f"{PICKLESCAN_WHEEL} to bundle, for builds without an index (default: pip downloads it)",
+        action="append",
+        default=[],
+        help=f"a pinned wheel to bundle, for builds without an index (repeat it; one of {names}; "
+        "default: build/wheels, or pip downloads it there)",
     )
+    parser.add_argument("--picklescan-wheel", dest="wheels", type=Path, action="append", help="the same as --wheel")
     args = parser.parse_args()
-    changed = build(args.output, picklescan_wheel(args.picklescan_wheel))
+    changed = build(args.output, bundled(args.wheels))
     print(f"build-cli: {args.output} {'written' if changed else 'is up to date'}")
     return 0
 

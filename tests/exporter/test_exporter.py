@@ -233,3 +233,47 @@ def test_the_prometheus_client_pin_is_one_version() -> None:
     assert f'"{exporter_module.PROMETHEUS_CLIENT}"' in (root / "pyproject.toml").read_text()
     assert exporter_module.PROMETHEUS_CLIENT in (root / "requirements" / "constraints.txt").read_text().splitlines()
     assert f"prometheus_client=={metadata.version('prometheus_client')}" == exporter_module.PROMETHEUS_CLIENT
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # the host's interpreter, the zipapp's shebang
+
+
+def test_the_zipapp_carries_its_pinned_client_for_a_python_without_it(tmp_path: Path) -> None:
+    """Issue 18 item 1: hosts run `comfybake exporter` from the zipapp with the system python3, which has
+    no prometheus_client; build-cli.py bundles the pinned one (and nvidia-ml-py's pynvml), hash-checked."""
+    root = Path(__file__).resolve().parents[2]
+    probe = subprocess.run([SYSTEM_PYTHON, "-I", "-c", "import prometheus_client"], capture_output=True, check=False)
+    assert probe.returncode != 0, f"{SYSTEM_PYTHON} has prometheus_client: this test needs one without it"
+    pyz = tmp_path / "comfybake.pyz"
+    subprocess.run([sys.executable, "scripts/build-cli.py", "--output", str(pyz)], cwd=root, check=True)
+    config = write_host(tmp_path / "etc", [{"name": "a", "environment": "comm", "port": free_port()}])
+    argv = [SYSTEM_PYTHON, "-I", str(pyz), "exporter", "scrape", "--config-root", str(config)]
+    argv += ["--state", str(tmp_path / "exporter.json")]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert value(samples(done.stdout), "comfybake_instance_up", instance="a", environment="comm") == 0
+    where = f"import sys; sys.path.insert(0, {str(pyz)!r}); import pynvml; print(pynvml.__file__)"
+    nvml = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", where],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert nvml.stdout.strip() == f"{pyz}/pynvml.py", nvml.stderr
+
+
+def test_build_cli_refuses_a_wheel_it_does_not_pin(tmp_path: Path) -> None:
+    """--wheel takes the pinned wheels only (by name, then by SHA-256), naming the ones it expects."""
+    root = Path(__file__).resolve().parents[2]
+    build = [sys.executable, "scripts/build-cli.py", "--output", str(tmp_path / "comfybake.pyz")]
+    other = tmp_path / "prometheus_client-0.25.0-py3-none-any.whl"
+    other.write_bytes(b"not the pinned wheel")
+    done = subprocess.run([*build, "--wheel", str(other)], cwd=root, capture_output=True, text=True, check=False)
+    assert done.returncode != 0
+    assert f"{other} is not one of the pinned wheels (" in done.stderr
+    assert "prometheus_client-0.26.0-py3-none-any.whl" in done.stderr
+    forged = tmp_path / f"nvidia_ml_py-{exporter_module.NVML_VERSION}-py3-none-any.whl"
+    forged.write_bytes(b"not the published wheel")
+    done = subprocess.run([*build, "--wheel", str(forged)], cwd=root, capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and f"{forged} has sha256 " in done.stderr and "give the published wheel" in done.stderr
+    assert not (tmp_path / "comfybake.pyz").exists()

@@ -49,6 +49,7 @@ def bake(origin: Origin, policy: str, version: str) -> Bake:
 CAPABILITIES = ("CHOWN", "SETUID", "SETGID", "KILL")
 STORE = "/srv/comfybake/models"
 SUPERVISORD_CONF = "/etc/comfybake/supervisord.conf"
+CLI = "/usr/local/bin/comfybake"
 # Every process of the container: its argv, real uid, and whether its environment holds argv[1]
 # (null where this reader may not read it: another account's, without CAP_SYS_PTRACE).
 PROCESSES = """
@@ -382,6 +383,26 @@ def test_the_image_serves_only_through_the_gateway(running: Running) -> None:
     logs = docker("logs", name)
     assert running.canary not in logs.stdout + logs.stderr and running.key not in logs.stdout + logs.stderr
     assert '"status":401' in logs.stdout + logs.stderr.replace(" ", "")
+
+
+# The exporter's /metrics on the container's loopback.
+METRICS = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9721/metrics', timeout=15).read().decode())"
+
+
+def test_the_exporter_answers_metrics_in_the_container_as_its_own_account(running: Running) -> None:
+    """Issue 18 item 1: supervisord's program comfybake-exporter serves /metrics on the container's
+    loopback, as its own account without the tokens, from the zipapp's own prometheus_client."""
+    name = running.name
+    metrics = docker("exec", name, "python3", "-c", METRICS).stdout
+    for instance in ("a", "b"):  # of environment comm
+        assert f'comfybake_instance_up{{environment="comm",instance="{instance}"}} 1.0' in metrics, metrics
+    assert running.canary not in metrics and running.key not in metrics
+    exporter = [row for row in processes(name, running.canary) if row["argv"][2:5] == [CLI, "exporter", "serve"]]
+    assert len(exporter) == 1, exporter
+    uid = exporter[0]["uid"]
+    assert docker("exec", name, "id", "-un", str(uid)).stdout.strip() == "comfybake-exporter"
+    (own,) = [row for row in processes(name, running.canary, uid) if row["pid"] == exporter[0]["pid"]]
+    assert own["canary"] is False
 
 
 def test_the_image_runs_unprivileged_and_every_instance_is_ready(running: Running) -> None:
