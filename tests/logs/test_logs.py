@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,11 +205,22 @@ def test_the_exporter_logs_start_stop_and_errors(tmp_path: Path) -> None:
     assert error["level"] == "error" and error["listen"] == f"127.0.0.1:{port}", error
 
 
-def test_the_models_unit_passes_the_log_format_and_instances_keep_their_journal_identity() -> None:
-    """The boot-time fetch reads COMFYBAKE_LOG_FORMAT from its unit; ComfyUI's own output stays in
-    the journal under the instance's identity (comfyui-<name>), whatever the format."""
-    models = (ROOT / "roles/comfyui_models/templates/comfybake-models.service.j2").read_text()
-    assert "Environment=COMFYBAKE_LOG_FORMAT={{ comfyui_log_format }}\n" in models
+def test_the_roles_run_comfybake_in_the_log_format_and_instances_keep_their_journal_identity() -> None:
+    """Every unit, program and entrypoint line of the roles that runs comfybake passes
+    comfyui_log_format (through _comfyui_cli_logged, or the argument itself); ComfyUI's own output
+    stays in the journal under the instance's identity (comfyui-<name>), whatever the format."""
+    runs = re.compile(r"\{\{ _comfyui_cli(?: \| [^}]*)? \}\}(?P<rest> [a-z-]+)")
+    found = 0
+    for path in sorted((ROOT / "roles").glob("*/templates/*.j2")) + sorted((ROOT / "roles").glob("*/vars/main.yml")):
+        for match in runs.finditer(path.read_text()):
+            found += 1
+            assert match["rest"] == " --log-format", f"{path.relative_to(ROOT)} runs comfybake{match['rest']} ..."
+    assert found >= 1  # supervisord's keeper (quoted for supervisor)
+    logged = yaml.safe_load((ROOT / "roles/comfyui/vars/main.yml").read_text())
+    assert logged["_comfyui_cli_logged"] == "{{ _comfyui_cli }} --log-format {{ comfyui_log_format }}"
+    assert "'--log-format', comfyui_log_format, 'exporter'" in logged["_comfyui_exporter_argv"]
+    models = yaml.safe_load((ROOT / "roles/comfyui_models/vars/main.yml").read_text())
+    assert models["_comfyui_models_boot_command"].startswith("{{ _comfyui_cli_logged }} models fetch ")
     instance = (ROOT / "roles/comfyui_instances/templates/comfyui@.service.j2").read_text()
     assert "SyslogIdentifier=comfyui-%i\n" in instance
     defaults = yaml.safe_load((ROOT / "roles/comfyui/defaults/main.yml").read_text())
