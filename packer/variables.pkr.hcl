@@ -140,8 +140,8 @@ variable "container_user" {
 
 variable "container_ports" {
   type        = list(number)
-  description = "Ports the container image declares (EXPOSE): the gateway's (each instance's port + 1000, each environment's from 8443), or the instances' in an image without the gateway."
-  default     = [8443, 9188]
+  description = "Ports the container image declares (EXPOSE): the gateway's (each instance's port + 1000, each environment's from 8443, the exporter's metrics route on 9722), or the instances' in an image without the gateway."
+  default     = [8443, 9188, 9722]
 }
 
 # ----------------------------------------------------------------------------- VMs (all builders)
