@@ -323,6 +323,14 @@ def test_the_roles_run_comfybake_in_the_log_format_and_instances_keep_their_jour
     option = spec["argument_specs"]["main"]["options"]["comfyui_log_format"]
     assert defaults["comfyui_log_format"] == option["default"] == "text"
     assert option["choices"] == ["text", "json"]
+    # The spec and the docs' row say how the roles pass it, and to which components.
+    row = next(
+        line for line in (ROOT / "docs/configuration.md").read_text().splitlines() if "`comfyui_log_format`" in line
+    )
+    for text in (" ".join(option["description"]), row):
+        assert "--log-format" in text and "COMFYBAKE_LOG_FORMAT" not in text, text
+        for component in ("model fetch", "exporter", "clean", "retry", "instances prepare", "keeper"):
+            assert component in text, f"{component!r} missing from {text!r}"
 
 
 def test_json_lines_keep_a_redraw_s_last_state_drop_blank_lines_and_redact_every_field() -> None:
