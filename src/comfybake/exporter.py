@@ -714,7 +714,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     # One warning object for a request that failed (a client that reset, garbage), not socketserver's
     # banner and traceback, a line each; one error object for an exception that ends a thread.
-    server.handle_error = _request_failed
+    server.handle_error = _request_failed  # type: ignore[method-assign,assignment]  # an instance attribute wins
     threading.excepthook = _thread_failed
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

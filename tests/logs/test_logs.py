@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,26 @@ def test_the_roles_run_comfybake_in_the_log_format_and_instances_keep_their_jour
         assert "--log-format" in text and "COMFYBAKE_LOG_FORMAT" not in text, text
         for component in ("model fetch", "exporter", "clean", "retry", "instances prepare", "keeper"):
             assert component in text, f"{component!r} missing from {text!r}"
+
+
+def test_the_exporter_reports_a_failed_thread_as_one_error_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: the hook `exporter serve` sets for threads, a real thread that raises."""
+    from comfybake import exporter
+
+    sink = io.StringIO()
+    monkeypatch.setattr("sys.stderr", logs.JsonLines(sink, "exporter"))
+    monkeypatch.setattr("threading.excepthook", exporter._thread_failed)
+
+    def fail() -> None:
+        raise RuntimeError(f"cannot reach https://someone:{CANARY_HF}@example.org/")
+
+    thread = threading.Thread(target=fail, name="exporter-a")
+    thread.start()
+    thread.join()
+    [record] = lines(sink.getvalue())
+    assert record["level"] == "error" and record["message"].startswith("comfybake exporter: thread exporter-a failed: ")
+    assert "RuntimeError" in record["traceback"] and "https://***@example.org/" in record["message"], record
+    assert_no_canary([sink.getvalue()])
 
 
 def test_json_lines_keep_a_redraw_s_last_state_drop_blank_lines_and_redact_every_field() -> None:
