@@ -182,10 +182,7 @@ def test_the_keeper_reports_on_stdout_in_text_mode_and_objects_naming_the_instan
 
 def test_the_retry_and_clean_units_report_objects_naming_the_instance_in_json(tmp_path: Path) -> None:
     """comfyui-retry@ and comfyui-clean@ run `comfybake --log-format json instances retry|clean`: in
-    JSON mode their reports leave stdout (the journal would get them as plain lines) and an error is
-    an error naming its instance. As root under supervisor, clean works as each instance's account:
-    `nobody` cannot reach a's folder (below root's 0700 tmp) and b's record has no state folder
-    (the forked child fails)."""
+    JSON mode their reports leave stdout (the journal would get them as plain lines)."""
     old = tmp_path / "state" / "a" / "output" / "old.png"
     old.parent.mkdir(parents=True)
     old.write_bytes(b"x")
@@ -204,10 +201,16 @@ def test_the_retry_and_clean_units_report_objects_naming_the_instance_in_json(tm
     [record] = lines(cleaned.stderr)
     assert (record["level"], record["instance"]) == ("info", "a"), record
     assert record["message"] == "a: deleted 1 files (1 B) older than 30 days", record
-    if os.geteuid() != 0:
-        return  # the accounts' part needs root
-    records.append({"name": "b", "user": "nobody", "port": 8189})
-    records[0]["user"] = "nobody"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="works as another account: needs root")
+def test_clean_s_errors_are_errors_naming_the_instance_in_json(tmp_path: Path) -> None:
+    """As root under supervisor, clean works as each instance's account: `nobody` cannot reach a's
+    folder (below root's 0700 tmp) and b's record has no state folder (the forked child fails)."""
+    records = [
+        {"name": "a", "state_dir": str(tmp_path / "state" / "a"), "user": "nobody", "port": 8188},
+        {"name": "b", "user": "nobody", "port": 8189},
+    ]
     (tmp_path / "instances.json").write_text(json.dumps({"instances": records, "manager": "supervisor"}))
     failed = comfybake("instances", "--config-root", str(tmp_path), "clean")
     assert failed.returncode == 1 and failed.stdout == "", failed.stdout + failed.stderr
