@@ -6,9 +6,11 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from comfybake import __version__, logs
+from comfybake.engine.redaction import redact
 
 # name -> (help, function that adds the subcommand's arguments and sets `func`)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--log-format",
+        type=str.lower,  # JSON as COMFYBAKE_LOG_FORMAT accepts it
         choices=logs.FORMATS,
         help=f"messages on stderr as plain lines (text) or one JSON object a line (json); default "
         f"${logs.ENVIRONMENT}, else text",
@@ -51,6 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.install(logs.early_format(argv), logs.command_of(argv))  # the parser's own errors too
     try:
         return _run(argv)
+    except Exception as error:  # noqa: BLE001 - any error a command did not expect, reported once
+        # Redacted like every message (an exception's text may hold a URL with credentials): in
+        # JSON mode one object, not a plain multi-line traceback printed after stderr is restored.
+        trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        if logs.json_mode():
+            logs.emit(f"{type(error).__name__}: {error}", "error", traceback=trace)
+        else:
+            print(redact(trace), end="", file=sys.stderr, flush=True)
+        return 1
     finally:
         if isinstance(sys.stderr, logs.JsonLines):
             sys.stderr.close()  # a last line without its newline

@@ -712,6 +712,10 @@ def serve(args: argparse.Namespace) -> int:
     except (ExporterError, OSError) as error:
         logs.emit(f"error: {error}", "error", listen=args.listen)
         return 2
+    # One warning object for a request that failed (a client that reset, garbage), not socketserver's
+    # banner and traceback, a line each; one error object for an exception that ends a thread.
+    server.handle_error = _request_failed  # type: ignore[method-assign,assignment]  # an instance attribute wins
+    threading.excepthook = _thread_failed
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     logs.emit(f"comfybake exporter: serving /metrics on {args.listen}", listen=args.listen)
@@ -720,6 +724,26 @@ def serve(args: argparse.Namespace) -> int:
     server.shutdown()
     logs.emit(f"comfybake exporter: stopped serving /metrics on {args.listen}", listen=args.listen)
     return 0
+
+
+def _request_failed(_request: Any, address: Any) -> None:
+    client = address[0] if isinstance(address, tuple) and address else str(address)
+    error = sys.exc_info()[1]
+    logs.emit(
+        f"comfybake exporter: request from {client} failed: {type(error).__name__}: {error}", "warning", client=client
+    )
+
+
+def _thread_failed(hook: threading.ExceptHookArgs) -> None:
+    if hook.exc_type is SystemExit:
+        return
+    name = hook.thread.name if hook.thread else "?"
+    trace = "".join(traceback.format_exception(hook.exc_type, hook.exc_value, hook.exc_traceback))
+    logs.emit(
+        f"comfybake exporter: thread {name} failed: {hook.exc_type.__name__}: {hook.exc_value}",
+        "error",
+        traceback=trace,
+    )
 
 
 def scrape(args: argparse.Namespace) -> int:

@@ -222,10 +222,17 @@ def retry_one(host: dict[str, Any], record: dict[str, Any]) -> str:
     return f"{record['name']}: retried after its crash loop"
 
 
+def retry_reported(host: dict[str, Any], record: dict[str, Any]) -> None:
+    """retry_one, reported as the retry unit and the keeper both do: a line on stdout in text mode,
+    an object naming the instance (level error when the start failed) in JSON mode."""
+    said = retry_one(host, record)
+    logs.say(said, "error" if ": retry failed: " in said else "info", instance=record["name"])
+
+
 def retry(args: argparse.Namespace) -> int:
     host = load_host(args.config_root)
     for record in select(host, args):
-        print(retry_one(host, record))
+        retry_reported(host, record)
     return 0
 
 
@@ -562,7 +569,7 @@ def as_account(user: str | None, work: Callable[[], Any]) -> Any:
                 json.dump(work(), answer)
             status = 0
         except Exception as error:  # noqa: BLE001 - reported by the parent, which reads no answer
-            print(f"comfybake instances: as {user}: {error}", file=sys.stderr, flush=True)
+            logs.emit(f"comfybake instances: as {user}: {error}", "error")
         finally:
             os._exit(status)
     os.close(write)
@@ -579,18 +586,19 @@ def clean(args: argparse.Namespace) -> int:
     records = select(host, args)
     days = args.older_than if args.older_than is not None else float(host.get("retention_days", DEFAULT_RETENTION_DAYS))
     if days <= 0:
-        print("comfybake instances clean: retention is off (retention_days 0); nothing deleted")
+        logs.say("comfybake instances clean: retention is off (retention_days 0); nothing deleted")
         return 0
     report = clean_instances(records, days, supervised(host))
     if args.json:
         json.dump({"older_than_days": days, "instances": report}, sys.stdout, indent=2)
         print()
     else:
-        for item in report:
-            print(f"{item['name']}: deleted {item['files']} files ({human(item['bytes'])}) older than {days:g} days")
+        for item in report:  # the journal's lines in JSON mode, as the keeper's are
+            said = f"{item['name']}: deleted {item['files']} files ({human(item['bytes'])}) older than {days:g} days"
+            logs.say(said, instance=item["name"])
     for item in report:
         for error in item["errors"]:
-            print(f"comfybake instances clean: cannot delete {error}", file=sys.stderr)
+            logs.emit(f"comfybake instances clean: cannot delete {error}", "error", instance=item["name"])
     return 1 if any(item["errors"] for item in report) else 0
 
 
@@ -635,8 +643,7 @@ def keeper(args: argparse.Namespace) -> int:
             except OSError as error:  # status then says "retry pending"; the retries go on
                 logs.say(f"cannot write {state_path}: {error.strerror}", "error")
             for record in ripe:  # supervisorctl start waits until the program runs or fails again
-                said = retry_one(host, record)
-                logs.say(said, "error" if ": retry failed: " in said else "info", instance=record["name"])
+                retry_reported(host, record)
         if args.once:
             return 0
         soonest = min(due.values(), default=now + args.poll)  # a retry falls due before the next look

@@ -8,7 +8,10 @@ message concerns one of them, `instance`, `environment` or `entry`. A command na
 `emit`; a line printed any other way (argparse's usage errors included) still becomes an object,
 its level read from an `error:` or `warning:` prefix. Every message and field goes through the
 redaction all of comfybake shares, so a URL's credentials or a token-shaped value never reaches a
-journal. Standard output (tables, `--json` reports, a password shown once) is never touched.
+journal; so does an error no command expected (one object with its `traceback`). What a command
+asks for on standard output (tables, `--json` reports, a password shown once) stays there; the
+reports of commands that units run (models fetch's summary, the keeper's, instances retry's and
+clean's) move to stderr as objects in JSON mode (`say`), since the journal reads that stream.
 """
 
 from __future__ import annotations

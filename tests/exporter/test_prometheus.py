@@ -114,6 +114,7 @@ def test_prometheus_scrapes_the_exporter_and_fires_instance_down(
             assert server.value(f"comfybake_prompt_duration_seconds_count{{{a_is}}}") == 2
             # The hung instance is down and the exporter still answers every scrape within its timeout.
             server.wait("hung reported down", lambda: server.value('comfybake_instance_up{instance="hung"}') == 0)
+            seen_down = time.monotonic()
             # Stopping b: its up and ready metrics flip and ComfybakeInstanceDown fires for it.
             assert b["double"].stop() is not None
             server.wait("b reported down", lambda: server.value('comfybake_instance_up{instance="b"}') == 0)
@@ -128,8 +129,14 @@ def test_prometheus_scrapes_the_exporter_and_fires_instance_down(
                 "severity": "critical",
             }
             assert alert[0]["annotations"]["summary"] == "ComfyUI instance b on 127.0.0.1 does not answer"
-            # Still scraped (a scrape that outlasts Prometheus's 1 s timeout would make `up` 0).
-            server.wait("the exporter's target still up", lambda: server.value('up{job="comfybake"}') == 1)
+            # Every scrape since the hung instance was seen down succeeded (one that outlasts Prometheus's
+            # 1 s timeout makes `up` 0 for that scrape): the lowest `up` over that window, at least 5 s.
+            time.sleep(max(0.0, 5 - (time.monotonic() - seen_down)))
+            window = int(time.monotonic() - seen_down)
+            lowest = server.value(f'min_over_time(up{{job="comfybake"}}[{window}s])')
+            assert lowest == 1, (
+                f"a scrape of the exporter failed in the {window} s since the hung instance was seen down"
+            )
             assert leaked(server, TOKEN) == []
             # Every query of the dashboard is PromQL this server runs; those whose metrics it has find series.
             answered = {}

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,104 @@ def test_the_keeper_reports_on_stdout_in_text_mode_and_objects_naming_the_instan
     assert {record["component"] for record in lines(done.stderr)} == {"instances"}
 
 
+def test_the_retry_and_clean_units_report_objects_naming_the_instance_in_json(tmp_path: Path) -> None:
+    """comfyui-retry@ and comfyui-clean@ run `comfybake --log-format json instances retry|clean`: in
+    JSON mode their reports leave stdout (the journal would get them as plain lines)."""
+    old = tmp_path / "state" / "a" / "output" / "old.png"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 40 * 86400,) * 2)
+    records: list[dict[str, Any]] = [
+        {"name": "a", "state_dir": str(tmp_path / "state" / "a"), "unit": "comfyui@a.service", "port": 8188}
+    ]
+    (tmp_path / "instances.json").write_text(json.dumps({"instances": records}))
+    retried = comfybake("instances", "--config-root", str(tmp_path), "retry", "a")
+    assert retried.returncode == 0 and retried.stdout == "", retried.stdout + retried.stderr
+    [record] = lines(retried.stderr)
+    assert (record["level"], record["instance"]) == ("info", "a"), record
+    assert record["message"] == "a: not in a crash loop, left alone", record
+    cleaned = comfybake("instances", "--config-root", str(tmp_path), "clean", "a")
+    assert cleaned.returncode == 0 and cleaned.stdout == "", cleaned.stdout + cleaned.stderr
+    [record] = lines(cleaned.stderr)
+    assert (record["level"], record["instance"]) == ("info", "a"), record
+    assert record["message"] == "a: deleted 1 files (1 B) older than 30 days", record
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="works as another account: needs root")
+def test_clean_s_errors_are_errors_naming_the_instance_in_json(tmp_path: Path) -> None:
+    """As root under supervisor, clean works as each instance's account: `nobody` cannot reach a's
+    folder (below root's 0700 tmp) and b's record has no state folder (the forked child fails)."""
+    records = [
+        {"name": "a", "state_dir": str(tmp_path / "state" / "a"), "user": "nobody", "port": 8188},
+        {"name": "b", "user": "nobody", "port": 8189},
+    ]
+    (tmp_path / "instances.json").write_text(json.dumps({"instances": records, "manager": "supervisor"}))
+    failed = comfybake("instances", "--config-root", str(tmp_path), "clean")
+    assert failed.returncode == 1 and failed.stdout == "", failed.stdout + failed.stderr
+    errors = [record for record in lines(failed.stderr) if record["level"] == "error"]
+    by_instance = {record.get("instance", ""): record["message"] for record in errors}
+    assert "cannot delete" in by_instance["a"] and "Permission denied" in by_instance["a"], failed.stderr
+    assert "could not work as the account nobody" in by_instance["b"], failed.stderr
+    assert any(record["message"].startswith("comfybake instances: as nobody: ") for record in errors), failed.stderr
+
+
+def test_an_unexpected_error_is_one_redacted_object_with_its_traceback(tmp_path: Path) -> None:
+    """An exception no command expected (here a retry interval that is not a number, holding a URL
+    with credentials) comes out as one error object, redacted, not Python's plain traceback."""
+    url = f"https://someone:{CANARY_HF}@example.org/"
+    (tmp_path / "instances.json").write_text(json.dumps({"instances": [], "retry_interval": url}))
+    keeper = ("instances", "--config-root", str(tmp_path), "keeper", "--once")
+    done = comfybake(*keeper)  # assert_no_canary: the credentials are redacted
+    assert done.returncode == 1 and done.stdout == "", done.stdout + done.stderr
+    [record] = lines(done.stderr)
+    assert record["level"] == "error" and record["message"].startswith("ValueError: invalid literal"), record
+    assert "https://***@example.org/" in record["message"], record
+    assert record["traceback"].startswith("Traceback (most recent call last):"), record
+    assert "someone:" not in done.stderr
+    plain = comfybake(*keeper, log_format="text")
+    assert plain.returncode == 1 and "Traceback (most recent call last):" in plain.stderr.replace(CANARY_HF, "")
+
+
+def test_the_log_format_option_takes_any_case_as_the_environment_does(tmp_path: Path) -> None:
+    for argv, environment in ((("--log-format", "JSON"), None), ((), "JSON")):
+        done = comfybake(
+            *argv, "instances", "--config-root", str(tmp_path / "absent"), "status", log_format=environment
+        )
+        assert done.returncode == 2
+        [record] = lines(done.stderr)
+        assert record["component"] == "instances" and "invalid choice" not in record["message"], record
+
+
+def test_the_exporter_logs_a_failed_request_as_one_warning(tmp_path: Path) -> None:
+    """socketserver prints a banner and a traceback for a request that failed: one object instead."""
+    (tmp_path / "instances.json").write_text(json.dumps({"instances": []}))
+    port = free_port()
+    environment = {**os.environ, "COMFYBAKE_LOG_FORMAT": "json"}
+    command = [venv_bin("comfybake"), "exporter", "serve", "--config-root", str(tmp_path)]
+    command += ["--listen", f"127.0.0.1:{port}", "--state", str(tmp_path / "exporter.json")]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment) as process:
+        try:
+            deadline = time.monotonic() + 30
+            while not port_open(port) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert port_open(port), "the exporter did not start"
+            for _attempt in range(2):
+                with socket.create_connection(("127.0.0.1", port)) as client:
+                    client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    time.sleep(0.2)
+                    # headers unfinished; close with RST while the server reads them (SO_LINGER 0)
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            time.sleep(0.5)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _out, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    records = lines(stderr)
+    assert [record["level"] for record in records] == ["info", "warning", "warning", "info"], stderr
+    for failed in records[1:3]:
+        assert failed["client"] == "127.0.0.1" and "request from 127.0.0.1 failed: " in failed["message"], failed
+
+
 def test_the_exporter_logs_start_stop_and_errors(tmp_path: Path) -> None:
     (tmp_path / "instances.json").write_text(json.dumps({"instances": []}))
     port = free_port()
@@ -228,6 +327,34 @@ def test_the_roles_run_comfybake_in_the_log_format_and_instances_keep_their_jour
     option = spec["argument_specs"]["main"]["options"]["comfyui_log_format"]
     assert defaults["comfyui_log_format"] == option["default"] == "text"
     assert option["choices"] == ["text", "json"]
+    # The spec and the docs' row say how the roles pass it, and to which components.
+    row = next(
+        line for line in (ROOT / "docs/configuration.md").read_text().splitlines() if "`comfyui_log_format`" in line
+    )
+    for text in (" ".join(option["description"]), row):
+        assert "--log-format" in text and "COMFYBAKE_LOG_FORMAT" not in text, text
+        for component in ("model fetch", "exporter", "clean", "retry", "instances prepare", "keeper"):
+            assert component in text, f"{component!r} missing from {text!r}"
+
+
+def test_the_exporter_reports_a_failed_thread_as_one_error_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: the hook `exporter serve` sets for threads, a real thread that raises."""
+    from comfybake import exporter
+
+    sink = io.StringIO()
+    monkeypatch.setattr("sys.stderr", logs.JsonLines(sink, "exporter"))
+    monkeypatch.setattr("threading.excepthook", exporter._thread_failed)
+
+    def fail() -> None:
+        raise RuntimeError(f"cannot reach https://someone:{CANARY_HF}@example.org/")
+
+    thread = threading.Thread(target=fail, name="exporter-a")
+    thread.start()
+    thread.join()
+    [record] = lines(sink.getvalue())
+    assert record["level"] == "error" and record["message"].startswith("comfybake exporter: thread exporter-a failed: ")
+    assert "RuntimeError" in record["traceback"] and "https://***@example.org/" in record["message"], record
+    assert_no_canary([sink.getvalue()])
 
 
 def test_json_lines_keep_a_redraw_s_last_state_drop_blank_lines_and_redact_every_field() -> None:
