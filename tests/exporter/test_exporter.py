@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from harness.double import free_port
-from harness.exporter import exporter, samples, value, write_host
+from harness.exporter import STATS, TRICKLE, exporter, samples, stand_in, value, write_host
 
 from comfybake import exporter as exporter_module
 from comfybake.engine import environment
@@ -109,44 +110,177 @@ def test_prompts_are_counted_once_across_exporter_processes(start: Start, tmp_pa
     assert (config / "state" / "exporter.json").is_file()
 
 
-def test_a_hung_instance_costs_at_most_the_timeout(start: Start, tmp_path: Path) -> None:
-    a = start("a")
-    with socket.socket() as hung:  # accepts connections (the kernel's backlog) and never answers
-        hung.bind(("127.0.0.1", 0))
-        hung.listen(8)
-        silent = {"name": "hung", "environment": "comm", "port": hung.getsockname()[1]}
-        config = write_host(tmp_path / "etc", [a, silent])
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "comfybake", "exporter", "serve", "--config-root", str(config)),
-                *("--listen", f"127.0.0.1:{port}", "--timeout", "1", "--state", str(tmp_path / "state.json")),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+def serve(config: Path, state: Path, *argv: str) -> tuple[subprocess.Popen[str], int]:
+    """`comfybake exporter serve --timeout 1` on a free loopback port (stop it with stop())."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "comfybake", "exporter", "serve", "--config-root", str(config)),
+            *("--listen", f"127.0.0.1:{port}", "--timeout", "1", "--state", str(state), *argv),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return server, port
+
+
+def get(server: subprocess.Popen[str], port: int) -> dict[Any, float]:
+    """One GET /metrics, once the exporter listens (a 30 s limit: a scrape that hangs fails the test)."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert server.poll() is None and time.monotonic() < deadline, server.stderr
         try:
-            found: dict[Any, float] = {}
-            deadline = time.monotonic() + 30
-            while not found:
-                assert server.poll() is None and time.monotonic() < deadline, server.stderr
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
-                        found = samples(response.read().decode())
-                except OSError:
-                    time.sleep(0.1)
-        finally:
-            server.terminate()
-            assert server.wait(timeout=10) == 0
-    assert value(found, "comfybake_instance_up", instance="a", environment="comm") == 1
-    assert value(found, "comfybake_instance_up", instance="hung", environment="comm") == 0
-    assert value(found, "comfybake_instance_ready", instance="hung", environment="comm") == 0
-    hung_errors = {
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+                return samples(response.read().decode())
+        except urllib.error.URLError as error:
+            if not isinstance(error.reason, ConnectionRefusedError):
+                raise
+            time.sleep(0.1)
+
+
+def stop(server: subprocess.Popen[str]) -> None:
+    server.terminate()
+    assert server.wait(timeout=10) == 0
+
+
+def errors_of(found: dict[Any, float], instance: str) -> dict[str, float]:
+    return {
         dict(labels)["what"]: v
         for (name, labels), v in found.items()
-        if name == "comfybake_exporter_errors_total" and dict(labels)["instance"] == "hung"
+        if name == "comfybake_exporter_errors_total" and dict(labels)["instance"] == instance
     }
-    assert sum(hung_errors.values()) >= 1 and set(hung_errors) <= {"timeout", "system_stats"}, hung_errors
+
+
+def test_a_hung_instance_costs_at_most_the_timeout(start: Start, tmp_path: Path) -> None:
+    """The hung instance answers /system_stats, then sends /queue a byte every half second for a
+    minute: no socket timeout ever fires, only the scrape's deadline bounds it (urlopen's 30 s
+    limit fails the test without one)."""
+    a = start("a")
+    with stand_in("hung", queue=TRICKLE) as hung:
+        server, port = serve(write_host(tmp_path / "etc", [a, hung]), tmp_path / "state.json")
+        try:
+            found = get(server, port)
+        finally:
+            stop(server)
+    labels = {"instance": "hung", "environment": "comm"}
+    assert value(found, "comfybake_instance_up", instance="a", environment="comm") == 1
+    assert value(found, "comfybake_instance_up", **labels) == 1, "it answered /system_stats"
+    assert value(found, "comfybake_vram_total_bytes", **labels, device="cuda:0 Stand-in") == 24
+    assert value(found, "comfybake_queue_running", **labels) is None
+    assert errors_of(found, "hung") == {"timeout": 1}
+
+
+def test_a_slow_route_keeps_what_the_instance_answered(tmp_path: Path) -> None:
+    """/history answering after the deadline: up, ready, queue and VRAM from the routes that
+    answered in time, and one `timeout` error."""
+    with stand_in(history=(3, {})) as slow:
+        done = exporter("scrape", "--config-root", str(write_host(tmp_path / "etc", [slow])), "--timeout", "1")
+    assert done.returncode == 0, done.stderr
+    found = samples(done.stdout)
+    labels = {"instance": "odd", "environment": "comm"}
+    assert value(found, "comfybake_instance_up", **labels) == 1
+    assert value(found, "comfybake_instance_ready", **labels) == 1
+    assert value(found, "comfybake_queue_pending", **labels) == 0
+    assert value(found, "comfybake_vram_free_bytes", **labels, device="cuda:0 Stand-in") == 20
+    assert errors_of(found, "odd") == {"timeout": 1}
+
+
+def test_concurrent_scrapes_share_one_collection(tmp_path: Path) -> None:
+    """Four GETs at once against an instance slow on /history: they wait for the collection under
+    way and share it (one `timeout` counted for all four), not for each other's in turn."""
+    with stand_in(history=(3, {})) as slow:
+        server, port = serve(write_host(tmp_path / "etc", [slow]), tmp_path / "state.json")
+        try:
+            assert errors_of(get(server, port), "odd") == {"timeout": 1}  # listening, one collection done
+            with ThreadPoolExecutor(4) as pool:
+                scrapes = list(pool.map(lambda _n: get(server, port), range(4)))
+        finally:
+            stop(server)
+    assert [errors_of(found, "odd") for found in scrapes] == [{"timeout": 2}] * 4
+    assert all(found == scrapes[0] for found in scrapes), "one collection's metrics"
+
+
+def test_odd_answers_are_counted_for_their_instance_only(tmp_path: Path) -> None:
+    """One instance's malformed answers, one that makes the probe raise, and a record without a
+    port: each is an error of its own instance; the good instance is reported, the scrape exits 0."""
+    good_history = {"p1": {"status": {"status_str": "success", "messages": []}}}
+    odd_stats = {**STATS, "devices": [{"name": "cuda:0", "vram_total": "lots", "vram_free": 1}]}
+    odd_queue = {"queue_running": 5, "queue_pending": []}
+    with (
+        stand_in("good", history=good_history) as good,
+        stand_in("odd", system_stats=odd_stats, queue=odd_queue, history={"p1": {"status": "success"}}) as odd,
+        stand_in("listed", system_stats=[1]) as listed,
+    ):
+        noport = {"name": "noport", "environment": "comm", "unit": "comfyui@noport.service"}
+        config = write_host(tmp_path / "etc", [good, odd, listed, noport])
+        state = tmp_path / "state.json"
+        found = scrape(config, "--state", str(state))
+        # A state file whose instance record lacks its fields: kept, counted in memory, exit 0.
+        state.write_text(json.dumps({"format": 1, "instances": {"good": {"completed": 1}}, "errors": {}}))
+        broken = scrape(config, "--state", str(state))
+    good_labels = {"instance": "good", "environment": "comm"}
+    assert value(found, "comfybake_instance_up", **good_labels) == 1
+    assert value(found, "comfybake_prompts_completed_total", **good_labels) == 1
+    assert errors_of(found, "good") == {}
+    assert value(found, "comfybake_instance_up", instance="odd", environment="comm") == 1
+    assert value(found, "comfybake_queue_running", instance="odd", environment="comm") is None
+    assert not [
+        labels for name, labels in found if name == "comfybake_vram_total_bytes" and ("instance", "odd") in labels
+    ]
+    assert errors_of(found, "odd") == {"history": 1, "queue": 1, "system_stats": 1}
+    assert value(found, "comfybake_instance_up", instance="listed", environment="comm") == 0
+    assert errors_of(found, "listed") == {"probe": 1}
+    assert errors_of(found, "noport") == {"instances_json": 1}
+    assert value(broken, "comfybake_exporter_errors_total", instance="", what="state") == 1
+    assert value(broken, "comfybake_instance_up", **good_labels) == 1
+
+
+def test_the_history_window_and_forgotten_instances(start: Start, tmp_path: Path) -> None:
+    """/history is asked for its newest HISTORY_WINDOW prompts only; an instance removed from
+    instances.json is forgotten with its error series."""
+    a = start("a")
+    gone = {"name": "gone", "environment": "comm", "port": free_port()}
+    state = tmp_path / "state.json"
+    labels = {"instance": "a", "environment": "comm"}
+    window = exporter_module.HISTORY_WINDOW
+    for _ in range(window + 4):
+        queue(a, 0)
+    drained(a)
+    assert len(a["double"].get(f"/history?max_items={window}")[1]) == window
+    first = scrape(write_host(tmp_path / "etc", [a, gone]), "--state", str(state))
+    assert value(first, "comfybake_prompts_completed_total", **labels) == window
+    assert len(json.loads(state.read_text())["instances"]["a"]["seen"]) == window
+    assert errors_of(first, "gone") == {"system_stats": 1}
+    queue(a, 0)
+    drained(a)
+    second = scrape(write_host(tmp_path / "etc", [a]), "--state", str(state))
+    assert value(second, "comfybake_prompts_completed_total", **labels) == window + 1
+    assert errors_of(second, "gone") == {}
+    assert set(json.loads(state.read_text())["instances"]) == {"a"}
+
+
+def test_moving_the_state_away_restarts_the_counters_of_a_running_exporter(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    server, port = serve(tmp_path / "etc", state)  # no instances.json: an error counted per scrape
+    try:
+        assert value(get(server, port), "comfybake_exporter_errors_total", instance="", what="instances_json") == 1
+        assert value(get(server, port), "comfybake_exporter_errors_total", instance="", what="instances_json") == 2
+        state.rename(tmp_path / "old-state.json")
+        found = get(server, port)
+    finally:
+        stop(server)
+    assert value(found, "comfybake_exporter_errors_total", instance="", what="instances_json") == 1
+    assert json.loads(state.read_text())["errors"] == {"\tinstances_json": 1}
+
+
+def test_a_missing_lock_names_its_environment(tmp_path: Path) -> None:
+    record = {"name": "a", "environment": "comm", "port": free_port()}
+    config = write_host(tmp_path / "etc", [record], code_root=str(tmp_path / "opt"))
+    done = exporter("scrape", "--config-root", str(config), "--state", str(tmp_path / "state.json"))
+    assert done.returncode == 0, done.stderr
+    assert value(samples(done.stdout), "comfybake_exporter_errors_total", instance="", what="lock") == 1
+    lock = tmp_path / "opt" / "envs" / "comm" / "current" / "comfybake.lock.json"
+    assert f"environment comm has no readable live lock {lock}" in done.stderr
 
 
 TOKEN = "hf_exporterSecretToken0123456789"
@@ -223,8 +357,11 @@ def test_a_host_without_instances_json_counts_an_error_and_still_answers(tmp_pat
 def test_wrong_options_are_named(tmp_path: Path) -> None:
     done = exporter("serve", "--config-root", str(tmp_path), "--listen", "localhost")
     assert done.returncode == 2 and "--listen 'localhost' is not ADDRESS:PORT, such as 127.0.0.1:9721" in done.stderr
-    done = exporter("scrape", "--config-root", str(tmp_path), "--timeout", "0")
-    assert done.returncode == 2 and "--timeout 0 must be more than 0 seconds" in done.stderr
+    for timeout in ("0", "-1", "61", "1e300", "inf", "nan"):
+        done = exporter("scrape", "--config-root", str(tmp_path), "--timeout", timeout)
+        shown = f"{float(timeout):g}"
+        message = f"--timeout {shown} must be a number of seconds more than 0 and at most 60"
+        assert done.returncode == 2 and message in done.stderr, (timeout, done.stderr)
 
 
 def test_the_prometheus_client_pin_is_one_version() -> None:
