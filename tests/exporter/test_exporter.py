@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pytest
 from harness.double import free_port
 from harness.exporter import STATS, TRICKLE, exporter, samples, stand_in, value, write_host
 
@@ -345,6 +346,27 @@ def test_info_metrics_from_a_lock_and_no_token_anywhere(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "comfybake_environment_info{" in output.read_text() and TOKEN not in output.read_text()
     assert [path.name for path in output.parent.iterdir()] == ["comfybake.prom"]
+
+
+def test_the_harness_refuses_a_series_given_twice() -> None:
+    text = 'comfybake_instance_up{instance="a",environment="comm"} 1\n'
+    assert value(samples(text), "comfybake_instance_up", instance="a", environment="comm") == 1
+    with pytest.raises(AssertionError, match="is in the scrape twice"):
+        samples(text + text.replace(" 1", " 0"))
+
+
+def test_a_last_run_record_of_another_version_is_not_read(tmp_path: Path) -> None:
+    """The store's last-run record is read by Store.last_run, which takes version 1 only."""
+    store = tmp_path / "models"
+    (store / ".comfybake").mkdir(parents=True)
+    run = {"version": 2, "finished": 20, "duration": 10, "bytes": 4096, "failed": 0, "last_success": 20}
+    (store / ".comfybake" / "last-run.json").write_text(json.dumps(run))
+    config = write_host(tmp_path / "etc", [])
+    (config / "models.yml").write_text(f"store: {store}\nmodels: []\n")
+    os.chmod(config / "models.yml", 0o600)
+    found = scrape(config, "--state", str(tmp_path / "state.json"))
+    assert value(found, "comfybake_model_store_used_bytes", store=str(store)) == 0
+    assert not [name for name, _labels in found if name.startswith("comfybake_models_fetch_last_")]
 
 
 def test_a_host_without_instances_json_counts_an_error_and_still_answers(tmp_path: Path) -> None:
