@@ -257,16 +257,22 @@ def ask_instance(record: dict[str, Any], deadline: float, found: dict[str, Any])
 def ask_all(records: list[dict[str, Any]], deadline: float) -> list[dict[str, Any]]:
     """Every instance at once (daemon threads: a hung one never holds the exporter). At `deadline`
     (time.monotonic), a copy of what each has answered so far, `late` for one still asking. An
-    unexpected exception in a thread is counted under the route it was asking (and shown on stderr)."""
+    unexpected exception in a thread is counted under the route it was asking (and logged)."""
     results: list[dict[str, Any]] = [{"errors": []} for _record in records]
 
     def run(index: int, record: dict[str, Any]) -> None:
         found = results[index]
         try:
             ask_instance(record, deadline, found)
-        except Exception:  # noqa: BLE001 - one odd answer must not hide the instance's others
-            traceback.print_exc()
-            found["errors"].append(found.pop("asking", "instances_json"))
+        except Exception as error:  # noqa: BLE001 - one odd answer must not hide the instance's others
+            route = found.pop("asking", "instances_json")
+            found["errors"].append(route)
+            logs.emit(
+                f"warning: comfybake exporter: asking instance {record['name']} ({route}) failed: "
+                f"{type(error).__name__}: {error}",
+                "warning",
+                instance=str(record["name"]),
+            )
 
     threads = [
         threading.Thread(target=run, args=(index, record), daemon=True, name=f"exporter-{record['name']}")

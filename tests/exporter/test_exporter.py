@@ -215,7 +215,11 @@ def test_odd_answers_are_counted_for_their_instance_only(tmp_path: Path) -> None
         noport = {"name": "noport", "environment": "comm", "unit": "comfyui@noport.service"}
         config = write_host(tmp_path / "etc", [good, odd, listed, noport])
         state = tmp_path / "state.json"
-        found = scrape(config, "--state", str(state))
+        done = exporter("scrape", "--config-root", str(config), "--state", str(state))
+        assert done.returncode == 0, done.stderr
+        assert "asking instance listed (probe) failed: AttributeError" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        found = samples(done.stdout)
         # A state file whose instance record lacks its fields: kept, counted in memory, exit 0.
         state.write_text(json.dumps({"format": 1, "instances": {"good": {"completed": 1}}, "errors": {}}))
         broken = scrape(config, "--state", str(state))
