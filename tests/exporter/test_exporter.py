@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from harness.double import free_port
 from harness.exporter import STATS, TRICKLE, exporter, samples, stand_in, value, write_host
+from harness.tools import venv_bin
 
 from comfybake import exporter as exporter_module
 from comfybake.engine import environment
@@ -440,3 +442,29 @@ def test_build_cli_refuses_a_wheel_it_does_not_pin(tmp_path: Path) -> None:
     done = subprocess.run([*build, "--wheel", str(forged)], cwd=root, capture_output=True, text=True, check=False)
     assert done.returncode != 0 and f"{forged} has sha256 " in done.stderr and "give the published wheel" in done.stderr
     assert not (tmp_path / "comfybake.pyz").exists()
+
+
+def test_the_role_bounds_comfyui_exporter_timeout_as_the_exporter_does(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    """The comfyui role's preflight assert, run by ansible-playbook on localhost for each value:
+    only a finite number above 0 and at most 60 passes (`--timeout`'s own bound)."""
+    root = Path(__file__).resolve().parents[2]
+    name = "Assert that the exporter listens on one address and port"
+    preflight = yaml.safe_load((root / "roles" / "comfyui" / "tasks" / "preflight.yml").read_text())
+    check = next(task for task in preflight if task["name"] == name)
+    cases = {"2": True, "60": True, "0.5": True, "0": False, "61": False, "1e300": False, "inf": False, "nan": False}
+    tasks = [
+        {**check, "vars": {"comfyui_exporter_timeout": timeout}, "register": f"case_{index}", "ignore_errors": True}
+        for index, timeout in enumerate(cases)
+    ]
+    passed = "[" + ", ".join(f"not case_{index}.failed" for index in range(len(cases))) + "]"
+    tasks.append({"ansible.builtin.copy": {"content": "{{ " + passed + " | to_json }}", "dest": f"{tmp_path}/passed"}})
+    files = [root / "roles" / "comfyui" / folder / "main.yml" for folder in ("defaults", "vars")]
+    play = [{"hosts": "localhost", "gather_facts": False, "vars_files": [str(f) for f in files], "tasks": tasks}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    command = [venv_bin("ansible-playbook"), "-i", "localhost,", "-c", "local", "play.yml"]
+    command += ["-e", f"ansible_python_interpreter={sys.executable}"]
+    done = subprocess.run(command, cwd=tmp_path, env=ansible_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert dict(zip(cases, json.loads((tmp_path / "passed").read_text()), strict=True)) == cases
