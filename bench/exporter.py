@@ -1,7 +1,10 @@
 """Benchmark of `comfybake exporter`: scrape time and the exporter's CPU per scrape, 1 to 16 instances.
 
 For each count, that many ComfyUI test doubles run as real processes on loopback (two stand-in
-GPUs each), and a real `comfybake exporter serve` process reads them. Measured per count:
+GPUs each), each with `--history` finished prompts in its /history (default 1000: queued with
+`extra_data.test_double_seconds` 0 before timing), and a real `comfybake exporter serve` process
+reads them. Every timed scrape must be complete (`comfybake_instance_up` 1 for every instance),
+or the bench stops. Measured per count:
 
 - exporter: `--scrapes` sequential GET /metrics; median and 95th percentile of the scrape time,
   and the exporter's CPU seconds per scrape (utime + stime of /proc/<pid>/stat over all scrapes);
@@ -15,7 +18,7 @@ counters are read and saved under a lock); the ratio is what that and the export
 asks cost or save.
 
     .venv/bin/python bench/exporter.py                  # 1, 4 and 16 instances, 50 scrapes each
-    .venv/bin/python bench/exporter.py --counts 4 --scrapes 10
+    .venv/bin/python bench/exporter.py --counts 4 --scrapes 10 --history 0
 
 Nothing here asserts a time: it measures, and prints ratios.
 """
@@ -23,6 +26,7 @@ Nothing here asserts a time: it measures, and prints ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -32,6 +36,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from harness.double import DOUBLE, free_port  # noqa: E402
-from harness.exporter import port_open, write_host  # noqa: E402
+from harness.exporter import port_open, samples, value, write_host  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -79,6 +84,35 @@ def fetch(url: str) -> bytes:
         return body
 
 
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(  # noqa: S310 - loopback http
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback http
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+
+def fill_history(record: dict[str, Any], prompts: int) -> None:
+    """`prompts` prompts that finish at once, then wait until the double's queue is empty."""
+    base = f"http://127.0.0.1:{record['port']}"
+    prompt = {"1": {"class_type": "KSampler", "inputs": {}}}
+    for _ in range(prompts):
+        post(f"{base}/prompt", {"prompt": prompt, "extra_data": {"test_double_seconds": 0}})
+    wait_for(
+        lambda: json.loads(fetch(f"{base}/prompt"))["exec_info"]["queue_remaining"] == 0,
+        f"the queue of the double on port {record['port']}",
+    )
+
+
+def complete(body: bytes, records: list[dict[str, Any]]) -> bool:
+    """Whether a scrape reports every instance up."""
+    found = samples(body.decode())
+    return all(
+        value(found, "comfybake_instance_up", instance=r["name"], environment=r["environment"]) == 1 for r in records
+    )
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (fields 14 and 15 of /proc/<pid>/stat, after the command's parentheses)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -90,7 +124,7 @@ def summary(times: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-def measure(count: int, scrapes: int, tree: Path, work: Path) -> dict[str, float]:
+def measure(count: int, scrapes: int, history: int, tree: Path, work: Path) -> dict[str, float]:
     doubles, records = [], []
     exporter: subprocess.Popen[bytes] | None = None
     try:
@@ -100,6 +134,8 @@ def measure(count: int, scrapes: int, tree: Path, work: Path) -> dict[str, float
             records.append(record)
         for record in records:
             wait_for(lambda r=record: port_open(r["port"]), f"the double on port {record['port']}")
+        with ThreadPoolExecutor(len(records)) as pool:
+            list(pool.map(lambda r: fill_history(r, history), records))
         config = write_host(work / "etc", records)
         port = free_port()
         exporter = subprocess.Popen(
@@ -112,13 +148,16 @@ def measure(count: int, scrapes: int, tree: Path, work: Path) -> dict[str, float
         wait_for(lambda: port_open(port), "the exporter")
         metrics = f"http://127.0.0.1:{port}/metrics"
         fetch(metrics)  # the first scrape imports what the exporter needs: not what we time
-        exporter_times = []
+        exporter_times, bodies = [], []
         cpu_before = cpu_seconds(exporter.pid)
         for _ in range(scrapes):
             started = time.perf_counter()
-            fetch(metrics)
+            bodies.append(fetch(metrics))
             exporter_times.append(time.perf_counter() - started)
         exporter_cpu = (cpu_seconds(exporter.pid) - cpu_before) / scrapes
+        incomplete = sum(not complete(body, records) for body in bodies)
+        if incomplete:
+            raise SystemExit(f"bench: {incomplete} of {scrapes} scrapes of {count} instances missed an instance")
 
         routes = ("system_stats", "queue", "history")
         urls = [f"http://127.0.0.1:{r['port']}/{route}" for r in records for route in routes]
@@ -154,6 +193,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 4, 16], help="instance counts (default 1 4 16)")
     parser.add_argument("--scrapes", type=int, default=50, help="scrapes per count (default 50)")
+    parser.add_argument(
+        "--history", type=int, default=1000, help="finished prompts in each double's /history (default 1000)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-exporter-") as folder:
         work = Path(folder)
@@ -161,7 +203,7 @@ def main() -> int:
         shutil.copytree(DOUBLE, tree, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         rows = []
         for count in args.counts:
-            found = measure(count, args.scrapes, tree, work / f"n{count}")
+            found = measure(count, args.scrapes, args.history, tree, work / f"n{count}")
             rows.append((count, found))
             print(f"{count} instances: {found}", file=sys.stderr, flush=True)
     print(

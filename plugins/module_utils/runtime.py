@@ -115,16 +115,17 @@ def import_failures(log: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- readiness
 
 
-def probe(instance: Instance) -> tuple[str, str, bool]:
-    """One probe: (stage reached, what is missing, settled); stage `ready` when nothing is.
+def probe(instance: Instance, timeout: float = _HTTP_TIMEOUT) -> tuple[str, str, bool]:
+    """One probe: (stage reached, what is missing, settled); stage `ready` when nothing is. Each
+    request waits at most `timeout` seconds (the exporter passes its own bound).
 
     Settled means waiting cannot help while this process runs: ComfyUI imports every custom
     node before it answers HTTP, so a node class missing from an answering instance stays missing.
     """
-    if not port_open(instance.host, instance.port):
+    if not port_open(instance.host, instance.port, min(timeout, 1.0)):
         return "starting", f"port {instance.port} on {instance.host} does not accept connections", False
     try:
-        stats = get_json(instance.url("/system_stats"))
+        stats = get_json(instance.url("/system_stats"), timeout)
     except (OSError, ValueError, urllib.error.URLError) as error:
         return "starting", f"/system_stats does not answer: {error}", False
     argv = [str(arg) for arg in (stats.get("system") or {}).get("argv") or []]
@@ -137,14 +138,14 @@ def probe(instance: Instance) -> tuple[str, str, bool]:
         )
     for node_class in instance.node_classes:
         try:
-            info = get_json(instance.url(f"/object_info/{urllib.parse.quote(node_class)}"))
+            info = get_json(instance.url(f"/object_info/{urllib.parse.quote(node_class)}"), timeout)
         except (OSError, ValueError, urllib.error.URLError) as error:
             return "nodes", f"/object_info/{node_class} does not answer: {error}", False
         if not info or node_class not in info:
             return "nodes", f"node class {node_class} is missing", True
     for folder, names in instance.models.items():
         try:
-            visible = set(get_json(instance.url(f"/models/{urllib.parse.quote(folder)}")))
+            visible = set(get_json(instance.url(f"/models/{urllib.parse.quote(folder)}"), timeout))
         except urllib.error.HTTPError as error:
             return "models", f"model folder {folder} is unknown to ComfyUI (HTTP {error.code})", True
         except (OSError, ValueError, urllib.error.URLError) as error:

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import importlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -36,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 from comfybake import logs
 from comfybake.cli import SUBCOMMANDS
 from comfybake.engine import runtime
-from comfybake.instances import HostError, config_root_option, load_host, supervised
+from comfybake.engine.environment import builder, releases
+from comfybake.instances import HostError, config_root_option, load_host, load_json, supervised
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -47,6 +49,12 @@ DEFAULT_TIMEOUT = 2.0
 STATE_FORMAT = 1
 # Seconds a prompt ran (execution_start to its end): from a quick image to a long video.
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+# --timeout's bound: a scrape must end well within Prometheus' own scrape timeout.
+MAX_TIMEOUT = 60.0
+# The newest prompts asked of /history per scrape (GET /history?max_items=N, ComfyUI's query); more
+# prompts than this finishing between two scrapes are not counted (docs/observability.md).
+HISTORY_WINDOW = 256
+HISTORY_ROUTE = f"/history?max_items={HISTORY_WINDOW}"
 PROMETHEUS_CLIENT = "prometheus_client==0.26.0"
 # nvidia-ml-py (module pynvml), imported only where NVML is asked for; the zipapp carries both pins.
 NVML_VERSION = "13.615.71"
@@ -63,6 +71,28 @@ def default_state(config_root: str) -> Path:
     return Path(config_root) / "state" / "exporter.json"
 
 
+def empty_state() -> dict[str, Any]:
+    return {"format": STATE_FORMAT, "instances": {}, "errors": {}}
+
+
+def counts(record: Any) -> bool:
+    """Whether `record` has the shape of one instance's counters in the state file."""
+    if not isinstance(record, dict):
+        return False
+    histogram = record.get("duration")
+    return (
+        isinstance(record.get("seen"), list)
+        and all(isinstance(prompt_id, str) for prompt_id in record["seen"])
+        and all(isinstance(record.get(key), int) for key in ("completed", "failed"))
+        and isinstance(histogram, dict)
+        and isinstance(histogram.get("buckets"), list)
+        and len(histogram["buckets"]) == len(DURATION_BUCKETS) + 1
+        and all(isinstance(count, int) for count in histogram["buckets"])
+        and isinstance(histogram.get("sum"), (int, float))
+        and isinstance(histogram.get("count"), int)
+    )
+
+
 def empty_histogram() -> dict[str, Any]:
     return {"buckets": [0] * (len(DURATION_BUCKETS) + 1), "sum": 0.0, "count": 0}
 
@@ -74,7 +104,8 @@ class State:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data: dict[str, Any] = {"format": STATE_FORMAT, "instances": {}, "errors": {}}
+        self.data: dict[str, Any] = empty_state()
+        self.on_disk = False  # the data was loaded from or saved to the file
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -94,6 +125,8 @@ class State:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            if self.on_disk:  # moved away by the operator: the counters start again
+                self.data, self.on_disk = empty_state(), False
             return
         except (OSError, ValueError) as error:
             raise OSError(f"cannot read the exporter's state {self.path}: {error}") from None
@@ -101,10 +134,12 @@ class State:
             isinstance(data, dict)
             and data.get("format") == STATE_FORMAT
             and isinstance(data.get("instances"), dict)
+            and all(counts(record) for record in data["instances"].values())
             and isinstance(data.get("errors"), dict)
+            and all(isinstance(count, int) for count in data["errors"].values())
         ):
             raise OSError(f"{self.path} is not the exporter's state (format {STATE_FORMAT})")
-        self.data = data
+        self.data, self.on_disk = data, True
 
     def save(self) -> None:
         """Write atomically: a temporary file in the same folder, then a rename."""
@@ -116,6 +151,7 @@ class State:
                 os.fsync(handle.fileno())
             os.chmod(temporary, 0o640)
             os.replace(temporary, self.path)
+            self.on_disk = True
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
@@ -131,24 +167,40 @@ class State:
         key = f"{instance}\t{what}"
         self.data["errors"][key] = int(self.data["errors"].get(key, 0)) + 1
 
-    def count_history(self, name: str, history: dict[str, Any]) -> None:
-        """Count every prompt of /history not counted before; forget ids /history no longer holds
-        (ComfyUI keeps a bounded number, and an id never comes back)."""
+    def forget(self, names: set[str]) -> None:
+        """Drop the counters and error series of instances no longer in instances.json."""
+        self.data["instances"] = {name: record for name, record in self.data["instances"].items() if name in names}
+        self.data["errors"] = {
+            key: count
+            for key, count in self.data["errors"].items()
+            if key.partition("\t")[0] in names or not key.partition("\t")[0]
+        }
+
+    def count_history(self, name: str, history: dict[str, Any]) -> bool:
+        """Count every prompt of the /history window not counted before; keep the ids of the window
+        only (an id that left it never comes back). False when an item is not ComfyUI's shape (it
+        is skipped, and not looked at again)."""
         record = self.instance(name)
         seen = set(record["seen"])
+        wellformed = True
         for prompt_id, item in history.items():
-            if prompt_id in seen or not isinstance(item, dict):
+            if prompt_id in seen:
                 continue
-            status = item.get("status") or {}  # ComfyUI adds an item when its prompt has finished
             seen.add(prompt_id)
+            status = item.get("status") if isinstance(item, dict) else None
+            if not isinstance(status, dict):  # ComfyUI adds an item, with its status, when its prompt has finished
+                wellformed = False
+                continue
             if status.get("status_str") == "success":
                 record["completed"] += 1
             else:
                 record["failed"] += 1
-            seconds = duration(status.get("messages") or [])
+            messages = status.get("messages")
+            seconds = duration(messages if isinstance(messages, list) else [])
             if seconds is not None:
                 observe(record["duration"], seconds)
         record["seen"] = sorted(seen & set(history))
+        return wellformed
 
 
 def duration(messages: list[Any]) -> float | None:
@@ -157,7 +209,7 @@ def duration(messages: list[Any]) -> float | None:
     for message in messages:
         if isinstance(message, list) and len(message) == 2 and isinstance(message[1], dict):
             stamp = message[1].get("timestamp")
-            if isinstance(stamp, (int, float)):
+            if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and math.isfinite(stamp):
                 stamps[str(message[0])] = float(stamp)
     end = next(
         (stamps[k] for k in ("execution_success", "execution_error", "execution_interrupted") if k in stamps), None
@@ -177,31 +229,50 @@ def observe(histogram: dict[str, Any], seconds: float) -> None:
 # --------------------------------------------------------------------------- instances
 
 
-def ask_instance(record: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One instance's answers (run in its own thread; the caller stops waiting at the deadline)."""
+def ask_instance(record: dict[str, Any], deadline: float, found: dict[str, Any]) -> None:
+    """Fill `found` with one instance's answers, route by route (run in its own thread; the caller
+    takes what is there at the deadline). `asking` names the route under way; /system_stats and
+    /queue come first, the readiness probe next, /history (the largest answer) last. Each request
+    waits at most what is left until `deadline` (time.monotonic)."""
+
+    def left() -> float:
+        return max(0.05, deadline - time.monotonic())
+
+    found["asking"] = "instances_json"
     instance = runtime.Instance(record)
-    found: dict[str, Any] = {"errors": []}
-    try:
-        found["stats"] = runtime.get_json(instance.url("/system_stats"), timeout=timeout)
-    except (OSError, ValueError, urllib.error.URLError):
-        found["errors"].append("system_stats")
-        return found
-    found["ready"] = runtime.probe(instance)[0] == "ready"
-    for route in ("queue", "history"):
+    for route, path in (("system_stats", "/system_stats"), ("queue", "/queue"), ("history", HISTORY_ROUTE)):
+        if route == "history":
+            found["asking"] = "probe"
+            found["ready"] = runtime.probe(instance, left())[0] == "ready"
+        found["asking"] = route
         try:
-            found[route] = runtime.get_json(instance.url(f"/{route}"), timeout=timeout)
+            found[route] = runtime.get_json(instance.url(path), timeout=left())
         except (OSError, ValueError, urllib.error.URLError):
             found["errors"].append(route)
-    return found
+            if route == "system_stats":
+                break  # the port does not answer: nothing else will
+    found.pop("asking")
 
 
-def ask_all(records: list[dict[str, Any]], timeout: float, deadline: float) -> list[dict[str, Any] | None]:
-    """Every instance at once (daemon threads: a hung one never holds the exporter); None for one
-    that did not answer by `deadline` (time.monotonic)."""
-    results: list[dict[str, Any] | None] = [None] * len(records)
+def ask_all(records: list[dict[str, Any]], deadline: float) -> list[dict[str, Any]]:
+    """Every instance at once (daemon threads: a hung one never holds the exporter). At `deadline`
+    (time.monotonic), a copy of what each has answered so far, `late` for one still asking. An
+    unexpected exception in a thread is counted under the route it was asking (and logged)."""
+    results: list[dict[str, Any]] = [{"errors": []} for _record in records]
 
     def run(index: int, record: dict[str, Any]) -> None:
-        results[index] = ask_instance(record, timeout)
+        found = results[index]
+        try:
+            ask_instance(record, deadline, found)
+        except Exception as error:  # noqa: BLE001 - one odd answer must not hide the instance's others
+            route = found.pop("asking", "instances_json")
+            found["errors"].append(route)
+            logs.emit(
+                f"warning: comfybake exporter: asking instance {record['name']} ({route}) failed: "
+                f"{type(error).__name__}: {error}",
+                "warning",
+                instance=str(record["name"]),
+            )
 
     threads = [
         threading.Thread(target=run, args=(index, record), daemon=True, name=f"exporter-{record['name']}")
@@ -211,7 +282,42 @@ def ask_all(records: list[dict[str, Any]], timeout: float, deadline: float) -> l
         thread.start()
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return [result if not thread.is_alive() else None for result, thread in zip(results, threads, strict=True)]
+    answers = []
+    for found, thread in zip(results, threads, strict=True):
+        copy = dict(found)  # the thread may still add to its own
+        copy["errors"] = list(copy["errors"])
+        copy["late"] = thread.is_alive()
+        answers.append(copy)
+    return answers
+
+
+def queue_lengths(queue: Any) -> tuple[int, int] | None:
+    """(running, pending) from a /queue answer; None when it is not ComfyUI's shape."""
+    if not isinstance(queue, dict):
+        return None
+    running, pending = queue.get("queue_running", []), queue.get("queue_pending", [])
+    if not (isinstance(running, list) and isinstance(pending, list)):
+        return None
+    return len(running), len(pending)
+
+
+def memory(stats: dict[str, Any]) -> list[tuple[str, float, float]] | None:
+    """(device, VRAM bytes, free bytes) of every device of a /system_stats answer; None when it is
+    not ComfyUI's shape."""
+    devices = stats.get("devices") or []
+    if not isinstance(devices, list):
+        return None
+    found = []
+    for device in devices:
+        if not isinstance(device, dict):
+            return None
+        try:
+            found.append(
+                (str(device.get("name", "")), float(device.get("vram_total") or 0), float(device.get("vram_free") or 0))
+            )
+        except (TypeError, ValueError):
+            return None
+    return found
 
 
 def systemd_running() -> bool:
@@ -301,13 +407,12 @@ def read_store(config_root: str) -> tuple[tuple[str, list[tuple[str, str, float]
         return None, ["model_store"]
     if found is None:
         return None, []
-    store, used, free, budget = found
+    store, used, free, budget, record = found
     metrics = [
         ("model_store_used_bytes", "Bytes the model store's files take", used),
         ("model_store_free_bytes", "Bytes free on the model store's file system", free),
         ("model_store_budget_bytes", "The model store's budget (models files' `budget`)", budget),
     ]
-    record = read_json(Path(store) / ".comfybake" / "last-run.json") or {}
     prefix = "models_fetch_last_"
     metrics += [
         (f"{prefix}run_timestamp_seconds", "When the last fetch finished", record.get("finished")),
@@ -361,13 +466,16 @@ class Nvml:
             except pynvml.NVMLError:
                 errors = ["nvml"]
                 continue
+            if device.pop("failed"):
+                errors = ["nvml"]  # once per read, however many values failed
             devices.append(device)
         return devices, errors
 
     @staticmethod
     def device(pynvml: Any, index: int) -> dict[str, Any]:
         """One device's labels and values; what the device does not support (ECC on most
-        consumer GPUs, power on some) is left out."""
+        consumer GPUs, power on some) is left out, and so is a value NVML fails to read otherwise
+        (no permission, a function the driver lacks), which sets `failed`."""
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(handle)
         uuid = pynvml.nvmlDeviceGetUUID(handle)
@@ -375,6 +483,7 @@ class Nvml:
             "labels": [str(index), uuid.decode() if isinstance(uuid, bytes) else str(uuid),
                        name.decode() if isinstance(name, bytes) else str(name)],
         }  # fmt: skip
+        found["failed"] = False
         reads: dict[str, Callable[[], Any]] = {
             "utilization": lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100,
             "memory": lambda: pynvml.nvmlDeviceGetMemoryInfo(handle),
@@ -389,6 +498,8 @@ class Nvml:
                 found[key] = read()
             except pynvml.NVMLError_NotSupported:
                 continue
+            except pynvml.NVMLError:
+                found["failed"] = True
         return found
 
 
@@ -428,16 +539,18 @@ def gpu_families(devices: list[dict[str, Any]]) -> list[Metric]:
 # --------------------------------------------------------------------------- host files
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path, role: str) -> dict[str, Any] | None:
+    """A record a role or an engine wrote (instances.load_json), or None when missing or unreadable."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = load_json(path, role)
+    except HostError:
         return None
     return data if isinstance(data, dict) else None
 
 
-def model_store(config_root: str) -> tuple[str, int, int, int | None] | None:
-    """(store, bytes used, bytes free, budget or None) from the models file, or None without one."""
+def model_store(config_root: str) -> tuple[str, int, int, int | None, dict[str, Any]] | None:
+    """(store, bytes used, bytes free, budget or None, the last fetch's record) from the models
+    file, or None without one."""
     from comfybake import models
     from comfybake.engine import fetch as engine
 
@@ -447,10 +560,18 @@ def model_store(config_root: str) -> tuple[str, int, int, int | None] | None:
     options, entries, environments = models.store_context(args)
     usage = engine.scan(options, entries, environments)
     free = shutil.disk_usage(options.store).free
-    return options.store, usage.total, free, options.budget
+    return options.store, usage.total, free, options.budget, engine.Store(options).last_run()
 
 
 # --------------------------------------------------------------------------- the collector
+
+
+class Flight:
+    """One collection: its metrics, once `done` is set."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.families: list[Metric] = []
 
 
 class Collector:
@@ -461,7 +582,10 @@ class Collector:
         self.config_root = config_root
         self.state = State(state_path)
         self.timeout = timeout
-        self.lock = threading.Lock()  # one scrape at a time within this process
+        self.lock = threading.Lock()  # guards `flight`
+        self.flight: Flight | None = None  # the collection under way, shared by the scrapes that arrive during it
+        self.last: list[Metric] = []  # what the last collection found
+        self.warned: set[str] = set()  # environments whose missing lock was logged
         self.store = Background("store", read_store, None, "model_store")
         self.restarts = Background("systemd", read_restarts, {}, "systemd")
         self.gpus = Background("nvml", Nvml().read, [], "nvml") if nvml == "auto" else None
@@ -470,8 +594,29 @@ class Collector:
         importlib.import_module("comfybake.engine.fetch")
 
     def collect(self) -> Iterator[Metric]:
+        """One collection at a time (single flight): a scrape that arrives while one is under way
+        waits for it and shares its result. That collection began earlier, so it ends before a
+        collection of the latecomer's own would: concurrent scrapes each take at most one
+        scrape's time, not one after the other. The wait is bounded all the same (a collection
+        waits for the state file's lock, which another exporter process may hold): one more
+        `timeout` past the latecomer's own deadline, after which it gets the last collection's result."""
+        deadline = time.monotonic() + 2 * self.timeout
         with self.lock:
-            yield from self._collect()
+            flight, leading = self.flight, self.flight is None
+            if flight is None:
+                flight = self.flight = Flight()
+        if leading:
+            try:
+                flight.families = list(self._collect())
+                self.last = flight.families
+            finally:
+                with self.lock:
+                    self.flight = None
+                flight.done.set()
+        elif not flight.done.wait(max(0.0, deadline - time.monotonic())):
+            yield from self.last
+            return
+        yield from flight.families
 
     def _collect(self) -> Iterator[Metric]:
         from prometheus_client.core import (
@@ -517,13 +662,13 @@ class Collector:
         deadline = started + self.timeout
         # The slow reads start first and run while the instances are asked; each is waited for
         # until the same deadline (a late one reports its previous run, see Background).
-        units = [runtime.Instance(r).unit for r in records if r.get("unit")] if use_systemd else []
+        units = [str(r["unit"]) for r in records if r.get("unit")] if use_systemd else []
         self.store.start(self.config_root)
         if units:
             self.restarts.start(units)
         if self.gpus is not None:
             self.gpus.start()
-        answers = ask_all(records, self.timeout, deadline)
+        answers = ask_all(records, deadline)
         slow = {"store": self.store.result(deadline)}
         if units:
             slow["systemd"] = self.restarts.result(deadline)
@@ -540,24 +685,27 @@ class Collector:
                 loaded = False
             if unreadable:
                 self.state.error("", "instances_json")
+            if not unreadable:
+                self.state.forget({str(record["name"]) for record in records})
             for record, answer in zip(records, answers, strict=True):
                 name, environment = str(record["name"]), str(record.get("environment", ""))
                 values = [name, environment]
-                if answer is None:
+                if answer["late"]:
                     self.state.error(name, "timeout")
-                    answer = {"errors": []}
                 for what in answer["errors"]:
                     self.state.error(name, what)
-                stats = answer.get("stats")
+                stats = answer.get("system_stats")
                 up.add_metric(values, 1 if isinstance(stats, dict) else 0)
-                ready.add_metric(values, 1 if answer.get("ready") else 0)
-                queue = answer.get("queue")
-                if isinstance(queue, dict):
-                    running.add_metric(values, len(queue.get("queue_running") or []))
-                    pending.add_metric(values, len(queue.get("queue_pending") or []))
+                ready.add_metric(values, 1 if isinstance(stats, dict) and answer.get("ready") else 0)
+                lengths = queue_lengths(answer.get("queue"))
+                if lengths is not None:
+                    running.add_metric(values, lengths[0])
+                    pending.add_metric(values, lengths[1])
+                elif "queue" in answer:
+                    self.state.error(name, "queue")
                 history = answer.get("history")
-                if isinstance(history, dict):
-                    self.state.count_history(name, history)
+                if "history" in answer and not (isinstance(history, dict) and self.state.count_history(name, history)):
+                    self.state.error(name, "history")
                 counted = self.state.instance(name)
                 completed.add_metric(values, counted["completed"])
                 failed.add_metric(values, counted["failed"])
@@ -567,14 +715,13 @@ class Collector:
                     cumulative += count
                     buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
                 durations.add_metric(values, buckets, histogram["sum"])
-                devices = stats.get("devices") if isinstance(stats, dict) else None
-                for device in devices if isinstance(devices, list) else []:
-                    if not isinstance(device, dict):
-                        continue
-                    device_values = [*values, str(device.get("name", ""))]
-                    vram_total.add_metric(device_values, float(device.get("vram_total") or 0))
-                    vram_free.add_metric(device_values, float(device.get("vram_free") or 0))
-                unit = runtime.Instance(record).unit if record.get("unit") else ""
+                devices = memory(stats) if isinstance(stats, dict) else []
+                if devices is None:
+                    self.state.error(name, "system_stats")
+                for device, total, free in devices or []:
+                    vram_total.add_metric([*values, device], total)
+                    vram_free.add_metric([*values, device], free)
+                unit = str(record.get("unit") or "")
                 if unit in restart_counts:
                     restarts.add_metric(values, restart_counts[unit])
             if restarts.samples:
@@ -630,17 +777,27 @@ class Collector:
         names = sorted({str(r.get("environment")) for r in records if r.get("environment")})
         for name in names if code_root else []:
             root = Path(str(code_root)) / "envs" / name
-            lock = read_json(root / "current" / "comfybake.lock.json")
+            lock = read_json(root / "current" / releases.LOCK_NAME, "comfyui_environments")
             if lock is not None:
                 release = os.path.basename(os.path.realpath(root / "current"))
-                comfyui = lock.get("comfyui") or {}
-                info.add_metric([name, release, str(comfyui.get("commit", ""))], 1)
-                for node in lock.get("custom_nodes") or []:
+                comfyui = lock.get("comfyui")
+                commit = comfyui.get("commit", "") if isinstance(comfyui, dict) else ""
+                info.add_metric([name, release, str(commit)], 1)
+                custom_nodes = lock.get("custom_nodes")
+                for node in custom_nodes if isinstance(custom_nodes, list) else []:
                     if isinstance(node, dict):
                         nodes.add_metric([name, str(node.get("name", "")), str(node.get("commit", ""))], 1)
             else:
                 self.state.error("", "lock")
-            build = read_json(root / "last-build.json")
+                if name not in self.warned:  # once per environment and process: the counter says the rest
+                    self.warned.add(name)
+                    logs.emit(
+                        f"warning: environment {name} has no readable live lock "
+                        f"{root / 'current' / releases.LOCK_NAME}: converge it with the comfyui_environments role",
+                        "warning",
+                        environment=name,
+                    )
+            build = read_json(root / builder.BUILD_RECORD, "comfyui_environments")
             if build is not None:
                 if isinstance(build.get("finished"), (int, float)):
                     build_time.add_metric([name], float(build["finished"]))
@@ -683,8 +840,10 @@ def registry(args: argparse.Namespace) -> CollectorRegistry:
         raise ExporterError(
             f"the exporter needs {PROMETHEUS_CLIENT}: install it (pip install {PROMETHEUS_CLIENT})"
         ) from None
-    if args.timeout <= 0:
-        raise ExporterError(f"--timeout {args.timeout:g} must be more than 0 seconds")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT):
+        raise ExporterError(
+            f"--timeout {args.timeout:g} must be a number of seconds more than 0 and at most {MAX_TIMEOUT:g}"
+        )
     state = Path(args.state) if args.state else default_state(args.config_root)
     found = CollectorRegistry(auto_describe=False)
     found.register(Collector(args.config_root, state, args.timeout, args.nvml))
@@ -779,7 +938,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             "--timeout",
             type=float,
             default=DEFAULT_TIMEOUT,
-            help=f"seconds to wait for the instances, all at once (default {DEFAULT_TIMEOUT:g})",
+            help=f"seconds a scrape waits for the instances, all at once (default {DEFAULT_TIMEOUT:g}, "
+            f"at most {MAX_TIMEOUT:g})",
         )
         sub.add_argument(
             "--nvml",

@@ -238,6 +238,17 @@ class PromptQueue:
             self.changed()
             logging.info("Prompt executed in %.2f seconds", seconds)
 
+    def get_history(self, max_items: int | None) -> dict[str, object]:
+        """ComfyUI's get_history without a prompt id or offset: every item, or the newest `max_items`."""
+        offset = 0 if max_items is None else len(self.history) - max_items
+        out: dict[str, object] = {}
+        for index, key in enumerate(self.history):
+            if index >= offset:
+                out[key] = self.history[key]
+                if max_items is not None and len(out) >= max_items:
+                    break
+        return out
+
     def as_lists(self, key: str) -> list[list[object]]:
         with self.lock:
             return [[i["number"], i["prompt_id"], i["prompt"], i["extra_data"], []] for i in getattr(self, key)]
@@ -344,9 +355,10 @@ class Handler(BaseHTTPRequestHandler):
             )
         elif route == "/prompt":
             self._send(200, {"exec_info": {"queue_remaining": self.prompts.remaining()}})
-        elif route == "/history":
+        elif route == "/history":  # ComfyUI's: ?max_items=N, the newest N (PromptQueue.get_history)
+            max_items = parse_qs(urlsplit(self.path).query).get("max_items", [None])[0]
             with self.prompts.lock:
-                self._send(200, dict(self.prompts.history))
+                self._send(200, self.prompts.get_history(None if max_items is None else int(max_items)))
         else:
             self._send(404, "404: Not Found", "text/plain")
 

@@ -121,3 +121,95 @@ def test_every_pynvml_name_the_exporter_uses_exists_in_the_pinned_wheel(nvml_whe
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# nvidia-ml-py's calls as the exporter makes them, for two GPUs: GPU 0 refuses its ECC counter (no
+# permission), GPU 1 does not support a power reading. The GPU path itself needs a GPU; this runs
+# its handling of NVML's answers.
+STAND_IN = """
+from types import SimpleNamespace
+
+NVML_TEMPERATURE_GPU = 0
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_AGGREGATE_ECC = 1
+
+
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):
+    pass
+
+
+class NVMLError_NoPermission(NVMLError):
+    pass
+
+
+def nvmlInit():
+    pass
+
+
+def nvmlDeviceGetCount():
+    return 2
+
+
+def nvmlDeviceGetHandleByIndex(index):
+    return index
+
+
+def nvmlDeviceGetName(handle):
+    return f"Stand-in GPU {handle}".encode()
+
+
+def nvmlDeviceGetUUID(handle):
+    return f"GPU-{handle}"
+
+
+def nvmlDeviceGetUtilizationRates(handle):
+    return SimpleNamespace(gpu=50)
+
+
+def nvmlDeviceGetMemoryInfo(handle):
+    return SimpleNamespace(used=1024, total=4096)
+
+
+def nvmlDeviceGetTemperature(handle, sensor):
+    return 40
+
+
+def nvmlDeviceGetPowerUsage(handle):
+    if handle == 1:
+        raise NVMLError_NotSupported()
+    return 150000
+
+
+def nvmlDeviceGetTotalEccErrors(handle, kind, counter):
+    if handle == 0:
+        raise NVMLError_NoPermission()
+    return 0
+"""
+
+
+def gpu(found: Samples, metric: str, labels: dict[str, str]) -> float | None:
+    """A GPU sample (its `name` label cannot be a keyword of value())."""
+    return found.get((metric, tuple(sorted(labels.items()))))
+
+
+def test_a_value_nvml_fails_to_read_leaves_out_that_value_only(tmp_path: Path) -> None:
+    """One refused read drops that value, not the device, and counts `nvml` once per scrape; a
+    value the device does not support is left out without an error."""
+    (tmp_path / "nvml").mkdir()
+    (tmp_path / "nvml" / "pynvml.py").write_text(STAND_IN)
+    _done, found = scrape(write_host(tmp_path / "etc", []), "--nvml", "auto", path=[tmp_path / "nvml"])
+    gpus = [{"gpu": str(index), "uuid": f"GPU-{index}", "name": f"Stand-in GPU {index}"} for index in (0, 1)]
+    for labels in gpus:
+        assert gpu(found, "comfybake_gpu_utilization_ratio", labels) == 0.5
+        assert gpu(found, "comfybake_gpu_memory_used_bytes", labels) == 1024
+        assert gpu(found, "comfybake_gpu_memory_total_bytes", labels) == 4096
+        assert gpu(found, "comfybake_gpu_temperature_celsius", labels) == 40
+    assert gpu(found, "comfybake_gpu_power_watts", gpus[0]) == 150
+    assert gpu(found, "comfybake_gpu_power_watts", gpus[1]) is None
+    assert gpu(found, "comfybake_gpu_ecc_uncorrected_errors_total", gpus[0]) is None
+    assert gpu(found, "comfybake_gpu_ecc_uncorrected_errors_total", gpus[1]) == 0
+    assert value(found, "comfybake_exporter_errors_total", instance="", what="nvml") == 1
