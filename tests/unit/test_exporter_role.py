@@ -220,3 +220,12 @@ def test_the_gateways_probe_of_the_exporter_ignores_the_environments_proxy(monke
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_setting_problems_network_takes_what_ipaddress_parses() -> None:
+    from ansible_collections.comfybake.core.plugins.filter.settings import setting_problems
+
+    assert setting_problems({"c": ["10.0.0.7", "10.0.0.0/24", "::1", "fd00::/8"]}, "network") == []
+    for bad in ("1.2.3.4.5", "10.0.0.0/33", "localhost", "10.0.0.7 10.0.0.8", "10.0.0.7\n"):
+        (problem,) = setting_problems({"c": [bad]}, "network")
+        assert problem.startswith(f"c[0] {bad!r} must be one IP address or network"), problem
