@@ -72,6 +72,8 @@ print(json.dumps(rows))
 
 # The gateway's routes in the test image (ports mode): instance a, instance b, environment comm.
 GATEWAY_PORTS = {"a": 9188, "b": 9189, "comm": 8443}
+# The gateway's metrics route to the exporter (comfyui_gateway_metrics_port), authenticated too.
+METRICS_PORT = 9722
 GATEWAY_CA = "/var/lib/comfybake-gateway/pki/authorities/local/root.crt"
 # The TCP sockets listening in the container: [address in /proc/net hex, port].
 LISTENERS = """
@@ -360,7 +362,7 @@ def test_the_image_serves_only_through_the_gateway(running: Running) -> None:
     # Only the gateway listens beyond the container's loopback; the instances listen on it only.
     listeners = json.loads(docker("exec", name, "python3", "-c", LISTENERS).stdout)
     outside = {port for address, port in listeners if address not in LOOPBACK}
-    assert outside == set(GATEWAY_PORTS.values()), f"listening beyond loopback: {listeners}"
+    assert outside == {*GATEWAY_PORTS.values(), METRICS_PORT}, f"listening beyond loopback: {listeners}"
     assert {port for address, port in listeners if address in LOOPBACK} >= {8188, 8189}
     # Without credentials, every route answers 401, on every path.
     for route, port in ports.items():
