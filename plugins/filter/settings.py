@@ -10,6 +10,7 @@ written. Pure: it reads only its arguments. Each pattern is matched in full (`fu
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -37,7 +38,20 @@ KINDS: dict[str, tuple[re.Pattern[str] | None, str]] = {
         "a URL such as https://host/path, without spaces or line breaks",
     ),
     "digits": (re.compile(r"[0-9]+"), "digits only"),
+    # Also parsed with ipaddress (1.2.3.4.5 matches the pattern, but systemd would drop it).
+    "network": (
+        re.compile(r"[0-9A-Fa-f.:]+(/[0-9]{1,3})?"),
+        "one IP address or network as systemd's IPAddressAllow= takes it, such as 10.0.0.7 or 10.0.0.0/24",
+    ),
 }
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _strings(where: str, value: Any) -> Iterator[tuple[str, Any]]:
@@ -66,7 +80,12 @@ def setting_problems(settings: Any, kind: str = "text") -> list[str]:
             if kind == "text" and (item is None or isinstance(item, (bool, int, float))):
                 continue  # a number or a boolean is written as digits or a word
             text = item if isinstance(item, str) else None
-            if text is None or CONTROL.search(text) or (pattern is not None and not pattern.fullmatch(text)):
+            if (
+                text is None
+                or CONTROL.search(text)
+                or (pattern is not None and not pattern.fullmatch(text))
+                or (kind == "network" and not _is_network(text))
+            ):
                 problems.append(f"{where} {item!r} must be {wanted}")
     return problems
 

@@ -294,10 +294,15 @@ def gateway_upstreams(admin_socket: str) -> tuple[dict[str, dict[str, Any]] | No
     return {str(item.get("address")): item for item in listed or [] if isinstance(item, dict)}, "running"
 
 
+# Upstreams are asked directly, never through the proxy that http_proxy names (as the engine's
+# runtime does): a proxy cannot reach this host's loopback.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def probe(upstream: str, path: str = "/system_stats") -> str:
     """`ok`, or why the instance does not answer /system_stats (the exporter /metrics) directly."""
     try:
-        with urllib.request.urlopen(f"http://{upstream}{path}", timeout=PROBE_TIMEOUT) as response:
+        with _DIRECT.open(f"http://{upstream}{path}", timeout=PROBE_TIMEOUT) as response:
             body = response.read()
             if path == "/system_stats":
                 json.loads(body)

@@ -72,6 +72,8 @@ print(json.dumps(rows))
 
 # The gateway's routes in the test image (ports mode): instance a, instance b, environment comm.
 GATEWAY_PORTS = {"a": 9188, "b": 9189, "comm": 8443}
+# The gateway's metrics route to the exporter (comfyui_gateway_metrics_port), authenticated too.
+METRICS_PORT = 9722
 GATEWAY_CA = "/var/lib/comfybake-gateway/pki/authorities/local/root.crt"
 # The TCP sockets listening in the container: [address in /proc/net hex, port].
 LISTENERS = """
@@ -156,6 +158,12 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 def processes(name: str, canary: str, uid: int = 0) -> list[dict]:
     return json.loads(docker("exec", "--user", str(uid), name, "python3", "-c", PROCESSES, canary).stdout)
+
+
+def without_log_format(argv: list[str]) -> list[str]:
+    """A command line without the `--log-format FORMAT` that comfybake's programs start with."""
+    at = argv.index("--log-format") if "--log-format" in argv else len(argv)
+    return argv[:at] + argv[at + 2 :]
 
 
 def comfyui_processes(name: str, canary: str) -> dict[int, dict]:
@@ -354,7 +362,7 @@ def test_the_image_serves_only_through_the_gateway(running: Running) -> None:
     # Only the gateway listens beyond the container's loopback; the instances listen on it only.
     listeners = json.loads(docker("exec", name, "python3", "-c", LISTENERS).stdout)
     outside = {port for address, port in listeners if address not in LOOPBACK}
-    assert outside == set(GATEWAY_PORTS.values()), f"listening beyond loopback: {listeners}"
+    assert outside == {*GATEWAY_PORTS.values(), METRICS_PORT}, f"listening beyond loopback: {listeners}"
     assert {port for address, port in listeners if address in LOOPBACK} >= {8188, 8189}
     # Without credentials, every route answers 401, on every path.
     for route, port in ports.items():
@@ -397,7 +405,11 @@ def test_the_exporter_answers_metrics_in_the_container_as_its_own_account(runnin
     for instance in ("a", "b"):  # of environment comm
         assert f'comfybake_instance_up{{environment="comm",instance="{instance}"}} 1.0' in metrics, metrics
     assert running.canary not in metrics and running.key not in metrics
-    exporter = [row for row in processes(name, running.canary) if row["argv"][2:5] == [CLI, "exporter", "serve"]]
+    exporter = [
+        row
+        for row in processes(name, running.canary)
+        if without_log_format(row["argv"])[2:5] == [CLI, "exporter", "serve"]
+    ]
     assert len(exporter) == 1, exporter
     uid = exporter[0]["uid"]
     assert docker("exec", name, "id", "-un", str(uid)).stdout.strip() == "comfybake-exporter"
@@ -410,7 +422,7 @@ def test_the_image_runs_unprivileged_and_every_instance_is_ready(running: Runnin
     assert {(row["name"], row["port"]) for row in rows} == {("a", 8188), ("b", 8189)}
     # Root runs only tini, supervisord, which hands out the accounts, and the keeper, which uses
     # supervisord's socket (and this docker exec).
-    root = [" ".join(row["argv"]) for row in processes(name, running.canary) if row["uid"] == 0]
+    root = [" ".join(without_log_format(row["argv"])) for row in processes(name, running.canary) if row["uid"] == 0]
     expected = ("/usr/bin/tini ", "/usr/bin/python3 /usr/bin/supervisord ", "python3 -c ")
     keeper = "/usr/local/bin/comfybake instances --config-root /etc/comfybake keeper"
     assert [command for command in root if not command.startswith(expected) and keeper not in command] == []
