@@ -38,6 +38,7 @@ from harness.gateway import (
     wait_for_port,
     wait_until,
 )
+from harness.prometheus import ready
 
 from comfybake import cli
 
@@ -201,6 +202,7 @@ def prometheus(scratch: Path, jobs: list[dict[str, Any]]) -> tuple[subprocess.Po
             stdout=sink, stderr=subprocess.STDOUT, cwd=scratch,
         )  # fmt: skip
     wait_for_port(port, process, log, timeout=30)
+    wait_until(lambda: ready(port), 30, "prometheus was not ready")  # its API answers 503 until then
     return process, port
 
 

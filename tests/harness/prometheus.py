@@ -189,6 +189,15 @@ def write_config(folder: Path, target: Target, rules: Path | None = RULES, for_:
     return path
 
 
+def ready(port: int) -> bool:
+    """Prometheus on `port` answers `/-/ready` (its API answers 503 until then)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
 def start_prometheus(
     folder: Path, target: Target, rules: Path | None = RULES, for_: str = "1s", timeout: float = 30
 ) -> Prometheus:
@@ -207,16 +216,8 @@ def start_prometheus(
             stderr=subprocess.STDOUT,
         )
     server = Prometheus(process, port, folder)
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as response:
-                return bool(response.status == 200)
-        except (OSError, urllib.error.URLError):
-            return False
-
     try:
-        server.wait("prometheus to be ready", ready, timeout)
+        server.wait("prometheus to be ready", lambda: ready(port), timeout)
     except PrometheusError:
         server.stop()
         raise
