@@ -23,7 +23,7 @@ import bcrypt
 import pytest
 from ansible_collections.comfybake.core.plugins.module_utils.gateway import apply, caddy, credentials, routes
 from ansible_collections.comfybake.core.plugins.module_utils.gateway.credentials import Principal
-from harness.double import Double, free_port
+from harness.double import Double, free_port, stop_process
 from harness.exporter import samples, value, write_host
 from harness.gateway import (
     Gateway,
@@ -90,16 +90,6 @@ def start_exporter(config_root: Path, state: Path, listen: str, log: Path) -> su
     return process
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def configure(scratch: Path, config_root: Path, records: list[dict[str, Any]], **given: Any) -> tuple[Any, ...]:
     """Render, validate and write the gateway's files as the module does (routes, settings, credentials)."""
     gateway_dir = config_root / "gateway"
@@ -146,7 +136,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         finally:
             gateway.stop()
     finally:
-        stop(process)
+        stop_process(process)
         double.stop()
 
 
@@ -254,7 +244,7 @@ def test_prometheus_scrapes_with_a_bearer_key_made_for_the_metrics_scope(
         assert [(item["metric"]["exported_instance"], item["value"][1]) for item in found] == [("a", "1")], found
         assert "401" in targets(port)["outsider"]["lastError"]
     finally:
-        stop(process)
+        stop_process(process)
 
     code, out, _err = cli_gateway(site, capsys, "status")
     line = next(line for line in out.splitlines() if line.startswith("metrics"))

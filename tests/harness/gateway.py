@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import websocket
 
-from harness.double import DOUBLE, Double, free_port
+from harness.double import DOUBLE, Double, free_port, stop_process
 
 CA_CERT = Path("pki") / "authorities" / "local" / "root.crt"
 
@@ -182,13 +182,7 @@ class Gateway:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def start_caddy(
@@ -302,12 +296,7 @@ def chromium_title(
         finally:
             devtools.close()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:

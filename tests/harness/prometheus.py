@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 try:
-    from harness.double import free_port
+    from harness.double import free_port, stop_process
 except ImportError:  # run as a script: tests/ is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from harness.double import free_port
+    from harness.double import free_port, stop_process
 
 FILES = Path(__file__).resolve().parents[2] / "roles" / "comfyui_exporter" / "files"
 RULES = FILES / "prometheus" / "comfybake-rules.yml"
@@ -166,13 +166,7 @@ class Prometheus:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=15)
 
 
 def write_config(folder: Path, target: Target, rules: Path | None = RULES, for_: str = "1s") -> Path:
