@@ -14,8 +14,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -26,6 +27,8 @@ from harness.models import CANARY_HF, assert_no_canary, safetensors
 from harness.tools import ROOT, venv_bin
 
 from comfybake import logs
+
+T = TypeVar("T")
 
 COMMON = ("time", "level", "component", "host", "message")
 
@@ -248,8 +251,9 @@ def test_the_log_format_option_takes_any_case_as_the_environment_does(tmp_path: 
         assert record["component"] == "instances" and "invalid choice" not in record["message"], record
 
 
-def test_the_exporter_logs_a_failed_request_as_one_warning(tmp_path: Path) -> None:
-    """socketserver prints a banner and a traceback for a request that failed: one object instead."""
+def exporter_serving(tmp_path: Path, while_serving: Callable[[list[str], int], T]) -> tuple[int, str, T]:
+    """A real `comfybake exporter serve` in JSON mode on a free port: `while_serving(command, port)`
+    runs once it listens, then SIGTERM stops it. Returns the port, its stderr and what the call returned."""
     (tmp_path / "instances.json").write_text(json.dumps({"instances": []}))
     port = free_port()
     environment = {**os.environ, "COMFYBAKE_LOG_FORMAT": "json"}
@@ -261,17 +265,27 @@ def test_the_exporter_logs_a_failed_request_as_one_warning(tmp_path: Path) -> No
             while not port_open(port) and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert port_open(port), "the exporter did not start"
-            for _attempt in range(2):
-                with socket.create_connection(("127.0.0.1", port)) as client:
-                    client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
-                    time.sleep(0.2)
-                    # headers unfinished; close with RST while the server reads them (SO_LINGER 0)
-                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-            time.sleep(0.5)
+            result = while_serving(command, port)
         finally:
             process.send_signal(signal.SIGTERM)
             _out, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
+    return port, stderr, result
+
+
+def test_the_exporter_logs_a_failed_request_as_one_warning(tmp_path: Path) -> None:
+    """socketserver prints a banner and a traceback for a request that failed: one object instead."""
+
+    def reset_twice(_command: list[str], port: int) -> None:
+        for _attempt in range(2):
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                time.sleep(0.2)
+                # headers unfinished; close with RST while the server reads them (SO_LINGER 0)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        time.sleep(0.5)
+
+    _port, stderr, _none = exporter_serving(tmp_path, reset_twice)
     records = lines(stderr)
     assert [record["level"] for record in records] == ["info", "warning", "warning", "info"], stderr
     for failed in records[1:3]:
@@ -279,22 +293,7 @@ def test_the_exporter_logs_a_failed_request_as_one_warning(tmp_path: Path) -> No
 
 
 def test_the_exporter_logs_start_stop_and_errors(tmp_path: Path) -> None:
-    (tmp_path / "instances.json").write_text(json.dumps({"instances": []}))
-    port = free_port()
-    environment = {**os.environ, "COMFYBAKE_LOG_FORMAT": "json"}
-    command = [venv_bin("comfybake"), "exporter", "serve", "--config-root", str(tmp_path)]
-    command += ["--listen", f"127.0.0.1:{port}", "--state", str(tmp_path / "exporter.json")]
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment) as process:
-        try:
-            deadline = time.monotonic() + 30
-            while not port_open(port) and process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert port_open(port), "the exporter did not start"
-            busy = comfybake(*command[1:])  # the same port again
-        finally:
-            process.send_signal(signal.SIGTERM)
-            _out, stderr = process.communicate(timeout=30)
-    assert process.returncode == 0, stderr
+    port, stderr, busy = exporter_serving(tmp_path, lambda command, _port: comfybake(*command[1:]))  # the same port
     started, stopped = lines(stderr)
     assert started["component"] == stopped["component"] == "exporter"
     assert "serving /metrics" in started["message"] and "stopped" in stopped["message"], stderr
