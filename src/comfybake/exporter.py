@@ -247,8 +247,11 @@ def ask_instance(record: dict[str, Any], deadline: float, found: dict[str, Any])
         found["asking"] = route
         try:
             found[route] = runtime.get_json(instance.url(path), timeout=left())
-        except (OSError, ValueError, urllib.error.URLError):
-            found["errors"].append(route)
+        except (OSError, ValueError, urllib.error.URLError) as error:
+            # A request cut by its share of the deadline is the instance being late, as when the
+            # deadline passes first: one `timeout`, never a route error that only timing decides.
+            timed_out = isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
+            found["errors"].append("timeout" if timed_out else route)
             if route == "system_stats":
                 break  # the port does not answer: nothing else will
     found.pop("asking")
@@ -690,9 +693,9 @@ class Collector:
             for record, answer in zip(records, answers, strict=True):
                 name, environment = str(record["name"]), str(record.get("environment", ""))
                 values = [name, environment]
-                if answer["late"]:
+                if answer["late"] and "timeout" not in answer["errors"]:
                     self.state.error(name, "timeout")
-                for what in answer["errors"]:
+                for what in dict.fromkeys(answer["errors"]):  # one `timeout` per scrape, however many requests ran late
                     self.state.error(name, what)
                 stats = answer.get("system_stats")
                 up.add_metric(values, 1 if isinstance(stats, dict) else 0)
