@@ -137,6 +137,8 @@ else
     refuse "no NVIDIA GPU here: nvidia-smi -L exited $status and listed none (${listed:-no output}); run this on a machine with an NVIDIA GPU whose driver is loaded"
   [[ -x $venv/bin/ansible-playbook ]] ||
     refuse "no ansible-playbook in $venv; run scripts/bootstrap.sh (or make) first, or set COMFYBAKE_VENV to the venv"
+  [[ -f $root/roles/comfyui/files/comfybake.pyz ]] ||
+    refuse "no host command roles/comfyui/files/comfybake.pyz (the roles install it); build it: $venv/bin/python scripts/build-cli.py"
   if wants 3 || wants 4; then
     others=()
     for file in /etc/comfybake/instances/*.env; do
