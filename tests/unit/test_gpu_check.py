@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ansible_collections.comfybake.core.plugins.filter.instances import instance_layout
 from harness.tools import venv_bin
 
 SCRIPT = "scripts/gpu-check.sh"
@@ -140,6 +141,23 @@ def test_the_driver_check_runs_the_roles_verify_step(
     assert "TASK [comfybake.core.nvidia_driver : Assert that every GPU runs the pinned driver branch]" in output
     assert "nvidia-smi --query-gpu=name,driver_version --format=csv,noheader should list every GPU" in output
     assert "changed=0" in output
+
+
+def test_the_instances_pass_the_roles_layout_with_the_gpus_check_3_expects(dry_run: tuple[Path, str]) -> None:
+    # The instances role's own validation (names, ports, GPUs shared only with share_gpus), and
+    # the CUDA_VISIBLE_DEVICES each instance's unit gets, which check 3 compares with its GPU.
+    workdir, _ = dry_run
+    settings = yaml.safe_load((workdir / "vars.yml").read_text())
+    paths = {"state_root": "/var/lib/comfybake", "cache_root": "/var/cache/comfybake", "config_root": "/etc/comfybake"}
+    options = {"listen": "127.0.0.1", "code_root": "/opt/comfybake", "extra_args": [], "allowed_clients": []}
+    layout = instance_layout(
+        settings["gpu_check_instances"],
+        settings["comfyui_environments"],
+        {**paths, **options, "reserved_ports": [], "busy_ports": {}, "log_dir": ""},
+    )
+    visible = {record["name"]: record["env"]["CUDA_VISIBLE_DEVICES"] for record in layout}
+    assert visible == {"gpucheck-shared-a": "0", "gpucheck-shared-b": "0", "gpucheck-alone": "1"}
+    assert all("--cpu" not in record["argv"] for record in layout)
 
 
 def test_the_instance_check_is_valid_python(root: Path) -> None:
