@@ -62,7 +62,7 @@ refuse() {
 
 # ----------------------------------------------------------------------------- options
 
-only=""
+only="" only_given=false
 keep=false
 dry_run=false
 workdir=""
@@ -78,7 +78,7 @@ while (($#)); do
       set -- "$1=$2" "${@:3}"
       continue
       ;;
-    --only=*) only=${1#*=} ;;
+    --only=*) only=${1#*=} only_given=true ;;
     --extra-vars=*)
       file=${1#*=}
       [[ -f $file && -r $file ]] || refuse "--extra-vars '$file' is not a readable file; give the path of an Ansible vars file (YAML or JSON)"
@@ -93,7 +93,7 @@ while (($#)); do
 done
 
 declare -A selected=()
-if [[ -z $only ]]; then
+if ! $only_given; then
   selected=([1]=1 [2]=1 [3]=1 [4]=1)
 else
   IFS=, read -ra wanted <<<"$only"
@@ -313,7 +313,7 @@ why() { # the lines of a playbook log that say what failed
   printf '       (whole log: %s)\n' "$workdir/$1.log"
 }
 
-say "$(nvidia-smi -L | wc -l) GPU(s), driver $driver:"
+say "${#gpu_index[@]} GPU(s), driver $driver:"
 for i in "${!gpu_index[@]}"; do say "  ${gpu_index[$i]} ${gpu_name[$i]} ${gpu_uuid[$i]}"; done
 say "work folder (playbooks and logs): $workdir"
 
@@ -329,7 +329,7 @@ if wants 1; then
     if ((${#missing[@]})); then
       report FAIL "1 driver" "nvidia-smi passed the verify, but ${missing[*]} is not a character device"
     else
-      report PASS "1 driver" "every GPU on driver $driver (branch ${driver%%.*} checked by the verify step); /dev/nvidiactl and /dev/nvidia<index> of each GPU present"
+      report PASS "1 driver" "the verify step found every GPU on nvidia_driver_branch (installed: $driver); /dev/nvidiactl and /dev/nvidia<index> of each GPU present"
     fi
   else
     report FAIL "1 driver" "the nvidia_driver verify step failed"

@@ -47,6 +47,7 @@ def test_help_exits_0(root: Path) -> None:
         (["--only", "5"], "--only '5': '5' is not a check"),
         (["--only", "1,x"], "'x' is not a check"),
         (["--only"], "option --only needs a value"),
+        (["--only="], "--only '' names no check"),
         (["--extra-vars", "/nonexistent/vars.yml"], "--extra-vars '/nonexistent/vars.yml' is not a readable file"),
     ],
 )
