@@ -91,6 +91,19 @@ def test_the_vm_sources_take_packers_key_out_of_the_image() -> None:
     assert default and disk and default.group(1) == "file:" + disk.group(1).rsplit("/", 1)[0] + "/SHA256SUMS"
 
 
+def test_one_build_runs_every_source() -> None:
+    # The cloud sources share the pipeline of the tested ones: one build lists every source, and
+    # test_packer_validate gives no -only, so each target is validated with all of them.
+    sources = set(re.findall(r'^source "([a-z-]+)" "comfybake" \{', (PACKER / "sources.pkr.hcl").read_text(), re.M))
+    assert {"docker", "amazon-ebs", "googlecompute", "qemu"} <= sources
+    templates = "\n".join(path.read_text() for path in sorted(PACKER.glob("*.pkr.hcl")))
+    builds = re.findall(r"^build \{\n(.*?)^\}", templates, re.M | re.S)
+    assert len(builds) == 1
+    listed = re.search(r"^  sources = \[(.*?)\]", builds[0], re.M | re.S)
+    assert listed is not None
+    assert set(re.findall(r'"source\.([a-z-]+)\.comfybake"', listed.group(1))) == sources
+
+
 def test_shell_scripts_parse(root: Path) -> None:
     for script in [*root.glob("scripts/*.sh"), root / ".ci" / "run"]:
         run(root, "bash", "-n", str(script))
