@@ -59,15 +59,24 @@ source "googlecompute" "comfybake" {
   }
 }
 
-# A VM image for on-premises KVM, from a cloud image checked against its publisher's checksum.
+# A VM image for on-premises KVM, from a cloud image checked against its publisher's checksum,
+# booted with a cloud-init NoCloud seed (var.qemu_seed_files) that lets Packer in.
 source "qemu" "comfybake" {
-  iso_url              = var.qemu_base_disk
-  iso_checksum         = var.qemu_base_disk_checksum
-  disk_image           = true
-  format               = "qcow2"
-  disk_size            = "${var.disk_size_gb}G"
-  accelerator          = var.qemu_accelerator
-  qemuargs             = [["-cpu", var.qemu_cpu]]
+  iso_url      = var.qemu_base_disk
+  iso_checksum = var.qemu_base_disk_checksum
+  disk_image   = true
+  format       = "qcow2"
+  disk_size    = "${var.disk_size_gb}G"
+  accelerator  = var.qemu_accelerator
+  qemuargs     = [["-cpu", var.qemu_cpu]]
+  cpus         = var.qemu_cpus
+  memory       = var.qemu_memory_mb
+  cd_files     = var.qemu_seed_files
+  cd_label     = "cidata"
+  # Blocks the guest frees (sysprep trims them) leave the disk, and Packer's final compaction
+  # drops them: nothing deleted during the bake stays in the image file.
+  disk_discard         = "unmap"
+  disk_detect_zeroes   = "unmap"
   headless             = true
   output_directory     = "${local.repo}/build/qemu-${var.target}"
   vm_name              = "${local.vm_image}.qcow2"

@@ -254,6 +254,28 @@ variable "qemu_cpu" {
   default     = "host"
 }
 
+variable "qemu_cpus" {
+  type        = number
+  description = "vCPUs of the qemu build VM."
+  default     = 4
+}
+
+variable "qemu_memory_mb" {
+  type        = number
+  description = "Memory of the qemu build VM, in MiB (environment installs need 2048 or more)."
+  default     = 8192
+  validation {
+    condition     = var.qemu_memory_mb >= 1024
+    error_message = "The qemu_memory_mb must be at least 1024."
+  }
+}
+
+variable "qemu_seed_files" {
+  type        = list(string)
+  description = "Files of the cloud-init NoCloud seed the build VM boots with (user-data and meta-data, on a CD labelled cidata): the user-data gives var.ssh_username the public half of var.ssh_private_key_file. Empty: the base disk must let Packer in by itself."
+  default     = []
+}
+
 variable "ssh_private_key_file" {
   type        = string
   description = "Private key Packer logs in with on qemu builds (the base disk's authorized key); empty uses var.ssh_password."

@@ -13,8 +13,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${COMFYBAKE_VENV:-$root/.venv}
 python=${PYTHON:-python3}
 # caddy and chromium: the gateway tests run the real proxy and a real browser in front of it;
-# prometheus: promtool checks the exporter's alert rules, and the server scrapes it in tests
-packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl caddy chromium prometheus)
+# prometheus: promtool checks the exporter's alert rules, and the server scrapes it in tests;
+# qemu, cloud-image-utils and fdisk: the VM bake's base disk (scripts/base-vm.sh), its seeds and boots
+packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl caddy chromium prometheus
+  qemu-system-x86 qemu-utils cloud-image-utils fdisk)
 dockerd_log=${COMFYBAKE_DOCKERD_LOG:-/var/log/comfybake-dockerd.log}
 
 say() { printf 'bootstrap: %s\n' "$*"; }

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import vm
 from harness.bridge import host_address
 from harness.tools import ROOT, failure_reason, save_log
 
@@ -146,3 +147,60 @@ def image_files(image: str) -> dict[str, bytes]:
 
 def image_size(image: str) -> int:
     return int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout.strip())
+
+
+@dataclass
+class VMBake:
+    disk: Path  # the qcow2 Packer wrote
+    log: str
+    seconds: float
+    key: Path  # the build key pair's private half (Packer logged in with it)
+    host_keys: set[str]  # the build VM's SSH host keys ("type base64"), given by its seed
+    accelerator: vm.Accelerator
+
+
+def bake_vm(origin: Origin, folder: Path, version: str, policy: str = "boot") -> VMBake:
+    """`packer build` of the test target's qemu source from the local base disk, under the
+    accelerator this machine can use, into build/qemu-test/. Packer logs in as the base disk's
+    default user with a build key pair that the NoCloud seed on the build VM's CD authorizes."""
+    disk = vm.base_disk()
+    accel = vm.accelerator(disk, folder)
+    key = vm.keypair(folder, "build-key")
+    host = vm.keypair(folder, "build-host-key")
+    host_public = host.with_suffix(".pub").read_text().strip()
+    user_data = {
+        "ssh_authorized_keys": [key.with_suffix(".pub").read_text().strip()],
+        "ssh_keys": {"ed25519_private": host.read_text(), "ed25519_public": host_public},
+    }
+    seed = vm.seed_files(folder / "build-seed", "comfybake-build", user_data)
+    checksum = subprocess.run(["sha256sum", str(disk)], capture_output=True, text=True, check=True).stdout.split()[0]
+    env = {
+        **os.environ,
+        "PATH": f"{PYTHON.parent}{os.pathsep}{os.environ['PATH']}",
+        "COMFYBAKE_FIXTURES": str(origin.fixtures / "environments.json"),
+        "COMFYBAKE_ORIGIN": str(origin.state),
+        "HF_TOKEN": origin.token,
+        "PACKER_CACHE_DIR": str(ROOT / "build" / "packer-cache"),  # not ./packer_cache in the checkout
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        ["packer", "build", "-color=false", "-force", "-only=comfybake.qemu.comfybake", f"-var-file={TARGET}",
+         f"-var=models_policy={policy}", f"-var=image_version={version}", f"-var=extra_ca_bundle={origin.ca}",
+         f"-var=qemu_base_disk={disk}", f"-var=qemu_base_disk_checksum=sha256:{checksum}",
+         f"-var=qemu_accelerator={accel.name}", f"-var=qemu_cpu={accel.cpu}", "-var=qemu_cpus=2",
+         "-var=qemu_memory_mb=2048", "-var=disk_size_gb=20", f"-var=ssh_username={vm.USER}",
+         f"-var=ssh_private_key_file={key}", f"-var=qemu_seed_files={json.dumps([str(path) for path in seed])}",
+         "packer"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        saved = save_log(f"packer-qemu-{version}", log)
+        raise BakeError(
+            f"packer build (qemu, {accel.name}: {accel.why}) failed: {failure_reason(log)} (full log: {saved})"
+        )
+    image = ROOT / "build" / "qemu-test" / f"comfybake-test-test-{version}.qcow2"
+    host_keys = {" ".join(host_public.split()[:2])}
+    return VMBake(
+        disk=image, log=log, seconds=time.monotonic() - started, key=key, host_keys=host_keys, accelerator=accel
+    )
