@@ -69,7 +69,7 @@ def main() -> int:
                     accel = vm_bake.accelerator
                     print(f"round {round_ + 1}: VM image: {vm_bake.seconds:.1f} s, {size / MB:.0f} MB, "
                           f"ready {seconds_to_ready:.1f} s after boot ({accel.name}: {accel.why})")  # fmt: skip
-                    vm_bake.disk.unlink()
+                    shutil.rmtree(vm_bake.disk.parent)
         for version in ("bench-boot", "bench-bake", "bench-fill", "bench-warm"):
             baking.docker("rmi", f"comfybake/test:{version}", check=False)
 

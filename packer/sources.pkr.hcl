@@ -78,7 +78,7 @@ source "qemu" "comfybake" {
   disk_discard         = "unmap"
   disk_detect_zeroes   = "unmap"
   headless             = true
-  output_directory     = "${local.repo}/build/qemu-${var.target}"
+  output_directory     = "${local.repo}/build/qemu/${local.vm_image}"
   vm_name              = "${local.vm_image}.qcow2"
   ssh_username         = var.ssh_username
   ssh_private_key_file = var.ssh_private_key_file

@@ -199,7 +199,7 @@ def bake_vm(origin: Origin, folder: Path, version: str, policy: str = "boot") ->
         raise BakeError(
             f"packer build (qemu, {accel.name}: {accel.why}) failed: {failure_reason(log)} (full log: {saved})"
         )
-    image = ROOT / "build" / "qemu-test" / f"comfybake-test-test-{version}.qcow2"
+    image = ROOT / "build" / "qemu" / f"comfybake-test-test-{version}" / f"comfybake-test-test-{version}.qcow2"
     host_keys = {" ".join(host_public.split()[:2])}
     return VMBake(
         disk=image, log=log, seconds=time.monotonic() - started, key=key, host_keys=host_keys, accelerator=accel

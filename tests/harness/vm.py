@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -143,7 +144,7 @@ class VM:
             raise VMError(f"ssh {command!r} exited {done.returncode}: {done.stderr.strip()}")
         return done
 
-    def json(self, command: str) -> object:
+    def json(self, command: str) -> Any:
         return json.loads(self.ssh(command).stdout)
 
     def host_keys(self) -> set[str]:
