@@ -73,8 +73,8 @@ source "qemu" "comfybake" {
   memory       = var.qemu_memory_mb
   cd_files     = var.qemu_seed_files
   cd_label     = "cidata"
-  # Blocks the guest frees (sysprep trims them) leave the disk, and Packer's final compaction
-  # drops them: nothing deleted during the bake stays in the image file.
+  # Discards reach the qcow2: clusters that sysprep's fstrim frees wholly are dropped when
+  # Packer compacts the image at the end.
   disk_discard         = "unmap"
   disk_detect_zeroes   = "unmap"
   headless             = true
