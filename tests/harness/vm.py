@@ -60,15 +60,16 @@ def accelerator(disk: Path, folder: Path, wait: float = 20) -> Accelerator:
     skips the probe."""
     forced = os.environ.get("COMFYBAKE_QEMU_ACCELERATOR")
     if forced:
-        name, cpu = KVM if forced == "kvm" else TCG
-        return Accelerator(name, cpu, f"COMFYBAKE_QEMU_ACCELERATOR={forced}")
+        if forced not in ("kvm", "tcg"):
+            raise VMError(f"COMFYBAKE_QEMU_ACCELERATOR is {forced!r}; set it to kvm or tcg, or unset it to probe")
+        return Accelerator(*(KVM if forced == "kvm" else TCG), f"COMFYBAKE_QEMU_ACCELERATOR={forced}")
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return Accelerator(*TCG, "no usable /dev/kvm")
     console = folder / "kvm-probe.log"
     probe = subprocess.Popen(
         ["qemu-system-x86_64", "-accel", KVM[0], "-cpu", KVM[1], "-m", "512", "-display", "none",
          "-serial", f"file:{console}", "-snapshot", "-drive", f"file={disk},if=virtio", "-net", "none"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + wait
