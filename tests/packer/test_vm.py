@@ -135,6 +135,7 @@ def test_the_image_file_is_sysprepped(vm_bake: VMBake, image_raw: Path, tmp_path
         subprocess.run(["mount", "-o", "ro,noload", f"{device}p1", str(mount)], check=True)
         try:
             assert (mount / "etc/machine-id").read_text() == ""
+            assert (mount / "etc/hostname").read_text() == "localhost\n"
             assert sorted(path.name for path in (mount / "etc/ssh").glob("ssh_host_*")) == []
             # The build key's public half is in no file (free blocks may keep copies of the
             # files that authorized it: a public key opens nothing once no file lists it).
