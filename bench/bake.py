@@ -78,7 +78,8 @@ def main() -> int:
         for name, runs in results.items()
     }
     boot_time, boot_size = rows["boot"]
-    print(f"\nmedians of {args.rounds} round(s), packer build -only=comfybake.docker.comfybake, target test")
+    sources = "docker" + (", the VM row qemu" if args.vm else "")
+    print(f"\nmedians of {args.rounds} round(s), packer build of the test target (source {sources})")
     print(f"{'bake':<22}{'time':>9}{'image':>10}{'time vs boot':>14}{'size vs boot':>14}")
     for name, (seconds, size) in rows.items():
         print(f"{name:<22}{seconds:>8.1f}s{size / MB:>8.0f}MB{seconds / boot_time:>13.2f}x{size / boot_size:>13.2f}x")
