@@ -105,15 +105,21 @@ def origin(work: Path) -> Iterator[Origin]:
             server.kill()
 
 
-def bake(origin: Origin, policy: str, version: str, volumes: dict[str, str] | None = None) -> Bake:
-    """`packer build` of the test target into comfybake/test:<version>."""
-    env = {
+def packer_env(origin: Origin) -> dict[str, str]:
+    """Packer's environment for a bake of the test target: this venv's Ansible, the inventory's
+    fixtures and origin, and the origin's canary token as HF_TOKEN."""
+    return {
         **os.environ,
         "PATH": f"{PYTHON.parent}{os.pathsep}{os.environ['PATH']}",
         "COMFYBAKE_FIXTURES": str(origin.fixtures / "environments.json"),
         "COMFYBAKE_ORIGIN": str(origin.state),
         "HF_TOKEN": origin.token,
     }
+
+
+def bake(origin: Origin, policy: str, version: str, volumes: dict[str, str] | None = None) -> Bake:
+    """`packer build` of the test target into comfybake/test:<version>."""
+    env = packer_env(origin)
     mounts = dict(volumes or {})
     started = time.monotonic()
     done = subprocess.run(
@@ -174,14 +180,7 @@ def bake_vm(origin: Origin, folder: Path, version: str, policy: str = "boot") ->
     }
     seed = vm.seed_files(folder / "build-seed", "comfybake-build", user_data)
     checksum = subprocess.run(["sha256sum", str(disk)], capture_output=True, text=True, check=True).stdout.split()[0]
-    env = {
-        **os.environ,
-        "PATH": f"{PYTHON.parent}{os.pathsep}{os.environ['PATH']}",
-        "COMFYBAKE_FIXTURES": str(origin.fixtures / "environments.json"),
-        "COMFYBAKE_ORIGIN": str(origin.state),
-        "HF_TOKEN": origin.token,
-        "PACKER_CACHE_DIR": str(ROOT / "build" / "packer-cache"),  # not ./packer_cache in the checkout
-    }
+    env = {**packer_env(origin), "PACKER_CACHE_DIR": str(ROOT / "build" / "packer-cache")}  # not ./packer_cache
     started = time.monotonic()
     done = subprocess.run(
         ["packer", "build", "-color=false", "-force", "-only=comfybake.qemu.comfybake", f"-var-file={TARGET}",
