@@ -171,31 +171,31 @@ def test_fleet_status_matches_what_each_host_reports(fleet: Fleet) -> None:
     out = fleet.folder / "fleet-status.json"
     run = fleet.playbook("fleet_status.yml", "-e", f"comfybake_fleet_status_file={out}", log="status")
     document = json.loads(out.read_text())
-    rows = document["hosts"] if isinstance(document, dict) and "hosts" in document else document
-    if isinstance(rows, dict):  # host -> {gpu_type, instances: [...]} or a list of rows
-        rows = [{"host": host, **instance, **{k: v for k, v in entry.items() if k != "instances"}}
-                for host, entry in rows.items() for instance in entry.get("instances", [])]  # fmt: skip
+    assert document["fronts"] == [fleets.FRONT], document["fronts"]
     reported: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in rows:
-        for instance in row.get("instances", [row]):
-            reported.setdefault(row["host"], {})[instance.get("instance", instance.get("name"))] = {**row, **instance}
-    assert set(reported) == set(fleet.hosts), f"fleet status names {sorted(reported)}"
+    for row in document["rows"]:
+        reported.setdefault(row["host"], {})[row["instance"]] = row
+    assert list(reported) == list(fleet.hosts), f"fleet status names {list(reported)}"
     for name, host in fleet.hosts.items():
         kind = next(gpu for host_name, gpu, _ in fleets.HOSTS if host_name == name)
         truth = {row["name"]: row for row in fleet.status(host)}
         assert set(reported[name]) == set(truth), f"{name}: status lists {sorted(reported[name])}, the host {truth}"
-        live = {env: live_release(fleet, host, env) for env in {row["environment"] for row in truth.values()}}
+        releases = {env: fleet.releases(host, env) for env in {row["environment"] for row in truth.values()}}
         for instance, row in reported[name].items():
-            assert row["environment"] == truth[instance]["environment"]
-            assert row.get("gpu_type") == kind, f"{name}/{instance}: {row}"
-            assert str(row.get("queue")) == str(truth[instance]["queue"]), f"{name}/{instance}: {row}"
-            assert row.get("state") in ("ready", True) or row.get("ready") is True, f"{name}/{instance}: {row}"
-            release = str(row.get("release") or row.get("release_commit") or "")
-            known = json.dumps(fleet.releases(host, row["environment"]))
-            assert release and (release in known or live[row["environment"]].startswith(release)), (
-                f"{name}/{instance}: release {release!r}, live {live}"
-            )
-    assert CANARY in run.log and "a100-3" in run.log  # the table
+            live = next(r for r in releases[row["environment"]] if r["live"])
+            expected = {
+                "gpu_type": kind,
+                "environment": truth[instance]["environment"],
+                "port": truth[instance]["port"],
+                "state": "ready" if truth[instance]["ready"] else row["state"],
+                "queue": truth[instance]["queue"],
+                "release": live["release"],
+                "pools": {fleets.FRONT: "serving"},
+            }
+            assert {key: row[key] for key in expected} == expected, f"{name}/{instance}: {row}"
+            assert live["comfyui"].split()[1] in row["commit"], f"{name}/{instance}: {row} against {live}"
+    for name in fleet.hosts:  # the table
+        assert name in run.log, f"{name} is not in the table:\n{run.log[-3000:]}"
 
 
 # -- c. drain and undrain ------------------------------------------------------------------------
@@ -271,24 +271,22 @@ def test_a_broken_release_stops_after_the_canary_which_is_rolled_back_and_out(fl
                 assert has_class(host, port, "ComfybakeAddedLater")
     summary = run.summary()
     assert summary is not None, f"no fleet summary was written ({run.summary_file})"
-    text = {name: json.dumps(entry) for name, entry in _per_host(summary).items()}
-    assert set(text) >= set(fleet.hosts), f"the summary names {sorted(text)}"
-    assert "rolled back" in text[CANARY] or "failed" in text[CANARY], text[CANARY]
+    rows = _per_host(summary)
+    assert list(rows) == list(fleet.hosts), f"the summary names {list(rows)}"
+    assert rows[CANARY]["outcome"] in ("rolled back", "failed"), rows[CANARY]
+    assert rows[CANARY]["detail"], rows[CANARY]  # why it failed
+    assert summary["stopped_after_batch"] == 1, summary
     for name in fleet.hosts:
         if name != CANARY:
-            assert "not reached" in text[name], f"{name}: {text[name]}"
+            assert rows[name]["outcome"] == "not reached", rows[name]
     served = served_by(fleet, "prod", 30)
     assert CANARY not in served, f"the rolled back canary got new sessions: {served}"
     fleet.playbook("fleet_drain.yml", "-e", "comfybake_fleet_state=serving", "--limit", CANARY, log="broken-undrain")
 
 
-def _per_host(summary: Any) -> dict[str, Any]:
-    """The summary's entry per host: {"hosts": {name: {...}}}, {name: {...}} or [{"host": name, ...}]."""
-    if isinstance(summary, dict) and "hosts" in summary:
-        summary = summary["hosts"]
-    if isinstance(summary, list):
-        return {str(entry["host"]): entry for entry in summary}
-    return dict(summary)
+def _per_host(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The fleet summary's row of each host (COMFYBAKE_FLEET_SUMMARY: {"hosts": [{"host", "outcome", ...}]})."""
+    return {str(row["host"]): row for row in summary["hosts"]}
 
 
 # -- f. an unreachable host ----------------------------------------------------------------------
@@ -308,7 +306,8 @@ def test_an_unreachable_host_is_reported_and_stops_the_rollout(fleet: Fleet) -> 
     for name in ("a100-2", "a100-3"):  # the batch after: never reached
         assert recap.get(name, {}).get("ok", 0) == 0, f"{name} was reached after the batch failed: {recap}"
     summary = run.summary()
-    if summary is not None:  # with the fleet role's summary callback
-        text = {name: json.dumps(entry) for name, entry in _per_host(summary).items()}
-        assert "unreachable" in text.get(lost.name, ""), text
-        assert all("not reached" in text.get(name, "") for name in ("a100-2", "a100-3")), text
+    assert summary is not None, f"no fleet summary was written ({run.summary_file})"
+    rows = _per_host(summary)
+    assert rows[lost.name]["outcome"] == "unreachable", rows
+    assert summary["stopped_after_batch"] == 2, summary
+    assert [rows[name]["outcome"] for name in ("a100-2", "a100-3")] == ["not reached"] * 2, rows

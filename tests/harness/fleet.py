@@ -397,8 +397,11 @@ class Fleet:
                 cwd=ROOT, env=self.env(COMFYBAKE_FLEET_SUMMARY=str(summary), **(env or {})),
                 stdout=sink, stderr=subprocess.STDOUT, text=True, timeout=timeout,
             )  # fmt: skip
+        seconds = time.monotonic() - started
+        with saved.open("a") as sink:
+            sink.write(f"\nfleet: {name} {' '.join(args)} exited {done.returncode} after {seconds:.1f} s\n")
         text = saved.read_text()
-        run = Run(done.returncode, text, time.monotonic() - started, saved, summary)
+        run = Run(done.returncode, text, seconds, saved, summary)
         if check and done.returncode != 0:
             raise FleetError(f"{name} ({log}) exited {done.returncode}: {failure_reason(text)} (full log: {saved})")
         return run
