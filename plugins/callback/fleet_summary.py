@@ -159,6 +159,9 @@ class CallbackModule(CallbackBase):
             row["outcome"] = "stopped"
             row["detail"] = f"{recorded.get('detail')}; the rollout stopped before it rejoined (change may be partial)"
             row["failed"] = True
+        elif stopped and not recorded and entry.get("batch") == stopped:
+            row["outcome"] = "stopped"
+            row["detail"] = f"the rollout stopped during batch {stopped} before this host left the pools: unchanged"
         elif recorded:
             row["outcome"] = str(recorded.get("outcome") or "")
             row["detail"] = str(recorded.get("detail") or "")
