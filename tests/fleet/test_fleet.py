@@ -172,25 +172,24 @@ def test_fleet_status_matches_what_each_host_reports(fleet: Fleet) -> None:
     run = fleet.playbook("fleet_status.yml", "-e", f"comfybake_fleet_status_file={out}", log="status")
     document = json.loads(out.read_text())
     assert document["fronts"] == [fleets.FRONT], document["fronts"]
-    reported: dict[str, dict[str, dict[str, Any]]] = {}
-    for row in document["rows"]:
-        reported.setdefault(row["host"], {})[row["instance"]] = row
-    assert list(reported) == list(fleet.hosts), f"fleet status names {list(reported)}"
+    entries = {entry["host"]: entry for entry in document["hosts"]}
+    assert list(entries) == list(fleet.hosts), f"fleet status names {list(entries)}"
     for name, host in fleet.hosts.items():
         kind = next(gpu for host_name, gpu, _ in fleets.HOSTS if host_name == name)
+        entry = entries[name]
+        assert (entry["reached"], entry["gpu_type"], entry["pools"]) == (True, kind, {fleets.FRONT: "serving"}), entry
+        reported = {row["instance"]: row for row in entry["instances"]}
         truth = {row["name"]: row for row in fleet.status(host)}
-        assert set(reported[name]) == set(truth), f"{name}: status lists {sorted(reported[name])}, the host {truth}"
+        assert set(reported) == set(truth), f"{name}: status lists {sorted(reported)}, the host {truth}"
         releases = {env: fleet.releases(host, env) for env in {row["environment"] for row in truth.values()}}
-        for instance, row in reported[name].items():
+        for instance, row in reported.items():
             live = next(r for r in releases[row["environment"]] if r["live"])
             expected = {
-                "gpu_type": kind,
                 "environment": truth[instance]["environment"],
                 "port": truth[instance]["port"],
-                "state": "ready" if truth[instance]["ready"] else row["state"],
+                "state": "ready" if truth[instance]["ready"] else "not ready",
                 "queue": truth[instance]["queue"],
                 "release": live["release"],
-                "pools": {fleets.FRONT: "serving"},
             }
             assert {key: row[key] for key in expected} == expected, f"{name}/{instance}: {row}"
             assert live["comfyui"].split()[1] in row["commit"], f"{name}/{instance}: {row} against {live}"
