@@ -111,3 +111,16 @@ def test_a_front_refuses_unconverged_unknown_members_and_instance_scopes(
     assert done.returncode != 0
     assert "comfyui_gateway_fleet_members names gpu-z-9, not hosts of the inventory" in done.stdout
     assert "the users or keys ci have an instance: scope" in done.stdout
+
+
+def test_without_members_the_role_routes_the_hosts_own_instances(tmp_path: Path, ansible_env: dict[str, str]) -> None:
+    """The same tasks on a host's own gateway: its instances.json, a route per instance, no pool."""
+    setup(tmp_path)
+    (tmp_path / "front").mkdir()
+    (tmp_path / "front" / "instances.json").write_text(layout(("a", "prod", 8188)))
+    for run in range(2):
+        done, out = converge(tmp_path, ansible_env)
+        assert done.returncode == 0, done.stdout[-4000:]
+        assert [route["name"] for route in out["gateway"]["routes"]["instances"]] == ["a"]
+        assert out["gateway"]["changed"] == (run == 0) and out["gateway"]["pool"] == {}
+    assert not (tmp_path / "front" / "gateway" / "pool.json").exists()
