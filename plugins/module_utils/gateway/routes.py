@@ -305,7 +305,7 @@ def fleet_records(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if parts.scheme != "http" or not _is_port(dial) or not _is_port(port):
                 problems.append(f"{what}: url {record.get('url')!r} is not http://ADDRESS:PORT")
                 continue
-            url = f"http://{_url_host(address)}:{dial}"
+            url = f"http://{_url_host(str(address))}:{dial}"
             records.append({**record, "member": name, "url": url})
     if problems:
         raise GatewayError("the fleet's instance layouts cannot be routed:\n- " + "\n- ".join(problems))
