@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -452,3 +453,28 @@ def test_fleet_drain_marks_the_host_in_maintenance_once_and_undrain_removes_the_
     done, summary = drain("serving")
     assert not mark.exists()
     assert not (tmp_path / "gpu-2" / "fleet-maintenance.json").exists()
+
+
+DOCUMENTED = {"callback": ("comfybake.core.fleet_summary", "COMFYBAKE_FLEET_SUMMARY"),
+              "role": ("comfybake.core.fleet", "Take the host out of every front's pools")}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(DOCUMENTED))
+def test_ansible_doc_renders_the_fleet_plugins(ansible_env: dict[str, str], kind: str) -> None:
+    name, expected = DOCUMENTED[kind]
+    argv = [venv_bin("ansible-doc"), "-t", kind, name]
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert expected in " ".join(done.stdout.split())
+
+
+def test_every_fleet_entry_point_documents_what_it_reads() -> None:
+    specs = yaml.safe_load((ROOT / "roles" / "fleet" / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+    assert set(specs) == {"main", "leave", "join", "restart", "rollback", "drain", "status"}
+    tasks = {path.stem: path.read_text() for path in (ROOT / "roles" / "fleet" / "tasks").glob("*.yml")}
+    for entry, spec in specs.items():
+        if entry != "main":
+            assert set(spec["options"]) <= set(specs["main"]["options"]), entry
+    # Each comfybake_fleet_* variable a task file reads is documented by the main entry point.
+    read = {word for text in tasks.values() for word in re.findall(r"\bcomfybake_(?:fleet_\w+|gpu_type)\b", text)}
+    assert read <= set(specs["main"]["options"]), read - set(specs["main"]["options"])
