@@ -20,6 +20,10 @@ description:
     its stored hash keeps that hash, so a second run changes nothing.
   - Writes C(caddy.json), C(gateway.json) (routes and settings, no secret, for the command line),
     C(credentials.json) and, once the gateway made its internal CA, C(ca.crt) in O(config_dir).
+  - With O(fleet), the gateway is a front (docs/gateway.md, Fleet gateway) - one route per
+    environment over the instances of every member, no route per instance - and C(pool.json)
+    holds each member's pool state, set by M(comfybake.core.gateway_pool). This module keeps
+    every state it finds, drops the members no longer listed and starts new ones C(serving).
 version_added: "0.1.0"
 author: comfybake contributors (@comfybake)
 extends_documentation_fragment:
@@ -38,10 +42,22 @@ attributes:
     support: full
 options:
   layout:
-    description: Records of the instance layout (the P(comfybake.core.instance_layout#filter) filter).
+    description:
+      - Records of the instance layout (the P(comfybake.core.instance_layout#filter) filter).
+      - Ignored with O(fleet).
     type: list
     elements: dict
-    required: true
+    default: []
+  fleet:
+    description:
+      - The members of a front, each C(name) (its inventory name), C(address) (where the front
+        reaches its instances) and C(instances) (the records of its C(instances.json)). Each
+        record's C(url) host becomes the member's address; names, environments and URLs are
+        checked, since they come from another host.
+      - Empty, the gateway routes O(layout), the host's own instances.
+    type: list
+    elements: dict
+    default: []
   settings:
     description:
       - The gateway's settings, C(mode), C(port), C(port_offset), C(environment_ports), C(domain),
@@ -135,6 +151,10 @@ routes:
       C(metrics), the exporter's route (null without one).
   returned: always
   type: dict
+pool:
+  description: Each member's pool state (C(serving), C(draining), C(out)) on a front; empty otherwise.
+  returned: always
+  type: dict
 changed_files:
   description: The files this run wrote (or would write, in check mode).
   returned: always
@@ -145,11 +165,19 @@ changed_files:
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.comfybake.core.plugins.module_utils.gateway import apply, caddy, credentials, files, routes
+from ansible_collections.comfybake.core.plugins.module_utils.gateway import (
+    apply,
+    caddy,
+    credentials,
+    files,
+    pool,
+    routes,
+)
 from ansible_collections.comfybake.core.plugins.module_utils.gateway.errors import GatewayError
 
 ARGUMENT_SPEC = {
-    "layout": {"type": "list", "elements": "dict", "required": True},
+    "layout": {"type": "list", "elements": "dict", "default": []},
+    "fleet": {"type": "list", "elements": "dict", "default": []},
     "settings": {"type": "dict", "required": True},
     "users": {
         "type": "list",
@@ -183,42 +211,50 @@ ARGUMENT_SPEC = {
 
 def plan(
     paths: apply.Paths, public: dict[str, Any], settings: dict[str, Any], params: dict[str, Any]
-) -> tuple[list[str], list[credentials.Principal], dict[str, Any]]:
-    """The files that would change, the principals and Caddy's configuration."""
+) -> tuple[list[str], list[credentials.Principal], dict[str, str], dict[str, Any]]:
+    """The files that would change, the principals, the pool states (a front's) and Caddy's configuration."""
     stored = credentials.load(paths.credentials)
     principals = credentials.merge_inventory(stored, credentials.declared(params["users"], params["keys"], stored))
-    config = caddy.render(public, settings, principals)
+    states = pool.reconcile(pool.load(paths.pool), [member["name"] for member in params["fleet"]])
+    config = caddy.render(public, settings, principals, states)
     wanted = {
         paths.credentials: credentials.dumps(principals),
         paths.inputs: apply.dump({"format": 1, "routes": public, "settings": settings}),
         paths.config: apply.dump(config),
     }
-    return [path for path, text in wanted.items() if files.read(path) != text], principals, config
+    if settings["fleet"]:
+        wanted[paths.pool] = pool.dumps(states)
+    return [path for path, text in wanted.items() if files.read(path) != text], principals, states, config
 
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     params = module.params
     paths = apply.Paths(params["config_dir"], caddy=params["caddy"], group=params["group"])
+    states: dict[str, str] = {}
     try:
-        settings = caddy.normalize(params["settings"])
-        public = routes.public_routes(params["layout"], settings)
+        settings = caddy.normalize({**params["settings"], "fleet": bool(params["fleet"])})
+        layout = routes.fleet_records(params["fleet"]) if params["fleet"] else params["layout"]
+        public = routes.public_routes(layout, settings)
         if module.check_mode:
-            changed_files = plan(paths, public, settings, params)[0]
+            changed_files, _principals, states, _config = plan(paths, public, settings, params)
         else:
-            with credentials.locked(paths.config_dir):  # not while `comfybake gateway` changes a key
-                changed_files, principals, config = plan(paths, public, settings, params)
+            # Not while `comfybake gateway` changes a key or gateway_pool a member's state.
+            with credentials.locked(paths.config_dir):
+                changed_files, principals, states, config = plan(paths, public, settings, params)
                 if paths.config in changed_files:  # nothing is written for a configuration Caddy refuses
                     apply.validate(paths, config)
                 if paths.credentials in changed_files:
                     credentials.save(paths.credentials, principals)
+                if paths.pool in changed_files:
+                    pool.save(paths.pool, states)
                 apply.save_inputs(paths, public, settings)
                 apply.apply(paths, config, validated=True)
             if apply.export_ca(paths, settings["storage"]):
                 changed_files.append(paths.ca)
     except GatewayError as error:
         module.fail_json(msg=str(error))
-    module.exit_json(changed=bool(changed_files), routes=public, changed_files=changed_files)
+    module.exit_json(changed=bool(changed_files), routes=public, pool=states, changed_files=changed_files)
 
 
 if __name__ == "__main__":

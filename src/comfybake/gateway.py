@@ -1,4 +1,5 @@
-"""`comfybake gateway users|keys|status`: the gateway's users and API keys, and its routes' health.
+"""`comfybake gateway users|keys|pool|status`: the gateway's users and API keys, a front's pool
+states, and its routes' health.
 
 Runs on the host (or in a container image) as root: the users and keys live in
 `<config root>/gateway/credentials.json` (root's, 0600, bcrypt hashes only). Each change
@@ -6,6 +7,8 @@ renders the gateway's configuration again from `gateway.json` (the routes and se
 comfyui_gateway role wrote) and the new credentials, validates it with Caddy, swaps it in and
 reloads the gateway if it runs; a configuration Caddy refuses changes nothing. A user or key the
 inventory declares (comfyui_gateway_users, comfyui_gateway_keys) is changed there, not here.
+On a front, `pool` shows and sets each member's pool state with the code of the module
+comfybake.core.gateway_pool.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 from comfybake import instances
 from comfybake.cli import SUBCOMMANDS
-from comfybake.engine.gateway import apply, caddy, credentials
+from comfybake.engine.gateway import apply, caddy, credentials, front, pool
 from comfybake.engine.gateway.credentials import Principal
 from comfybake.engine.gateway.errors import GatewayError
 from comfybake.instances import HostError
@@ -375,16 +378,44 @@ def gateway_column(seen: dict[str, Any] | None) -> str:
     return f"{seen['requests']} active, {seen['fails']} fails"
 
 
+def pool_states(config_root: str, data: dict[str, Any]) -> dict[str, str] | None:
+    """A front's members and their pool states (pool.json); None for a host's own gateway."""
+    if not data.get("settings", {}).get("fleet"):
+        return None
+    try:
+        return pool.load(paths(config_root).pool)
+    except GatewayError as error:
+        raise HostError(str(error)) from None
+
+
+def with_members(rows: list[dict[str, Any]], routes: dict[str, Any], states: dict[str, str]) -> None:
+    """On a front: the member of each environment route's upstream, and its pool state."""
+    owners = {upstream: member for route in routes.get("environments", []) for upstream, member in
+              route.get("members", {}).items()}  # fmt: skip
+    for row in rows:
+        for item in row["upstreams"]:
+            member = owners.get(item["address"])
+            if member is not None:
+                item.update(member=member, pool=states.get(member, caddy.SERVING))
+
+
 def status(args: argparse.Namespace) -> int:
     data = load_gateway(args.config_root)
     admin_socket = str(data.get("settings", {}).get("admin_socket") or caddy.SETTING_DEFAULTS["admin_socket"])
     upstreams, state = gateway_upstreams(admin_socket)
     rows = status_rows(data["routes"], upstreams)
+    states = pool_states(args.config_root, data)
+    if states is not None:
+        with_members(rows, data["routes"], states)
+    # A member taken out (maintenance) may be down: its instances do not count.
     healthy = upstreams is not None and all(
-        item["direct"] in ("ok", "disabled") for row in rows for item in row["upstreams"]
+        item["direct"] in ("ok", "disabled") or item.get("pool") == caddy.OUT
+        for row in rows
+        for item in row["upstreams"]
     )
     if args.json:
-        json.dump({"gateway": state, "routes": rows}, sys.stdout, indent=2)
+        json.dump({"gateway": state, "routes": rows, **({} if states is None else {"members": states})},
+                  sys.stdout, indent=2)  # fmt: skip
         print()
         return 0 if healthy else 1
     print(f"gateway: {state}")
@@ -393,17 +424,53 @@ def status(args: argparse.Namespace) -> int:
         label = f"{row['kind']} {row['name']}"
         for index, item in enumerate(row["upstreams"] or [{"address": "-", "direct": "-", "gateway": None}]):
             first = index == 0
+            member = f" ({item['member']}, {item['pool']})" if "member" in item else ""
             table.append(
                 (
                     label if first else "",
                     (row["public_url"] or "-") if first else "",
-                    item["address"],
+                    item["address"] + member,
                     item["direct"],
                     gateway_column(item["gateway"]),
                 )
             )
     print_table(table)
+    if states is not None:
+        print()
+        print_table([("MEMBER", "POOL STATE"), *sorted(states.items())])
     return 0 if healthy else 1
+
+
+def pool_command(args: argparse.Namespace) -> int:
+    """List the members of a front and their states, or set MEMBER to --state."""
+    if (args.member is None) != (args.state is None):
+        raise HostError("give MEMBER and --state together to set a state, or neither to list the states")
+    if args.state is not None:
+        need_root("pool")
+    load_gateway(args.config_root)
+    where = paths(args.config_root)
+    try:
+        if args.state is None:
+            found = front.change(where, [], None, check=True)
+        else:
+            with credentials.locked(str(gateway_dir(args.config_root))):
+                found = front.change(where, [args.member], args.state)
+        upstreams = front.view(where)["upstreams"]
+    except GatewayError as error:
+        raise HostError(str(error)) from None
+    if args.state is not None:
+        before = found["previous"][args.member]
+        done = f"{before} -> {args.state}, applied" if found["changed"] else f"already {args.state}"
+        print(f"{args.member}: {done}", file=sys.stderr)
+    if args.json:
+        members = [{"member": m, "state": s, "upstreams": upstreams.get(m, [])} for m, s in found["states"].items()]
+        json.dump({"members": members}, sys.stdout, indent=2)
+        print()
+        return 0
+    table = [("MEMBER", "STATE", "UPSTREAMS")]
+    table += [(m, s, ", ".join(upstreams.get(m, [])) or "-") for m, s in sorted(found["states"].items())]
+    print_table(table)
+    return 0
 
 
 def print_table(table: Sequence[Sequence[str]]) -> None:
@@ -517,6 +584,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     again.set_defaults(func=guarded(refresh))
 
+    members = groups.add_parser(
+        "pool",
+        help="a front's members (fleet hosts) and their pool states; set one with MEMBER --state",
+        description="a front's members and their pool states: serving (new and sticky sessions), draining"
+        " (no new session; clients whose affinity cookie names its instances still reach them) or out (no"
+        " traffic). Setting one writes pool.json, renders the configuration again, has Caddy validate it and"
+        " loads it (a graceful reload: requests in flight finish); a refused one changes nothing.",
+        epilog=f"exit status:\n  0  listed, or set and applied (or already so)\n{unchanged}"
+        " (an unknown member, or this gateway is not a front)",
+        formatter_class=formatter,
+    )
+    members.add_argument("member", nargs="?", metavar="MEMBER", help="a member's inventory name, to set its state")
+    members.add_argument("--state", choices=caddy.STATES, help="the state to set MEMBER to")
+    members.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    members.set_defaults(func=guarded(pool_command))
+
     health = groups.add_parser(
         "status",
         help="the routes with their public URLs, and each upstream's health, directly and through the gateway",
@@ -531,4 +614,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     health.set_defaults(func=guarded(status))
 
 
-SUBCOMMANDS["gateway"] = ("the gateway's users and API keys, and the health of its routes", configure)
+SUBCOMMANDS["gateway"] = (
+    "the gateway's users and API keys, a front's pool states, and the health of its routes",
+    configure,
+)

@@ -275,6 +275,16 @@ def test_without_the_gateway_set_up_nothing_is_written(host: Host) -> None:
     assert host.run("status")[0] == 2
 
 
+def test_pool_states_belong_to_a_front(host: Host) -> None:
+    """A host's own gateway has no members: `pool` says so and writes nothing."""
+    for argv in (["pool"], ["pool", "gpu-a-1", "--state", "out"]):
+        code, _out, err = host.run(*argv)
+        assert code == 2 and "is a host's own, not a front" in err, (argv, err)
+    code, _out, err = host.run("pool", "gpu-a-1")
+    assert code == 2 and "give MEMBER and --state together" in err
+    assert not (host.gateway / "pool.json").exists()
+
+
 def test_changes_need_root(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
     # The one thing not real here: this machine runs the tests as root, and no other account
     # can run the project's interpreter.

@@ -8,8 +8,9 @@ another program holds), Caddy keeps serving the old configuration and the old fi
 so the file on disk is always the one that serves; a run that finds the file unchanged still
 sends it to the gateway, which reloads nothing when it already serves it.
 
-`refresh` is what the command line calls after it changed a user or a key: it renders again from
-the inputs the module wrote (`gateway.json`, no secrets) and `credentials.json`.
+`refresh` is what the command line calls after it changed a user, a key or (on a front) a
+member's pool state: it renders again from the inputs the module wrote (`gateway.json`, no
+secrets), `credentials.json` and `pool.json`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from . import caddy, credentials
+from . import caddy, credentials, pool
 from .errors import GatewayError
 from .files import read, write
 
@@ -52,6 +53,10 @@ class Paths:
     @property
     def credentials(self) -> str:
         return os.path.join(self.config_dir, "credentials.json")
+
+    @property
+    def pool(self) -> str:
+        return os.path.join(self.config_dir, "pool.json")
 
     @property
     def ca(self) -> str:
@@ -160,12 +165,13 @@ def save_inputs(paths: Paths, routes: dict[str, Any], settings: dict[str, Any]) 
 
 
 def refresh(paths: Paths) -> bool:
-    """Render again from gateway.json and credentials.json, then apply."""
+    """Render again from gateway.json, credentials.json and pool.json, then apply."""
     text = read(paths.inputs)
     if text is None:
         raise GatewayError(f"{paths.inputs} is missing: converge the comfyui_gateway role on this host first")
     inputs = json.loads(text)
-    config = caddy.render(inputs["routes"], inputs["settings"], credentials.load(paths.credentials))
+    states = pool.load(paths.pool)
+    config = caddy.render(inputs["routes"], inputs["settings"], credentials.load(paths.credentials), states)
     return apply(paths, config)
 
 

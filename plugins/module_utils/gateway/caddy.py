@@ -16,6 +16,9 @@ Every route, whichever mode places it (routes.py), runs the same chain:
    naming the instance, which keeps the session there (its /ws, /prompt, /history and /view
    belong to one server) while that instance is healthy. The exporter's route (`metrics`) goes
    to its one upstream, the host's `comfybake exporter`, with the path as Prometheus sent it.
+   On a front (fleet mode) the pool state of each upstream's member decides: `serving` takes new
+   and sticky sessions; `draining` no new session, but a cookie naming one of its instances still
+   reaches it (then the serving ones); `out` nothing, its cookies land on a serving instance.
 
 Access and error logs are JSON, through a filter that drops Authorization, Cookie,
 Proxy-Authorization and Set-Cookie, and the `token` query value.
@@ -251,7 +254,9 @@ def _proxy(upstreams: list[str], policy: str, extra: dict[str, Any] | None = Non
         "handler": "reverse_proxy",
         "upstreams": [{"dial": upstream} for upstream in upstreams],
         "transport": {"protocol": "http", "dial_timeout": "3s"},
-        "flush_interval": -1,  # stream responses (previews, /view of a large file) as they come
+        # No flush_interval -1: Caddy 2.6 then ties each proxied request to the handler's life, and
+        # a reload (a key added, a member drained) cut the requests in flight. Responses of unknown
+        # length (previews, streams) are flushed as they come anyway; others in 4 KiB writes.
     }
     # Another instance to try: one that failed three times in 10 s (a stopped instance refuses
     # each retry) is skipped for 10 s; a client that aborts an upload counts once, which alone
@@ -267,8 +272,13 @@ def _proxy(upstreams: list[str], policy: str, extra: dict[str, Any] | None = Non
     return handler
 
 
-def _environment_proxy(route: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """Sticky routes first (the cookie names an instance: try it first), then new sessions."""
+SERVING, DRAINING, OUT = "serving", "draining", "out"
+STATES = (SERVING, DRAINING, OUT)  # a member's pool state on a front (pool.py keeps them)
+
+
+def _environment_proxy(route: dict[str, Any], settings: dict[str, Any], pool: dict[str, str]) -> list[dict[str, Any]]:
+    """Sticky routes first (the cookie names an instance: try it first, then the serving ones),
+    then new sessions (serving instances only)."""
     cookie = f"comfybake_{route['name']}"
     set_cookie = {
         "response": {
@@ -280,17 +290,36 @@ def _environment_proxy(route: dict[str, Any], settings: dict[str, Any]) -> list[
             }
         }
     }
-    upstreams = route["upstreams"]
-    if not upstreams:
+    if not route["upstreams"]:
         return [{"handle": [_static(503, f"environment {route['name']} has no enabled instance")]}]
+    members = route.get("members", {})  # fleet mode; a host's own gateway: every upstream serves
+
+    def state(upstream: str) -> str:
+        return pool.get(members[upstream], SERVING) if upstream in members else SERVING
+
+    upstreams = [upstream for upstream in route["upstreams"] if state(upstream) == SERVING]
+    draining = [upstream for upstream in route["upstreams"] if state(upstream) == DRAINING]
     sticky = [
         {
             "match": [{"vars": {f"{{http.request.cookie.{cookie}}}": [upstream]}}],
             "handle": [_proxy([upstream, *[u for u in upstreams if u != upstream]], "first", {"headers": set_cookie})],
             "terminal": True,
         }
-        for upstream in upstreams
+        for upstream in upstreams + draining
     ]
+    if not upstreams:
+        return [
+            *sticky,
+            {
+                "handle": [
+                    _static(
+                        503,
+                        f"environment {route['name']} has no serving instance: every member that has one is"
+                        " draining or out (comfybake gateway pool)",
+                    )
+                ]
+            },
+        ]
     active = {
         "uri": settings["health_uri"],
         "interval": settings["health_interval"],
@@ -303,12 +332,17 @@ def _environment_proxy(route: dict[str, Any], settings: dict[str, Any]) -> list[
 
 
 def _route_chain(
-    kind: str, route: dict[str, Any], environment: str, settings: dict[str, Any], principals: list[Principal]
+    kind: str,
+    route: dict[str, Any],
+    environment: str,
+    settings: dict[str, Any],
+    principals: list[Principal],
+    pool: dict[str, str],
 ) -> list[dict[str, Any]]:
     """Steps 2-5 for one route, as the routes of a subroute."""
     accounts = _accounts(principals, kind, route["name"], environment)
     if kind == "environment":
-        proxy = _environment_proxy(route, settings)
+        proxy = _environment_proxy(route, settings, pool)
     else:
         proxy = [{"handle": [_proxy([route["upstream"]], "first")]}]
     # An instance's or environment's prefix is stripped; the exporter's /metrics is its own path.
@@ -382,9 +416,19 @@ def _route_loggers(servers: dict[str, dict[str, Any]], entries: list[tuple[str, 
             server["logs"].setdefault("logger_names", {})[route["host"]] = logger
 
 
-def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Principal]) -> dict[str, Any]:
-    """Caddy's configuration for `routes` (routes.public_routes), `settings` and `principals`."""
+def render(
+    routes: dict[str, Any],
+    settings: dict[str, Any],
+    principals: list[Principal],
+    pool: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Caddy's configuration for `routes` (routes.public_routes), `settings`, `principals` and,
+    on a front, `pool`: each member's pool state (a member not in it serves)."""
     settings = normalize(settings)
+    pool = pool or {}
+    wrong = sorted(f"{member!r}: {state!r}" for member, state in pool.items() if state not in STATES)
+    if wrong:
+        raise GatewayError(f"pool states must be one of {', '.join(STATES)}; found {', '.join(wrong)}")
     names = list(settings["names"])
     entries = [("instance", route, route["environment"]) for route in routes["instances"]]
     entries += [("environment", route, route["name"]) for route in routes["environments"]]
@@ -414,7 +458,10 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
             {
                 "match": [_match(names, route)],
                 "handle": [
-                    {"handler": "subroute", "routes": _route_chain(kind, route, environment, settings, principals)}
+                    {
+                        "handler": "subroute",
+                        "routes": _route_chain(kind, route, environment, settings, principals, pool),
+                    }
                 ],
                 "terminal": True,
             }
@@ -427,7 +474,9 @@ def render(routes: dict[str, Any], settings: dict[str, Any], principals: list[Pr
                     "handle": [
                         _static(
                             404,
-                            "no route here: the routes are /instances/<name>/ and /environments/<name>/"
+                            "no route here: the routes are "
+                            + ("" if settings["fleet"] else "/instances/<name>/ and ")
+                            + "/environments/<name>/"
                             + (f" and {routes['metrics']['path']}" if routes.get("metrics") else ""),
                         )
                     ],

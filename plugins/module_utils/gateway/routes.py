@@ -17,6 +17,12 @@ more route, `metrics`, serves the exporter to Prometheus: on its own port (`metr
 METRICS_PORT unless set) in `ports` mode, as `metrics.<domain>` in `hosts` mode, and below
 `/metrics` in `paths` mode. Its port is claimed after every other route's, so adding it never
 moves another route: the instances' and environments' URLs are the same with it or without it.
+
+Fleet mode (`fleet: true`, a front): the records are those of every member (a fleet host), each
+with `member` (its inventory name) and its `url` on the member's address (`fleet_records`). Only
+environment routes are served, each balancing over the instances of every member, and each
+knows the member of each upstream (`members`), so that a member's pool state (pool.py) decides
+what reaches it. There is no route per instance: instance names repeat across hosts.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ MODES = ("ports", "hosts", "paths")
 # A DNS label (RFC 1123), as the hosts mode makes names of instances and environments.
 LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+# What a front takes from its members' files (another host's, so checked as strictly as the
+# instance_layout filter checks a host's own): instance names, environment names, member names.
+INSTANCE = re.compile(r"[a-z0-9][a-z0-9-]{0,22}")
+ENVIRONMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MEMBER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,252}")
 MIN_PORT, MAX_PORT = 1, 65535
 DEFAULTS: dict[str, Any] = {
     "mode": "ports",
@@ -41,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "domain": "",
     "names": ["localhost", "127.0.0.1"],
     "metrics": None,  # {"upstream": "127.0.0.1:9721", "port": 9722}: the exporter's route
+    "fleet": False,  # a front: environment routes over the instances of every member
 }
 METRICS = "metrics"  # the route's name, its host label (hosts mode) and the scope that reaches it
 METRICS_PORT = 9722  # its port in ports mode, unless comfyui_gateway_metrics_port says otherwise
@@ -137,6 +149,8 @@ def _check_settings(settings: dict[str, Any], problems: list[str]) -> None:
             f"from {MIN_PORT} to {MAX_PORT}"
         )
     _check_metrics(settings["metrics"], problems)
+    if not isinstance(settings["fleet"], bool):
+        problems.append(f"gateway setting fleet {settings['fleet']!r} must be true or false")
     if settings["mode"] == "hosts" and not (isinstance(settings["domain"], str) and check_name(settings["domain"])):
         problems.append(
             f"comfyui_gateway_domain {settings['domain']!r} must be a host name in hosts mode "
@@ -246,20 +260,76 @@ def _paths_mode(
         route["public_url"] = _url(host, settings["port"], route["path"])
 
 
+def fleet_records(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of a front: each member's (`name`, `address`, `instances`: the records of its
+    instances.json) with `member` set and the `url` host replaced by the member's address.
+
+    Another host's file is checked before anything of it is used: every problem, naming the
+    member and the value, at once.
+    """
+    problems: list[str] = []
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for member in members:
+        name, address = member.get("name"), member.get("address")
+        if not isinstance(name, str) or not MEMBER.fullmatch(name):
+            problems.append(
+                f"fleet member {name!r} is not an inventory host name (letters, digits, '.', '_', ':', '-')"
+            )
+            continue
+        if name in seen:
+            problems.append(f"fleet member {name!r} is listed twice in comfyui_gateway_fleet_members")
+        seen.add(name)
+        if not check_name(address):
+            problems.append(
+                f"fleet member {name!r}: its address {address!r} (comfybake_fleet_address, else ansible_host) is not"
+                " a lower-case host name or an IP address"
+            )
+            continue
+        layout = member.get("instances")
+        if not isinstance(layout, list) or not all(isinstance(record, dict) for record in layout):
+            problems.append(f"fleet member {name!r}: its instances.json has no list of instances; converge it again")
+            continue
+        for record in layout:
+            instance, environment, port = record.get("name"), record.get("environment"), record.get("port")
+            what = f"fleet member {name!r}, instance {instance!r}"
+            if not isinstance(instance, str) or not INSTANCE.fullmatch(instance):
+                problems.append(f"{what}: the name is not an instance name ([a-z0-9][a-z0-9-]*, 23 at most)")
+            if not isinstance(environment, str) or not ENVIRONMENT.fullmatch(environment):
+                problems.append(f"{what}: environment {environment!r} is not an environment name")
+            parts = urlsplit(str(record.get("url", "")))
+            try:
+                dial = parts.port
+            except ValueError:
+                dial = None
+            if parts.scheme != "http" or not _is_port(dial) or not _is_port(port):
+                problems.append(f"{what}: url {record.get('url')!r} is not http://ADDRESS:PORT")
+                continue
+            url = f"http://{_url_host(str(address))}:{dial}"
+            records.append({**record, "member": name, "url": url})
+    if problems:
+        raise GatewayError("the fleet's instance layouts cannot be routed:\n- " + "\n- ".join(problems))
+    return records
+
+
 def public_routes(records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
     """The gateway's routes for the instance layout `records`: one per instance, one per
     environment, and `metrics` (the exporter's route, None without settings' `metrics`).
 
     An environment's route balances over its enabled instances only; a disabled instance keeps
-    its own route, which answers 502 while it is stopped.
+    its own route, which answers 502 while it is stopped. In fleet mode (settings' `fleet`, the
+    records of `fleet_records`) there are environment routes only, and each has `members`, the
+    member of each upstream.
     """
     settings = settings_with_defaults(settings)
     problems: list[str] = []
     _check_settings(settings, problems)
     if problems:
         raise GatewayError("the gateway settings are invalid:\n- " + "\n- ".join(problems))
+    fleet = settings["fleet"] is True
     instances: list[dict[str, Any]] = []
     environments: dict[str, dict[str, Any]] = {}
+    owners: dict[str, str] = {}  # upstream -> the instance (and member) that answers there
     for record in records:
         route = {
             "name": record["name"],
@@ -276,16 +346,31 @@ def public_routes(records: list[dict[str, Any]], settings: dict[str, Any]) -> di
             record["environment"],
             {"name": record["environment"], "port": None, "host": "", "path": "/", "instances": [], "upstreams": []},
         )
+        if fleet:
+            member = record.get("member")
+            if not isinstance(member, str):
+                raise GatewayError(f"instance {record['name']!r} has no member: a front routes the records of members")
+            env.setdefault("members", {})
+            owner = f"instance {record['name']!r} of member {member!r}"
+            if route["upstream"] in owners:
+                problems.append(
+                    f"{owner} and {owners[route['upstream']]} both answer at {route['upstream']}; give each member"
+                    " its own address (comfybake_fleet_address)"
+                )
+            owners[route["upstream"]] = owner
         if route["enabled"]:
-            env["instances"].append(route["name"])
+            env["instances"].append(f"{record['member']}/{route['name']}" if fleet else route["name"])
             env["upstreams"].append(route["upstream"])
+            if fleet:
+                env["members"][route["upstream"]] = record["member"]
     metrics = _metrics_route(settings["metrics"])
     place = {"ports": _ports_mode, "hosts": _hosts_mode}.get(settings["mode"], _paths_mode)
-    place(instances, environments, metrics, settings, problems)
+    routed = [] if fleet else instances  # a front has no route per instance
+    place(routed, environments, metrics, settings, problems)
     if problems:
         raise GatewayError("the gateway's routes collide:\n- " + "\n- ".join(problems))
     return {
-        "instances": instances,
+        "instances": routed,
         "environments": [environments[name] for name in sorted(environments)],
         "metrics": metrics,
     }

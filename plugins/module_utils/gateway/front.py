@@ -1,0 +1,80 @@
+"""What a front does with its members' pool states: show them, and change them.
+
+One implementation for the module `comfybake.core.gateway_pool` and the command `comfybake
+gateway pool`: the states are written to pool.json, then the configuration is rendered again
+from gateway.json, credentials.json and pool.json, validated and loaded (Caddy's graceful
+reload: requests in flight finish).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import apply, pool
+from .caddy import STATES
+from .errors import GatewayError
+from .files import read, write
+
+
+def _inputs(paths: apply.Paths) -> dict[str, Any]:
+    text = read(paths.inputs)
+    if text is None:
+        raise GatewayError(f"{paths.inputs} is missing: converge the comfyui_gateway role on this host first")
+    inputs: dict[str, Any] = json.loads(text)
+    return inputs
+
+
+def view(paths: apply.Paths) -> dict[str, Any]:
+    """`states` (member -> state) and `upstreams` (member -> its upstreams) of this front."""
+    inputs = _inputs(paths)
+    if not inputs.get("settings", {}).get("fleet"):
+        raise GatewayError(
+            f"the gateway of {paths.config_dir} is a host's own, not a front: pool states belong to a front"
+            " (comfyui_gateway_fleet_members)"
+        )
+    return {"states": pool.load(paths.pool), "upstreams": pool.upstreams(inputs["routes"])}
+
+
+def describe(states: dict[str, str]) -> str:
+    """States as the lines of a diff: `<member>: <state>`."""
+    return "".join(f"{member}: {state}\n" for member, state in sorted(states.items()))
+
+
+def change(paths: apply.Paths, members: list[str], state: str | None, check: bool = False) -> dict[str, Any]:
+    """Set `members` to `state` on this front and load the new configuration (a graceful reload);
+    in `check`, or with no `state`, only say what would change. Returns `changed`, `previous`
+    (the given members' states before), `states` (every member's after) and `upstreams` (the
+    given members').
+
+    The caller holds the gateway's lock (credentials.locked) to change a state. Where the new
+    configuration is refused, pool.json is put back: the file always says what serves.
+    """
+    if state is not None and state not in STATES:
+        raise GatewayError(f"pool state {state!r} is not one of {', '.join(STATES)}")
+    found = view(paths)
+    before: dict[str, str] = found["states"]
+    unknown = sorted(set(members) - set(before))
+    if unknown:
+        raise GatewayError(
+            f"{', '.join(repr(name) for name in unknown)} {'is' if len(unknown) == 1 else 'are'} not a member of this"
+            f" front; its members: {', '.join(before) or 'none'} (comfyui_gateway_fleet_members: add the host"
+            " there and converge the front)"
+        )
+    after = {**before, **dict.fromkeys(members, state)} if state is not None else dict(before)
+    changed = after != before
+    if changed and not check:
+        old = read(paths.pool)
+        pool.save(paths.pool, after)
+        try:
+            apply.refresh(paths)
+        except BaseException:
+            if old is not None:
+                write(paths.pool, old, pool.MODE)
+            raise
+    return {
+        "changed": changed,
+        "previous": {member: before[member] for member in members},
+        "states": after,
+        "upstreams": {member: found["upstreams"].get(member, []) for member in members},
+    }

@@ -1,0 +1,126 @@
+"""The comfyui_gateway role's fleet mode, run by a real ansible-playbook: its preflight reads each
+member's instances.json on the member (delegate_to), its configure phase runs the real module and
+Caddy's validation. The members are inventory hosts with a local connection, each with its own
+config root; their addresses come from the inventory as on a real fleet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.tools import ROOT, venv_bin
+
+from comfybake.engine.gateway import apply, front
+
+ROLE_FILES = [ROOT / "roles" / role / folder / "main.yml" for role, folder in
+              (("comfyui", "defaults"), ("comfyui", "vars"), ("comfyui_gateway", "defaults"),
+               ("comfyui_gateway", "vars"))]  # fmt: skip
+
+
+def layout(*instances: tuple[str, str, int]) -> str:
+    return json.dumps({"instances": [{"name": n, "environment": e, "port": p, "url": f"http://127.0.0.1:{p}"}
+                                     for n, e, p in instances]})  # fmt: skip
+
+
+def setup(tmp_path: Path) -> Path:
+    """An inventory of a front and three fleet hosts; gpu-b-1 was never converged."""
+    for name, text in (("gpu-a-1", layout(("a", "prod", 8188), ("b", "dev", 8189))),
+                       ("gpu-a-2", layout(("a", "prod", 8188)))):  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "instances.json").write_text(text)
+    (tmp_path / "gpu-b-1").mkdir()
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {"all": {"hosts": {
+        "front": local,
+        "gpu-a-1": {**local, "ansible_host": "10.0.0.11", "comfyui_config_root": str(tmp_path / "gpu-a-1")},
+        "gpu-a-2": {**local, "ansible_host": "192.0.2.1", "comfybake_fleet_address": "10.0.0.12",
+                    "comfyui_config_root": str(tmp_path / "gpu-a-2")},
+        "gpu-b-1": {**local, "comfyui_config_root": str(tmp_path / "gpu-b-1")},
+    }}}  # fmt: skip
+    (tmp_path / "inventory.json").write_text(json.dumps(inventory))
+    # The front's own files under tmp_path (a later vars file overrides the roles' defaults and vars).
+    (tmp_path / "front.json").write_text(json.dumps({
+        "comfyui_config_root": str(tmp_path / "front"), "_comfyui_gateway_account": "root",
+        "_comfyui_gateway_storage": str(tmp_path / "storage"), "_comfyui_gateway_socket": str(tmp_path / "admin.sock"),
+        "comfyui_gateway_names": ["front.example.com"], "comfyui_gateway_metrics": False}))  # fmt: skip
+    tasks = [
+        {"name": "Preflight", "ansible.builtin.include_tasks": str(ROOT / "roles/comfyui_gateway/tasks/preflight.yml")},
+        {"name": "Configure", "ansible.builtin.include_tasks": str(ROOT / "roles/comfyui_gateway/tasks/configure.yml")},
+        {"name": "Keep what the role computed", "ansible.builtin.copy": {
+            "content": "{{ {'fleet': _comfyui_gateway_fleet_layout, 'gateway': __comfyui_gateway} | to_json }}",
+            "dest": str(tmp_path / "out.json")}},
+    ]  # fmt: skip
+    play = [{"hosts": "front", "gather_facts": False,
+             "vars_files": [*map(str, ROLE_FILES), str(tmp_path / "front.json")], "tasks": tasks}]  # fmt: skip
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    return tmp_path
+
+
+def converge(tmp_path: Path, env: dict[str, str], **extra: Any) -> tuple[subprocess.CompletedProcess[str], Any]:
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    (tmp_path / "out.json").unlink(missing_ok=True)
+    done = subprocess.run([venv_bin("ansible-playbook"), "-i", str(tmp_path / "inventory.json"),
+                           "-e", f"@{tmp_path / 'extra.json'}", str(tmp_path / "play.yml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = json.loads((tmp_path / "out.json").read_text()) if (tmp_path / "out.json").exists() else None
+    return done, out
+
+
+def test_a_front_routes_its_members_instances_and_keeps_their_pool_states(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    setup(tmp_path)
+    members = {"comfyui_gateway_fleet_members": ["gpu-a-1", "gpu-a-2"]}
+    done, out = converge(tmp_path, ansible_env, **members)
+    assert done.returncode == 0, done.stdout[-4000:]
+    # each member's instances at its address: ansible_host, or comfybake_fleet_address before it
+    assert [(m["name"], m["address"]) for m in out["fleet"]] == [("gpu-a-1", "10.0.0.11"), ("gpu-a-2", "10.0.0.12")]
+    routes = out["gateway"]["routes"]
+    assert routes["instances"] == []
+    prod = next(route for route in routes["environments"] if route["name"] == "prod")
+    assert prod["members"] == {"10.0.0.11:8188": "gpu-a-1", "10.0.0.12:8188": "gpu-a-2"}
+    config_dir = tmp_path / "front" / "gateway"
+    assert json.loads((config_dir / "pool.json").read_text())["members"] == {"gpu-a-1": "serving", "gpu-a-2": "serving"}
+
+    # A rolling playbook took gpu-a-1 out; the next converge changes nothing and keeps it out.
+    front.change(apply.Paths(str(config_dir), group=""), ["gpu-a-1"], "out")
+    done, out = converge(tmp_path, ansible_env, **members)
+    assert done.returncode == 0, done.stdout[-4000:]
+    changed = [line for line in done.stdout.splitlines() if line.startswith("changed: [")]
+    assert len(changed) == 1, done.stdout[-3000:]  # the test's own copy of the results, nothing of the role
+    assert not out["gateway"]["changed"], out["gateway"]["changed_files"]
+    assert out["gateway"]["pool"] == {"gpu-a-1": "out", "gpu-a-2": "serving"}
+
+
+def test_a_front_refuses_unconverged_unknown_members_and_instance_scopes(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    setup(tmp_path)
+    done, _ = converge(tmp_path, ansible_env, comfyui_gateway_fleet_members=["gpu-a-1", "gpu-b-1"])
+    assert done.returncode != 0
+    assert "instances.json) of gpu-b-1" in done.stdout and "converge playbooks/site.yml on it first" in done.stdout
+    done, _ = converge(
+        tmp_path,
+        ansible_env,
+        comfyui_gateway_fleet_members=["gpu-a-1", "gpu-z-9"],
+        comfyui_gateway_keys=[{"name": "ci", "scope": ["instance:a"], "api_key": "Y2k6c2VjcmV0"}],
+    )
+    assert done.returncode != 0
+    assert "comfyui_gateway_fleet_members names gpu-z-9, not hosts of the inventory" in done.stdout
+    assert "the users or keys ci have an instance: scope" in done.stdout
+
+
+def test_without_members_the_role_routes_the_hosts_own_instances(tmp_path: Path, ansible_env: dict[str, str]) -> None:
+    """The same tasks on a host's own gateway: its instances.json, a route per instance, no pool."""
+    setup(tmp_path)
+    (tmp_path / "front").mkdir()
+    (tmp_path / "front" / "instances.json").write_text(layout(("a", "prod", 8188)))
+    for run in range(2):
+        done, out = converge(tmp_path, ansible_env)
+        assert done.returncode == 0, done.stdout[-4000:]
+        assert [route["name"] for route in out["gateway"]["routes"]["instances"]] == ["a"]
+        assert out["gateway"]["changed"] == (run == 0) and out["gateway"]["pool"] == {}
+    assert not (tmp_path / "front" / "gateway" / "pool.json").exists()
