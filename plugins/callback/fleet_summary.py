@@ -46,7 +46,7 @@ STAT_KEY = "comfybake_fleet"
 ROLLED_BACK = "rolled back environment"
 
 
-class CallbackModule(CallbackBase):
+class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships no type information
     """Collects who ran, in which batch, what failed, and prints the fleet summary at the end."""
 
     CALLBACK_VERSION = 2.0

@@ -9,6 +9,8 @@ The whole fleet (containers, fronts, pools) is tested in tests/fleet.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -335,3 +337,144 @@ def test_fleet_status_writes_one_document_naming_every_host(
     assert table[0].split() == ["HOST", "GPU", "INSTANCE", "ENVIRONMENT", "RELEASE", "COMMIT", "STATE", "QUEUE"]
     assert table[1].split()[:4] == ["l4-1", "l4", "main", "cpu"]
     assert table[2].split() == ["l4-2", "-", "-", "-", "-", "-", "not", "reached", "-"]
+
+
+def releases_of(tmp_path: Path, double: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+    """An environment `cpu` with complete releases (oldest first, the last one live) as the
+    environments role leaves them, and the double as its instance, linked to the live release."""
+    code = tmp_path / "code"
+    env = code / "envs" / "cpu"
+    for age, release in enumerate(ids):
+        folder = env / "releases" / release
+        folder.mkdir(parents=True)
+        lock = {
+            "comfyui": {"version": "v0.8.0", "commit": f"{age:02d}" * 20},
+            "built_at": f"2026-01-0{age + 1}T00:00:00Z",
+        }
+        (folder / "comfybake.lock.json").write_text(json.dumps(lock))
+        stamp = time.time() - 1000 + age
+        os_utime(folder / "comfybake.lock.json", stamp)
+    (env / "current").symlink_to(f"releases/{ids[-1]}")
+    (code / "instances").mkdir()
+    (code / "instances" / "main").symlink_to(f"../envs/cpu/releases/{ids[-1]}")
+    return {**double, "code_dir": str(code / "instances" / "main"), "env_file": str(tmp_path / "main.env")}
+
+
+def os_utime(path: Path, stamp: float) -> None:
+    os.utime(path, (stamp, stamp))
+
+
+def live(tmp_path: Path) -> str:
+    return (tmp_path / "code" / "envs" / "cpu" / "current").readlink().name
+
+
+def rollback(
+    tmp_path: Path, inventory: Path, ansible_env: dict[str, str], *extra: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    summary = tmp_path / "summary.json"
+    summary.unlink(missing_ok=True)
+    env = {**ansible_env, "COMFYBAKE_FLEET_SUMMARY": str(summary)}
+    argv = [
+        venv_bin("ansible-playbook"),
+        "-i",
+        str(inventory),
+        "playbooks/fleet_rollback.yml",
+        "-e",
+        f"_fleet_cli={CLI}",
+    ]
+    argv += ["-e", "comfybake_fleet_environment=cpu", *extra]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return done, (json.loads(summary.read_text()) if summary.exists() else {})
+
+
+def test_fleet_rollback_goes_back_once_and_a_second_run_changes_nothing(
+    tmp_path: Path, ansible_env: dict[str, str], double: dict[str, Any]
+) -> None:
+    record = releases_of(tmp_path, double, ["aaaa", "bbbb", "cccc"])
+    (tmp_path / "main.env").write_text("COMFYUI_RELEASE=releases/cccc\n")
+    inventory = fleet(tmp_path, {"gpu-1": {}}, [record])
+
+    done, summary = rollback(tmp_path, inventory, ansible_env, "--check")
+    assert done.returncode == 0, done.stdout
+    assert live(tmp_path) == "cccc", "check mode rolled back"
+
+    done, summary = rollback(tmp_path, inventory, ansible_env)
+    assert done.returncode == 0, done.stdout
+    assert live(tmp_path) == "bbbb"
+    assert (tmp_path / "code" / "instances" / "main").readlink().name == "bbbb"
+    assert (tmp_path / "main.env").read_text() == "COMFYUI_RELEASE=releases/bbbb\n"
+    outcome, detail = outcomes(summary)["gpu-1"]
+    assert (outcome, detail.split(";")[0]) == ("rolled back", "cpu cccc -> bbbb")
+
+    done, summary = rollback(tmp_path, inventory, ansible_env)
+    assert done.returncode == 0, done.stdout
+    assert live(tmp_path) == "bbbb", "a second run walked further back"
+    assert "changed=0" in done.stdout
+    assert outcomes(summary)["gpu-1"] == (
+        "unchanged",
+        "cpu is rolled back already: release bbbb is live, newer cccc is not",
+    )
+
+    done, summary = rollback(tmp_path, inventory, ansible_env, "-e", "comfybake_fleet_rollback_to=aaaa")
+    assert done.returncode == 0, done.stdout
+    assert live(tmp_path) == "aaaa"
+
+    done, summary = rollback(tmp_path, inventory, ansible_env, "-e", "comfybake_fleet_rollback_to=zzzz")
+    assert done.returncode == 2
+    assert live(tmp_path) == "aaaa"
+    assert outcomes(summary)["gpu-1"][1].endswith(
+        "gpu-1 has no release zzzz of environment cpu (releases, oldest first: aaaa, bbbb, cccc; live: aaaa): give one"
+        " of them in comfybake_fleet_rollback_to, or leave this host out with --limit"
+    )
+
+
+def test_fleet_drain_marks_the_host_in_maintenance_once_and_undrain_removes_the_mark(
+    tmp_path: Path, ansible_env: dict[str, str], double: dict[str, Any]
+) -> None:
+    inventory = fleet(tmp_path, {"gpu-1": {}, "gpu-2": {}}, [double])
+    mark = tmp_path / "gpu-1" / "fleet-maintenance.json"
+
+    def drain(state: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+        argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_drain.yml", "--limit", "gpu-1"]
+        summary = tmp_path / "summary.json"
+        env = {**ansible_env, "COMFYBAKE_FLEET_SUMMARY": str(summary)}
+        argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_state={state}"]
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout
+        return done, json.loads(summary.read_text())
+
+    done, summary = drain("out")
+    assert json.loads(mark.read_text())["state"] == "out"
+    assert outcomes(summary)["gpu-1"][0] == "changed"
+    assert list(outcomes(summary)) == ["gpu-1"], "a host outside --limit is in the summary"
+    done, summary = drain("out")
+    assert "changed=0" in done.stdout
+    assert outcomes(summary)["gpu-1"][0] == "unchanged"
+    done, summary = drain("serving")
+    assert not mark.exists()
+    assert not (tmp_path / "gpu-2" / "fleet-maintenance.json").exists()
+
+
+DOCUMENTED = {"callback": ("comfybake.core.fleet_summary", "COMFYBAKE_FLEET_SUMMARY"),
+              "role": ("comfybake.core.fleet", "Take the host out of every front's pools")}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(DOCUMENTED))
+def test_ansible_doc_renders_the_fleet_plugins(ansible_env: dict[str, str], kind: str) -> None:
+    name, expected = DOCUMENTED[kind]
+    argv = [venv_bin("ansible-doc"), "-t", kind, name]
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert expected in " ".join(done.stdout.split())
+
+
+def test_every_fleet_entry_point_documents_what_it_reads() -> None:
+    specs = yaml.safe_load((ROOT / "roles" / "fleet" / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+    assert set(specs) == {"main", "leave", "join", "restart", "rollback", "drain", "status"}
+    tasks = {path.stem: path.read_text() for path in (ROOT / "roles" / "fleet" / "tasks").glob("*.yml")}
+    for entry, spec in specs.items():
+        if entry != "main":
+            assert set(spec["options"]) <= set(specs["main"]["options"]), entry
+    # Each comfybake_fleet_* variable a task file reads is documented by the main entry point.
+    read = {word for text in tasks.values() for word in re.findall(r"\bcomfybake_(?:fleet_\w+|gpu_type)\b", text)}
+    assert read <= set(specs["main"]["options"]), read - set(specs["main"]["options"])
