@@ -8,7 +8,7 @@ b. `fleet_status.yml`: its JSON is what each host reports;
 c. `fleet_drain.yml`: a host `out` gets no new session through the front, and gets them again
    once `serving`;
 d. `fleet_upgrade.yml` of prod's node pin while a long prompt runs on the canary: the prompt
-   completes, and a client polling prod's fleet URL all along sees no error;
+   completes, and clients polling each environment's fleet URL all along see no error;
 e. `fleet_upgrade.yml` to a release whose node fails to import: the rollout stops after the
    canary, which is back on its release and out of the pools, the other five untouched and
    serving, and the summary names each host's outcome;
