@@ -46,7 +46,7 @@ options:
   layout:
     description:
       - Records of the instance layout (the P(comfybake.core.instance_layout#filter) filter).
-      - Ignored with O(fleet).
+      - Ignored with O(fleet_mode).
     type: list
     elements: dict
     default: []
@@ -157,6 +157,21 @@ EXAMPLES = r"""
       - name: alice
         scope: ["environment:prod"]
         password: "{{ vault_alice_password }}"
+    config_dir: /etc/comfybake/gateway
+
+- name: Configure a front over two fleet hosts
+  comfybake.core.gateway:
+    fleet_mode: true
+    fleet:
+      - name: gpu-a-1
+        address: 10.0.0.11
+        instances: "{{ (lookup('ansible.builtin.file', 'gpu-a-1/instances.json') | from_json).instances }}"
+      - name: gpu-a-2
+        address: 10.0.0.12
+        instances: "{{ (lookup('ansible.builtin.file', 'gpu-a-2/instances.json') | from_json).instances }}"
+    settings:
+      mode: ports
+      names: [front.example.com]
     config_dir: /etc/comfybake/gateway
 """
 
