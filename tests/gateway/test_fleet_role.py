@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from harness.tools import ROOT, venv_bin
 
 from comfybake.engine.gateway import apply, front
@@ -195,3 +196,27 @@ def test_an_environment_keeps_its_port_when_others_come(tmp_path: Path, ansible_
     after = {route["name"]: route["port"] for route in out["gateway"]["routes"]["environments"]}
     assert {name: after[name] for name in ports} == ports, after
     assert after["aaa"] not in ports.values()
+
+
+def test_a_front_moves_queued_connections_to_the_new_listeners(tmp_path: Path, ansible_env: dict[str, str]) -> None:
+    """The role's tcp_migrate_req tasks, run in a network namespace of their own (the setting is
+    per namespace, so the machine's stays as it is): set now and across boots, then unchanged."""
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no network namespace can be made here (unshare --net)")
+    conf = tmp_path / "60-comfybake-gateway.conf"
+    tasks = [{"ansible.builtin.import_tasks": str(ROOT / "roles/comfyui_gateway/tasks/sysctl.yml")}]
+    play = [{"hosts": "localhost", "gather_facts": False,
+             "vars": {"_comfyui_gateway_migrate_req": "/proc/sys/net/ipv4/tcp_migrate_req",
+                      "_comfyui_gateway_sysctl_file": str(conf)}, "tasks": tasks}]  # fmt: skip
+    (tmp_path / "sysctl.yml").write_text(json.dumps(play))
+    run = (f"{venv_bin('ansible-playbook')} -i localhost, -c local -e ansible_python_interpreter={sys.executable}"
+           f" {tmp_path / 'sysctl.yml'}")  # fmt: skip
+    script = f"cat /proc/sys/net/ipv4/tcp_migrate_req; {run} && {run} && cat /proc/sys/net/ipv4/tcp_migrate_req"
+    done = subprocess.run(["unshare", "--net", "sh", "-c", script], cwd=tmp_path, env=ansible_env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert (lines[0], lines[-1]) == ("0", "1"), done.stdout
+    recaps = [line for line in lines if line.startswith("localhost")]
+    assert "changed=2" in recaps[0] and "changed=0" in recaps[1], recaps
+    assert conf.read_text() == "net.ipv4.tcp_migrate_req = 1\n"
