@@ -168,7 +168,9 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         else:
             row["outcome"] = "changed" if stats.changed.get(host) else "unchanged"
         if row["outcome"] == "check":  # the role cannot tell in check mode; the tasks that would change can
-            row["outcome"] = "would change" if stats.changed.get(host) else "unchanged"
+            changes = int(stats.changed.get(host) or 0)
+            row["outcome"] = "would change" if changes else "unchanged"
+            row["detail"] += f"; {changes} task(s) would change" if changes else "; nothing to apply"
         elif context.CLIARGS.get("check") and row["outcome"] == "changed":
             row["outcome"] = "would change"
         return row

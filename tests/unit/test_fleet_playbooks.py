@@ -281,7 +281,7 @@ def test_check_mode_drains_nothing_and_says_so(
         assert "gpu-1 would leave no front and drain 1 instance(s) (prompts queued now: 1), then rejoin" in " ".join(
             done.stdout.split()
         )
-        assert outcomes(summary)["gpu-1"][0] == "unchanged"
+        assert outcomes(summary)["gpu-1"] == ("unchanged", "would leave, drain and rejoin; nothing to apply")
         assert queue(double)["queue_running"], "check mode interrupted nothing"  # type: ignore[index]
     finally:
         idle(double)
