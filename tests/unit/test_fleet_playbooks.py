@@ -452,6 +452,10 @@ def test_fleet_drain_marks_the_host_in_maintenance_once_and_undrain_removes_the_
     assert outcomes(summary)["gpu-1"][0] == "unchanged"
     done, summary = drain("serving")
     assert not mark.exists()
+    assert outcomes(summary)["gpu-1"] == ("changed", "back from maintenance, serving (no front)")
+    done, summary = drain("serving")
+    assert "changed=0" in done.stdout
+    assert outcomes(summary)["gpu-1"] == ("unchanged", "ready")
     assert not (tmp_path / "gpu-2" / "fleet-maintenance.json").exists()
 
 
