@@ -60,8 +60,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         self._play_uuid = ""
         self._batch = 0
         self._fleet_plays: dict[str, list[str]] = {}  # play uuid -> the play's hosts (its pattern, --limit applied)
-        self._hosts: dict[str, dict[str, Any]] = {}  # host -> batch, play, failure, unreachable
-        self._stopped_after = 0
+        self._hosts: dict[str, dict[str, Any]] = {}  # host -> batches (play uuid -> batch), failure, unreachable
         self._play_hosts: list[str] = []
         self._inventory: Any = None
 
@@ -85,8 +84,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         if not self._play_hosts:
             self._play_hosts = [host.name for host in self._inventory.get_hosts(pattern, ignore_restrictions=True)]
         for host in self._inventory.get_hosts(pattern):
-            entry = self._hosts.setdefault(host.name, {})
-            entry.update(batch=self._batch, play=uuid)
+            self._hosts.setdefault(host.name, {}).setdefault("batches", {})[uuid] = self._batch
 
     def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
         self._note_task(task)
@@ -117,11 +115,16 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         if not self._fleet_plays:
             return
         hosts: list[str] = []
-        for play_hosts in self._fleet_plays.values():
-            hosts += [host for host in play_hosts if host not in hosts]
+        for play, play_hosts in self._fleet_plays.items():
+            for host in play_hosts:
+                entry = self._hosts.setdefault(host, {})
+                if host not in hosts:
+                    hosts.append(host)
+                if play in entry.get("batches", {}) and "batch" not in entry:
+                    entry["batch"] = entry["batches"][play]  # its batch in the (first) fleet play
         # The batch after which the rollout stopped: the last batch of a play that hosts of it never reached.
-        unreached = [host for host in hosts if "batch" not in self._hosts.get(host, {})]
-        batches = [self._hosts[host]["batch"] for host in hosts if "batch" in self._hosts.get(host, {})]
+        unreached = [host for host in hosts if "batch" not in self._hosts[host]]
+        batches = [self._hosts[host]["batch"] for host in hosts if "batch" in self._hosts[host]]
         stopped = max(batches) if unreached and batches else 0
         rows = [self._row(host, stats, stopped) for host in hosts]
         self._display.banner("FLEET SUMMARY")
