@@ -101,7 +101,12 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
     def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
         if ignore_errors:
             return
-        message = str(result._result.get("msg") or result._result.get("stderr") or "failed").strip()
+        message = _message(result._result)
+        # A loop says only "One or more items failed": the first failed item says what.
+        for item in result._result.get("results") or []:
+            if isinstance(item, dict) and item.get("failed"):
+                message = _message(item)
+                break
         entry = self._hosts.setdefault(result._host.get_name(), {})
         entry["failure"] = {"task": result._task.get_name(), "message": message}
 
@@ -177,6 +182,10 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         elif context.CLIARGS.get("check") and row["outcome"] == "changed":
             row["outcome"] = "would change"
         return row
+
+
+def _message(result: dict[str, Any]) -> str:
+    return str(result.get("msg") or result.get("stderr") or "failed").strip()
 
 
 def _first_line(text: str) -> str:

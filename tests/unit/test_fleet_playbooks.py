@@ -28,8 +28,9 @@ from harness.tools import venv_bin
 ROOT = Path(__file__).resolve().parents[2]
 CLI = ROOT / "roles" / "comfyui" / "files" / "comfybake.pyz"
 
-# A rolling play shaped like site.yml's: leave, the change (a task that fails where fail_me is
-# set), join; a canary batch then batches of two, any failure stops the rollout.
+# A rolling play shaped like site.yml's: leave, the change (a loop that fails on an item where
+# fail_me is set, as the environments role does), join; a canary batch then batches of two,
+# any failure stops the rollout.
 ROLLING = """
 - name: Rolling change
   hosts: comfybake
@@ -42,7 +43,8 @@ ROLLING = """
   tasks:
     - name: Apply the change
       ansible.builtin.fail: {msg: "{{ fail_me }}"}
-      when: fail_me is defined
+      when: fail_me is defined and item == 'prod'
+      loop: [edit, prod]
     - name: Mark the host as changed
       ansible.builtin.file: {path: "{{ comfyui_config_root }}/applied", state: touch, mode: "0644"}
       changed_when: false
