@@ -44,6 +44,7 @@ from ansible.plugins.callback import CallbackBase
 FLEET_ROLE = "fleet"
 STAT_KEY = "comfybake_fleet"
 ROLLED_BACK = "rolled back environment"
+STOPPED = "rollout stopped: "
 
 
 class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships no type information
@@ -156,6 +157,10 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
             row["outcome"] = "unreachable"
             row["failed"] = True
             row["detail"] = _first_line(entry.get("unreachable", ""))
+        elif entry.get("failure") and entry["failure"]["message"].startswith(STOPPED):
+            row["outcome"] = "stopped"  # the fleet role's guard: another host was lost, this one left untouched
+            row["detail"] = _first_line(entry["failure"]["message"][len(STOPPED) :])
+            row["failed"] = True
         elif entry.get("failure") and stats.failures.get(host):
             failure = entry["failure"]
             rolled_back = [line.strip() for line in failure["message"].splitlines() if ROLLED_BACK in line]

@@ -206,6 +206,27 @@ def test_an_unreachable_host_within_max_fail_percentage_is_reported_and_the_roll
     assert summary["stopped_after_batch"] is None
 
 
+def test_an_unreachable_host_beyond_max_fail_percentage_stops_the_rollout_before_its_batch_changes(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    # Ansible counts only failed hosts against max_fail_percentage; the fleet role counts the lost ones.
+    closed = free_port()
+    unreachable = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": closed}
+    hosts = {"gpu-1": {}, "gpu-2": unreachable, "gpu-3": {}, "gpu-4": {}, "gpu-5": {}}
+    done, summary = play(tmp_path, fleet(tmp_path, hosts, []), ROLLING, ansible_env)
+    assert done.returncode != 0, done.stdout
+    result = outcomes(summary)
+    assert result["gpu-1"] == ("unchanged", "ready")
+    assert result["gpu-2"][0] == "unreachable"
+    assert result["gpu-3"] == (
+        "stopped",
+        "gpu-2 failed or could not be reached (1 of 5 hosts, more than comfybake_max_fail_percentage=0%),"
+        " so this host was left unchanged",
+    )
+    assert not (tmp_path / "gpu-3" / "applied").exists()
+    assert result["gpu-4"] == result["gpu-5"] == ("not reached", "rollout stopped after batch 2")
+
+
 def test_the_summary_is_silent_without_the_fleet_role(tmp_path: Path, ansible_env: dict[str, str]) -> None:
     done, summary = play(tmp_path, fleet(tmp_path, {"gpu-1": {}}, []), PLAIN, ansible_env)
     assert done.returncode == 0, done.stdout
