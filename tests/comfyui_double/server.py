@@ -214,6 +214,8 @@ class PromptQueue:
         while True:
             item = self.items.get()
             with self.lock:
+                if item not in self.pending:  # dropped by POST /queue
+                    continue
                 self.pending.remove(item)
                 self.running.append(item)
             self.changed()
@@ -405,6 +407,18 @@ class Handler(BaseHTTPRequestHandler):
                     self.prompts.history.clear()
                 for prompt_id in body.get("delete") or []:
                     self.prompts.history.pop(str(prompt_id), None)
+            self._send(200, "", "text/plain")
+        elif route == "/queue":  # ComfyUI's: {"clear": true} and/or {"delete": [prompt ids]} drop pending prompts
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                body = {}
+            with self.prompts.lock:
+                dropped = {str(prompt_id) for prompt_id in body.get("delete") or []}
+                self.prompts.pending = [
+                    item for item in self.prompts.pending if not body.get("clear") and item["prompt_id"] not in dropped
+                ]
+            self.prompts.changed()
             self._send(200, "", "text/plain")
         elif route == "/interrupt":
             self.prompts.interrupted.set()
