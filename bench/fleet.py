@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -89,9 +90,23 @@ def inventories(folder: Path, host: fleet.Host, fx: fleet.Fixtures, key: Path, c
     return paths
 
 
-def converge(checkout: Path, inventory: Path, log: Path) -> dict[str, Any]:
+def host_cpu(container: str) -> float:
+    """CPU seconds the container's processes used so far (its cgroup v1 or v2 accounting)."""
+    full = fleet.docker("inspect", "--format", "{{.Id}}", container)
+    v1 = Path(f"/sys/fs/cgroup/cpuacct/docker/{full}/cpuacct.usage")
+    if v1.exists():
+        return int(v1.read_text()) / 1e9
+    v2 = Path(f"/sys/fs/cgroup/system.slice/docker-{full}.scope/cpu.stat")
+    if v2.exists():
+        return int(v2.read_text().split("usage_usec ")[1].split()[0]) / 1e6
+    return float("nan")
+
+
+def converge(checkout: Path, inventory: Path, log: Path, container: str) -> dict[str, Any]:
     """`ansible-playbook playbooks/site.yml` of `checkout` over `inventory`: its wall time, the
-    time of each role, and the recap."""
+    time of each role, the recap, and the CPU seconds it cost on this machine (Ansible and its
+    ssh or docker clients) and on the host. The CPU figures hold on a loaded machine, where the
+    wall time mostly measures the load."""
     env = {
         **os.environ,
         "ANSIBLE_CONFIG": str(checkout / "ansible.cfg"),
@@ -100,12 +115,17 @@ def converge(checkout: Path, inventory: Path, log: Path) -> dict[str, Any]:
         "ANSIBLE_NOCOLOR": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    host_before = host_cpu(container)
     started = time.perf_counter()
     done = subprocess.run(
         [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory), "playbooks/site.yml"],
         cwd=checkout, env=env, capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    controller = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    host = host_cpu(container) - host_before
     log.write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"the converge over {inventory.name} failed (exit {done.returncode}); its log: {log}")
@@ -117,7 +137,7 @@ def converge(checkout: Path, inventory: Path, log: Path) -> dict[str, Any]:
         elif (match := RECAP_ROW.match(line)) and match[1] == NAME:
             recap = {k: int(v) for k, v in (pair.split("=") for pair in match[2].split())}
     roles.pop("total", None)
-    return {"seconds": seconds, "roles": roles, "recap": recap}
+    return {"seconds": seconds, "roles": roles, "recap": recap, "controller_cpu": controller, "host_cpu": host}
 
 
 def noop(args: argparse.Namespace) -> int:
@@ -135,29 +155,32 @@ def noop(args: argparse.Namespace) -> int:
     try:
         host = fleet.start([NAME], NETWORK, fx, key)[NAME]
         paths = inventories(work, host, fx, key, control)
-        first = converge(checkouts[0], paths["ssh"], work / "converge-first.log")
+        first = converge(checkouts[0], paths["ssh"], work / "converge-first.log", host.container)
         print(f"first converge over ssh: {first['seconds']:.1f} s, {first['recap']}", flush=True)
         runs: dict[Path, dict[str, list[dict[str, Any]]]] = {c: {"ssh": [], "docker": []} for c in checkouts}
         for round_ in range(1, args.rounds + 1):
             for index, checkout in enumerate(checkouts):
                 for connection in ("ssh", "docker"):
                     log = work / f"noop-{index}-{connection}-{round_}.log"
-                    run = converge(checkout, paths[connection], log)
+                    run = converge(checkout, paths[connection], log, host.container)
                     if run["recap"].get("changed", -1) != 0:
                         raise SystemExit(f"round {round_} of {checkout} over {connection} changed something: "
                                          f"{run['recap']} (log: {log})")  # fmt: skip
                     runs[checkout][connection].append(run)
-                    print(f"round {round_} {checkout.name:<12} {connection:<6} {run['seconds']:6.1f} s  {run['recap']}",
-                          flush=True)  # fmt: skip
+                    print(f"round {round_} {checkout.name:<12} {connection:<6} {run['seconds']:6.1f} s wall, "
+                          f"CPU {run['controller_cpu']:5.1f} s here + {run['host_cpu']:5.1f} s on the host  "
+                          f"ok={run['recap'].get('ok')} skipped={run['recap'].get('skipped')}", flush=True)  # fmt: skip
         for checkout in checkouts:
             report(checkout, runs[checkout])
         if len(checkouts) > 1:
-            walls = {c: statistics.median(run["seconds"] for run in runs[c]["ssh"]) for c in checkouts}
-            base = walls[checkouts[0]]
-            print(
-                "\nover ssh, median wall against the first checkout: "
-                + ", ".join(f"{c.name} {walls[c]:.1f} s ({base / walls[c]:.2f} x faster)" for c in checkouts[1:])
-            )
+            print()
+            for pick in ("seconds", "controller_cpu", "host_cpu"):
+                values = {c: statistics.median(run[pick] for run in runs[c]["ssh"]) for c in checkouts}
+                base = values[checkouts[0]]
+                print(
+                    f"over ssh, median {pick} against {checkouts[0].name}: "
+                    + ", ".join(f"{c.name} {values[c]:.1f} s ({base / values[c]:.2f} x less)" for c in checkouts[1:])
+                )
     finally:
         if not args.keep:
             fleet.stop([NAME])
@@ -169,15 +192,20 @@ def report(checkout: Path, runs: dict[str, list[dict[str, Any]]]) -> None:
     def median(connection: str, pick: str) -> float:
         if pick == "wall":
             return statistics.median(run["seconds"] for run in runs[connection])
+        if pick in ("controller_cpu", "host_cpu"):
+            return statistics.median(run[pick] for run in runs[connection])
         return statistics.median(run["roles"].get(pick, 0.0) for run in runs[connection])
 
     roles = list(dict.fromkeys(role for run in runs["ssh"] + runs["docker"] for role in run["roles"]))
     print(f"\n{checkout}: no-change converge of site.yml, one host, median of {len(runs['ssh'])} rounds (seconds)")
     print(f"{'':<24} {'ssh':>8} {'docker':>8} {'docker/ssh':>11}")
-    for pick in [*roles, "wall"]:
+    for pick in [*roles, "wall", "controller_cpu", "host_cpu"]:
         ssh, docker = median("ssh", pick), median("docker", pick)
         ratio = f"{docker / ssh:.2f}" if ssh else "-"
         print(f"{pick:<24} {ssh:8.1f} {docker:8.1f} {ratio:>11}")
+    for connection in ("ssh", "docker"):
+        walls = sorted(run["seconds"] for run in runs[connection])
+        print(f"{connection} wall per round, fastest first: {', '.join(f'{wall:.1f}' for wall in walls)}")
     recap = runs["ssh"][-1]["recap"]
     print(f"tasks: ok={recap.get('ok')} skipped={recap.get('skipped')} changed={recap.get('changed')}")
 
