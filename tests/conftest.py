@@ -60,6 +60,7 @@ def ansible_env(root: Path) -> dict[str, str]:
 
 LONGEST_FIRST = (  # measured on a CI machine; docs/testing.md has the figures
     "tests/packer/test_vm.py",
+    "tests/fleet/test_fleet.py",
     "tests/molecule/test_scenarios.py::test_molecule_scenario[comfyui_instances]",
     "tests/packer/test_bake.py",
     "tests/molecule/test_scenarios.py::test_molecule_scenario[comfyui_environments]",
