@@ -44,6 +44,7 @@ from ansible.plugins.callback import CallbackBase
 FLEET_ROLE = "fleet"
 STAT_KEY = "comfybake_fleet"
 ROLLED_BACK = "rolled back environment"
+STOPPED = "rollout stopped: "
 
 
 class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships no type information
@@ -60,8 +61,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         self._play_uuid = ""
         self._batch = 0
         self._fleet_plays: dict[str, list[str]] = {}  # play uuid -> the play's hosts (its pattern, --limit applied)
-        self._hosts: dict[str, dict[str, Any]] = {}  # host -> batch, play, failure, unreachable
-        self._stopped_after = 0
+        self._hosts: dict[str, dict[str, Any]] = {}  # host -> batches (play uuid -> batch), failure, unreachable
         self._play_hosts: list[str] = []
         self._inventory: Any = None
 
@@ -85,8 +85,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         if not self._play_hosts:
             self._play_hosts = [host.name for host in self._inventory.get_hosts(pattern, ignore_restrictions=True)]
         for host in self._inventory.get_hosts(pattern):
-            entry = self._hosts.setdefault(host.name, {})
-            entry.update(batch=self._batch, play=uuid)
+            self._hosts.setdefault(host.name, {}).setdefault("batches", {})[uuid] = self._batch
 
     def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
         self._note_task(task)
@@ -103,7 +102,12 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
     def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
         if ignore_errors:
             return
-        message = str(result._result.get("msg") or result._result.get("stderr") or "failed").strip()
+        message = _message(result._result)
+        # A loop says only "One or more items failed": the first failed item says what.
+        for item in result._result.get("results") or []:
+            if isinstance(item, dict) and item.get("failed"):
+                message = _message(item)
+                break
         entry = self._hosts.setdefault(result._host.get_name(), {})
         entry["failure"] = {"task": result._task.get_name(), "message": message}
 
@@ -117,11 +121,16 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         if not self._fleet_plays:
             return
         hosts: list[str] = []
-        for play_hosts in self._fleet_plays.values():
-            hosts += [host for host in play_hosts if host not in hosts]
+        for play, play_hosts in self._fleet_plays.items():
+            for host in play_hosts:
+                entry = self._hosts.setdefault(host, {})
+                if host not in hosts:
+                    hosts.append(host)
+                if play in entry.get("batches", {}) and "batch" not in entry:
+                    entry["batch"] = entry["batches"][play]  # its batch in the (first) fleet play
         # The batch after which the rollout stopped: the last batch of a play that hosts of it never reached.
-        unreached = [host for host in hosts if "batch" not in self._hosts.get(host, {})]
-        batches = [self._hosts[host]["batch"] for host in hosts if "batch" in self._hosts.get(host, {})]
+        unreached = [host for host in hosts if "batch" not in self._hosts[host]]
+        batches = [self._hosts[host]["batch"] for host in hosts if "batch" in self._hosts[host]]
         stopped = max(batches) if unreached and batches else 0
         rows = [self._row(host, stats, stopped) for host in hosts]
         self._display.banner("FLEET SUMMARY")
@@ -148,6 +157,10 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
             row["outcome"] = "unreachable"
             row["failed"] = True
             row["detail"] = _first_line(entry.get("unreachable", ""))
+        elif entry.get("failure") and entry["failure"]["message"].startswith(STOPPED):
+            row["outcome"] = "stopped"  # the fleet role's guard: another host was lost, this one left untouched
+            row["detail"] = _first_line(entry["failure"]["message"][len(STOPPED) :])
+            row["failed"] = True
         elif entry.get("failure") and stats.failures.get(host):
             failure = entry["failure"]
             rolled_back = [line.strip() for line in failure["message"].splitlines() if ROLLED_BACK in line]
@@ -168,10 +181,16 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         else:
             row["outcome"] = "changed" if stats.changed.get(host) else "unchanged"
         if row["outcome"] == "check":  # the role cannot tell in check mode; the tasks that would change can
-            row["outcome"] = "would change" if stats.changed.get(host) else "unchanged"
+            changes = int(stats.changed.get(host) or 0)
+            row["outcome"] = "would change" if changes else "unchanged"
+            row["detail"] += f"; {changes} task(s) would change" if changes else "; nothing to apply"
         elif context.CLIARGS.get("check") and row["outcome"] == "changed":
             row["outcome"] = "would change"
         return row
+
+
+def _message(result: dict[str, Any]) -> str:
+    return str(result.get("msg") or result.get("stderr") or "failed").strip()
 
 
 def _first_line(text: str) -> str:

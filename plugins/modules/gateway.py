@@ -20,10 +20,12 @@ description:
     its stored hash keeps that hash, so a second run changes nothing.
   - Writes C(caddy.json), C(gateway.json) (routes and settings, no secret, for the command line),
     C(credentials.json) and, once the gateway made its internal CA, C(ca.crt) in O(config_dir).
-  - With O(fleet), the gateway is a front (docs/gateway.md, Fleet gateway) - one route per
-    environment over the instances of every member, no route per instance - and C(pool.json)
-    holds each member's pool state, set by M(comfybake.core.gateway_pool). This module keeps
-    every state it finds, drops the members no longer listed and starts new ones C(serving).
+  - With O(fleet_mode), the gateway is a front (docs/gateway.md, Fleet gateway) - one route per
+    environment over the instances of every member of O(fleet), no route per instance - and
+    C(pool.json) holds each member's pool state, set by M(comfybake.core.gateway_pool). This
+    module keeps every state it finds, drops the members no longer listed and starts new ones
+    C(serving). In C(ports) mode each environment keeps the port it was given (read back from
+    C(gateway.json)) while it exists.
 version_added: "0.1.0"
 author: comfybake contributors (@comfybake)
 extends_documentation_fragment:
@@ -44,7 +46,7 @@ options:
   layout:
     description:
       - Records of the instance layout (the P(comfybake.core.instance_layout#filter) filter).
-      - Ignored with O(fleet).
+      - Ignored with O(fleet_mode).
     type: list
     elements: dict
     default: []
@@ -54,10 +56,24 @@ options:
         reaches its instances) and C(instances) (the records of its C(instances.json)). Each
         record's C(url) host becomes the member's address; names, environments and URLs are
         checked, since they come from another host.
-      - Empty, the gateway routes O(layout), the host's own instances.
+      - Required, not empty, with O(fleet_mode).
     type: list
     elements: dict
     default: []
+  fleet_mode:
+    description:
+      - Whether this gateway is a front, routing the instances of the members of O(fleet); else it
+        routes O(layout), the host's own instances.
+      - Explicit, so that members missing from O(fleet) (their files not read) fail instead of
+        turning the front into a host's own gateway with no route.
+    type: bool
+    default: false
+  leave_fleet:
+    description:
+      - Let a gateway whose C(gateway.json) says it is a front become a host's own gateway
+        (O(fleet_mode) false). Without it, that fails and the front keeps serving.
+    type: bool
+    default: false
   settings:
     description:
       - The gateway's settings, C(mode), C(port), C(port_offset), C(environment_ports), C(domain),
@@ -142,6 +158,21 @@ EXAMPLES = r"""
         scope: ["environment:prod"]
         password: "{{ vault_alice_password }}"
     config_dir: /etc/comfybake/gateway
+
+- name: Configure a front over two fleet hosts
+  comfybake.core.gateway:
+    fleet_mode: true
+    fleet:
+      - name: gpu-a-1
+        address: 10.0.0.11
+        instances: "{{ (lookup('ansible.builtin.file', 'gpu-a-1/instances.json') | from_json).instances }}"
+      - name: gpu-a-2
+        address: 10.0.0.12
+        instances: "{{ (lookup('ansible.builtin.file', 'gpu-a-2/instances.json') | from_json).instances }}"
+    settings:
+      mode: ports
+      names: [front.example.com]
+    config_dir: /etc/comfybake/gateway
 """
 
 RETURN = r"""
@@ -162,6 +193,7 @@ changed_files:
   elements: str
 """
 
+import json
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
@@ -178,6 +210,8 @@ from ansible_collections.comfybake.core.plugins.module_utils.gateway.errors impo
 ARGUMENT_SPEC = {
     "layout": {"type": "list", "elements": "dict", "default": []},
     "fleet": {"type": "list", "elements": "dict", "default": []},
+    "fleet_mode": {"type": "bool", "default": False},
+    "leave_fleet": {"type": "bool", "default": False},
     "settings": {"type": "dict", "required": True},
     "users": {
         "type": "list",
@@ -215,7 +249,8 @@ def plan(
     """The files that would change, the principals, the pool states (a front's) and Caddy's configuration."""
     stored = credentials.load(paths.credentials)
     principals = credentials.merge_inventory(stored, credentials.declared(params["users"], params["keys"], stored))
-    states = pool.reconcile(pool.load(paths.pool), [member["name"] for member in params["fleet"]])
+    members = [member["name"] for member in params["fleet"]] if settings["fleet"] else []
+    states = pool.reconcile(pool.load(paths.pool), members)
     config = caddy.render(public, settings, principals, states)
     wanted = {
         paths.credentials: credentials.dumps(principals),
@@ -227,15 +262,43 @@ def plan(
     return [path for path, text in wanted.items() if files.read(path) != text], principals, states, config
 
 
+def last_render(paths: apply.Paths, params: dict[str, Any]) -> dict[str, Any]:
+    """The routes of gateway.json (the last render), after checking the mode asked for: a front
+    never becomes a host's own gateway by accident, nor runs without members."""
+    fleet_mode = params["fleet_mode"]
+    if fleet_mode and not params["fleet"]:
+        raise GatewayError(
+            "fleet_mode is on but no member's records were given (fleet is empty): read each member's"
+            " instances.json first (the comfyui_gateway role's configure phase does; run it whole, not"
+            " a tag that skips the reads), or leave comfyui_gateway_fleet_members empty for a host's own gateway"
+        )
+    text = files.read(paths.inputs)
+    try:
+        inputs = json.loads(text) if text is not None else {}
+    except ValueError:
+        inputs = {}
+    was_front = isinstance(inputs, dict) and inputs.get("settings", {}).get("fleet") is True
+    if was_front and not fleet_mode and not params["leave_fleet"]:
+        raise GatewayError(
+            f"{paths.inputs} says this gateway is a front (comfyui_gateway_fleet_members), but this run would"
+            " make it a host's own gateway and drop every fleet route: set comfyui_gateway_fleet_members to"
+            " the fleet hosts again, or set comfyui_gateway_leave_fleet true (module option leave_fleet) to"
+            " stop being a front"
+        )
+    routes_found: dict[str, Any] = inputs.get("routes", {}) if was_front and fleet_mode else {}
+    return routes_found
+
+
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     params = module.params
     paths = apply.Paths(params["config_dir"], caddy=params["caddy"], group=params["group"])
     states: dict[str, str] = {}
     try:
-        settings = caddy.normalize({**params["settings"], "fleet": bool(params["fleet"])})
-        layout = routes.fleet_records(params["fleet"]) if params["fleet"] else params["layout"]
-        public = routes.public_routes(layout, settings)
+        before = last_render(paths, params)
+        settings = caddy.normalize({**params["settings"], "fleet": params["fleet_mode"]})
+        layout = routes.fleet_records(params["fleet"]) if params["fleet_mode"] else params["layout"]
+        public = routes.public_routes(layout, settings, routes.kept_ports(before))
         if module.check_mode:
             changed_files, _principals, states, _config = plan(paths, public, settings, params)
         else:
@@ -246,10 +309,15 @@ def main() -> None:
                     apply.validate(paths, config)
                 if paths.credentials in changed_files:
                     credentials.save(paths.credentials, principals)
+                old_pool = files.read(paths.pool)
                 if paths.pool in changed_files:
                     pool.save(paths.pool, states)
+                try:
+                    apply.apply(paths, config, validated=True)
+                except BaseException:
+                    pool.restore(paths.pool, old_pool)  # the file says what serves
+                    raise
                 apply.save_inputs(paths, public, settings)
-                apply.apply(paths, config, validated=True)
             if apply.export_ca(paths, settings["storage"]):
                 changed_files.append(paths.ca)
     except GatewayError as error:

@@ -29,7 +29,7 @@ from typing import Any
 
 from comfybake import instances
 from comfybake.cli import SUBCOMMANDS
-from comfybake.engine.gateway import apply, caddy, credentials, front, pool
+from comfybake.engine.gateway import apply, caddy, credentials, front
 from comfybake.engine.gateway.credentials import Principal
 from comfybake.engine.gateway.errors import GatewayError
 from comfybake.instances import HostError
@@ -118,12 +118,21 @@ def find(principals: list[Principal], name: str, kind: str) -> Principal:
     raise HostError(f"no {kind} named {name} ({kind}s: {known})")
 
 
-def checked(name: str, scopes: Sequence[str]) -> list[str]:
+def checked(name: str, scopes: Sequence[str], config_root: str) -> list[str]:
+    """The scopes of a new user or key: valid ones, and none a front has no route for."""
     try:
         credentials.check_name(name)
-        return credentials.check_scope(scopes)
+        scope = credentials.check_scope(scopes)
     except GatewayError as error:
         raise HostError(str(error)) from None
+    if load_gateway(config_root).get("settings", {}).get("fleet"):
+        per_instance = [item for item in scope if item.startswith("instance:")]
+        if per_instance:
+            raise HostError(
+                f"scope {', '.join(per_instance)} reaches nothing on this gateway: it is a front, which serves"
+                " environment routes only (instance names repeat across its members); use environment:<name>"
+            )
+    return scope
 
 
 def adding(new: Principal, replace: bool) -> Callable[[list[Principal]], list[Principal]]:
@@ -184,8 +193,7 @@ def read_password(args: argparse.Namespace) -> tuple[str, bool]:
 
 def users_add(args: argparse.Namespace) -> int:
     need_root("users add")
-    scope = checked(args.name, args.scope)
-    load_gateway(args.config_root)
+    scope = checked(args.name, args.scope, args.config_root)
     user = Principal(args.name, "user", "", scope, "cli", credentials.now())
     refuse_taken(loaded(args.config_root), user, args.replace)  # before asking for a password
     password, generated = read_password(args)
@@ -250,7 +258,7 @@ def users_list(args: argparse.Namespace) -> int:
 
 def keys_create(args: argparse.Namespace) -> int:
     need_root("keys create")
-    scope = checked(args.name, args.scope)
+    scope = checked(args.name, args.scope, args.config_root)
     try:
         token, hashed = credentials.new_key(args.name)
     except GatewayError as error:
@@ -383,7 +391,8 @@ def pool_states(config_root: str, data: dict[str, Any]) -> dict[str, str] | None
     if not data.get("settings", {}).get("fleet"):
         return None
     try:
-        return pool.load(paths(config_root).pool)
+        states: dict[str, str] = front.view(paths(config_root))["states"]
+        return states
     except GatewayError as error:
         raise HostError(str(error)) from None
 

@@ -10,11 +10,14 @@ it must see no error (Caddy's reload is graceful).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,10 @@ import pytest
 from harness.double import Double
 from harness.gateway import Gateway, basic, copy_double, free_ports, start_caddy, start_double
 from harness.tools import ROOT, venv_bin
+
+from comfybake.engine.gateway import apply
+from comfybake.engine.gateway import front as pool_front
+from comfybake.engine.gateway.errors import GatewayError
 
 PASSWORD = "canary-fleet-3b9d1e"
 AUTH = basic("alice", PASSWORD)
@@ -107,6 +114,7 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     port = free_ports(1)[0]
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()  # cheap rounds: a test
     module_args = {
+        "fleet_mode": True,
         "fleet": [
             {
                 "name": name,
@@ -194,6 +202,18 @@ def requests_seen(double: Double) -> int:
     return double.output().count("request GET ")
 
 
+@pytest.fixture(autouse=True)
+def every_member_serving(front: Front) -> None:
+    """Each test starts from every member serving, whatever ran before."""
+    paths = apply.Paths(str(front.config_root / "gateway"), group="")
+    apply_states(paths, dict.fromkeys(MEMBERS, "serving"))
+
+
+def apply_states(paths: apply.Paths, states: dict[str, str]) -> None:
+    for state in set(states.values()):
+        pool_front.change(paths, [m for m, s in states.items() if s == state], state)
+
+
 def test_new_sessions_spread_over_serving_members(front: Front) -> None:
     assert served(front, 30) == set(MEMBERS)
 
@@ -214,6 +234,7 @@ def test_a_draining_member_keeps_its_sessions_and_gets_no_new_one(front: Front) 
 
 
 def test_the_module_in_check_mode_changes_nothing_and_unknown_members_fail(front: Front) -> None:
+    apply_states(apply.Paths(str(front.config_root / "gateway"), group=""), {"gpu-a-1": "draining"})
     before_pool, before_config = front.pool_file.read_text(), (front.config_root / "gateway" / "caddy.json").read_text()
     results = front.playbook("check", [
         front.pool_task(member="gpu-a-2", state="out"),
@@ -233,6 +254,7 @@ def test_the_module_in_check_mode_changes_nothing_and_unknown_members_fail(front
 
 
 def test_an_out_member_gets_nothing_and_a_converge_keeps_its_state(front: Front) -> None:
+    apply_states(apply.Paths(str(front.config_root / "gateway"), group=""), {"gpu-a-1": "draining"})
     cookie = cookie_of(front, "gpu-a-2")
     out_cookie = "comfybake_e=127.0.0.1:{}".format(front.doubles["gpu-a-1"].port)  # draining gpu-a-1's
     with Poller(front) as poller:
@@ -253,6 +275,7 @@ def test_an_out_member_gets_nothing_and_a_converge_keeps_its_state(front: Front)
 
 
 def test_without_a_serving_member_new_sessions_get_503_and_draining_ones_still_work(front: Front) -> None:
+    apply_states(apply.Paths(str(front.config_root / "gateway"), group=""), {"gpu-a-1": "out"})
     cookie = cookie_of(front, "gpu-b-1")
     for member in ("gpu-a-2", "gpu-b-1"):
         assert front.cli("pool", member, "--state", "draining").returncode == 0
@@ -266,9 +289,11 @@ def test_without_a_serving_member_new_sessions_get_503_and_draining_ones_still_w
 
 
 def test_a_member_back_to_serving_gets_new_sessions_again(front: Front) -> None:
+    apply_states(apply.Paths(str(front.config_root / "gateway"), group=""), {"gpu-a-1": "out"})
     with Poller(front) as poller:
         done = front.cli("pool", "gpu-a-1", "--state", "serving")
         assert done.returncode == 0, done.stderr
+        assert "gpu-a-1: out -> serving, applied" in done.stderr
         assert "gpu-a-1" in served(front, 30)
     assert poller.errors == [], poller.errors
     status = front.cli("status", "--json")
@@ -277,3 +302,93 @@ def test_a_member_back_to_serving_gets_new_sessions_again(front: Front) -> None:
     pooled = {item["member"]: item["pool"] for row in report["routes"] for item in row["upstreams"]}
     assert pooled == dict.fromkeys(MEMBERS, "serving"), report
     assert status.returncode == 0, status.stdout
+
+
+def test_a_slow_request_held_open_across_pool_changes_completes(front: Front) -> None:
+    """A request still under way (here an upload that comes slowly) when the pool changes ends
+    well: Caddy's graceful reload lets it finish on the old configuration."""
+    cookie = cookie_of(front, "gpu-b-1")
+    body = b'{"delete": []' + b" " * 4096 + b"}"
+    connection = http.client.HTTPSConnection("127.0.0.1", front.port, timeout=60)
+    connection.sock = front.gateway.context().wrap_socket(
+        socket.create_connection(("127.0.0.1", front.port), timeout=60), server_hostname="localhost"
+    )
+    try:
+        connection.putrequest("POST", "/api/history", skip_host=True, skip_accept_encoding=True)
+        for name, value in {"Host": f"localhost:{front.port}", "Cookie": cookie, "Content-Length": str(len(body)),
+                            "Content-Type": "application/json", **AUTH}.items():  # fmt: skip
+            connection.putheader(name, value)
+        connection.endheaders()
+        connection.send(body[:10])
+        for state in ("draining", "out", "serving"):  # three reloads while it is under way
+            done = front.cli("pool", "gpu-a-1", "--state", state)
+            assert done.returncode == 0, done.stderr
+            connection.send(body[10 + 1000 * ("draining", "out", "serving").index(state) :][:1000])
+            time.sleep(0.5)
+        connection.send(body[3010:])
+        response = connection.getresponse()
+        assert response.status == 200, (response.status, response.read())
+        response.read()
+    finally:
+        connection.close()
+
+
+def test_a_refused_configuration_leaves_pool_json_as_it_was(front: Front) -> None:
+    refusing = apply.Paths(str(front.config_root / "gateway"), caddy="/bin/false", group="")
+    before = front.pool_file.read_text()
+    with pytest.raises(GatewayError, match="Caddy refused the new gateway configuration"):
+        pool_front.change(refusing, ["gpu-a-1"], "out")
+    assert front.pool_file.read_text() == before
+    # Where there was no pool.json (its members all served), there is none after a refusal.
+    kept = front.pool_file.with_suffix(".kept")
+    front.pool_file.rename(kept)
+    try:
+        with pytest.raises(GatewayError, match="Caddy refused the new gateway configuration"):
+            pool_front.change(refusing, ["gpu-a-1"], "out")
+        assert not front.pool_file.exists()
+    finally:
+        kept.rename(front.pool_file)
+
+
+def test_a_lost_pool_json_means_every_member_serving(front: Front) -> None:
+    """The members come from gateway.json's routes; without pool.json each serves, as the
+    configuration rendered from them says."""
+    kept = front.pool_file.with_suffix(".kept")
+    front.pool_file.rename(kept)
+    try:
+        listed = front.cli("pool", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert {m["member"]: m["state"] for m in json.loads(listed.stdout)["members"]} == dict.fromkeys(
+            MEMBERS, "serving"
+        )
+        status = front.cli("status", "--json")
+        assert json.loads(status.stdout)["members"] == dict.fromkeys(MEMBERS, "serving"), status.stdout
+    finally:
+        kept.rename(front.pool_file)
+
+
+def test_instance_scopes_are_refused_on_a_front(front: Front) -> None:
+    user = ("users", "add", "carol", "--generate", "--scope", "environment:e", "--scope", "instance:a")
+    for argv in (("keys", "create", "ci", "--scope", "instance:a"), user):
+        done = front.cli(*argv)
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert "scope instance:a reaches nothing on this gateway: it is a front" in done.stderr, done.stderr
+    names = [item["name"] for item in json.loads(front.cli("keys", "list", "--json").stdout)["keys"]]
+    assert "ci" not in names
+
+
+def test_the_module_keeps_a_front_a_front(front: Front) -> None:
+    """A run with fleet_mode but no member records (their reads skipped), or without fleet_mode
+    on a front, fails and leaves the front as it serves."""
+    config = (front.config_root / "gateway" / "caddy.json").read_text()
+    no_members = {**front.module_args, "fleet": []}
+    own = {**front.module_args, "fleet": [], "fleet_mode": False}
+    results = front.playbook("keep", [
+        {"comfybake.core.gateway": no_members, "ignore_errors": True},
+        {"comfybake.core.gateway": own, "ignore_errors": True},
+    ])  # fmt: skip
+    assert results["r0"]["failed"] and "fleet_mode is on but no member's records were given" in results["r0"]["msg"]
+    assert results["r1"]["failed"] and "says this gateway is a front" in results["r1"]["msg"]
+    assert "comfyui_gateway_leave_fleet" in results["r1"]["msg"]
+    assert (front.config_root / "gateway" / "caddy.json").read_text() == config
+    assert front.states() == dict.fromkeys(MEMBERS, "serving")

@@ -10,7 +10,7 @@ import pytest
 
 from comfybake.engine.gateway import caddy, pool
 from comfybake.engine.gateway.errors import GatewayError
-from comfybake.engine.gateway.routes import fleet_records, public_routes
+from comfybake.engine.gateway.routes import fleet_records, kept_ports, public_routes
 
 
 def member(name: str, address: str, *instances: tuple[str, str, int]) -> dict[str, Any]:
@@ -84,6 +84,25 @@ def test_a_front_routes_environments_over_every_members_instances_and_no_instanc
     # an IPv6 address is bracketed in the URL and the upstream
     six = public_routes(fleet_records([member("v6", "fd00::5", ("a", "prod", 8188))]), SETTINGS)
     assert six["environments"][0]["upstreams"] == ["[fd00::5]:8188"]
+    # host names know no case: an address written in capitals is the same host
+    upper = public_routes(fleet_records([member("gpu-1", "GPU1.Internal", ("a", "prod", 8188)),
+                                         member("v6", "FD00::5", ("a", "prod", 8188))]), SETTINGS)  # fmt: skip
+    assert upper["environments"][0]["upstreams"] == ["gpu1.internal:8188", "[fd00::5]:8188"]
+
+
+def test_an_environment_keeps_the_port_it_was_given() -> None:
+    """On a front the ports of the last render (kept_ports of gateway.json's routes) stay: a new
+    environment takes a free port, one that left frees its own, none moves another."""
+    first = front_routes()
+    kept = kept_ports(first)
+    grown = [*FLEET, member("gpu-c-1", "10.0.0.13", ("a", "aaa", 8188), ("b", "zzz", 8189))]
+    second = public_routes(fleet_records(grown), SETTINGS, kept)
+    ports = {route["name"]: route["port"] for route in second["environments"]}
+    assert {name: ports[name] for name in kept} == kept
+    assert len(set(ports.values())) == len(ports)
+    # an explicit comfyui_gateway_environment_ports entry wins over a kept port
+    pinned = public_routes(fleet_records(FLEET), {**SETTINGS, "environment_ports": {"dev": 9000}}, kept)
+    assert {route["name"]: route["port"] for route in pinned["environments"]}["dev"] == 9000
 
 
 def test_pool_states_decide_new_and_sticky_sessions() -> None:

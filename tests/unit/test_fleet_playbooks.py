@@ -28,8 +28,9 @@ from harness.tools import venv_bin
 ROOT = Path(__file__).resolve().parents[2]
 CLI = ROOT / "roles" / "comfyui" / "files" / "comfybake.pyz"
 
-# A rolling play shaped like site.yml's: leave, the change (a task that fails where fail_me is
-# set), join; a canary batch then batches of two, any failure stops the rollout.
+# A rolling play shaped like site.yml's: leave, the change (a loop that fails on an item where
+# fail_me is set, as the environments role does), join; a canary batch then batches of two,
+# any failure stops the rollout.
 ROLLING = """
 - name: Rolling change
   hosts: comfybake
@@ -42,7 +43,8 @@ ROLLING = """
   tasks:
     - name: Apply the change
       ansible.builtin.fail: {msg: "{{ fail_me }}"}
-      when: fail_me is defined
+      when: fail_me is defined and item == 'prod'
+      loop: [edit, prod]
     - name: Mark the host as changed
       ansible.builtin.file: {path: "{{ comfyui_config_root }}/applied", state: touch, mode: "0644"}
       changed_when: false
@@ -204,6 +206,27 @@ def test_an_unreachable_host_within_max_fail_percentage_is_reported_and_the_roll
     assert summary["stopped_after_batch"] is None
 
 
+def test_an_unreachable_host_beyond_max_fail_percentage_stops_the_rollout_before_its_batch_changes(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    # Ansible counts only failed hosts against max_fail_percentage; the fleet role counts the lost ones.
+    closed = free_port()
+    unreachable = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": closed}
+    hosts = {"gpu-1": {}, "gpu-2": unreachable, "gpu-3": {}, "gpu-4": {}, "gpu-5": {}}
+    done, summary = play(tmp_path, fleet(tmp_path, hosts, []), ROLLING, ansible_env)
+    assert done.returncode != 0, done.stdout
+    result = outcomes(summary)
+    assert result["gpu-1"] == ("unchanged", "ready")
+    assert result["gpu-2"][0] == "unreachable"
+    assert result["gpu-3"] == (
+        "stopped",
+        "gpu-2 failed or could not be reached (1 of 5 hosts, more than comfybake_max_fail_percentage=0%),"
+        " so this host was left unchanged",
+    )
+    assert not (tmp_path / "gpu-3" / "applied").exists()
+    assert result["gpu-4"] == result["gpu-5"] == ("not reached", "rollout stopped after batch 2")
+
+
 def test_the_summary_is_silent_without_the_fleet_role(tmp_path: Path, ansible_env: dict[str, str]) -> None:
     done, summary = play(tmp_path, fleet(tmp_path, {"gpu-1": {}}, []), PLAIN, ansible_env)
     assert done.returncode == 0, done.stdout
@@ -281,7 +304,7 @@ def test_check_mode_drains_nothing_and_says_so(
         assert "gpu-1 would leave no front and drain 1 instance(s) (prompts queued now: 1), then rejoin" in " ".join(
             done.stdout.split()
         )
-        assert outcomes(summary)["gpu-1"][0] == "unchanged"
+        assert outcomes(summary)["gpu-1"] == ("unchanged", "would leave, drain and rejoin; nothing to apply")
         assert queue(double)["queue_running"], "check mode interrupted nothing"  # type: ignore[index]
     finally:
         idle(double)
@@ -452,6 +475,10 @@ def test_fleet_drain_marks_the_host_in_maintenance_once_and_undrain_removes_the_
     assert outcomes(summary)["gpu-1"][0] == "unchanged"
     done, summary = drain("serving")
     assert not mark.exists()
+    assert outcomes(summary)["gpu-1"] == ("changed", "back from maintenance, serving (no front)")
+    done, summary = drain("serving")
+    assert "changed=0" in done.stdout
+    assert outcomes(summary)["gpu-1"] == ("unchanged", "ready")
     assert not (tmp_path / "gpu-2" / "fleet-maintenance.json").exists()
 
 

@@ -49,6 +49,29 @@ def local_target(
     subprocess.run(down, env=env, capture_output=True)
 
 
+# Steps that write a folder, file, link or unit state. On a converged host each role's one read of
+# its paths and units finds them as these steps would leave them, so a converge that changes
+# nothing skips them rather than asking the host once per path (docs/performance.md).
+WRITE_STEPS = (
+    "comfyui : Create the directory layout",
+    "comfyui_environments : Write each environment's settings for the instances and status tooling",
+    "comfyui_instances : Install the instance template unit",
+    "comfyui_instances : Install the units that clean old files and retry crash loops",
+    "comfyui_instances : Write each instance's drop-in (description, command line, limits, log file)",
+    "comfyui_instances : Link each instance to its environment's live release",
+    "comfyui_instances : Enable the enabled instances",
+    "comfyui_instances : Start the enabled instances that are not running",
+    "comfyui_instances : Write the routing file for dispatchers",
+    "comfyui_exporter : Install the exporter's unit",
+)
+
+
+def step_results(log: str, step: str) -> list[str]:
+    """What each host and item of `step` reported (ok, changed, skipping, ...), from the log."""
+    block = log.partition(f"TASK [comfybake.core.{step}]")[2].partition("\nTASK [")[0]
+    return re.findall(r"^(\w+): \[", block, re.M)
+
+
 def up(root: Path, env: dict[str, str]) -> str:
     done = subprocess.run([str(root / "scripts" / "local.sh"), "up"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-10000:] + done.stderr
@@ -66,6 +89,8 @@ def test_main_job_converges_one_instance_then_is_idempotent(root: Path, local_ta
     second = up(root, local_target)
     assert "local: starting" not in second  # the same mounts: the same container
     assert re.search(r"comfybake-local\s+: ok=\d+\s+changed=0\s+unreachable=0\s+failed=0", second), second[-3000:]
+    for step in WRITE_STEPS:
+        assert set(step_results(second, step)) == {"skipping"}, (step, step_results(second, step))
     layout = subprocess.run(
         ["docker", "exec", "comfybake-local", "stat", "-c", "%U:%G %a", "/srv/comfybake/models"],
         capture_output=True, text=True, check=True,

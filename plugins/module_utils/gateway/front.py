@@ -12,9 +12,9 @@ import json
 from typing import Any
 
 from . import apply, pool
-from .caddy import STATES
+from .caddy import SERVING, STATES
 from .errors import GatewayError
-from .files import read, write
+from .files import read
 
 
 def _inputs(paths: apply.Paths) -> dict[str, Any]:
@@ -33,7 +33,12 @@ def view(paths: apply.Paths) -> dict[str, Any]:
             f"the gateway of {paths.config_dir} is a host's own, not a front: pool states belong to a front"
             " (comfyui_gateway_fleet_members)"
         )
-    return {"states": pool.load(paths.pool), "upstreams": pool.upstreams(inputs["routes"])}
+    # The members are those of the routes (and of pool.json: one whose instances are all disabled
+    # has no upstream); a member pool.json does not name, or every one where it is lost, serves:
+    # that is what the configuration rendered from them says.
+    stored = pool.load(paths.pool)
+    states = {member: stored.get(member, SERVING) for member in sorted({*pool.members(inputs["routes"]), *stored})}
+    return {"states": states, "upstreams": pool.upstreams(inputs["routes"])}
 
 
 def describe(states: dict[str, str]) -> str:
@@ -69,8 +74,7 @@ def change(paths: apply.Paths, members: list[str], state: str | None, check: boo
         try:
             apply.refresh(paths)
         except BaseException:
-            if old is not None:
-                write(paths.pool, old, pool.MODE)
+            pool.restore(paths.pool, old)
             raise
     return {
         "changed": changed,

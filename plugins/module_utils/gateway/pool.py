@@ -12,6 +12,7 @@ ones `serving`.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from .caddy import SERVING, STATES
@@ -44,8 +45,27 @@ def dumps(states: dict[str, str]) -> str:
 
 
 def save(path: str, states: dict[str, str]) -> bool:
-    """Write pool.json (no secret: readable by all, like gateway.json) unless it holds `states`."""
+    """Write pool.json (root's, mode 0644: no secret, like gateway.json) unless it holds `states`."""
     return write(path, dumps(states), MODE)
+
+
+def restore(path: str, old: str | None) -> None:
+    """Put pool.json back as it was (`old`, its text; None: there was none) after a
+    configuration Caddy refused: the file always says what serves."""
+    if old is not None:
+        write(path, old, MODE)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise GatewayError(f"cannot remove {path}: {error.strerror}") from None
+
+
+def members(routes: dict[str, Any]) -> list[str]:
+    """The members of a front's routes (gateway.json's): the member of each upstream."""
+    return sorted({member for route in routes.get("environments", []) for member in route.get("members", {}).values()})
 
 
 def reconcile(states: dict[str, str], members: list[str]) -> dict[str, str]:

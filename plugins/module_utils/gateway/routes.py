@@ -164,6 +164,7 @@ def _ports_mode(
     metrics: dict[str, Any] | None,
     settings: dict[str, Any],
     problems: list[str],
+    kept: dict[str, int] | None = None,
 ) -> None:
     host = settings["names"][0]
     taken: dict[int, str] = {}
@@ -193,9 +194,17 @@ def _ports_mode(
     for name in sorted(wanted):
         if name in environments:
             claim(wanted[name], f"the route of environment {name!r}")
+    # A front's environments keep the ports they were given (gateway.json), whatever others come or go.
+    given = {
+        name: port
+        for name, port in sorted((kept or {}).items())
+        if name in environments and name not in wanted and _is_port(port) and port not in taken
+    }
+    for name, port in given.items():
+        claim(port, f"the route of environment {name!r}")
     next_port = settings["port"]
     for name, route in sorted(environments.items()):
-        port = wanted.get(name)
+        port = wanted.get(name, given.get(name))
         if port is None:
             while next_port in taken and next_port < MAX_PORT:
                 next_port += 1
@@ -271,7 +280,8 @@ def fleet_records(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     for member in members:
-        name, address = member.get("name"), member.get("address")
+        name, given = member.get("name"), member.get("address")
+        address = given.lower() if isinstance(given, str) else given  # host names know no case
         if not isinstance(name, str) or not MEMBER.fullmatch(name):
             problems.append(
                 f"fleet member {name!r} is not an inventory host name (letters, digits, '.', '_', ':', '-')"
@@ -282,8 +292,8 @@ def fleet_records(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
         seen.add(name)
         if not check_name(address):
             problems.append(
-                f"fleet member {name!r}: its address {address!r} (comfybake_fleet_address, else ansible_host) is not"
-                " a lower-case host name or an IP address"
+                f"fleet member {name!r}: its address {given!r} (comfybake_fleet_address, else ansible_host) is not"
+                " a host name or an IP address"
             )
             continue
         layout = member.get("instances")
@@ -312,9 +322,27 @@ def fleet_records(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
-def public_routes(records: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+def kept_ports(routes: Any) -> dict[str, int]:
+    """Environment -> port of the environment routes in `routes` (gateway.json's, a front's last
+    render): the ports given out, which public_routes keeps."""
+    if not isinstance(routes, dict) or not isinstance(routes.get("environments"), list):
+        return {}
+    return {
+        str(route["name"]): route["port"]
+        for route in routes["environments"]
+        if isinstance(route, dict) and "name" in route and _is_port(route.get("port"))
+    }
+
+
+def public_routes(
+    records: list[dict[str, Any]], settings: dict[str, Any], kept: dict[str, int] | None = None
+) -> dict[str, Any]:
     """The gateway's routes for the instance layout `records`: one per instance, one per
     environment, and `metrics` (the exporter's route, None without settings' `metrics`).
+
+    `kept` (ports mode; a front passes the ports of its last render, `kept_ports`): each
+    environment still routed keeps its port, so that an environment a member adds or removes
+    moves no other one. Ports set in `environment_ports` come first.
 
     An environment's route balances over its enabled instances only; a disabled instance keeps
     its own route, which answers 502 while it is stopped. In fleet mode (settings' `fleet`, the
@@ -364,9 +392,12 @@ def public_routes(records: list[dict[str, Any]], settings: dict[str, Any]) -> di
             if fleet:
                 env["members"][route["upstream"]] = record["member"]
     metrics = _metrics_route(settings["metrics"])
-    place = {"ports": _ports_mode, "hosts": _hosts_mode}.get(settings["mode"], _paths_mode)
     routed = [] if fleet else instances  # a front has no route per instance
-    place(routed, environments, metrics, settings, problems)
+    if settings["mode"] == "ports":
+        _ports_mode(routed, environments, metrics, settings, problems, kept)
+    else:
+        place = _hosts_mode if settings["mode"] == "hosts" else _paths_mode
+        place(routed, environments, metrics, settings, problems)
     if problems:
         raise GatewayError("the gateway's routes collide:\n- " + "\n- ".join(problems))
     return {
