@@ -196,15 +196,23 @@ def network(name: str = NETWORK) -> tuple[str, str]:
     return config["Subnet"], config.get("Gateway") or ""
 
 
-def start(names: list[str], net: str, fixtures: Fixtures, key: Path, timeout: float = 120) -> dict[str, Host]:
-    """Start (or restart from scratch) a systemd container per name on `net`; returns the hosts
-    once sshd answers on each one's bridge address."""
+def start(
+    names: list[str],
+    net: str,
+    fixtures: Fixtures,
+    key: Path,
+    timeout: float = 120,
+    options: dict[str, list[str]] | None = None,
+) -> dict[str, Host]:
+    """Start (or restart from scratch) a systemd container per name on `net` (with `options[name]`,
+    more `docker run` arguments); returns the hosts once sshd answers on each one's bridge address."""
     hosts = {}
     for name in names:
         container = PREFIX + name
         docker("rm", "-f", container, check=False)
         docker(
-            "run", "--detach", "--name", container, "--hostname", name, "--network", net,
+            "run", *(options or {}).get(name, []), "--detach", "--name", container, "--hostname", name,
+            "--network", net,
             "--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfined",
             "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp",
             "--cgroupns=host", "--volume", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "--stop-signal", "SIGRTMIN+3",
@@ -502,7 +510,10 @@ def fleet(folder: Path) -> Iterator[Fleet]:
     subnet, gateway = network()
     names = [name for name, _, _ in HOSTS]
     try:
-        started = start([*names, FRONT], NETWORK, fx, key)
+        # The front reloads Caddy at each pool change: the kernel hands connections queued on the
+        # old listening socket to the new one (docs/gateway.md, "Reloads under load").
+        front_options = {FRONT: ["--sysctl", "net.ipv4.tcp_migrate_req=1"]}
+        started = start([*names, FRONT], NETWORK, fx, key, options=front_options)
         the_fleet = Fleet(
             hosts={name: started[name] for name in names}, front=started[FRONT], folder=folder, key=key,
             fixtures=fx, subnet=subnet, gateway_address=gateway,
