@@ -31,17 +31,20 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 CANARY = fleets.HOSTS[0][0]  # the first host of the play: the rollout's canary batch
 SERIAL = "comfybake_serial=3"  # canary, then batches of three: [l4-1] [l4-2 l4-3 a100-1] [a100-2 a100-3]
+# The first converge has no prompt to keep and no pool to hold up: the canary, then the five
+# others at once (one batch fewer to wait for).
+FIRST = "comfybake_serial=5"
 UPGRADED = [("ComfyUI-Comfybake-Basic", "update")]  # Basic's update adds the class ComfybakeAddedLater
 BROKEN = [*UPGRADED, ("ComfyUI-Comfybake-Broken", "initial")]  # a node that fails to import
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, docker_engine: None) -> Iterator[Fleet]:
-    """The fleet, started and converged by site.yml (canary, then batches of three)."""
+    """The fleet, started and converged by site.yml (the canary, then the other five at once)."""
     folder = tmp_path_factory.mktemp("fleet")
     try:
         with fleets.fleet(folder) as started:
-            started.playbook("site.yml", "-e", SERIAL, log="site")
+            started.playbook("site.yml", "-e", FIRST, log="site")
             yield started
     except FleetError as error:
         pytest.fail(str(error), pytrace=False)
