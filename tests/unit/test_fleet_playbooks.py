@@ -505,3 +505,13 @@ def test_every_fleet_entry_point_documents_what_it_reads() -> None:
     # Each comfybake_fleet_* variable a task file reads is documented by the main entry point.
     read = {word for text in tasks.values() for word in re.findall(r"\bcomfybake_(?:fleet_\w+|gpu_type)\b", text)}
     assert read <= set(specs["main"]["options"]), read - set(specs["main"]["options"])
+
+
+def test_the_example_inventory_admits_the_fronts_and_the_host_itself(ansible_env: dict[str, str]) -> None:
+    # The unit's IPAddressAllow=localhost is loopback only: a host whose instances listen on its
+    # fleet address must admit that address, or its own readiness and drain checks time out.
+    argv = [venv_bin("ansible"), "-i", "inventories/example", "gpu-l40s-01.example.internal", "-m", "debug",
+            "-a", "var=comfyui_instances_allowed_clients"]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "comfyui_instances_allowed_clients:\n    - 10.1.0.5\n    - 10.1.0.11\n" in done.stdout, done.stdout
