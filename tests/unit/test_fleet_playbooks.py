@@ -515,3 +515,21 @@ def test_the_example_inventory_admits_the_fronts_and_the_host_itself(ansible_env
     done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "comfyui_instances_allowed_clients:\n    - 10.1.0.5\n    - 10.1.0.11\n" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False)])
+def test_site_conditions_take_extra_var_booleans_as_strings(
+    tmp_path: Path, ansible_env: dict[str, str], value: str, expected: bool
+) -> None:
+    # -e NAME=true is the string "true": ansible-core 2.19 refuses a conditional that is a string.
+    site = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())[0]
+    conditions = [task["when"] for task in site["pre_tasks"] + site["post_tasks"]]
+    conditions += [role["when"] for role in site["roles"] if role["role"].endswith("nvidia_driver")]
+    tasks = [{"name": f"Condition {n}", "ansible.builtin.debug": {"msg": "taken"}, "when": when}
+             for n, when in enumerate(conditions)]  # fmt: skip
+    playbook = [{"name": "Conditions", "hosts": "comfybake", "gather_facts": False, "tasks": tasks}]
+    inventory = fleet(tmp_path, {"gpu-1": {}}, [])
+    done, _ = play(tmp_path, inventory, yaml.safe_dump(playbook), ansible_env,
+                   "-e", f"comfybake_fleet_rolling={value}", "-e", f"comfybake_nvidia_driver={value}")  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.count("taken") == (len(conditions) if expected else 0), done.stdout
