@@ -420,6 +420,9 @@ def test_fleet_rollback_goes_back_once_and_a_second_run_changes_nothing(
     done, summary = rollback(tmp_path, inventory, ansible_env, "--check")
     assert done.returncode == 0, done.stdout
     assert live(tmp_path) == "cccc", "check mode rolled back"
+    assert re.search(r"gpu-1 +: ok=\d+ +changed=[1-9]", done.stdout), done.stdout
+    outcome, detail = outcomes(summary)["gpu-1"]
+    assert (outcome, detail.split(";")[0]) == ("would change", "would roll back cpu cccc -> bbbb"), detail
 
     done, summary = rollback(tmp_path, inventory, ansible_env)
     assert done.returncode == 0, done.stdout
@@ -533,3 +536,20 @@ def test_site_conditions_take_extra_var_booleans_as_strings(
                    "-e", f"comfybake_fleet_rolling={value}", "-e", f"comfybake_nvidia_driver={value}")  # fmt: skip
     assert done.returncode == 0, done.stdout
     assert done.stdout.count("taken") == (len(conditions) if expected else 0), done.stdout
+
+
+def test_a_rollback_command_that_fails_without_json_shows_its_error(
+    tmp_path: Path, ansible_env: dict[str, str], double: dict[str, Any]
+) -> None:
+    record = releases_of(tmp_path, double, ["aaaa", "bbbb"])
+    inventory = fleet(tmp_path, {"gpu-1": {}}, [record])
+    broken = tmp_path / "comfybake"
+    broken.write_text(
+        f"#!/bin/sh\ncase \" $* \" in *' rollback '*) echo 'Traceback'; echo 'the disk is full' >&2; exit 1;; esac\n"
+        f'exec {sys.executable} {CLI} "$@"\n'
+    )
+    broken.chmod(0o755)
+    done, _ = rollback(tmp_path, inventory, ansible_env, "-e", f"_fleet_cli={broken}")
+    assert done.returncode == 2, done.stdout
+    assert "the disk is full" in done.stdout, done.stdout
+    assert "from_json" not in done.stdout, done.stdout
