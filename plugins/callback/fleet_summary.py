@@ -112,6 +112,8 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
         entry["failure"] = {"task": result._task.get_name(), "message": message}
 
     def v2_runner_on_unreachable(self, result: Any) -> None:
+        if getattr(result._task, "ignore_unreachable", False):
+            return  # the task goes on without that host (a front a status report could not read)
         entry = self._hosts.setdefault(result._host.get_name(), {})
         entry["unreachable"] = str(result._result.get("msg") or "unreachable").strip()
 

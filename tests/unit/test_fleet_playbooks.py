@@ -553,3 +553,27 @@ def test_a_rollback_command_that_fails_without_json_shows_its_error(
     assert done.returncode == 2, done.stdout
     assert "the disk is full" in done.stdout, done.stdout
     assert "from_json" not in done.stdout, done.stdout
+
+
+def test_fleet_status_shows_an_unreachable_front_as_unknown_and_keeps_the_hosts(
+    tmp_path: Path, ansible_env: dict[str, str], double: dict[str, Any]
+) -> None:
+    inventory = fleet(tmp_path, {"l4-1": {}, "l4-2": {}}, [double])
+    document = yaml.safe_load(inventory.read_text())
+    closed = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": free_port()}
+    document["comfybake_gateway"] = {"hosts": {"front-1": closed}}
+    inventory.write_text(yaml.safe_dump(document))
+    out = tmp_path / "status.json"
+    argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_status.yml"]
+    argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_status_file={out}"]
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout
+    hosts_seen = {entry["host"]: entry for entry in json.loads(out.read_text())["hosts"]}
+    assert {host: entry["pools"] for host, entry in hosts_seen.items()} == {
+        "l4-1": {"front-1": "?"},
+        "l4-2": {"front-1": "?"},
+    }
+    assert all(entry["reached"] for entry in hosts_seen.values())
+    table = done.stdout[done.stdout.index("HOST  GPU") :].splitlines()
+    assert table[0].split()[-1] == "POOL@front-1" and table[1].split()[-1] == "?", table
+    assert "unreachable" not in done.stdout[done.stdout.index("FLEET SUMMARY") :], done.stdout
