@@ -198,7 +198,7 @@ def test_an_unreachable_host_within_max_fail_percentage_is_reported_and_the_roll
     hosts = {"gpu-1": {}, "gpu-2": unreachable, "gpu-3": {}, "gpu-4": {}, "gpu-5": {}}
     inventory = fleet(tmp_path, hosts, [])
     done, summary = play(tmp_path, inventory, ROLLING, ansible_env, "-e", "comfybake_max_fail_percentage=50")
-    assert done.returncode == 4, done.stdout  # 4: some host was unreachable
+    assert done.returncode == 2, done.stdout  # 2: the unreachable host fails, so that max_fail_percentage counts it
     result = outcomes(summary)
     assert result["gpu-2"][0] == "unreachable"
     assert str(closed) in result["gpu-2"][1]
@@ -209,7 +209,7 @@ def test_an_unreachable_host_within_max_fail_percentage_is_reported_and_the_roll
 def test_an_unreachable_host_beyond_max_fail_percentage_stops_the_rollout_before_its_batch_changes(
     tmp_path: Path, ansible_env: dict[str, str]
 ) -> None:
-    # Ansible counts only failed hosts against max_fail_percentage; the fleet role counts the lost ones.
+    # Ansible counts only failed hosts against max_fail_percentage: the fleet role fails an unreachable one.
     closed = free_port()
     unreachable = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": closed}
     hosts = {"gpu-1": {}, "gpu-2": unreachable, "gpu-3": {}, "gpu-4": {}, "gpu-5": {}}
@@ -220,8 +220,7 @@ def test_an_unreachable_host_beyond_max_fail_percentage_stops_the_rollout_before
     assert result["gpu-2"][0] == "unreachable"
     assert result["gpu-3"] == (
         "stopped",
-        "gpu-2 failed or could not be reached (1 of 5 hosts, more than comfybake_max_fail_percentage=0%),"
-        " so this host was left unchanged",
+        "the rollout stopped during batch 2 before this host left the pools: unchanged",
     )
     assert not (tmp_path / "gpu-3" / "applied").exists()
     assert result["gpu-4"] == result["gpu-5"] == ("not reached", "rollout stopped after batch 2")
@@ -348,7 +347,7 @@ def test_fleet_status_writes_one_document_naming_every_host(
     argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_status.yml"]
     argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_status_file={out}"]
     done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 4, done.stdout  # l4-2 is unreachable
+    assert done.returncode == 2, done.stdout  # l4-2 is unreachable, which fails it
     document = json.loads(out.read_text())
     hosts_seen = {entry["host"]: entry for entry in document["hosts"]}
     assert document["fronts"] == []
@@ -505,8 +504,10 @@ def test_every_fleet_entry_point_documents_what_it_reads() -> None:
     for entry, spec in specs.items():
         if entry != "main":
             assert set(spec["options"]) <= set(specs["main"]["options"]), entry
-    # Each comfybake_fleet_* variable a task file reads is documented by the main entry point.
-    read = {word for text in tasks.values() for word in re.findall(r"\bcomfybake_(?:fleet_\w+|gpu_type)\b", text)}
+    # Each comfybake_* variable a task file reads is documented by the main entry point (the
+    # set_stats key and the fronts' default group name are not variables).
+    read = {word for text in tasks.values() for word in re.findall(r"\bcomfybake_\w+\b", text)}
+    read -= {"comfybake_fleet", "comfybake_gateway"}
     assert read <= set(specs["main"]["options"]), read - set(specs["main"]["options"])
 
 
@@ -577,3 +578,59 @@ def test_fleet_status_shows_an_unreachable_front_as_unknown_and_keeps_the_hosts(
     table = done.stdout[done.stdout.index("HOST  GPU") :].splitlines()
     assert table[0].split()[-1] == "POOL@front-1" and table[1].split()[-1] == "?", table
     assert "unreachable" not in done.stdout[done.stdout.index("FLEET SUMMARY") :], done.stdout
+
+
+def test_site_stops_the_rollout_at_a_batch_with_an_unreachable_host(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    # Only the facts step runs (tags): the unreachable host fails there, and max_fail_percentage 0 stops the rollout.
+    closed = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": free_port()}
+    inventory = fleet(tmp_path, {"gpu-1": {}, "gpu-2": closed, "gpu-3": {}}, [])
+    argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/site.yml", "--tags", "no-such-tag"]
+    argv += ["-e", "comfybake_serial=1"]
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout
+    assert "gpu-2 could not be reached" in done.stdout
+    recap = done.stdout[done.stdout.index("PLAY RECAP") :]
+    assert re.search(r"gpu-2 +: ok=\d+ +changed=0 +unreachable=0 +failed=1", recap), recap
+    assert "gpu-3" not in recap, "gpu-3 was reached after the batch with the unreachable host"
+
+
+CREDENTIALS = """
+- name: A failure naming a mirror with credentials, on a delegated host
+  hosts: comfybake
+  gather_facts: false
+  tasks:
+    - name: Leave
+      ansible.builtin.include_role: {name: comfybake.core.fleet, tasks_from: leave}
+    - name: Fetch from the mirror
+      ansible.builtin.fail: {msg: "cannot fetch https://mirror-user:s3cret@mirror.example/simple: 403"}
+      delegate_to: gpu-2
+"""
+
+
+def test_the_summary_names_the_delegated_host_and_drops_url_credentials(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    inventory = fleet(tmp_path, {"gpu-1": {}, "gpu-2": {}}, [])
+    done, summary = play(tmp_path, inventory, CREDENTIALS, ansible_env, "--limit", "gpu-1")
+    assert done.returncode == 2, done.stdout
+    assert outcomes(summary)["gpu-1"] == (
+        "failed",
+        "Fetch from the mirror: on gpu-2: cannot fetch https://***@mirror.example/simple: 403",
+    )
+    assert "s3cret" not in done.stdout[done.stdout.index("FLEET SUMMARY") :]
+
+
+def test_fleet_drain_refuses_a_limit_that_selects_every_fleet_host(tmp_path: Path, ansible_env: dict[str, str]) -> None:
+    inventory = fleet(tmp_path, {"gpu-1": {}}, [])
+    argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_drain.yml", "--limit", "gpu-1"]
+    argv += ["-e", f"_fleet_cli={CLI}", "-e", "comfybake_fleet_state=out"]
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout
+    assert "needs -e comfybake_fleet_all=true" in " ".join(done.stdout.split())
+    assert not (tmp_path / "gpu-1" / "fleet-maintenance.json").exists()
+    done = subprocess.run([*argv, "-e", "comfybake_fleet_all=true"], cwd=ROOT, env=ansible_env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert (tmp_path / "gpu-1" / "fleet-maintenance.json").exists()
