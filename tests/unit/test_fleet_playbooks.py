@@ -459,11 +459,11 @@ def test_fleet_drain_marks_the_host_in_maintenance_once_and_undrain_removes_the_
     inventory = fleet(tmp_path, {"gpu-1": {}, "gpu-2": {}}, [double])
     mark = tmp_path / "gpu-1" / "fleet-maintenance.json"
 
-    def drain(state: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    def drain(state: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
         argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_drain.yml", "--limit", "gpu-1"]
         summary = tmp_path / "summary.json"
         env = {**ansible_env, "COMFYBAKE_FLEET_SUMMARY": str(summary)}
-        argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_state={state}"]
+        argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_state={state}", *extra]
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout
         return done, json.loads(summary.read_text())
@@ -472,7 +472,11 @@ def test_fleet_drain_marks_the_host_in_maintenance_once_and_undrain_removes_the_
     assert json.loads(mark.read_text())["state"] == "out"
     assert outcomes(summary)["gpu-1"][0] == "changed"
     assert list(outcomes(summary)) == ["gpu-1"], "a host outside --limit is in the summary"
-    done, summary = drain("out")
+    busy(double, 60)  # out of every pool already: a second out waits for no prompt
+    try:
+        done, summary = drain("out", "-e", "comfybake_fleet_drain_timeout=1")
+    finally:
+        idle(double)
     assert "changed=0" in done.stdout
     assert outcomes(summary)["gpu-1"][0] == "unchanged"
     done, summary = drain("serving")
