@@ -40,11 +40,11 @@ from typing import Any
 
 from ansible import context
 from ansible.plugins.callback import CallbackBase
+from ansible_collections.comfybake.core.plugins.module_utils.redaction import redact
 
-FLEET_ROLE = "fleet"
+FLEET_ROLE = "comfybake.core.fleet"
 STAT_KEY = "comfybake_fleet"
 ROLLED_BACK = "rolled back environment"
-STOPPED = "rollout stopped: "
 
 
 class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships no type information
@@ -95,25 +95,36 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
 
     def _note_task(self, task: Any) -> None:
         role = getattr(task, "_role", None)
-        name = role.get_name(include_role_fqcn=False) if role is not None else ""
-        if name.rsplit(".", 1)[-1] == FLEET_ROLE and self._play_uuid not in self._fleet_plays:
+        name = role.get_name(include_role_fqcn=True) if role is not None else ""
+        if name == FLEET_ROLE and self._play_uuid not in self._fleet_plays:
             self._fleet_plays[self._play_uuid] = list(self._play_hosts)
 
     def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
         if ignore_errors:
             return
-        message = _message(result._result)
+        failed = result._result
         # A loop says only "One or more items failed": the first failed item says what.
         for item in result._result.get("results") or []:
             if isinstance(item, dict) and item.get("failed"):
-                message = _message(item)
+                failed = item
                 break
+        message = _message(failed)
+        # A delegated task (a front's pool step) failed on another host: name it.
+        delegated = failed.get("_ansible_delegated_vars") or result._result.get("_ansible_delegated_vars")
+        if isinstance(delegated, dict):
+            named = str(getattr(result._task, "delegate_to", None) or "")
+            target = delegated.get("ansible_delegated_host") or ("" if "{" in named else named)
+            target = target or delegated.get("ansible_host") or "the delegated host"
+            message = f"on {target}: {message}"
         entry = self._hosts.setdefault(result._host.get_name(), {})
         entry["failure"] = {"task": result._task.get_name(), "message": message}
 
     def v2_runner_on_unreachable(self, result: Any) -> None:
+        task = result._task
+        if getattr(task, "ignore_unreachable", False) and getattr(task, "delegate_to", None):
+            return  # a delegated host (a front a status report could not read): this host goes on
         entry = self._hosts.setdefault(result._host.get_name(), {})
-        entry["unreachable"] = str(result._result.get("msg") or "unreachable").strip()
+        entry["unreachable"] = redact(str(result._result.get("msg") or "unreachable").strip())
 
     # ------------------------------------------------------------------ report
 
@@ -149,6 +160,8 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
     def _row(self, host: str, stats: Any, stopped: int) -> dict[str, Any]:
         entry = self._hosts.get(host, {})
         recorded = (stats.custom.get(host) or {}).get(STAT_KEY) or {}
+        if not isinstance(recorded, dict):  # another play's set_stats of the same name
+            recorded = {}
         row: dict[str, Any] = {"host": host, "outcome": "", "detail": "", "batch": entry.get("batch"), "failed": False}
         if "batch" not in entry:
             row["outcome"] = "not reached"
@@ -157,10 +170,6 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
             row["outcome"] = "unreachable"
             row["failed"] = True
             row["detail"] = _first_line(entry.get("unreachable", ""))
-        elif entry.get("failure") and entry["failure"]["message"].startswith(STOPPED):
-            row["outcome"] = "stopped"  # the fleet role's guard: another host was lost, this one left untouched
-            row["detail"] = _first_line(entry["failure"]["message"][len(STOPPED) :])
-            row["failed"] = True
         elif entry.get("failure") and stats.failures.get(host):
             failure = entry["failure"]
             rolled_back = [line.strip() for line in failure["message"].splitlines() if ROLLED_BACK in line]
@@ -190,7 +199,8 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # ansible-core ships n
 
 
 def _message(result: dict[str, Any]) -> str:
-    return str(result.get("msg") or result.get("stderr") or "failed").strip()
+    # Printed and written to the summary file: no credentials of a URL (a mirror's user:token@).
+    return redact(str(result.get("msg") or result.get("stderr") or "failed").strip())
 
 
 def _first_line(text: str) -> str:

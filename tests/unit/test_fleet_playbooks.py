@@ -198,7 +198,7 @@ def test_an_unreachable_host_within_max_fail_percentage_is_reported_and_the_roll
     hosts = {"gpu-1": {}, "gpu-2": unreachable, "gpu-3": {}, "gpu-4": {}, "gpu-5": {}}
     inventory = fleet(tmp_path, hosts, [])
     done, summary = play(tmp_path, inventory, ROLLING, ansible_env, "-e", "comfybake_max_fail_percentage=50")
-    assert done.returncode == 4, done.stdout  # 4: some host was unreachable
+    assert done.returncode == 2, done.stdout  # 2: the unreachable host fails, so that max_fail_percentage counts it
     result = outcomes(summary)
     assert result["gpu-2"][0] == "unreachable"
     assert str(closed) in result["gpu-2"][1]
@@ -209,7 +209,7 @@ def test_an_unreachable_host_within_max_fail_percentage_is_reported_and_the_roll
 def test_an_unreachable_host_beyond_max_fail_percentage_stops_the_rollout_before_its_batch_changes(
     tmp_path: Path, ansible_env: dict[str, str]
 ) -> None:
-    # Ansible counts only failed hosts against max_fail_percentage; the fleet role counts the lost ones.
+    # Ansible counts only failed hosts against max_fail_percentage: the fleet role fails an unreachable one.
     closed = free_port()
     unreachable = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": closed}
     hosts = {"gpu-1": {}, "gpu-2": unreachable, "gpu-3": {}, "gpu-4": {}, "gpu-5": {}}
@@ -220,8 +220,7 @@ def test_an_unreachable_host_beyond_max_fail_percentage_stops_the_rollout_before
     assert result["gpu-2"][0] == "unreachable"
     assert result["gpu-3"] == (
         "stopped",
-        "gpu-2 failed or could not be reached (1 of 5 hosts, more than comfybake_max_fail_percentage=0%),"
-        " so this host was left unchanged",
+        "the rollout stopped during batch 2 before this host left the pools: unchanged",
     )
     assert not (tmp_path / "gpu-3" / "applied").exists()
     assert result["gpu-4"] == result["gpu-5"] == ("not reached", "rollout stopped after batch 2")
@@ -348,7 +347,7 @@ def test_fleet_status_writes_one_document_naming_every_host(
     argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_status.yml"]
     argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_status_file={out}"]
     done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 4, done.stdout  # l4-2 is unreachable
+    assert done.returncode == 2, done.stdout  # l4-2 is unreachable, which fails it
     document = json.loads(out.read_text())
     hosts_seen = {entry["host"]: entry for entry in document["hosts"]}
     assert document["fronts"] == []
@@ -420,6 +419,9 @@ def test_fleet_rollback_goes_back_once_and_a_second_run_changes_nothing(
     done, summary = rollback(tmp_path, inventory, ansible_env, "--check")
     assert done.returncode == 0, done.stdout
     assert live(tmp_path) == "cccc", "check mode rolled back"
+    assert re.search(r"gpu-1 +: ok=\d+ +changed=[1-9]", done.stdout), done.stdout
+    outcome, detail = outcomes(summary)["gpu-1"]
+    assert (outcome, detail.split(";")[0]) == ("would change", "would roll back cpu cccc -> bbbb"), detail
 
     done, summary = rollback(tmp_path, inventory, ansible_env)
     assert done.returncode == 0, done.stdout
@@ -457,11 +459,11 @@ def test_fleet_drain_marks_the_host_in_maintenance_once_and_undrain_removes_the_
     inventory = fleet(tmp_path, {"gpu-1": {}, "gpu-2": {}}, [double])
     mark = tmp_path / "gpu-1" / "fleet-maintenance.json"
 
-    def drain(state: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    def drain(state: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
         argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_drain.yml", "--limit", "gpu-1"]
         summary = tmp_path / "summary.json"
         env = {**ansible_env, "COMFYBAKE_FLEET_SUMMARY": str(summary)}
-        argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_state={state}"]
+        argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_state={state}", *extra]
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout
         return done, json.loads(summary.read_text())
@@ -470,7 +472,11 @@ def test_fleet_drain_marks_the_host_in_maintenance_once_and_undrain_removes_the_
     assert json.loads(mark.read_text())["state"] == "out"
     assert outcomes(summary)["gpu-1"][0] == "changed"
     assert list(outcomes(summary)) == ["gpu-1"], "a host outside --limit is in the summary"
-    done, summary = drain("out")
+    busy(double, 60)  # out of every pool already: a second out waits for no prompt
+    try:
+        done, summary = drain("out", "-e", "comfybake_fleet_drain_timeout=1")
+    finally:
+        idle(double)
     assert "changed=0" in done.stdout
     assert outcomes(summary)["gpu-1"][0] == "unchanged"
     done, summary = drain("serving")
@@ -502,6 +508,136 @@ def test_every_fleet_entry_point_documents_what_it_reads() -> None:
     for entry, spec in specs.items():
         if entry != "main":
             assert set(spec["options"]) <= set(specs["main"]["options"]), entry
-    # Each comfybake_fleet_* variable a task file reads is documented by the main entry point.
-    read = {word for text in tasks.values() for word in re.findall(r"\bcomfybake_(?:fleet_\w+|gpu_type)\b", text)}
+    # Each comfybake_* variable a task file reads is documented by the main entry point (the
+    # set_stats key and the fronts' default group name are not variables).
+    read = {word for text in tasks.values() for word in re.findall(r"\bcomfybake_\w+\b", text)}
+    read -= {"comfybake_fleet", "comfybake_gateway"}
     assert read <= set(specs["main"]["options"]), read - set(specs["main"]["options"])
+
+
+def test_the_example_inventory_admits_the_fronts_and_the_host_itself(ansible_env: dict[str, str]) -> None:
+    # The unit's IPAddressAllow=localhost is loopback only: a host whose instances listen on its
+    # fleet address must admit that address, or its own readiness and drain checks time out.
+    argv = [venv_bin("ansible"), "-i", "inventories/example", "gpu-l40s-01.example.internal", "-m", "debug",
+            "-a", "var=comfyui_instances_allowed_clients"]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "comfyui_instances_allowed_clients:\n    - 10.1.0.5\n    - 10.1.0.11\n" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False)])
+def test_site_conditions_take_extra_var_booleans_as_strings(
+    tmp_path: Path, ansible_env: dict[str, str], value: str, expected: bool
+) -> None:
+    # -e NAME=true is the string "true": ansible-core 2.19 refuses a conditional that is a string.
+    site = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())[0]
+    conditions = [
+        task["when"] for task in site["pre_tasks"] + site["post_tasks"] if "fleet_rolling" in str(task.get("when"))
+    ]
+    assert len(conditions) == 2, "site.yml's leave and join conditions"
+    conditions += [role["when"] for role in site["roles"] if role["role"].endswith("nvidia_driver")]
+    tasks = [{"name": f"Condition {n}", "ansible.builtin.debug": {"msg": "taken"}, "when": when}
+             for n, when in enumerate(conditions)]  # fmt: skip
+    playbook = [{"name": "Conditions", "hosts": "comfybake", "gather_facts": False, "tasks": tasks}]
+    inventory = fleet(tmp_path, {"gpu-1": {}}, [])
+    done, _ = play(tmp_path, inventory, yaml.safe_dump(playbook), ansible_env,
+                   "-e", f"comfybake_fleet_rolling={value}", "-e", f"comfybake_nvidia_driver={value}")  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.count("taken") == (len(conditions) if expected else 0), done.stdout
+
+
+def test_a_rollback_command_that_fails_without_json_shows_its_error(
+    tmp_path: Path, ansible_env: dict[str, str], double: dict[str, Any]
+) -> None:
+    record = releases_of(tmp_path, double, ["aaaa", "bbbb"])
+    inventory = fleet(tmp_path, {"gpu-1": {}}, [record])
+    broken = tmp_path / "comfybake"
+    broken.write_text(
+        f"#!/bin/sh\ncase \" $* \" in *' rollback '*) echo 'Traceback'; echo 'the disk is full' >&2; exit 1;; esac\n"
+        f'exec {sys.executable} {CLI} "$@"\n'
+    )
+    broken.chmod(0o755)
+    done, _ = rollback(tmp_path, inventory, ansible_env, "-e", f"_fleet_cli={broken}")
+    assert done.returncode == 2, done.stdout
+    assert "the disk is full" in done.stdout, done.stdout
+    assert "from_json" not in done.stdout, done.stdout
+
+
+def test_fleet_status_shows_an_unreachable_front_as_unknown_and_keeps_the_hosts(
+    tmp_path: Path, ansible_env: dict[str, str], double: dict[str, Any]
+) -> None:
+    inventory = fleet(tmp_path, {"l4-1": {}, "l4-2": {}}, [double])
+    document = yaml.safe_load(inventory.read_text())
+    closed = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": free_port()}
+    document["comfybake_gateway"] = {"hosts": {"front-1": closed}}
+    inventory.write_text(yaml.safe_dump(document))
+    out = tmp_path / "status.json"
+    argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_status.yml"]
+    argv += ["-e", f"_fleet_cli={CLI}", "-e", f"comfybake_fleet_status_file={out}"]
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout
+    hosts_seen = {entry["host"]: entry for entry in json.loads(out.read_text())["hosts"]}
+    assert {host: entry["pools"] for host, entry in hosts_seen.items()} == {
+        "l4-1": {"front-1": "?"},
+        "l4-2": {"front-1": "?"},
+    }
+    assert all(entry["reached"] for entry in hosts_seen.values())
+    table = done.stdout[done.stdout.index("HOST  GPU") :].splitlines()
+    assert table[0].split()[-1] == "POOL@front-1" and table[1].split()[-1] == "?", table
+    assert "unreachable" not in done.stdout[done.stdout.index("FLEET SUMMARY") :], done.stdout
+
+
+def test_site_stops_the_rollout_at_a_batch_with_an_unreachable_host(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    # Only the facts step runs (tags): the unreachable host fails there, and max_fail_percentage 0 stops the rollout.
+    closed = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": free_port()}
+    inventory = fleet(tmp_path, {"gpu-1": {}, "gpu-2": closed, "gpu-3": {}}, [])
+    argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/site.yml", "--tags", "no-such-tag"]
+    argv += ["-e", "comfybake_serial=1"]
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout
+    assert "gpu-2 could not be reached" in done.stdout
+    recap = done.stdout[done.stdout.index("PLAY RECAP") :]
+    assert re.search(r"gpu-2 +: ok=\d+ +changed=0 +unreachable=0 +failed=1", recap), recap
+    assert "gpu-3" not in recap, "gpu-3 was reached after the batch with the unreachable host"
+
+
+CREDENTIALS = """
+- name: A failure naming a mirror with credentials, on a delegated host
+  hosts: comfybake
+  gather_facts: false
+  tasks:
+    - name: Leave
+      ansible.builtin.include_role: {name: comfybake.core.fleet, tasks_from: leave}
+    - name: Fetch from the mirror
+      ansible.builtin.fail: {msg: "cannot fetch https://mirror-user:s3cret@mirror.example/simple: 403"}
+      delegate_to: gpu-2
+"""
+
+
+def test_the_summary_names_the_delegated_host_and_drops_url_credentials(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    inventory = fleet(tmp_path, {"gpu-1": {}, "gpu-2": {}}, [])
+    done, summary = play(tmp_path, inventory, CREDENTIALS, ansible_env, "--limit", "gpu-1")
+    assert done.returncode == 2, done.stdout
+    assert outcomes(summary)["gpu-1"] == (
+        "failed",
+        "Fetch from the mirror: on gpu-2: cannot fetch https://***@mirror.example/simple: 403",
+    )
+    assert "s3cret" not in done.stdout[done.stdout.index("FLEET SUMMARY") :]
+
+
+def test_fleet_drain_refuses_a_limit_that_selects_every_fleet_host(tmp_path: Path, ansible_env: dict[str, str]) -> None:
+    inventory = fleet(tmp_path, {"gpu-1": {}}, [])
+    argv = [venv_bin("ansible-playbook"), "-i", str(inventory), "playbooks/fleet_drain.yml", "--limit", "gpu-1"]
+    argv += ["-e", f"_fleet_cli={CLI}", "-e", "comfybake_fleet_state=out"]
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout
+    assert "needs -e comfybake_fleet_all=true" in " ".join(done.stdout.split())
+    assert not (tmp_path / "gpu-1" / "fleet-maintenance.json").exists()
+    done = subprocess.run([*argv, "-e", "comfybake_fleet_all=true"], cwd=ROOT, env=ansible_env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert (tmp_path / "gpu-1" / "fleet-maintenance.json").exists()
