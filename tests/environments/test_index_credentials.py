@@ -144,7 +144,13 @@ def test_index_credentials_never_print_persist_or_reach_a_command_line(
         {
             "hosts": "localhost",
             "gather_facts": False,
-            "vars_files": [str(role / "defaults/main.yml"), str(role / "vars/main.yml"), str(settings_file)],
+            # The base role's vars first: the role reads its files' state with its _comfyui_probe.
+            "vars_files": [
+                str(ROOT / "roles/comfyui/vars/main.yml"),
+                str(role / "defaults/main.yml"),
+                str(role / "vars/main.yml"),
+                str(settings_file),
+            ],
             "tasks": [
                 {"name": "Installer", "ansible.builtin.include_tasks": str(role / "tasks/installer.yml")},
                 {"name": "Configure", "ansible.builtin.include_tasks": str(role / "tasks/configure.yml")},

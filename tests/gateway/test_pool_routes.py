@@ -1,5 +1,5 @@
 """A front's routes and Caddy configuration with pool states, as pure functions (the proxy itself,
-with real Caddy and doubles: test_fleet.py)."""
+with real Caddy and doubles: test_fleet_gateway.py)."""
 
 from __future__ import annotations
 
