@@ -18,6 +18,7 @@ f. `site.yml` with one host unreachable in a batch: reported, and the rollout st
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -213,6 +214,41 @@ def test_a_host_set_out_gets_no_new_session_and_gets_them_again_once_serving(fle
     assert pool_states(fleet)[target] == "serving"
     seen = served_by(fleet, "prod", 40)
     assert target in seen, f"{target} is serving again but got none of 40 new sessions: {seen}"
+
+
+def test_a_drain_past_its_timeout_with_skip_leaves_the_host_as_it_was(fleet: Fleet) -> None:
+    """`fleet_restart.yml` on a host whose instance runs a prompt longer than the drain timeout,
+    with comfybake_fleet_drain_on_timeout=skip: nothing restarts, the prompt completes, and the
+    host is back in the pools in the state it had before the run (draining, set by hand on the
+    front), not `serving`."""
+    target = fleet.hosts["l4-3"]
+    fleet.front.run(f"comfybake gateway pool {target.name} --state draining")
+    assert pool_states(fleet)[target.name] == "draining"
+    units = [f"comfyui@{row['name']}.service" for row in fleets.LAYOUTS["l4"]]
+    started = target.run(f"systemctl show -p ActiveEnterTimestampMonotonic --value {' '.join(units)}").stdout.split()
+    answer = fleets.http_json(
+        fleets.instance_url(target, 8188, "/prompt"),
+        {"prompt": {"1": {"class_type": "ComfybakeEcho", "inputs": {}}}, "extra_data": {"test_double_seconds": 25}},
+    )
+    watch = HistoryWatch(target, 8188, answer["prompt_id"])
+    watch.start()
+    try:
+        run = fleet.playbook(
+            "fleet_restart.yml", "--limit", target.name, "-e", "comfybake_fleet_drain_timeout=3",
+            "-e", "comfybake_fleet_drain_on_timeout=skip", log="drain-skip",
+        )  # fmt: skip
+        states = pool_states(fleet)
+        after = target.run(f"systemctl show -p ActiveEnterTimestampMonotonic --value {' '.join(units)}").stdout.split()
+        watch.join(timeout=60)
+    finally:
+        watch.stopping.set()
+        fleet.front.run(f"comfybake gateway pool {target.name} --state serving")
+    assert states[target.name] == "draining", f"{target.name} is {states[target.name]} after a skipped drain: {states}"
+    assert after == started, f"{target.name}'s instances restarted although the drain was skipped: {started} -> {after}"
+    assert watch.entry is not None and watch.entry["status"]["status_str"] == "success", watch.entry
+    rows = _per_host(run.summary() or {"hosts": []})
+    assert rows[target.name]["outcome"] == "skipped", rows
+    assert re.search(r"\ba: [1-9]", rows[target.name]["detail"]), rows[target.name]  # the busy instance, named
 
 
 # -- d. the rolling upgrade ----------------------------------------------------------------------
