@@ -6,7 +6,8 @@ starting from the state the one before left:
 a. the converge: every host's instances ready, the front's environment route answering;
 b. `fleet_status.yml`: its JSON is what each host reports;
 c. `fleet_drain.yml`: a host `out` gets no new session through the front, and gets them again
-   once `serving`;
+   once `serving`; `fleet_restart.yml` whose drain times out with `skip` restarts nothing and puts
+   the host back in the state it had (draining);
 d. `fleet_upgrade.yml` of prod's node pin while a long prompt runs on the canary: the prompt
    completes, and clients polling each environment's fleet URL all along see no error;
 e. `fleet_upgrade.yml` to a release whose node fails to import: the rollout stops after the
