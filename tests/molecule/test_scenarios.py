@@ -30,6 +30,33 @@ TIMEOUT = 3000
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
+# Steps that the idempotence run (a converge that changes nothing) must skip: each role's one read
+# of its packages, accounts, units and files finds them as these steps would leave them, so it
+# asks the host nothing more (docs/performance.md, "Fleet: the cost of doing nothing").
+SKIPPED_WHEN_CONVERGED = {
+    "comfyui_gateway": (
+        "comfyui_gateway : Mask the units of Debian's caddy package",
+        "comfyui_gateway : Stop the units of Debian's caddy package that run",
+        "comfyui_gateway : Install Caddy and bcrypt",
+        "comfyui_gateway : Create the gateway's group",
+        "comfyui_gateway : Create the gateway's account",
+        "comfyui_gateway : Create the gateway's folders",
+        "comfyui_gateway : Install the gateway's unit",
+        "comfyui_gateway : Start the gateway and enable it at boot",
+        "comfyui_gateway : Wait until the gateway listens on its ports",
+        "comfyui_gateway : Publish the root certificate of the gateway's internal CA for clients",
+        "comfyui_exporter : Install the system bus the exporter asks systemd through",
+        "comfyui_exporter : Create the exporter's group",
+        "comfyui_exporter : Create the exporter's account",
+        "comfyui_exporter : Create the exporter's state folder",
+        "comfyui_exporter : Create the folder of the host's Prometheus rules",
+        "comfyui_exporter : Install comfybake's alert rules for the host's Prometheus",
+        "comfyui_exporter : Install the exporter's unit",
+        "comfyui_exporter : Start the exporter and enable it at boot",
+        "comfyui_exporter : Wait until the exporter answers /metrics",
+    ),
+}
+
 
 def test_there_are_scenarios() -> None:
     assert "comfyui" in SCENARIOS
@@ -68,6 +95,20 @@ def run_molecule(scenario: str, env: dict[str, str], log_path: Path) -> tuple[in
     return process.returncode, actions, running
 
 
+def not_skipped_when_converged(scenario: str, report: str) -> dict[str, list[str]]:
+    """Each step of SKIPPED_WHEN_CONVERGED[scenario] that the idempotence run did not only skip,
+    with what its host and items reported (ok, changed, skipping; nothing: the step never ran)."""
+    action = f"[{scenario} > idempotence] Execut"
+    run = report.partition(action + "ing")[2].partition(action + "ed")[0]
+    found: dict[str, list[str]] = {}
+    for step in SKIPPED_WHEN_CONVERGED.get(scenario, ()):
+        block = run.partition(f"TASK [comfybake.core.{step}]")[2].partition("\nTASK [")[0]
+        results = re.findall(r"^(\w+): \[", block, re.M)
+        if set(results) != {"skipping"}:
+            found[step] = results
+    return found
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_molecule_scenario(scenario: str, docker_engine: None, ansible_env: dict[str, str]) -> None:
     # A token handed to scenarios that use one (the model origin requires it); it must never print.
@@ -94,3 +135,4 @@ def test_molecule_scenario(scenario: str, docker_engine: None, ansible_env: dict
     succeeded = {action for action, result, _ in actions if result == "Successful"}
     for action in ("check", "converge", "idempotence", "verify", "side_effect"):
         assert action in succeeded, f"{action} did not run successfully (see {log_path})"
+    assert not_skipped_when_converged(scenario, report) == {}, f"steps a converged host should skip (see {log_path})"
