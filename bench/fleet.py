@@ -51,6 +51,7 @@ removed at the end (--keep leaves it running).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import http.client
 import json
@@ -264,7 +265,7 @@ class Load:
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.total = 0
-        self.failures: list[str] = []
+        self.failures: list[tuple[str, str]] = []  # (time, what failed)
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
 
     def client(self) -> None:
@@ -279,7 +280,7 @@ class Load:
             with self.lock:
                 self.total += 1
                 if failure:
-                    self.failures.append(f"{time.strftime('%H:%M:%S')} {failure}")
+                    self.failures.append((time.strftime("%H:%M:%S"), failure))
             time.sleep(self.pause)
 
     def __enter__(self) -> Load:
@@ -428,8 +429,9 @@ def roll(args: argparse.Namespace) -> int:
                 rows.append(row)
                 print(f"row {mode:<10} N={size} serial={row['serial']}: {row['seconds']:.1f} s, "
                       f"failed {row['failed']}/{row['total']} requests", flush=True)  # fmt: skip
-                for failure in row["failures"][:3]:
-                    print(f"    {failure}", flush=True)
+                for failure, count in collections.Counter(what for _, what in row["failures"]).most_common(5):
+                    times = [when for when, what in row["failures"] if what == failure]
+                    print(f"    {count} x {failure} ({times[0]} to {times[-1]})", flush=True)
         # One host's time: a rolling change of the first host alone, in the last row's pools.
         unit = roller.roll("rolling-1", hosts[:1], args.clients)
         print(f"one host (rolling-1, N=1): {unit['seconds']:.1f} s, failed {unit['failed']}/{unit['total']} "
@@ -445,9 +447,8 @@ def roll(args: argparse.Namespace) -> int:
         print(f"\nwall time of the bench: {time.monotonic() - started:.0f} s")
     finally:
         if not args.keep:
-            print(f"removing {', '.join(names)} and {ROLL_NETWORK}", flush=True)
-            for name in names:
-                fleet.docker("rm", "-f", name, check=False)
+            print(f"removing {', '.join(fleet.PREFIX + name for name in names)} and {ROLL_NETWORK}", flush=True)
+            fleet.stop(names)
             fleet.remove_network(ROLL_NETWORK)
     return 0
 
