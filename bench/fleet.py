@@ -73,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import fleet  # noqa: E402 - after the path set-up
+from harness.tools import failure_reason  # noqa: E402 - the same
 
 NAME = "bench"  # the container comfybake-fleet-bench (the fleet tests' hosts have other names)
 NETWORK = f"{fleet.PREFIX}bench-net"
@@ -357,7 +358,7 @@ class Roller:
             run = self.fleet.playbook(playbook, "--limit", ",".join(hosts), *args, "-e", f"comfybake_canary={serial}",
                                       "-e", f"comfybake_serial={serial}", log=log, check=False)  # fmt: skip
         if run.returncode != 0:
-            raise SystemExit(f"{mode} over {hosts} failed: {fleet.failure_reason(run.log)} (log: {run.saved})")
+            raise SystemExit(f"{mode} over {hosts} failed: {failure_reason(run.log)} (log: {run.saved})")
         self.pins.update(dict.fromkeys(hosts, target))
         same = [name for name in hosts if self.live(name) == before[name]]
         if same:
