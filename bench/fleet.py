@@ -21,11 +21,40 @@ then runs every checkout in turn on the same host, so a change and its base are 
 the same load (this machine's load moves during a run; each round must still change nothing,
 whichever checkout converged last). Nothing here asserts a time: it measures. The host is
 removed at the end (--keep leaves it running, named comfybake-fleet-bench).
+
+- `roll`: the time and the failed requests of a rolling change. A fleet of its own (hosts
+  `comfybake-fleet-roll-<host>` and a front `comfybake-fleet-roll-front` on the network
+  `comfybake-fleet-roll-net`, as many hosts as the largest size) is converged once, untimed.
+  Then, for each size N and each mode, prod's node pins flip between two sets (as the fleet
+  tests' rolling upgrade does) and the change rolls over the first N hosts, timed, while
+  clients send prompts through the front's prod URL (a new connection each) and count those
+  that fail (a connection error, a time-out, any status but 200). The front's pools are those
+  N hosts for the row (converged before it, untimed), so every request reaches a host being
+  changed. Modes (batches of `serial` hosts, the canary batch included):
+
+    rolling-1  fleet_upgrade.yml at serial 1 (leave, drain, apply, rejoin, host by host)
+    rolling-2  fleet_upgrade.yml at serial 2
+    naive-1    site.yml -e comfybake_fleet_rolling=false at serial 1 (no leave, no drain)
+    all        the same naive converge, every host in one batch
+
+  One host's time is a separate roll of one host (rolling-1, N=1, in the last row's pools),
+  run after the rows; each row's ratio is its time over N / serial x that time.
+
+    .venv/bin/python bench/fleet.py roll                                  # N = 2, 4, 6, every mode
+    .venv/bin/python bench/fleet.py roll --sizes 2 --modes rolling-1,naive-1
+    .venv/bin/python bench/fleet.py roll --sizes 4 --keep --work /tmp/roll  # leave the fleet running
+
+Each playbook's whole log is kept under build/test-logs/ (fleet-roll-*.log). The fleet is
+removed at the end (--keep leaves it running).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import http.client
+import json
 import os
 import re
 import resource
@@ -33,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from harness import fleet  # noqa: E402 - after the path set-up
+from harness.tools import failure_reason  # noqa: E402 - the same
 
 NAME = "bench"  # the container comfybake-fleet-bench (the fleet tests' hosts have other names)
 NETWORK = f"{fleet.PREFIX}bench-net"
@@ -210,6 +241,219 @@ def report(checkout: Path, runs: dict[str, list[dict[str, Any]]]) -> None:
     print(f"tasks: ok={recap.get('ok')} skipped={recap.get('skipped')} changed={recap.get('changed')}")
 
 
+# -- roll: the time and the failed requests of a rolling change ---------------------------------
+
+ROLL = "roll-"  # the containers comfybake-fleet-roll-<host>: neither the tests' nor noop's
+ROLL_NETWORK = f"{fleet.PREFIX}roll-net"
+# The change each row rolls: prod's node pins flip between these two sets (Basic's update adds a class).
+PINS = ([("ComfyUI-Comfybake-Basic", "initial")], [("ComfyUI-Comfybake-Basic", "update")])
+# mode -> (playbook, its extra arguments, hosts per batch: a number, or 0 for all N at once)
+MODES: dict[str, tuple[str, list[str], int]] = {
+    "rolling-1": ("fleet_upgrade.yml", [], 1),
+    "rolling-2": ("fleet_upgrade.yml", [], 2),
+    "naive-1": ("site.yml", ["-e", "comfybake_fleet_rolling=false"], 1),
+    "all": ("site.yml", ["-e", "comfybake_fleet_rolling=false"], 0),
+}
+PROMPT = json.dumps({"prompt": {"1": {"class_type": "ComfybakeEcho", "inputs": {}}}}).encode()
+
+
+class Load:
+    """`clients` threads sending prompts through the front's prod URL, each on a new connection
+    (a new session: the front picks a serving member), until stopped; counts what failed."""
+
+    def __init__(self, the_fleet: fleet.Fleet, clients: int, pause: float = 0.1) -> None:
+        self.fleet, self.pause = the_fleet, pause
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.total = 0
+        self.failures: list[tuple[str, str]] = []  # (time, what failed)
+        self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
+
+    def client(self) -> None:
+        while not self.stopping.is_set():
+            failure = None
+            try:
+                status, _, body = self.fleet.request("prod", "/prompt", method="POST", body=PROMPT, timeout=20)
+                if status != 200:
+                    failure = f"{status} {body[:120]!r}"
+            except (OSError, http.client.HTTPException) as error:
+                failure = repr(error)[:160]
+            with self.lock:
+                self.total += 1
+                if failure:
+                    self.failures.append((time.strftime("%H:%M:%S"), failure))
+            time.sleep(self.pause)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+
+class Roller:
+    """The roll bench's fleet: which pin set each host runs and which hosts the front's pools hold."""
+
+    def __init__(self, the_fleet: fleet.Fleet) -> None:
+        self.fleet = the_fleet
+        self.pins = dict.fromkeys(the_fleet.hosts, 0)  # host -> index in PINS
+        self.members = list(the_fleet.hosts)  # site.yml's fronts play: every fleet host
+        self.runs = 0
+
+    def log(self, what: str) -> str:
+        self.runs += 1
+        return f"roll-{self.runs:02d}-{what}"
+
+    def pools(self, members: list[str]) -> None:
+        """The front's pools set to `members` (untimed): the fronts' play with those members."""
+        if members == self.members:
+            return
+        write_inventory(self.fleet, PINS[self.pins[members[0]]])
+        extra = json.dumps({"comfyui_gateway_fleet_members": members})
+        self.fleet.playbook("site.yml", "--limit", fleet.FRONT, "-e", extra, log=self.log("front"))
+        self.members = members
+        self.settle()
+
+    def align(self, hosts: list[str]) -> None:
+        """The hosts not on the first one's pins converged to them (untimed), so a row changes all."""
+        want = self.pins[hosts[0]]
+        behind = [name for name in hosts if self.pins[name] != want]
+        if behind:
+            write_inventory(self.fleet, PINS[want])
+            self.fleet.playbook("site.yml", "--limit", ",".join(behind), "-e", "comfybake_fleet_rolling=false",
+                                "-e", f"comfybake_canary={len(behind)}", "-e", f"comfybake_serial={len(behind)}",
+                                log=self.log("align"))  # fmt: skip
+            self.pins.update(dict.fromkeys(behind, want))
+            self.settle()
+
+    def settle(self, timeout: float = 180) -> None:
+        """Wait until the front answers 10 prompts in a row (its health checks see every member)."""
+        deadline, streak, last = time.monotonic() + timeout, 0, ""
+        while streak < 10:
+            try:
+                status, _, body = self.fleet.request("prod", "/prompt", method="POST", body=PROMPT, timeout=20)
+                streak, last = (streak + 1, "") if status == 200 else (0, f"{status} {body[:200]!r}")
+            except (OSError, http.client.HTTPException) as error:
+                streak, last = 0, repr(error)
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"the front's prod URL did not answer 10 prompts in a row after {timeout:.0f} s: {last}"
+                )
+            time.sleep(0.3 if streak else 2)
+
+    def roll(self, mode: str, hosts: list[str], clients: int) -> dict[str, Any]:
+        """Flip prod's pins on `hosts` with `mode`, timed, under load; the row."""
+        playbook, args, serial = MODES[mode]
+        serial = serial or len(hosts)
+        self.align(hosts)
+        target = 1 - self.pins[hosts[0]]
+        before = {name: self.live(name) for name in hosts}
+        write_inventory(self.fleet, PINS[target])
+        log = self.log(f"{mode}-n{len(hosts)}")
+        with Load(self.fleet, clients) as load:
+            run = self.fleet.playbook(playbook, "--limit", ",".join(hosts), *args, "-e", f"comfybake_canary={serial}",
+                                      "-e", f"comfybake_serial={serial}", log=log, check=False)  # fmt: skip
+        if run.returncode != 0:
+            raise SystemExit(f"{mode} over {hosts} failed: {failure_reason(run.log)} (log: {run.saved})")
+        self.pins.update(dict.fromkeys(hosts, target))
+        same = [name for name in hosts if self.live(name) == before[name]]
+        if same:
+            raise SystemExit(f"{mode}: prod's live release did not change on {same} (log: {run.saved})")
+        self.settle()
+        return {
+            "mode": mode, "n": len(hosts), "serial": serial, "seconds": run.seconds,
+            "total": load.total, "failed": len(load.failures), "failures": load.failures,
+        }  # fmt: skip
+
+    def live(self, name: str) -> str:
+        rows = [row for row in self.fleet.releases(self.fleet.hosts[name], "prod") if row["live"]]
+        return str(rows[0]["release"]) if rows else ""
+
+
+def write_inventory(the_fleet: fleet.Fleet, pins: list[tuple[str, str]]) -> None:
+    """The fleet's inventory with prod's node `pins`; the front routes prod only (the first hosts
+    of the simulated fleet are L4 hosts, which serve no `edit`, and a route needs instances)."""
+    the_fleet.write_inventory(prod_nodes=pins)
+    front_vars = the_fleet.inventory / "group_vars" / "comfybake_gateway.yml"
+    settings = yaml.safe_load(front_vars.read_text())
+    settings["comfyui_gateway_environment_ports"] = {"prod": fleet.ENVIRONMENT_PORTS["prod"]}
+    front_vars.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
+def roll_fleet(work: Path, count: int) -> fleet.Fleet:
+    """The roll bench's fleet: the first `count` hosts of the simulated fleet and a front, on a
+    network of their own, converged once by site.yml (the canary, then the rest at once)."""
+    fleet.image()
+    key = fleet.keypair(work / "ssh")
+    fx = fleet.fixtures(work / "fixtures")
+    subnet, gateway = fleet.network(ROLL_NETWORK)
+    names = [name for name, _, _ in fleet.HOSTS][:count]
+    # The front reloads Caddy at each pool change: queued connections move to the new socket.
+    front_options = {ROLL + fleet.FRONT: ["--sysctl", "net.ipv4.tcp_migrate_req=1"]}
+    started = fleet.start([ROLL + name for name in [*names, fleet.FRONT]], ROLL_NETWORK, fx, key, options=front_options)
+    hosts = {name: dataclasses.replace(started[ROLL + name], name=name) for name in names}
+    front = dataclasses.replace(started[ROLL + fleet.FRONT], name=fleet.FRONT)
+    the_fleet = fleet.Fleet(hosts=hosts, front=front, folder=work, key=key, fixtures=fx, subnet=subnet,
+                            gateway_address=gateway)  # fmt: skip
+    write_inventory(the_fleet, PINS[0])
+    return the_fleet
+
+
+def roll(args: argparse.Namespace) -> int:
+    sizes = sorted({int(size) for size in args.sizes.split(",")})
+    modes = [mode.strip() for mode in args.modes.split(",")]
+    if unknown := [mode for mode in modes if mode not in MODES]:
+        raise SystemExit(f"--modes {args.modes}: unknown {unknown}; the modes are {', '.join(MODES)}")
+    if not sizes or sizes[0] < 1 or sizes[-1] > len(fleet.HOSTS):
+        raise SystemExit(f"--sizes {args.sizes}: each size must be 1 to {len(fleet.HOSTS)} (the simulated fleet)")
+    if not (ROOT / "roles/comfyui/files/comfybake.pyz").is_file():
+        raise SystemExit(f"{ROOT}/roles/comfyui/files/comfybake.pyz is missing: run scripts/build-cli.py")
+    work = Path(tempfile.mkdtemp(prefix="comfybake-bench-roll-", dir=args.work))
+    started = time.monotonic()
+    print(f"roll: sizes {sizes}, modes {modes}, {args.clients} clients; work in {work}", flush=True)
+    names = [ROLL + name for name in [*[name for name, _, _ in fleet.HOSTS][: sizes[-1]], fleet.FRONT]]
+    rows: list[dict[str, Any]] = []
+    try:
+        the_fleet = roll_fleet(work, sizes[-1])
+        first = the_fleet.playbook("site.yml", "-e", f"comfybake_serial={max(sizes[-1] - 1, 1)}", log="roll-00-site")
+        print(f"first converge of {sizes[-1]} hosts and the front: {first.seconds:.1f} s (untimed)", flush=True)
+        roller = Roller(the_fleet)
+        hosts = list(the_fleet.hosts)
+        for size in sizes:
+            roller.pools(hosts[:size])
+            for mode in modes:
+                row = roller.roll(mode, hosts[:size], args.clients)
+                rows.append(row)
+                print(f"row {mode:<10} N={size} serial={row['serial']}: {row['seconds']:.1f} s, "
+                      f"failed {row['failed']}/{row['total']} requests", flush=True)  # fmt: skip
+                for failure, count in collections.Counter(what for _, what in row["failures"]).most_common(5):
+                    times = [when for when, what in row["failures"] if what == failure]
+                    print(f"    {count} x {failure} ({times[0]} to {times[-1]})", flush=True)
+        # One host's time: a rolling change of the first host alone, in the last row's pools.
+        unit = roller.roll("rolling-1", hosts[:1], args.clients)
+        print(f"one host (rolling-1, N=1): {unit['seconds']:.1f} s, failed {unit['failed']}/{unit['total']} "
+              f"requests (the pools hold {len(roller.members)} hosts)", flush=True)  # fmt: skip
+        print(f"\nrolling change of prod's node pins; one host's time {unit['seconds']:.1f} s "
+              f"(a separate rolling-1 roll of one host); {args.clients} clients")  # fmt: skip
+        print(f"{'mode':<10} {'N':>2} {'serial':>6} {'seconds':>8} {'failed/total':>13} {'ratio':>6}")
+        for row in rows:
+            expected = row["n"] / row["serial"] * unit["seconds"]
+            failed = f"{row['failed']}/{row['total']}"
+            print(f"{row['mode']:<10} {row['n']:>2} {row['serial']:>6} {row['seconds']:8.1f} {failed:>13} "
+                  f"{row['seconds'] / expected:6.2f}")  # fmt: skip
+        print(f"\nwall time of the bench: {time.monotonic() - started:.0f} s")
+    finally:
+        if not args.keep:
+            print(f"removing {', '.join(fleet.PREFIX + name for name in names)} and {ROLL_NETWORK}", flush=True)
+            fleet.stop(names)
+            fleet.remove_network(ROLL_NETWORK)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +463,13 @@ def main() -> int:
     cost.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     cost.add_argument("--keep", action="store_true", help="leave the host running (comfybake-fleet-bench)")
     cost.set_defaults(run=noop)
+    rolls = commands.add_parser("roll", help="the time and the failed requests of a rolling change over N hosts")
+    rolls.add_argument("--sizes", default="2,4,6", help="hosts the change rolls over, comma-separated (default 2,4,6)")
+    rolls.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)} (default all)")
+    rolls.add_argument("--clients", type=int, default=4, help="concurrent clients sending prompts (default 4)")
+    rolls.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    rolls.add_argument("--keep", action="store_true", help="leave the fleet running (comfybake-fleet-roll-*)")
+    rolls.set_defaults(run=roll)
     args = parser.parse_args()
     return int(args.run(args))
 

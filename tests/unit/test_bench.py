@@ -30,3 +30,17 @@ def test_gateway_benchmark_measures_both_sides(root: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for row in ("latency median (ms)", "requests per second", "WebSocket open + status (ms)", "added latency"):
         assert row in done.stdout, done.stdout
+
+
+def test_fleet_roll_benchmark_names_a_wrong_mode_or_size_before_it_starts_a_host(root: Path) -> None:
+    """`bench/fleet.py roll` checks its options before it builds or starts anything (the fleet
+    it rolls over is a docker test: tests/fleet); each refusal names the value at fault."""
+    for options, expected in (
+        (["--modes", "rolling-1,rolling-3"], "unknown ['rolling-3']; the modes are rolling-1, rolling-2, naive-1, all"),
+        (["--sizes", "2,7"], "--sizes 2,7: each size must be 1 to 6"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "bench/fleet.py", "roll", *options], cwd=root, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode != 0 and expected in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "work in" not in done.stdout, done.stdout
