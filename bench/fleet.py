@@ -37,6 +37,9 @@ removed at the end (--keep leaves it running, named comfybake-fleet-bench).
     naive-1    site.yml -e comfybake_fleet_rolling=false at serial 1 (no leave, no drain)
     all        the same naive converge, every host in one batch
 
+  A rolling mode whose batch would hold all N hosts (rolling-2 at N=2) is not run: the fleet role
+  refuses to take an environment's last serving host out (comfybake_fleet_min_serving).
+
   One host's time is a separate roll of one host (rolling-1, N=1, in the last row's pools),
   run after the rows; each row's ratio is its time over N / serial x that time.
 
@@ -426,6 +429,11 @@ def roll(args: argparse.Namespace) -> int:
         for size in sizes:
             roller.pools(hosts[:size])
             for mode in modes:
+                playbook, _, serial = MODES[mode]
+                if playbook == "fleet_upgrade.yml" and serial >= size:
+                    print(f"row {mode:<10} N={size}: not run: one batch would hold every host of prod, which the"
+                          " fleet role refuses (comfybake_fleet_min_serving)", flush=True)  # fmt: skip
+                    continue
                 row = roller.roll(mode, hosts[:size], args.clients)
                 rows.append(row)
                 print(f"row {mode:<10} N={size} serial={row['serial']}: {row['seconds']:.1f} s, "

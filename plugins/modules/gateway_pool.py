@@ -50,6 +50,14 @@ options:
       - The pool state to set. Without it, nothing changes and the states are returned.
     type: str
     choices: [serving, draining, out]
+  min_serving:
+    description:
+      - Refuse (fail, changing nothing) a change that would leave an environment route that has
+        at least this many serving members with fewer, naming the environments and their serving
+        members. A rolling change sets it to 1, so that a batch holding every host of an
+        environment fails instead of taking the environment down. C(0) refuses nothing.
+    type: int
+    default: 0
   config_dir:
     description: Folder of the gateway's files on the front.
     type: path
@@ -64,6 +72,7 @@ options:
     default: comfybake-gateway
 notes:
   - An unknown member fails, naming it and the front's members.
+  - O(min_serving) counts each environment route's members in state C(serving) only.
 seealso:
   - module: comfybake.core.gateway
 """
@@ -117,6 +126,7 @@ ARGUMENT_SPEC = {
     "member": {"type": "str"},
     "members": {"type": "list", "elements": "str"},
     "state": {"type": "str", "choices": list(STATES)},
+    "min_serving": {"type": "int", "default": 0},
     "config_dir": {"type": "path", "default": "/etc/comfybake/gateway"},
     "caddy": {"type": "path", "default": "/usr/bin/caddy"},
     "group": {"type": "str", "default": "comfybake-gateway"},
@@ -138,10 +148,10 @@ def main() -> None:
         module.fail_json(msg=f"state {state} needs member or members: the fleet hosts to set", **result)
     try:
         if state is None or module.check_mode:
-            result.update(front.change(paths, members, state, check=True))
+            result.update(front.change(paths, members, state, check=True, min_serving=params["min_serving"]))
         else:
             with credentials.locked(paths.config_dir):  # not while a converge or the command line writes
-                result.update(front.change(paths, members, state))
+                result.update(front.change(paths, members, state, min_serving=params["min_serving"]))
     except GatewayError as error:
         module.fail_json(msg=str(error), **result)
     if state is not None:

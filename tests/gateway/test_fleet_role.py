@@ -15,6 +15,7 @@ import pytest
 from harness.tools import ROOT, venv_bin
 
 from comfybake.engine.gateway import apply, front
+from comfybake.engine.gateway.errors import GatewayError
 
 ROLE_FILES = [ROOT / "roles" / role / folder / "main.yml" for role, folder in
               (("comfyui", "defaults"), ("comfyui", "vars"), ("comfyui_gateway", "defaults"),
@@ -204,13 +205,17 @@ def test_a_front_moves_queued_connections_to_the_new_listeners(tmp_path: Path, a
     if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
         pytest.skip("no network namespace can be made here (unshare --net)")
     conf = tmp_path / "60-comfybake-gateway.conf"
-    tasks = [{"ansible.builtin.import_tasks": str(ROOT / "roles/comfyui_gateway/tasks/sysctl.yml")}]
-    play = [{"hosts": "localhost", "gather_facts": False,
-             "vars": {"_comfyui_gateway_migrate_req": "/proc/sys/net/ipv4/tcp_migrate_req",
-                      "_comfyui_gateway_sysctl_file": str(conf)}, "tasks": tasks}]  # fmt: skip
+    # The role's read of the two (its preflight's probe reads them on a front), then the tasks.
+    probe = {"ansible.builtin.command": {"argv": "{{ _comfyui_probe + [_comfyui_gateway_migrate_req,"
+                                                 " _comfyui_gateway_sysctl_file] }}"},
+             "changed_when": False, "register": "__comfyui_gateway_probe"}  # fmt: skip
+    tasks = [probe, {"ansible.builtin.import_tasks": str(ROOT / "roles/comfyui_gateway/tasks/sysctl.yml")}]
+    play = [{"hosts": "localhost", "gather_facts": False, "vars_files": [str(path) for path in ROLE_FILES],
+             "tasks": tasks}]  # fmt: skip
     (tmp_path / "sysctl.yml").write_text(json.dumps(play))
+    (tmp_path / "paths.json").write_text(json.dumps({"_comfyui_gateway_sysctl_file": str(conf)}))
     run = (f"{venv_bin('ansible-playbook')} -i localhost, -c local -e ansible_python_interpreter={sys.executable}"
-           f" {tmp_path / 'sysctl.yml'}")  # fmt: skip
+           f" -e @{tmp_path / 'paths.json'} {tmp_path / 'sysctl.yml'}")  # fmt: skip
     script = f"cat /proc/sys/net/ipv4/tcp_migrate_req; {run} && {run} && cat /proc/sys/net/ipv4/tcp_migrate_req"
     done = subprocess.run(["unshare", "--net", "sh", "-c", script], cwd=tmp_path, env=ansible_env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -220,3 +225,27 @@ def test_a_front_moves_queued_connections_to_the_new_listeners(tmp_path: Path, a
     recaps = [line for line in lines if line.startswith("localhost")]
     assert "changed=2" in recaps[0] and "changed=0" in recaps[1], recaps
     assert conf.read_text() == "net.ipv4.tcp_migrate_req = 1\n"
+
+
+def test_a_front_refuses_to_take_an_environment_below_its_serving_minimum(
+    tmp_path: Path, ansible_env: dict[str, str]
+) -> None:
+    """min_serving (comfybake_fleet_min_serving in a rolling change): gpu-a-1 is the only member
+    serving dev, gpu-a-2 shares prod with it. Draining gpu-a-2 keeps prod served; draining
+    gpu-a-1 would leave dev with none, or (after gpu-a-2) prod: refused, naming the environment
+    and its serving members, and nothing changes. 0 refuses nothing."""
+    setup(tmp_path)
+    done, _ = converge(tmp_path, ansible_env, comfyui_gateway_fleet_members=["gpu-a-1", "gpu-a-2"])
+    assert done.returncode == 0, done.stdout[-4000:]
+    paths = apply.Paths(str(tmp_path / "front" / "gateway"), group="")
+    assert front.change(paths, ["gpu-a-2"], "draining", min_serving=1)["changed"]
+    with pytest.raises(GatewayError) as refused:
+        front.change(paths, ["gpu-a-1"], "draining", min_serving=1)
+    assert "would leave dev (gpu-a-1); prod (gpu-a-1) with fewer than 1 serving member" in str(refused.value)
+    assert "comfybake_fleet_min_serving: 0" in str(refused.value)
+    assert front.view(paths)["states"] == {"gpu-a-1": "serving", "gpu-a-2": "draining"}
+    assert front.change(paths, ["gpu-a-2"], "out", min_serving=1)["changed"]  # it served nothing already
+    front.change(paths, ["gpu-a-2"], "serving")
+    with pytest.raises(GatewayError, match=r"would leave prod \(gpu-a-1, gpu-a-2\) with fewer than 2 serving members"):
+        front.change(paths, ["gpu-a-1"], "out", min_serving=2)
+    assert front.change(paths, ["gpu-a-1"], "out")["states"]["gpu-a-1"] == "out"  # 0: no check

@@ -46,11 +46,29 @@ def describe(states: dict[str, str]) -> str:
     return "".join(f"{member}: {state}\n" for member, state in sorted(states.items()))
 
 
-def change(paths: apply.Paths, members: list[str], state: str | None, check: bool = False) -> dict[str, Any]:
+def short_of_serving(routes: dict[str, Any], before: dict[str, str], after: dict[str, str], least: int) -> list[str]:
+    """The environments that had at least `least` serving members before and would have fewer
+    after, each as `<name> (<its serving members before>)`."""
+    short = []
+    for route in routes.get("environments", []):
+        owners = sorted(set(route.get("members", {}).values()))
+        serving = [member for member in owners if before.get(member) == SERVING]
+        if len(serving) >= least > sum(after.get(member) == SERVING for member in owners):
+            short.append(f"{route['name']} ({', '.join(serving)})")
+    return short
+
+
+def change(
+    paths: apply.Paths, members: list[str], state: str | None, check: bool = False, min_serving: int = 0
+) -> dict[str, Any]:
     """Set `members` to `state` on this front and load the new configuration (a graceful reload);
     in `check`, or with no `state`, only say what would change. Returns `changed`, `previous`
     (the given members' states before), `states` (every member's after) and `upstreams` (the
     given members').
+
+    `min_serving`: refuse a change that would leave an environment route that has that many
+    serving members with fewer (a rolling change whose batch holds every host of an environment
+    would otherwise take it down); 0 refuses nothing.
 
     The caller holds the gateway's lock (credentials.locked) to change a state. Where the new
     configuration is refused, pool.json is put back: the file always says what serves.
@@ -68,6 +86,14 @@ def change(paths: apply.Paths, members: list[str], state: str | None, check: boo
         )
     after = {**before, **dict.fromkeys(members, state)} if state is not None else dict(before)
     changed = after != before
+    short = short_of_serving(_inputs(paths)["routes"], before, after, min_serving) if min_serving > 0 else []
+    if changed and short:
+        raise GatewayError(
+            f"setting {', '.join(members)} {state} would leave {'; '.join(short)} with fewer than {min_serving}"
+            f" serving member{'s' if min_serving > 1 else ''}: the environment{'s' if len(short) > 1 else ''}"
+            " would stop taking new sessions. Change fewer hosts at a time (comfybake_serial, comfybake_canary),"
+            " bring a member back first, or accept the outage (comfybake_fleet_min_serving: 0)"
+        )
     if changed and not check:
         old = read(paths.pool)
         pool.save(paths.pool, after)
