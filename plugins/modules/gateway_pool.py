@@ -54,8 +54,10 @@ options:
     description:
       - Refuse (fail, changing nothing) a change that would leave an environment route that has
         at least this many serving members with fewer, naming the environments and their serving
-        members. A rolling change sets it to 1, so that a batch holding every host of an
-        environment fails instead of taking the environment down. C(0) refuses nothing.
+        members. An environment keeps at most all its members but one (one served by a single
+        member goes down while that member changes, whatever the order). A rolling change sets it
+        to 1, so that a batch holding every host of an environment fails instead of taking the
+        environment down. C(0) refuses nothing.
     type: int
     default: 0
   config_dir:

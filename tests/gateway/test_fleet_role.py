@@ -230,10 +230,11 @@ def test_a_front_moves_queued_connections_to_the_new_listeners(tmp_path: Path, a
 def test_a_front_refuses_to_take_an_environment_below_its_serving_minimum(
     tmp_path: Path, ansible_env: dict[str, str]
 ) -> None:
-    """min_serving (comfybake_fleet_min_serving in a rolling change): gpu-a-1 is the only member
-    serving dev, gpu-a-2 shares prod with it. Draining gpu-a-2 keeps prod served; draining
-    gpu-a-1 would leave dev with none, or (after gpu-a-2) prod: refused, naming the environment
-    and its serving members, and nothing changes. 0 refuses nothing."""
+    """min_serving (comfybake_fleet_min_serving in a rolling change): gpu-a-1 and gpu-a-2 serve
+    prod, gpu-a-1 alone serves dev. Draining gpu-a-2 keeps prod served; then draining gpu-a-1
+    would leave prod none: refused, naming it and its serving member, and nothing changes. dev,
+    on one member, never counts (it goes down while its one host changes, whatever the order).
+    An environment keeps at most all its members but one; 0 refuses nothing."""
     setup(tmp_path)
     done, _ = converge(tmp_path, ansible_env, comfyui_gateway_fleet_members=["gpu-a-1", "gpu-a-2"])
     assert done.returncode == 0, done.stdout[-4000:]
@@ -241,11 +242,15 @@ def test_a_front_refuses_to_take_an_environment_below_its_serving_minimum(
     assert front.change(paths, ["gpu-a-2"], "draining", min_serving=1)["changed"]
     with pytest.raises(GatewayError) as refused:
         front.change(paths, ["gpu-a-1"], "draining", min_serving=1)
-    assert "would leave dev (gpu-a-1); prod (gpu-a-1) with fewer than 1 serving member" in str(refused.value)
+    assert "setting gpu-a-1 draining would take prod (serving: gpu-a-1; keeps 1) below" in str(refused.value)
+    assert "dev" not in str(refused.value)
     assert "comfybake_fleet_min_serving: 0" in str(refused.value)
     assert front.view(paths)["states"] == {"gpu-a-1": "serving", "gpu-a-2": "draining"}
     assert front.change(paths, ["gpu-a-2"], "out", min_serving=1)["changed"]  # it served nothing already
     front.change(paths, ["gpu-a-2"], "serving")
-    with pytest.raises(GatewayError, match=r"would leave prod \(gpu-a-1, gpu-a-2\) with fewer than 2 serving members"):
-        front.change(paths, ["gpu-a-1"], "out", min_serving=2)
-    assert front.change(paths, ["gpu-a-1"], "out")["states"]["gpu-a-1"] == "out"  # 0: no check
+    # A minimum of 2 keeps 1 of prod's 2 members: one may leave, not both at once.
+    assert front.change(paths, ["gpu-a-1"], "draining", min_serving=2)["changed"]
+    front.change(paths, ["gpu-a-1"], "serving")
+    with pytest.raises(GatewayError, match=r"would take prod \(serving: gpu-a-1, gpu-a-2; keeps 1\) below"):
+        front.change(paths, ["gpu-a-1", "gpu-a-2"], "out", min_serving=2)
+    assert front.change(paths, ["gpu-a-1", "gpu-a-2"], "out")["states"] == {"gpu-a-1": "out", "gpu-a-2": "out"}

@@ -48,13 +48,16 @@ def describe(states: dict[str, str]) -> str:
 
 def short_of_serving(routes: dict[str, Any], before: dict[str, str], after: dict[str, str], least: int) -> list[str]:
     """The environments that had at least `least` serving members before and would have fewer
-    after, each as `<name> (<its serving members before>)`."""
+    after, each as `<name> (<its serving members before>)`. An environment keeps at most all its
+    members but one: one served by a single member goes down while that member changes, whatever
+    the order, so it is never short."""
     short = []
     for route in routes.get("environments", []):
         owners = sorted(set(route.get("members", {}).values()))
         serving = [member for member in owners if before.get(member) == SERVING]
-        if len(serving) >= least > sum(after.get(member) == SERVING for member in owners):
-            short.append(f"{route['name']} ({', '.join(serving)})")
+        keep = min(least, len(owners) - 1)
+        if keep > 0 and len(serving) >= keep > sum(after.get(member) == SERVING for member in owners):
+            short.append(f"{route['name']} (serving: {', '.join(serving)}; keeps {keep})")
     return short
 
 
@@ -68,7 +71,7 @@ def change(
 
     `min_serving`: refuse a change that would leave an environment route that has that many
     serving members with fewer (a rolling change whose batch holds every host of an environment
-    would otherwise take it down); 0 refuses nothing.
+    would otherwise take it down), counting at most all its members but one; 0 refuses nothing.
 
     The caller holds the gateway's lock (credentials.locked) to change a state. Where the new
     configuration is refused, pool.json is put back: the file always says what serves.
@@ -89,10 +92,10 @@ def change(
     short = short_of_serving(_inputs(paths)["routes"], before, after, min_serving) if min_serving > 0 else []
     if changed and short:
         raise GatewayError(
-            f"setting {', '.join(members)} {state} would leave {'; '.join(short)} with fewer than {min_serving}"
-            f" serving member{'s' if min_serving > 1 else ''}: the environment{'s' if len(short) > 1 else ''}"
-            " would stop taking new sessions. Change fewer hosts at a time (comfybake_serial, comfybake_canary),"
-            " bring a member back first, or accept the outage (comfybake_fleet_min_serving: 0)"
+            f"setting {', '.join(members)} {state} would take {'; '.join(short)} below the serving members it"
+            f" keeps (comfybake_fleet_min_serving {min_serving}, at most all its members but one): it would stop"
+            " taking new sessions. Change fewer hosts at a time (comfybake_serial, comfybake_canary), bring a"
+            " member back first, or accept the outage (comfybake_fleet_min_serving: 0)"
         )
     if changed and not check:
         old = read(paths.pool)
