@@ -83,6 +83,10 @@ def _handler(instance: Instance) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128  # aiohttp's backlog (ComfyUI's), not socketserver's 5
+
+
 StartInstance = Callable[..., Instance]
 
 
@@ -97,7 +101,7 @@ def start_instance(
     """Start a loopback instance answering `object_info` (default: the recorded one)."""
     info = copy.deepcopy(OBJECT_INFO) if object_info is None else object_info
     item = Instance(name, environment, 0, info, queue_remaining)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(item))
+    server = Server(("127.0.0.1", 0), _handler(item))
     item.port, item.server = server.server_address[1], server
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     started.append(item)

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from harness.double import DOUBLE, Double, free_port
 from jobs_loopback import DATA, StartInstance, stopped, write_routing
 
 from comfybake.instances import HostError
@@ -210,3 +215,68 @@ def test_a_wrong_named_workflows_file_names_every_problem(tmp_path: Path) -> Non
     path.write_text("- a list\n")
     with pytest.raises(HostError, match="has no 'workflows' mapping"):
         placement.load_named(path)
+
+
+def test_threads_placing_at_once_fetch_object_info_once(tmp_path: Path, instance: StartInstance) -> None:
+    prod = instance("a", "prod")
+    found = routes(tmp_path, prod)
+    cache = ObjectInfoCache()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        chosen = list(pool.map(lambda _: placement.place(TXT2IMG, found, cache).route.name, range(8)))
+    assert chosen == ["a"] * 8
+    assert cache.fetches == 1 and prod.hits["/object_info"] == 1
+
+
+# --------------------------------------------------------------------------- the ComfyUI double
+
+
+@pytest.fixture
+def doubles(tmp_path: Path) -> Iterator[Callable[[str], Double]]:
+    """Start the ComfyUI test double (as it is on main) as local processes, one checkpoint installed."""
+    tree = tmp_path / "ComfyUI"
+    shutil.copytree(DOUBLE, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "models" / "checkpoints").mkdir(parents=True)
+    (tree / "models" / "checkpoints" / "sd15.safetensors").write_bytes(b"\0" * 16)
+    started: list[Double] = []
+
+    def start(name: str) -> Double:
+        port, user = free_port(), tmp_path / name / "user"
+        user.mkdir(parents=True)
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as sink:
+            command = [sys.executable, "-s", str(tree / "main.py"), "--port", str(port), "--cpu",
+                       "--user-directory", str(user), "--temp-directory", str(tmp_path / name)]  # fmt: skip
+            double = Double(subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT), port, log)
+        started.append(double)
+        return double
+
+    yield start
+    for double in started:
+        double.stop()
+
+
+def test_placement_against_the_comfyui_double(tmp_path: Path, doubles: Callable[[str], Double]) -> None:
+    first, second = doubles("a"), doubles("b")
+    records = [
+        {"name": name, "environment": "prod", "url": f"http://127.0.0.1:{double.port}", "port": double.port,
+         "enabled": True, "required_node_classes": ["CheckpointLoaderSimple"],
+         "node_classes": ["CheckpointLoaderSimple", "SaveImage"]}
+        for name, double in (("a", first), ("b", second))
+    ]  # fmt: skip
+    found = placement.load_routing(write_routing(tmp_path, records))
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"name": "sd15.safetensors"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}},
+    }
+    deadline = time.monotonic() + 20
+    while placement.assess(workflow.check(graph), "prod", found, ObjectInfoCache())[0].not_ready:
+        assert time.monotonic() < deadline, "the doubles did not get ready"
+        time.sleep(0.1)
+    assert placement.place(workflow.check(graph), found, ObjectInfoCache()).route.name == "a"
+    # a prompt running on a: b has the shorter queue now
+    assert first.post("/prompt", {"prompt": graph, "extra_data": {"test_double_seconds": 30}})[0] == 200
+    chosen = placement.place(workflow.check(graph), found, ObjectInfoCache())
+    assert (chosen.route.name, chosen.queue_remaining) == ("b", 0)
+    graph["1"]["inputs"]["name"] = "sdxl.safetensors"
+    with pytest.raises(PlacementError, match=r"name 'sdxl\.safetensors' of node 1"):
+        placement.place(workflow.check(graph), found, ObjectInfoCache())

@@ -162,28 +162,33 @@ def load_routing(config_root: str | Path) -> list[Route]:
 class ObjectInfoCache:
     """Each environment's /object_info, fetched once per `ttl` seconds from a ready instance.
 
-    Safe with several threads; a fetch that fails is not cached."""
+    Safe with several threads: those that need the same environment at once wait for one fetch
+    (ComfyUI builds its answer from every node class, which takes a while). A fetch that fails is
+    not cached."""
 
     def __init__(self, ttl: float = OBJECT_INFO_TTL, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.clock = clock
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards `locks` and `fetches`
+        self.locks: dict[str, threading.Lock] = {}  # one per environment, held while it is fetched
         self.entries: dict[str, tuple[float, dict[str, Any]]] = {}
         self.fetches = 0  # how many times an instance was asked (the tests read it)
 
     def get(self, environment: str, route: Route) -> dict[str, Any]:
         """The environment's /object_info, asked of `route` (a ready instance of it) when stale."""
         with self.lock:
+            fetching = self.locks.setdefault(environment, threading.Lock())
+        with fetching:
             cached = self.entries.get(environment)
             if cached and self.clock() - cached[0] < self.ttl:
                 return cached[1]
-        info = runtime.get_json(f"{route.url.rstrip('/')}/object_info", timeout=30)
-        if not isinstance(info, dict):
-            raise ValueError(f"/object_info of instance {route.name} is a {type(info).__name__}, not an object")
-        with self.lock:
-            self.fetches += 1
+            info = runtime.get_json(f"{route.url.rstrip('/')}/object_info", timeout=30)
+            if not isinstance(info, dict):
+                raise ValueError(f"/object_info of instance {route.name} is a {type(info).__name__}, not an object")
             self.entries[environment] = (self.clock(), info)
-        return info
+            with self.lock:
+                self.fetches += 1
+            return info
 
 
 def combo_options(spec: Any) -> list[Any] | None:
