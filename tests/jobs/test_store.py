@@ -76,7 +76,7 @@ def test_a_job_runs_through_its_states(tmp_path: Path, capsys: pytest.CaptureFix
     [
         ([], "start", "is queued: it cannot become running (only a job submitting can)"),
         (["submit", "start", "succeed"], "start", "is succeeded: it cannot become running"),
-        (["submit", "start"], "submit", "is running: it cannot become submitting (only a job queued, submitting can)"),
+        (["submit", "start"], "submit", "is running: it cannot become submitting (only a job queued or submitting"),
         (["cancel"], "fail", "is cancelled: it cannot become failed"),
         (["submit", "start", "time_out"], "succeed", "is timed_out: it cannot become succeeded"),
         ([], "succeed", "is queued: it cannot become succeeded (only a job running can)"),

@@ -80,7 +80,7 @@ class JobNotFoundError(StoreError):
 
 class IllegalTransitionError(StoreError):
     def __init__(self, job_id: str, state: str, target: str) -> None:
-        allowed = ", ".join(sorted(TRANSITIONS[target]))
+        allowed = " or ".join(sorted(TRANSITIONS[target]))
         super().__init__(f"job {job_id} is {state}: it cannot become {target} (only a job {allowed} can)")
         self.job_id, self.state, self.target = job_id, state, target
 
