@@ -48,9 +48,9 @@ def describe(states: dict[str, str]) -> str:
 
 def short_of_serving(routes: dict[str, Any], before: dict[str, str], after: dict[str, str], least: int) -> list[str]:
     """The environments that had at least `least` serving members before and would have fewer
-    after, each as `<name> (<its serving members before>)`. An environment keeps at most all its
-    members but one: one served by a single member goes down while that member changes, whatever
-    the order, so it is never short."""
+    after, each as `<name> (serving: <its serving members before>; keeps <n>)`. An environment
+    keeps at most all its members but one: one served by a single member goes down while that
+    member changes, whatever the order, so it is never short."""
     short = []
     for route in routes.get("environments", []):
         owners = sorted(set(route.get("members", {}).values()))
