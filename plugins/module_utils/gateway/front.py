@@ -26,7 +26,8 @@ def _inputs(paths: apply.Paths) -> dict[str, Any]:
 
 
 def view(paths: apply.Paths) -> dict[str, Any]:
-    """`states` (member -> state) and `upstreams` (member -> its upstreams) of this front."""
+    """`states` (member -> state), `upstreams` (member -> its upstreams) and `routes` (gateway.json's)
+    of this front."""
     inputs = _inputs(paths)
     if not inputs.get("settings", {}).get("fleet"):
         raise GatewayError(
@@ -38,7 +39,7 @@ def view(paths: apply.Paths) -> dict[str, Any]:
     # that is what the configuration rendered from them says.
     stored = pool.load(paths.pool)
     states = {member: stored.get(member, SERVING) for member in sorted({*pool.members(inputs["routes"]), *stored})}
-    return {"states": states, "upstreams": pool.upstreams(inputs["routes"])}
+    return {"states": states, "upstreams": pool.upstreams(inputs["routes"]), "routes": inputs["routes"]}
 
 
 def describe(states: dict[str, str]) -> str:
@@ -89,7 +90,7 @@ def change(
         )
     after = {**before, **dict.fromkeys(members, state)} if state is not None else dict(before)
     changed = after != before
-    short = short_of_serving(_inputs(paths)["routes"], before, after, min_serving) if min_serving > 0 else []
+    short = short_of_serving(found["routes"], before, after, min_serving) if min_serving > 0 else []
     if changed and short:
         raise GatewayError(
             f"setting {', '.join(members)} {state} would take {'; '.join(short)} below the serving members it"
