@@ -208,7 +208,7 @@ def parse_submission(
     body: Mapping[str, Any], named: Mapping[str, NamedWorkflow], sinks: Mapping[str, OutputSink]
 ) -> tuple[JobSpec, float]:
     """A POST /v1/jobs body as the runner's JobSpec and the seconds to wait for the job."""
-    known = {"workflow", "workflow_name", "inputs", "images", "environment", "timeout", "outputs", "wait"}
+    known = {"workflow", "workflow_name", "inputs", "images", "environment", "timeout", "outputs", "wait", "extra_data"}
     extra = sorted(set(body) - known)
     if extra:
         raise RequestError(extra[0], f"{extra[0]!r} is not a field of a job: send {', '.join(sorted(known))}")
@@ -245,6 +245,11 @@ def parse_submission(
             "outputs",
             f"outputs {json.dumps(outputs)} is not offered here: send one of {', '.join(sorted(sinks))}{hint}",
         )
+    extra_data = body.get("extra_data") or {}
+    if not isinstance(extra_data, dict):
+        raise RequestError(
+            "extra_data", "extra_data is not an object: send ComfyUI's extra_data as an object, or leave it out"
+        )
     spec = JobSpec(
         workflow=workflow,
         name=name,
@@ -252,6 +257,7 @@ def parse_submission(
         inputs=inputs_of(body),
         timeout=number(body, "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT, low=1.0),
         outputs=outputs,
+        extra_data=extra_data,
     )
     return spec, number(body, "wait", 0.0, MAX_WAIT)
 
@@ -494,7 +500,7 @@ async def drain(request: web.Request) -> web.Response:
 
 
 async def resume(request: web.Request) -> web.Response:
-    request.app[SERVICE].runner.draining = False
+    request.app[SERVICE].runner.resume()
     return answer({"draining": False})
 
 
