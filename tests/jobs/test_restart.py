@@ -1,0 +1,82 @@
+"""Jobs survive the API process: `comfybake jobs serve` killed with SIGKILL mid-job and started
+again on the same state root follows the job to its end, once. The double counts: a prompt
+posted twice would save two files (its SaveImage numbers each run), and its /history would hold
+the job's prompt id once either way, so the files are what is counted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from jobs_serve import Instance, serve, start_instances, write_routing
+
+
+def graph(prefix: str) -> dict[str, object]:
+    return {
+        "1": {"class_type": "KSampler", "inputs": {"seed": 3, "steps": 10}},
+        "2": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[Instance]:
+    [started] = start_instances(tmp_path, [("a", "comm")])
+    write_routing(tmp_path / "etc", [started])
+    yield started
+    started.double.stop()
+
+
+def wait_until(check: object, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+@pytest.mark.parametrize("restart", ["while it runs", "after it ended"])
+def test_a_job_survives_a_killed_api_process_and_runs_once(tmp_path: Path, instance: Instance, restart: str) -> None:
+    config, state = tmp_path / "etc", tmp_path / "jobs"
+    first = serve(config, state, tmp_path / "first.log")
+    body = {"workflow": graph("restart"), "extra_data": {"test_double_seconds": 3}}
+    job = first.job_api("POST", "/v1/jobs", body).body["job"]
+    wait_until(lambda: first.job_api("GET", f"/v1/jobs/{job['id']}").body["job"]["state"] == "running", "running")
+    first.kill()  # SIGKILL: no drain, no goodbye
+    if restart == "after it ended":
+        wait_until(lambda: instance.double.get(f"/history/{job['prompt_id']}")[1], "the prompt's end on the instance")
+    second = serve(config, state, tmp_path / "second.log")
+    try:
+        ended = second.job_api("GET", f"/v1/jobs/{job['id']}?wait=60").body["job"]
+        assert ended["state"] == "succeeded", ended["error"]
+        assert ended["attempts"] == 1  # adopted by its prompt id, not posted again
+        assert ended["prompt_id"] == job["prompt_id"] and ended["instance"] == "a"
+        written = instance.outputs("restart")
+        assert len(written) == 1, written
+        assert [item["filename"] for item in ended["result"]["images"]] == [written[0].name]
+        [line] = [item for item in second.finished_lines() if item.get("job") == job["id"]]
+        assert line["state"] == "succeeded"
+        assert not [item for item in first.finished_lines() if item.get("job") == job["id"]]
+    finally:
+        assert second.stop() == 0
+    _status, queue = instance.double.get("/queue")
+    assert queue == {"queue_running": [], "queue_pending": []}
+    assert len(instance.outputs("restart")) == 1
+
+
+def test_sigterm_drains_the_running_job_before_exiting(tmp_path: Path, instance: Instance) -> None:
+    """A stop (SIGTERM) refuses new jobs and follows the running one to its end within --stop-timeout."""
+    served = serve(tmp_path / "etc", tmp_path / "jobs", tmp_path / "serve.log", "--stop-timeout", "60")
+    body = {"workflow": graph("drained"), "extra_data": {"test_double_seconds": 4}}
+    job = served.job_api("POST", "/v1/jobs", body).body["job"]
+    served.process.terminate()
+    wait_until(lambda: served.job_api("GET", "/v1/health").status == 503, "draining")
+    refused = served.job_api("POST", "/v1/jobs", {"workflow": graph("late")})
+    assert refused.status == 503 and refused.headers["retry-after"]
+    assert served.process.wait(timeout=60) == 0
+    [line] = [item for item in served.finished_lines() if item.get("job") == job["id"]]
+    assert line["state"] == "succeeded"
+    assert len(instance.outputs("drained")) == 1 and instance.outputs("late") == []
