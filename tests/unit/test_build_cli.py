@@ -9,6 +9,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -173,3 +174,44 @@ def test_the_aiohttp_pin_is_one_version() -> None:
             continue
         assert pin in constraints, f"{wheel.requirement} is not the constraints' version"
     assert re.search(r"aiohttp[=-][0-9]", (ROOT / "scripts" / "build-cli.py").read_text()) is None
+
+
+def test_the_system_python_runs_the_job_commands_from_the_zipapp(pyz: Path, tmp_path: Path) -> None:
+    """`comfybake jobs serve` starts under the system python3 with no site packages, answers /v1/health on its
+    unix socket, and stops on SIGTERM (the unit's stop)."""
+    (tmp_path / "routing.json").write_text('{"format": 1, "instances": []}')
+    help_done = subprocess.run([SYSTEM_PYTHON, "-s", str(pyz), "jobs", "--help"], capture_output=True, text=True)
+    assert help_done.returncode == 0 and "serve" in help_done.stdout, help_done.stderr
+    jobs_socket = tmp_path / "jobs.sock"
+    argv = [SYSTEM_PYTHON, "-I", str(pyz), "jobs", "serve", "--config-root", str(tmp_path)]
+    argv += ["--state-root", str(tmp_path / "state"), "--jobs-listen", f"unix:{jobs_socket}"]
+    argv += ["--control-listen", f"unix:{tmp_path / 'control.sock'}"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as serving:
+        try:
+            answer = ""
+            for _attempt in range(100):
+                asked = subprocess.run(
+                    [SYSTEM_PYTHON, "-I", "-c", ASK_HEALTH, str(jobs_socket)], capture_output=True, text=True
+                )
+                answer = asked.stdout
+                if asked.returncode == 0:
+                    break
+                time.sleep(0.1)
+            assert answer.startswith("200 "), answer
+            assert '"ok"' in answer
+        finally:
+            serving.terminate()
+            output = serving.communicate(timeout=30)[0]
+        assert serving.returncode == 0, output
+    assert (tmp_path / "state").is_dir()
+
+
+ASK_HEALTH = """
+import http.client, socket, sys
+connection = http.client.HTTPConnection("localhost", timeout=5)
+connection.sock = socket.socket(socket.AF_UNIX)
+connection.sock.connect(sys.argv[1])
+connection.request("GET", "/v1/health")
+answer = connection.getresponse()
+print(answer.status, answer.read().decode())
+"""
