@@ -194,6 +194,16 @@ def _not_in_list(name: str, info: tuple[Any, ...], value: object) -> Error:
     }
 
 
+def _exception_during_validation(exc: Exception) -> Error:
+    kind = type(exc)
+    return {
+        "type": "exception_during_validation",
+        "message": "Exception when validating node",
+        "details": str(exc),
+        "extra_info": {"exception_type": kind.__qualname__, "traceback": traceback.format_tb(exc.__traceback__)},
+    }
+
+
 def output_nodes(prompt: dict[str, Any]) -> list[str]:
     return [
         node_id
@@ -218,7 +228,11 @@ def validate_prompt(prompt: dict[str, Any], strict: bool) -> tuple[bool, Error |
     failed: list[tuple[str, list[Error]]] = []
     node_errors: dict[str, Any] = {}
     for output in outputs:
-        valid, reasons = validator.node(output)
+        try:
+            valid, reasons = validator.node(output)
+        except Exception as exc:  # noqa: BLE001 - a node's INPUT_TYPES or VALIDATE_INPUTS raised: ComfyUI reports it
+            valid, reasons = False, [_exception_during_validation(exc)]
+            validator.validated[output] = (False, reasons)
         if valid:
             good.append(output)
             continue

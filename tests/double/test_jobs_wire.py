@@ -172,7 +172,7 @@ def test_a_dropped_socket_still_finishes_in_history(job_double: StartJobDouble) 
     double, _base = job_double()
     ws = connect(double, "dropped")
     graph = txt2img(steps=10)
-    prompt_id = submit(double, graph, "dropped", test_double_seconds=3, test_double_drop_ws_after_seconds=0.5)
+    prompt_id = submit(double, graph, "dropped", test_double_seconds=5, test_double_drop_ws_after_seconds=0.3)
     seen = [m["type"] for m in until_closed(ws)]
     assert ws.connected is False  # the double closed it without a close frame
     assert "execution_start" in seen and "execution_success" not in seen
@@ -375,3 +375,12 @@ def test_history_of_an_unknown_prompt_is_empty(job_double: StartJobDouble) -> No
     assert double.post("/prompt", {"no": "prompt"}) == (
         400, {"error": {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided",
                         "extra_info": {}}, "node_errors": {}})  # fmt: skip
+
+
+def test_an_upload_over_the_limit_is_refused(job_double: StartJobDouble) -> None:
+    double, base = job_double("--max-upload-size", "0.001")  # MB, as ComfyUI's flag
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        upload(double, "big.png", png_bytes(8, 8) + b"\0" * 2048)
+    assert refused.value.code == 413
+    assert not (base / "input" / "big.png").exists()
+    assert upload(double, "small.png", png_bytes(2, 2))["name"] == "small.png"
