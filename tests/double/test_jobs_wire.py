@@ -368,8 +368,13 @@ def test_video_and_file_outputs(job_double: StartJobDouble) -> None:
     ws.close()
 
 
-def test_history_of_an_unknown_prompt_is_empty(job_double: StartJobDouble) -> None:
+def test_odd_requests_get_comfyuis_answers(job_double: StartJobDouble) -> None:
     double, _base = job_double()
+    ws = connect(double, "odd")  # hooks that are no numbers are ignored: the prompt runs, the worker goes on
+    odd = submit(double, txt2img(), "odd", test_double_seconds="soon", test_double_drop_ws_after_seconds=[1])
+    messages(ws, finished)
+    assert history(double, odd)["status"]["status_str"] == "success"
+    ws.close()
     assert double.get(f"/history/{uuid.uuid4()}") == (200, {})
     assert double.get("/api/history/x") == (200, {})
     assert double.post("/prompt", {"no": "prompt"}) == (
