@@ -371,3 +371,19 @@ def test_a_finished_job_logs_one_json_line_without_inputs(
     (line,) = [line for line in lines if line.get("job") == job.id]
     assert line["state"] == job.state and line["instance"] == "a"
     assert "canary" not in json.dumps(lines)
+
+
+def test_a_workflow_with_an_output_comfyui_refuses_is_refused_whole(jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod"})
+    graph = txt2img()
+    graph["10"] = {"class_type": "TestDoubleFail", "inputs": {}}  # lacks its required `message`
+
+    async def work(found: Runner) -> Any:
+        return await found.wait((await found.submit(spec(graph, extra_data=seconds(1)))).id, 60)
+
+    job = run(work, host)
+    assert job.state == "failed" and job.error["type"] == "validation"
+    assert job.error["message"].startswith("instance a refused the workflow: Some outputs failed validation\n  node 10")
+    assert [(node["node"], node["errors"][0]["type"]) for node in job.error["nodes"]] == [
+        ("10", "required_input_missing")]  # fmt: skip
+    assert host["a"].queued_ids() == [] and host["a"].output_files() == []

@@ -4,7 +4,9 @@ The wire format is ComfyUI's own (server.py, execution.py; docs/serving.md#how-a
 
 - `POST /prompt {"prompt", "client_id", "prompt_id", "extra_data"}`: the prompt id is made by the
   job store before posting, so a restarted runner can find the prompt again. A 400 carries
-  ComfyUI's `error` and `node_errors`, raised as `PromptRefused`.
+  ComfyUI's `error` and `node_errors`, raised as `PromptRefusedError`; so is a 200 whose
+  `node_errors` is not empty (ComfyUI then runs only the outputs that passed), after the prompt
+  is taken back off the queue.
 - `/ws?clientId=<client id>`: ComfyUI sends a prompt's execution messages only to the sockets of
   its `client_id`. The socket is opened *before* the prompt is posted, so no message is missed;
   when it drops, it is opened again with the same client id (backoff), and meanwhile
@@ -142,6 +144,12 @@ class Client:
             raise PromptRefusedError(f"instance {self.name} refused the prompt", answer)
         if status >= 400 or not isinstance(answer, dict):
             raise self._fail(call, f"HTTP {status} {text[:300]}")
+        if answer.get("node_errors"):
+            # ComfyUI queued the outputs that passed and dropped the others: a partial result
+            # nobody asked for. The prompt is taken back and refused as a whole.
+            await self.stop(prompt_id)
+            whole = {"type": "prompt_outputs_failed_validation", "message": "Some outputs failed validation"}
+            raise PromptRefusedError(f"instance {self.name} refused part of the prompt", {**answer, "error": whole})
         if answer.get("prompt_id") not in (None, prompt_id):
             # A ComfyUI older than the client's prompt_id would make its own; nothing could find it again.
             raise self._fail(call, f"it queued the prompt as {answer['prompt_id']}, not {prompt_id}: upgrade ComfyUI")

@@ -471,6 +471,7 @@ class Runner:
             await asyncio.wait([task, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         if task.done():
             return "", task.result()
