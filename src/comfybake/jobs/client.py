@@ -182,12 +182,16 @@ class Client:
     async def stop(self, prompt_id: str) -> None:
         """Stop the prompt wherever it is: dropped if pending, interrupted if running. A ComfyUI
         that ignores the interrupt's prompt_id would stop whatever runs, so it is asked only when
-        /queue says this prompt is the running one."""
-        state = await self.queue()
-        if prompt_id in state.pending:
+        /queue says this prompt is the running one. A pending prompt may start between reading
+        the queue and the delete: the queue is read again after it."""
+        for _ in range(3):
+            state = await self.queue()
+            if prompt_id in state.running:
+                await self.interrupt(prompt_id)
+                return
+            if prompt_id not in state.pending:
+                return
             await self.delete(prompt_id)
-        elif prompt_id in state.running:
-            await self.interrupt(prompt_id)
 
     async def view(self, filename: str, subfolder: str, kind: str) -> bytes:
         """An output file's bytes (`kind`: output, temp or input)."""
