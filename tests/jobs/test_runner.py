@@ -387,3 +387,22 @@ def test_a_workflow_with_an_output_comfyui_refuses_is_refused_whole(jobs_host: S
     assert [(node["node"], node["errors"][0]["type"]) for node in job.error["nodes"]] == [
         ("10", "required_input_missing")]  # fmt: skip
     assert host["a"].queued_ids() == [] and host["a"].output_files() == []
+
+
+def test_a_job_left_submitting_that_its_instance_never_got_is_posted_once_more(jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod"})
+    store = JobStore(host.state_root)
+    job = store.create("", {})
+    store.submit(job.id, "prod", "a")  # the runner stopped after keeping the graph, before posting
+    kept = host.state_root / runner.SPECS
+    kept.mkdir(mode=0o700)
+    graph = {"graph": txt2img(prefix="again"), "outputs": "inline", "timeout": 60, "extra_data": {}}
+    (kept / f"{job.id}.json").write_text(json.dumps(graph))
+
+    async def nothing(found: Runner) -> Any:
+        return await found.wait(job.id, 60)
+
+    posted = run(nothing, host)
+    assert posted.state == "succeeded", posted.error
+    assert posted.attempts == 2 and [path.name for path in host["a"].output_files()] == ["again_00001_.png"]
+    assert not (kept / f"{job.id}.json").exists()

@@ -256,9 +256,15 @@ class Follower:
             await self.socket.close()
             self.socket = None
 
-    async def outcome(self) -> Outcome:
-        """Wait for the prompt's end (no bound: the caller bounds it with its timeout)."""
+    async def outcome(self, look_first: bool = False) -> Outcome:
+        """Wait for the prompt's end (no bound: the caller bounds it with its timeout).
+        `look_first`: ask /history before listening, for a prompt that may have ended before the
+        socket opened (one a restarted runner adopts); messages sent meanwhile wait in the socket."""
         try:
+            if look_first:
+                found = await self._look()
+                if found is not None:
+                    return found
             delays = iter(BACKOFF)
             while True:
                 if self.socket is None:

@@ -447,7 +447,7 @@ class Runner:
             await follower.connect()
         if adopt is False or job.state == "submitting":
             await asyncio.to_thread(self.store.start, job.id)
-        ended, outcome = await self._race(follower.outcome(), stop, deadline)
+        ended, outcome = await self._race(follower.outcome(look_first=adopt), stop, deadline)
         if ended or outcome is None:
             await follower.close()
             await self._stopped(job, ended, client, spec.timeout, posted=True)
