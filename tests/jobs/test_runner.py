@@ -406,3 +406,19 @@ def test_a_job_left_submitting_that_its_instance_never_got_is_posted_once_more(j
     assert posted.state == "succeeded", posted.error
     assert posted.attempts == 2 and [path.name for path in host["a"].output_files()] == ["again_00001_.png"]
     assert not (kept / f"{job.id}.json").exists()
+
+
+def test_a_missing_node_type_refusal_names_its_node() -> None:
+    body = {
+        "error": {"type": "missing_node_type", "message": "Node 'X' not found. The custom node may not be installed.",
+                  "details": "Node ID '#3'", "extra_info": {"node_id": "3", "class_type": "X", "node_title": "X"}},
+        "node_errors": {},
+    }  # fmt: skip
+    error = runner.refused(body, "a").as_dict()
+    assert error == {
+        "type": "validation",
+        "message": "instance a refused the workflow: Node 'X' not found. The custom node may not be installed.\n"
+        "  node 3 (X): Node 'X' not found. The custom node may not be installed. (Node ID '#3')",
+        "nodes": [{"node": "3", "class_type": "X", "errors": [{"type": "missing_node_type", "message": body["error"][
+            "message"], "details": "Node ID '#3'", "input": None}]}],
+    }  # fmt: skip

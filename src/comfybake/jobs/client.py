@@ -28,6 +28,8 @@ from typing import Any
 
 import aiohttp
 
+from comfybake import logs
+
 HTTP_TIMEOUT = 30.0  # seconds for one call (a /view of a large video gets VIEW_TIMEOUT)
 VIEW_TIMEOUT = 300.0
 HISTORY_WAIT = 10.0  # seconds to wait for /history after the socket said the prompt ended
@@ -278,6 +280,12 @@ class Follower:
                 found = await self._listen()
                 if found is not None:
                     return found
+                logs.emit(
+                    f"warning: instance {self.client.name}: the WebSocket of prompt {self.prompt_id} dropped; "
+                    "opening it again, polling /history meanwhile",
+                    "warning",
+                    instance=self.client.name,
+                )
                 delays = iter(BACKOFF)  # the socket dropped: reconnect with backoff, polling meanwhile
         finally:
             await self.close()

@@ -155,7 +155,7 @@ def refused(body: Mapping[str, Any], instance: str) -> JobError:
         )
     lines = [
         f"node {node['node']} ({node['class_type']}): {item['message']}"
-        + (f": {item['details']}" if item["details"] else "")
+        + (f" ({item['details']})" if item["details"] else "")
         for node in nodes
         for item in node["errors"]
     ]
