@@ -194,6 +194,16 @@ def _not_in_list(name: str, info: tuple[Any, ...], value: object) -> Error:
     }
 
 
+def _exception_during_validation(exc: Exception) -> Error:
+    kind = type(exc)
+    return {
+        "type": "exception_during_validation",
+        "message": "Exception when validating node",
+        "details": str(exc),
+        "extra_info": {"exception_type": kind.__qualname__, "traceback": traceback.format_tb(exc.__traceback__)},
+    }
+
+
 def output_nodes(prompt: dict[str, Any]) -> list[str]:
     return [
         node_id
@@ -218,7 +228,11 @@ def validate_prompt(prompt: dict[str, Any], strict: bool) -> tuple[bool, Error |
     failed: list[tuple[str, list[Error]]] = []
     node_errors: dict[str, Any] = {}
     for output in outputs:
-        valid, reasons = validator.node(output)
+        try:
+            valid, reasons = validator.node(output)
+        except Exception as exc:  # noqa: BLE001 - a node's INPUT_TYPES or VALIDATE_INPUTS raised: ComfyUI reports it
+            valid, reasons = False, [_exception_during_validation(exc)]
+            validator.validated[output] = (False, reasons)
         if valid:
             good.append(output)
             continue
@@ -261,6 +275,16 @@ def execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
     for node_id in outputs or list(prompt):
         visit(node_id)
     return order
+
+
+def _seconds(value: object) -> float | None:
+    """A test hook's number of seconds (not below 0); None when it is absent or no number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None
 
 
 def _format(value: object) -> object:
@@ -337,7 +361,7 @@ class _Run:
         self.executed: list[str] = []
         self.current: str | None = None
         self.inputs: dict[str, Any] = {}
-        seconds = max(float(extra_data.get("test_double_seconds") or 0), 0.0)
+        seconds = _seconds(extra_data.get("test_double_seconds")) or 0.0
         stepping = [n for n in order if getattr(self._class(n), "STEPS_INPUT", None)]
         takers = stepping or order[:1]
         self.budget = {n: seconds / len(takers) for n in takers}
@@ -349,9 +373,10 @@ class _Run:
 
     def _drop_timer(self, seconds: object) -> threading.Timer | None:
         sid = self.executor.client_id
-        if seconds is None or sid is None:
+        delay = _seconds(seconds)
+        if delay is None or sid is None:
             return None
-        timer = threading.Timer(float(seconds), self.executor.drop, (sid,))
+        timer = threading.Timer(delay, self.executor.drop, (sid,))
         timer.daemon = True
         timer.start()
         return timer

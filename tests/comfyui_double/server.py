@@ -1,8 +1,25 @@
-"""HTTP API of the ComfyUI test double: the endpoints comfybake's readiness, status and gateway use.
+"""HTTP API of the ComfyUI test double: the endpoints comfybake's readiness, status, gateway and jobs use.
 
-Every route answers at `/<route>` and `/api/<route>`, as in ComfyUI. Prompts are queued and
-"run" by a worker thread for `extra_data.test_double_seconds` seconds (default 0), so tests
-can watch a queue fill and drain.
+Every route answers at `/<route>` and `/api/<route>`, as in ComfyUI. Prompts are validated and
+run as ComfyUI does (execution.py: its error shapes, its WebSocket messages, `--test-double-strict`),
+one at a time by a worker thread, for `extra_data.test_double_seconds` seconds (default 0), so
+tests can watch a queue fill and drain. The job routes follow ComfyUI 0.3.x:
+
+- `POST /prompt {"prompt", "client_id", "prompt_id", "extra_data", "number", "front"}`: the
+  client's prompt_id is kept (a new uuid4 without one), `client_id` goes into extra_data, the
+  keys ComfyUI deems sensitive are dropped, `create_time` added; 200
+  `{"prompt_id", "number", "node_errors"}` or 400 `{"error", "node_errors"}`.
+- `GET /queue` and `/history[/<prompt_id>]` items are ComfyUI's `[number, prompt_id, graph,
+  extra_data, outputs_to_execute]`; a history entry adds `outputs` (node id -> UI output),
+  `status` (`status_str` success|error, `completed`, the status messages) and `meta`. When a
+  prompt ends, its history entry is written, the queue status sent, then `executing` with node
+  null: a client should take that (not `execution_success`) as the moment /history has it.
+- `POST /interrupt` stops the running prompt; with `{"prompt_id"}` only if that one is running.
+  `POST /queue {"delete": [...]}` / `{"clear": true}` drops pending prompts.
+- `POST /upload/image` (multipart `image`, `overwrite`, `type`, `subfolder`): a name taken by a
+  different file becomes `name (1).png`, the same bytes keep the name; over `--max-upload-size`
+  MB is a 413. `GET /view?filename=&subfolder=&type=` serves output/, input/ or temp/ files
+  (400 on `..` or an unknown type, 403 for a subfolder outside, 404 when absent).
 
 `/ws` is a real WebSocket (RFC 6455, text frames), as ComfyUI's: the client id comes from the
 `clientId` query parameter (empty or missing: a new `uuid4().hex`, and a second socket with the
@@ -380,8 +397,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(400, {"error": error, "node_errors": node_errors})
             return
         extra_data = dict(body.get("extra_data") or {})
-        if "client_id" in body:
-            extra_data["client_id"] = body["client_id"]
+        if body.get("client_id") is not None:
+            extra_data["client_id"] = str(body["client_id"])
         for key in execution.SENSITIVE_EXTRA_DATA_KEYS:  # ComfyUI keeps these out of /queue and /history
             extra_data.pop(key, None)
         extra_data["create_time"] = int(time.time() * 1000)

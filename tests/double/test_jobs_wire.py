@@ -8,6 +8,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,19 @@ def history(double: Double, prompt_id: str) -> dict[str, Any]:
     return body[prompt_id]  # type: ignore[no-any-return]
 
 
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks (kind, data), each CRC checked."""
+    assert data.startswith(PNG_SIGNATURE)
+    chunks, at = [], len(PNG_SIGNATURE)
+    while at < len(data):
+        size = int.from_bytes(data[at : at + 4], "big")
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + size]
+        assert int.from_bytes(data[at + 8 + size : at + 12 + size], "big") == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        at += 12 + size
+    return chunks
+
+
 def view(double: Double, item: dict[str, Any]) -> bytes:
     query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item["subfolder"], "type": item["type"]})
     with urllib.request.urlopen(f"http://127.0.0.1:{double.port}/view?{query}", timeout=5) as response:
@@ -141,9 +155,11 @@ def test_a_prompt_runs_in_comfyuis_event_order(job_double: StartJobDouble) -> No
     # Real PNG files of the latent's size, served by /view byte for byte.
     for image in images:
         data = (base / "output" / image["filename"]).read_bytes()
-        assert data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR"
+        chunks = png_chunks(data)
+        assert [kind for kind, _ in chunks] == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
         assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (64, 32)
-        assert b"tEXtprompt\0" in data  # the prompt embedded, as ComfyUI's SaveImage does
+        assert len(zlib.decompress(chunks[2][1])) == 32 * (1 + 3 * 64)  # 8-bit RGB rows, each with its filter byte
+        assert json.loads(chunks[1][1].split(b"\0", 1)[1]) == graph  # the prompt embedded, as ComfyUI's SaveImage does
         assert view(double, image) == data
     # The other client saw the queue change, and nothing of the prompt.
     other.settimeout(0.5)
@@ -172,7 +188,7 @@ def test_a_dropped_socket_still_finishes_in_history(job_double: StartJobDouble) 
     double, _base = job_double()
     ws = connect(double, "dropped")
     graph = txt2img(steps=10)
-    prompt_id = submit(double, graph, "dropped", test_double_seconds=3, test_double_drop_ws_after_seconds=0.5)
+    prompt_id = submit(double, graph, "dropped", test_double_seconds=5, test_double_drop_ws_after_seconds=0.3)
     seen = [m["type"] for m in until_closed(ws)]
     assert ws.connected is False  # the double closed it without a close frame
     assert "execution_start" in seen and "execution_success" not in seen
@@ -368,10 +384,24 @@ def test_video_and_file_outputs(job_double: StartJobDouble) -> None:
     ws.close()
 
 
-def test_history_of_an_unknown_prompt_is_empty(job_double: StartJobDouble) -> None:
+def test_odd_requests_get_comfyuis_answers(job_double: StartJobDouble) -> None:
     double, _base = job_double()
+    ws = connect(double, "odd")  # hooks that are no numbers are ignored: the prompt runs, the worker goes on
+    odd = submit(double, txt2img(), "odd", test_double_seconds="soon", test_double_drop_ws_after_seconds=[1])
+    messages(ws, finished)
+    assert history(double, odd)["status"]["status_str"] == "success"
+    ws.close()
     assert double.get(f"/history/{uuid.uuid4()}") == (200, {})
     assert double.get("/api/history/x") == (200, {})
     assert double.post("/prompt", {"no": "prompt"}) == (
         400, {"error": {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided",
                         "extra_info": {}}, "node_errors": {}})  # fmt: skip
+
+
+def test_an_upload_over_the_limit_is_refused(job_double: StartJobDouble) -> None:
+    double, base = job_double("--max-upload-size", "0.001")  # MB, as ComfyUI's flag
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        upload(double, "big.png", png_bytes(8, 8) + b"\0" * 2048)
+    assert refused.value.code == 413
+    assert not (base / "input" / "big.png").exists()
+    assert upload(double, "small.png", png_bytes(2, 2))["name"] == "small.png"
