@@ -143,13 +143,13 @@ def test_a_job_past_its_timeout_is_interrupted_and_reported(jobs_host: StartHost
     host = jobs_host({"a": "prod"})
 
     async def work(found: Runner) -> Any:
-        job = await found.submit(spec(txt2img(), timeout=1.0, extra_data=seconds(60)))
+        job = await found.submit(spec(txt2img(), timeout=3.0, extra_data=seconds(60)))
         return await found.wait(job.id, 60)
 
     job = run(work, host)
     assert job.state == "timed_out"
     assert job.error["type"] == "timeout"
-    assert job.error["message"] == "the job ran past its timeout of 1 s on instance a: its prompt was interrupted"
+    assert job.error["message"] == "the job ran past its timeout of 3 s on instance a: its prompt was interrupted"
     status = host["a"].history(job.prompt_id)[job.prompt_id]["status"]
     assert [name for name, _ in status["messages"]][-1] == "execution_interrupted"
     assert host["a"].output_files() == [] and host["a"].queued_ids() == []
@@ -241,7 +241,7 @@ def test_a_drain_past_its_timeout_lists_the_unfinished_jobs(jobs_host: StartHost
 
     job, left = run(work, host)
     assert [item.id for item in left] == [job.id] and left[0].state in ("submitting", "running")
-    assert JobStore(host.state_root).get(job.id).state == "running"  # resumed by the next start
+    assert JobStore(host.state_root).get(job.id).state in ("submitting", "running")  # resumed by the next start
 
 
 def test_a_job_left_running_and_finished_meanwhile_is_adopted_not_run_again(jobs_host: StartHost) -> None:
