@@ -422,3 +422,21 @@ def test_a_missing_node_type_refusal_names_its_node() -> None:
         "nodes": [{"node": "3", "class_type": "X", "errors": [{"type": "missing_node_type", "message": body["error"][
             "message"], "details": "Node ID '#3'", "input": None}]}],
     }  # fmt: skip
+
+
+def test_without_routing_json_a_runner_starts_and_refuses_jobs_saying_so(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+
+    async def main() -> JobError:
+        found = Runner(tmp_path / "etc", JobStore(tmp_path / "state"), sinks={"inline": outputs.Inline()})
+        await found.start()
+        try:
+            with pytest.raises(JobError) as raised:
+                await found.submit(spec(txt2img()))
+            return raised.value
+        finally:
+            await found.close()
+
+    error = asyncio.run(main())
+    assert error.type == "placement" and "routing.json" in error.message
+    assert JobStore(tmp_path / "state").jobs() == []

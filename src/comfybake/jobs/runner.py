@@ -270,9 +270,11 @@ class Runner:
             await self._end(
                 job.id, "fail", JobError("instance", "the runner stopped before it posted the job: submit it again")
             )
-        routes = {route.name: route for route in await asyncio.to_thread(self._routes)}
-        for job in await asyncio.to_thread(self.store.recover):
-            await self._resume(job, routes.get(job.instance))
+        left = await asyncio.to_thread(self.store.recover)
+        if left:  # routing.json is read only then: a host without one yet starts with no jobs
+            routes = {route.name: route for route in await asyncio.to_thread(self._routes)}
+            for job in left:
+                await self._resume(job, routes.get(job.instance))
 
     async def close(self) -> None:
         """Stop following jobs; the unfinished ones stay in the store for the next start()."""
