@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 RETRY_AFTER = "30"  # seconds, on 503 while draining: the rolling change moves on meanwhile
 MAX_NAME = 255
+# Placement's probes and the store's SQLite calls run in threads: the default pool (cores + 4) made
+# concurrent submissions queue for one (bench/jobs.py).
+THREADS = 64
 CONTROL_MARGIN = 60.0  # seconds the control API waits for `comfybake instances` beyond its own waits
 # JobError types to HTTP status; any other is the server's fault.
 STATUS_OF_ERROR = {"workflow": 400, "validation": 400, "output": 400, "placement": 422, "draining": 503}
@@ -596,6 +600,7 @@ async def serve(settings: Settings) -> int:
     app_runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app in apps]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(THREADS, thread_name_prefix="comfybake-jobs"))
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
