@@ -46,15 +46,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "jobs"))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
 
-from jobs_serve import Instance, serve, start_instances, write_routing  # noqa: E402
+from harness.jobs import JobsHost, start_host, txt2img  # noqa: E402
+from jobs_serve import serve  # noqa: E402
 
 
 def graph(prefix: str) -> dict[str, Any]:
-    return {
-        "1": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 2}},
-        "2": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
-    }
+    return txt2img(prefix=prefix, steps=2)
 
 
 def ask(connection: http.client.HTTPConnection, method: str, route: str, body: Any = None) -> tuple[int, bytes]:
@@ -163,10 +160,9 @@ def p95(values: list[float]) -> float:
 
 
 def measure(scratch: Path, count: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    instances: list[Instance] = start_instances(scratch, [(f"i{index}", "bench") for index in range(count)])
-    write_routing(scratch / "etc", instances)
-    served = serve(scratch / "etc", scratch / "jobs", scratch / "serve.log")
-    ports = [item.double.port for item in instances]
+    host: JobsHost = start_host(scratch, {f"i{index}": "prod" for index in range(count)})
+    served = serve(host.config_root, host.state_root, scratch / "serve.log")
+    ports = [item.double.port for item in host.instances.values()]
     sides: dict[str, Callable[[int], Client]] = {
         "direct": lambda index: Direct(ports[index % count], args.seconds_per_job),
         "api": lambda _index: Api(served.jobs, args.seconds_per_job),
@@ -184,8 +180,7 @@ def measure(scratch: Path, count: int, args: argparse.Namespace) -> dict[str, di
             }
     finally:
         served.stop()
-        for item in instances:
-            item.double.stop()
+        host.stop()
     return results
 
 
@@ -203,7 +198,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="comfybake-bench-jobs-") as tmp:
             table[count] = measure(Path(tmp), count, args)
 
-    print(f"one small workflow (sampler, decode, SaveImage; {args.seconds_per_job * 1000:g} ms of run time per job) "
+    print(f"the job tests' txt2img ({args.seconds_per_job * 1000:g} ms of run time per job) "
           f"on test doubles; {os.cpu_count()} cores; latency of {args.jobs} sequential jobs, throughput of "
           f"{args.clients} clients for {args.seconds:g} s")  # fmt: skip
     print(f"{'instances':>9}  {'':22}{'direct':>10}  {'job API':>10}  {'ratio':>6}")
