@@ -41,10 +41,12 @@ def instances_cli(config_root: Path, *argv: str) -> subprocess.CompletedProcess[
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.fixture
-def control_host(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
-    config = instances_root(tmp_path)
-    served = serve(config, tmp_path / "jobs", tmp_path / "serve.log")
+@pytest.fixture(scope="module")
+def control_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Path]]:
+    """One `comfybake jobs serve` for the module's control and request tests (those that drain resume)."""
+    scratch = tmp_path_factory.mktemp("control")
+    config = instances_root(scratch)
+    served = serve(config, scratch / "jobs", scratch / "serve.log")
     yield served, config
     served.stop()
 
