@@ -10,7 +10,7 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,3 +376,41 @@ def test_a_node_that_fails_gives_a_failed_job_with_comfyuis_error(job_host: JobH
 
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"  # 1x1
+
+
+# --------------------------------------------------------------------------- jobs check
+
+
+def test_jobs_check_names_each_named_workflow_that_cannot_run(jobs_host: Callable[..., JobsHost]) -> None:
+    host = jobs_host({"a": "prod", "v": "video"})
+    host.write_named(
+        {
+            "portrait": ("prod", txt2img()),
+            "poster": ("prod", txt2img("sdxl.safetensors")),  # only video has the SDXL checkpoint
+            "clip": ("video", txt2img("sdxl.safetensors")),
+        }
+    )
+    command = [venv_bin("comfybake"), "jobs", "check", "--config-root", str(host.config_root)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "workflow portrait (environment prod): ok" in done.stdout
+    assert "workflow clip (environment video): ok" in done.stdout
+    assert "workflow poster (environment prod): lacks values ckpt_name 'sdxl.safetensors' of node 4" in done.stdout
+    assert "1 named workflows cannot run: poster" in done.stderr
+    report = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60).stdout)
+    assert report["workflows"]["poster"]["ok"] is False
+    assert report["workflows"]["poster"]["missing_values"][0]["value"] == "sdxl.safetensors"
+    assert report["workflows"]["portrait"] == {
+        "environment": "prod",
+        "ok": True,
+        "missing_classes": [],
+        "missing_values": [],
+        "not_ready": {},
+        "note": "",
+    }
+
+
+def test_jobs_check_without_named_workflows_passes(tmp_path: Path) -> None:
+    command = [venv_bin("comfybake"), "jobs", "check", "--config-root", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "no named workflows" in done.stdout

@@ -440,7 +440,7 @@ class Control:
         )
         try:
             out, err = await asyncio.wait_for(process.communicate(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError on Python 3.10 hosts
             process.kill()
             await process.wait()
             raise RequestError(
