@@ -197,7 +197,7 @@ def worker(args: argparse.Namespace) -> int:
         else:
             logs.emit(f"{COMMAND} worker: {error.name} is not installed: install comfybake[worker]", "error")
         return 2
-    parser = argparse.ArgumentParser(prog=f"{COMMAND} worker", description=WORKER_HELP)
+    parser = argparse.ArgumentParser(prog=f"{COMMAND} worker", description="run as a RunPod serverless worker")
     module.add_arguments(parser)
     code: int = module.run(parser.parse_args(args.rest))
     return code
