@@ -414,3 +414,14 @@ def test_jobs_check_without_named_workflows_passes(tmp_path: Path) -> None:
     command = [venv_bin("comfybake"), "jobs", "check", "--config-root", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "no named workflows" in done.stdout
+
+
+def test_listen_addresses_parse_and_only_loopback_is_quiet() -> None:
+    from comfybake.jobs.api import ListenError, loopback, parse_listen
+
+    assert parse_listen("unix:/run/comfybake-jobs/jobs.sock", "--jobs-listen") == "/run/comfybake-jobs/jobs.sock"
+    assert parse_listen("[::1]:8290", "--jobs-listen") == ("::1", 8290)
+    with pytest.raises(ListenError, match="relative path"):
+        parse_listen("unix:jobs.sock", "--jobs-listen")
+    assert loopback("127.0.0.1") and loopback("::1") and loopback("localhost")
+    assert not loopback("0.0.0.0") and not loopback("10.0.0.5") and not loopback("gpu-1")  # noqa: S104 - a value checked

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import binascii
 import grp
+import ipaddress
 import json
 import os
 import signal
@@ -556,9 +557,24 @@ async def listen(runner: web.AppRunner, where: tuple[str, int] | str, group: int
             os.chown(where, -1, group)
         os.chmod(where, 0o660)
     else:
+        if not loopback(where[0]):
+            logs.emit(
+                f"comfybake jobs: listening on {where[0]}:{where[1]}, which is not loopback, with no key checked: "
+                "anyone who reaches it can run jobs; serve on the unix sockets behind the gateway instead",
+                "warning",
+            )
         site = web.TCPSite(runner, where[0], where[1])
         await site.start()
     return site
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def group_id(name: str | None) -> int | None:
