@@ -277,6 +277,16 @@ def execution_order(prompt: dict[str, Any], outputs: list[str]) -> list[str]:
     return order
 
 
+def _seconds(value: object) -> float | None:
+    """A test hook's number of seconds (not below 0); None when it is absent or no number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None
+
+
 def _format(value: object) -> object:
     return value if value is None or isinstance(value, (int, float, bool, str)) else str(value)
 
@@ -351,7 +361,7 @@ class _Run:
         self.executed: list[str] = []
         self.current: str | None = None
         self.inputs: dict[str, Any] = {}
-        seconds = max(float(extra_data.get("test_double_seconds") or 0), 0.0)
+        seconds = _seconds(extra_data.get("test_double_seconds")) or 0.0
         stepping = [n for n in order if getattr(self._class(n), "STEPS_INPUT", None)]
         takers = stepping or order[:1]
         self.budget = {n: seconds / len(takers) for n in takers}
@@ -363,9 +373,10 @@ class _Run:
 
     def _drop_timer(self, seconds: object) -> threading.Timer | None:
         sid = self.executor.client_id
-        if seconds is None or sid is None:
+        delay = _seconds(seconds)
+        if delay is None or sid is None:
             return None
-        timer = threading.Timer(float(seconds), self.executor.drop, (sid,))
+        timer = threading.Timer(delay, self.executor.drop, (sid,))
         timer.daemon = True
         timer.start()
         return timer

@@ -397,8 +397,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(400, {"error": error, "node_errors": node_errors})
             return
         extra_data = dict(body.get("extra_data") or {})
-        if "client_id" in body:
-            extra_data["client_id"] = body["client_id"]
+        if body.get("client_id") is not None:
+            extra_data["client_id"] = str(body["client_id"])
         for key in execution.SENSITIVE_EXTRA_DATA_KEYS:  # ComfyUI keeps these out of /queue and /history
             extra_data.pop(key, None)
         extra_data["create_time"] = int(time.time() * 1000)

@@ -8,6 +8,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,19 @@ def history(double: Double, prompt_id: str) -> dict[str, Any]:
     return body[prompt_id]  # type: ignore[no-any-return]
 
 
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks (kind, data), each CRC checked."""
+    assert data.startswith(PNG_SIGNATURE)
+    chunks, at = [], len(PNG_SIGNATURE)
+    while at < len(data):
+        size = int.from_bytes(data[at : at + 4], "big")
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + size]
+        assert int.from_bytes(data[at + 8 + size : at + 12 + size], "big") == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        at += 12 + size
+    return chunks
+
+
 def view(double: Double, item: dict[str, Any]) -> bytes:
     query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item["subfolder"], "type": item["type"]})
     with urllib.request.urlopen(f"http://127.0.0.1:{double.port}/view?{query}", timeout=5) as response:
@@ -141,9 +155,11 @@ def test_a_prompt_runs_in_comfyuis_event_order(job_double: StartJobDouble) -> No
     # Real PNG files of the latent's size, served by /view byte for byte.
     for image in images:
         data = (base / "output" / image["filename"]).read_bytes()
-        assert data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR"
+        chunks = png_chunks(data)
+        assert [kind for kind, _ in chunks] == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
         assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (64, 32)
-        assert b"tEXtprompt\0" in data  # the prompt embedded, as ComfyUI's SaveImage does
+        assert len(zlib.decompress(chunks[2][1])) == 32 * (1 + 3 * 64)  # 8-bit RGB rows, each with its filter byte
+        assert json.loads(chunks[1][1].split(b"\0", 1)[1]) == graph  # the prompt embedded, as ComfyUI's SaveImage does
         assert view(double, image) == data
     # The other client saw the queue change, and nothing of the prompt.
     other.settimeout(0.5)
@@ -368,8 +384,13 @@ def test_video_and_file_outputs(job_double: StartJobDouble) -> None:
     ws.close()
 
 
-def test_history_of_an_unknown_prompt_is_empty(job_double: StartJobDouble) -> None:
+def test_odd_requests_get_comfyuis_answers(job_double: StartJobDouble) -> None:
     double, _base = job_double()
+    ws = connect(double, "odd")  # hooks that are no numbers are ignored: the prompt runs, the worker goes on
+    odd = submit(double, txt2img(), "odd", test_double_seconds="soon", test_double_drop_ws_after_seconds=[1])
+    messages(ws, finished)
+    assert history(double, odd)["status"]["status_str"] == "success"
+    ws.close()
     assert double.get(f"/history/{uuid.uuid4()}") == (200, {})
     assert double.get("/api/history/x") == (200, {})
     assert double.post("/prompt", {"no": "prompt"}) == (

@@ -143,13 +143,13 @@ def test_a_job_past_its_timeout_is_interrupted_and_reported(jobs_host: StartHost
     host = jobs_host({"a": "prod"})
 
     async def work(found: Runner) -> Any:
-        job = await found.submit(spec(txt2img(), timeout=1.0, extra_data=seconds(60)))
+        job = await found.submit(spec(txt2img(), timeout=3.0, extra_data=seconds(60)))
         return await found.wait(job.id, 60)
 
     job = run(work, host)
     assert job.state == "timed_out"
     assert job.error["type"] == "timeout"
-    assert job.error["message"] == "the job ran past its timeout of 1 s on instance a: its prompt was interrupted"
+    assert job.error["message"] == "the job ran past its timeout of 3 s on instance a: its prompt was interrupted"
     status = host["a"].history(job.prompt_id)[job.prompt_id]["status"]
     assert [name for name, _ in status["messages"]][-1] == "execution_interrupted"
     assert host["a"].output_files() == [] and host["a"].queued_ids() == []
@@ -241,7 +241,7 @@ def test_a_drain_past_its_timeout_lists_the_unfinished_jobs(jobs_host: StartHost
 
     job, left = run(work, host)
     assert [item.id for item in left] == [job.id] and left[0].state in ("submitting", "running")
-    assert JobStore(host.state_root).get(job.id).state == "running"  # resumed by the next start
+    assert JobStore(host.state_root).get(job.id).state in ("submitting", "running")  # resumed by the next start
 
 
 def test_a_job_left_running_and_finished_meanwhile_is_adopted_not_run_again(jobs_host: StartHost) -> None:
@@ -387,3 +387,56 @@ def test_a_workflow_with_an_output_comfyui_refuses_is_refused_whole(jobs_host: S
     assert [(node["node"], node["errors"][0]["type"]) for node in job.error["nodes"]] == [
         ("10", "required_input_missing")]  # fmt: skip
     assert host["a"].queued_ids() == [] and host["a"].output_files() == []
+
+
+def test_a_job_left_submitting_that_its_instance_never_got_is_posted_once_more(jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod"})
+    store = JobStore(host.state_root)
+    job = store.create("", {})
+    store.submit(job.id, "prod", "a")  # the runner stopped after keeping the graph, before posting
+    kept = host.state_root / runner.SPECS
+    kept.mkdir(mode=0o700)
+    graph = {"graph": txt2img(prefix="again"), "outputs": "inline", "timeout": 60, "extra_data": {}}
+    (kept / f"{job.id}.json").write_text(json.dumps(graph))
+
+    async def nothing(found: Runner) -> Any:
+        return await found.wait(job.id, 60)
+
+    posted = run(nothing, host)
+    assert posted.state == "succeeded", posted.error
+    assert posted.attempts == 2 and [path.name for path in host["a"].output_files()] == ["again_00001_.png"]
+    assert not (kept / f"{job.id}.json").exists()
+
+
+def test_a_missing_node_type_refusal_names_its_node() -> None:
+    body = {
+        "error": {"type": "missing_node_type", "message": "Node 'X' not found. The custom node may not be installed.",
+                  "details": "Node ID '#3'", "extra_info": {"node_id": "3", "class_type": "X", "node_title": "X"}},
+        "node_errors": {},
+    }  # fmt: skip
+    error = runner.refused(body, "a").as_dict()
+    assert error == {
+        "type": "validation",
+        "message": "instance a refused the workflow: Node 'X' not found. The custom node may not be installed.\n"
+        "  node 3 (X): Node 'X' not found. The custom node may not be installed. (Node ID '#3')",
+        "nodes": [{"node": "3", "class_type": "X", "errors": [{"type": "missing_node_type", "message": body["error"][
+            "message"], "details": "Node ID '#3'", "input": None}]}],
+    }  # fmt: skip
+
+
+def test_without_routing_json_a_runner_starts_and_refuses_jobs_saying_so(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+
+    async def main() -> JobError:
+        found = Runner(tmp_path / "etc", JobStore(tmp_path / "state"), sinks={"inline": outputs.Inline()})
+        await found.start()
+        try:
+            with pytest.raises(JobError) as raised:
+                await found.submit(spec(txt2img()))
+            return raised.value
+        finally:
+            await found.close()
+
+    error = asyncio.run(main())
+    assert error.type == "placement" and "routing.json" in error.message
+    assert JobStore(tmp_path / "state").jobs() == []

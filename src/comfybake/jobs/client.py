@@ -28,6 +28,8 @@ from typing import Any
 
 import aiohttp
 
+from comfybake import logs
+
 HTTP_TIMEOUT = 30.0  # seconds for one call (a /view of a large video gets VIEW_TIMEOUT)
 VIEW_TIMEOUT = 300.0
 HISTORY_WAIT = 10.0  # seconds to wait for /history after the socket said the prompt ended
@@ -182,12 +184,16 @@ class Client:
     async def stop(self, prompt_id: str) -> None:
         """Stop the prompt wherever it is: dropped if pending, interrupted if running. A ComfyUI
         that ignores the interrupt's prompt_id would stop whatever runs, so it is asked only when
-        /queue says this prompt is the running one."""
-        state = await self.queue()
-        if prompt_id in state.pending:
+        /queue says this prompt is the running one. A pending prompt may start between reading
+        the queue and the delete: the queue is read again after it."""
+        for _ in range(3):
+            state = await self.queue()
+            if prompt_id in state.running:
+                await self.interrupt(prompt_id)
+                return
+            if prompt_id not in state.pending:
+                return
             await self.delete(prompt_id)
-        elif prompt_id in state.running:
-            await self.interrupt(prompt_id)
 
     async def view(self, filename: str, subfolder: str, kind: str) -> bytes:
         """An output file's bytes (`kind`: output, temp or input)."""
@@ -252,9 +258,15 @@ class Follower:
             await self.socket.close()
             self.socket = None
 
-    async def outcome(self) -> Outcome:
-        """Wait for the prompt's end (no bound: the caller bounds it with its timeout)."""
+    async def outcome(self, look_first: bool = False) -> Outcome:
+        """Wait for the prompt's end (no bound: the caller bounds it with its timeout).
+        `look_first`: ask /history before listening, for a prompt that may have ended before the
+        socket opened (one a restarted runner adopts); messages sent meanwhile wait in the socket."""
         try:
+            if look_first:
+                found = await self._look()
+                if found is not None:
+                    return found
             delays = iter(BACKOFF)
             while True:
                 if self.socket is None:
@@ -268,6 +280,12 @@ class Follower:
                 found = await self._listen()
                 if found is not None:
                     return found
+                logs.emit(
+                    f"warning: instance {self.client.name}: the WebSocket of prompt {self.prompt_id} dropped; "
+                    "opening it again, polling /history meanwhile",
+                    "warning",
+                    instance=self.client.name,
+                )
                 delays = iter(BACKOFF)  # the socket dropped: reconnect with backoff, polling meanwhile
         finally:
             await self.close()
