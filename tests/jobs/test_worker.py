@@ -70,7 +70,7 @@ def test_the_sdk_validators_errors_come_back_each_with_what_the_field_must_be() 
         "workflow does not meet the constraints: workflow must be an API-format workflow object",
     ]
     assert refused({"workflow": GRAPH, "timeout": 0}) == [
-        "timeout does not meet the constraints: timeout must be seconds, more than 0 and at most 86400"
+        "timeout does not meet the constraints: timeout must be a number of seconds above 0"
     ]
 
 
@@ -130,15 +130,16 @@ def test_the_answer_has_the_official_workers_shape() -> None:
 
 
 def test_progress_has_the_official_workers_uniform_shape() -> None:
-    assert worker.progress_payload({"type": "progress", "value": 12, "max": 25, "node": "3"}) == {
+    message = {"type": "progress", "data": {"value": 12, "max": 25, "prompt_id": "p", "node": "3"}}
+    assert worker.progress_payload(message) == {
         "type": "progress",
         "value": 12,
         "max": 25,
         "percent": 48.0,
         "node": "3",
     }
-    assert worker.progress_payload({"type": "executing", "node": "3"}) is None
-    assert worker.progress_payload({"value": 1, "max": 0}) is None
+    assert worker.progress_payload({"type": "executing", "data": {"node": "3", "prompt_id": "p"}}) is None
+    assert worker.progress_payload({"type": "progress", "data": {"value": 1, "max": 0}}) is None
 
 
 def test_concurrency_is_one_job_per_enabled_instance_unless_the_variable_says() -> None:

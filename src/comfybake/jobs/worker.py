@@ -35,7 +35,7 @@ from comfybake import logs
 from comfybake.engine import runtime
 from comfybake.instances import HostError
 from comfybake.jobs import placement
-from comfybake.jobs.outputs import S3, Inline, OutputSink
+from comfybake.jobs.outputs import OutputSink, sinks_from_environment
 from comfybake.jobs.runner import DEFAULT_TIMEOUT, JobError, JobSpec, Runner
 from comfybake.jobs.store import Job, JobStore
 from comfybake.jobs.workflow import WorkflowError
@@ -47,7 +47,6 @@ CONCURRENCY_ENVIRONMENT = "COMFYBAKE_WORKER_CONCURRENCY"
 READY_TIMEOUT_ENVIRONMENT = "COMFYBAKE_WORKER_READY_TIMEOUT"
 DEFAULT_READY_TIMEOUT = 600.0  # seconds the worker waits for its instances before taking jobs
 OUTPUTS = ("inline", "s3")
-MAX_TIMEOUT = 24 * 3600.0  # RunPod's own execution limit is at most a day
 
 # The SDK's own flags (runpod.serverless parses them from sys.argv): name -> argparse keywords.
 SDK_FLAGS: dict[str, dict[str, Any]] = {
@@ -83,7 +82,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "type": float,
         "required": False,
         "default": None,
-        "constraints": lambda value: value is None or (isinstance(value, (int, float)) and 0 < value <= MAX_TIMEOUT),
+        "constraints": lambda value: value is None or (isinstance(value, (int, float)) and value > 0),
     },
     "outputs": {"type": str, "required": False, "default": None, "constraints": lambda v: v in (None, *OUTPUTS)},
 }
@@ -92,7 +91,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 HINTS = {
     "workflow": "an API-format workflow object",
     "images": "a list of {'name', 'image': base64} objects",
-    "timeout": f"seconds, more than 0 and at most {MAX_TIMEOUT:g}",
+    "timeout": "a number of seconds above 0",
     "outputs": "'inline' or 's3'",
 }
 
@@ -179,9 +178,13 @@ def _item(item: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def progress_payload(event: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A runner's progress event in worker-comfyui's uniform shape (`type`, `value`, `max`,
-    `percent`, `node`), or None for events RunPod's status need not show."""
-    value, maximum = event.get("value"), event.get("max")
+    """ComfyUI's `progress` message (as the runner passes it on: `{"type", "data"}`) in
+    worker-comfyui's uniform shape (`type`, `value`, `max`, `percent`, `node`), or None for the
+    messages RunPod's status need not show."""
+    data = event.get("data")
+    if event.get("type") != "progress" or not isinstance(data, dict):
+        return None
+    value, maximum = data.get("value"), data.get("max")
     if not isinstance(value, (int, float)) or not isinstance(maximum, (int, float)) or maximum <= 0:
         return None
     return {
@@ -189,7 +192,7 @@ def progress_payload(event: Mapping[str, Any]) -> dict[str, Any] | None:
         "value": value,
         "max": maximum,
         "percent": round(100.0 * value / maximum, 1),
-        "node": event.get("node"),
+        "node": data.get("node"),
     }
 
 
@@ -219,10 +222,8 @@ class Worker:
         if self.lock is None:
             self.lock = asyncio.Lock()
         async with self.lock:
-            if self.runner is None:
-                named_file = self.config_root / placement.NAMED_WORKFLOWS_FILE
-                named = placement.load_named(named_file) if named_file.exists() else {}
-                runner = Runner(self.config_root, JobStore(self.state_root), sinks=self.sinks, named=named)
+            if self.runner is None:  # named workflows: the runner reads workflows.yml when asked
+                runner = Runner(self.config_root, JobStore(self.state_root), sinks=self.sinks)
                 await runner.start()
                 self.runner = runner
             return self.runner
@@ -246,13 +247,6 @@ class Worker:
             logs.emit(f"RunPod job {job.get('id')}: {error}", "warning", runpod_job=job.get("id"))
             return error.answer()
         outputs = values["outputs"] or self.default_outputs()
-        if outputs not in self.sinks:
-            return InputError(
-                [
-                    "outputs 's3' needs a bucket: set COMFYBAKE_JOBS_S3_BUCKET (or RunPod's BUCKET_ENDPOINT_URL, "
-                    "BUCKET_ACCESS_KEY_ID and BUCKET_SECRET_ACCESS_KEY) in the worker's environment"
-                ]
-            ).answer()
         try:
             return await self._run(job, values, outputs)
         finally:
@@ -261,21 +255,20 @@ class Worker:
 
     async def _run(self, job: dict[str, Any], values: dict[str, Any], outputs: str) -> dict[str, Any]:
         runner = await self._runner()
-        options: dict[str, Any] = {
+        fields: dict[str, Any] = {
             "inputs": values["inputs"],
             "timeout": values["timeout"] or DEFAULT_TIMEOUT,
             "outputs": outputs,
-            "on_progress": self._progress(job),
         }
+        progress = self._progress(job)
         try:
             if values["workflow_name"] is not None:
-                submitted = await runner.submit_named(values["workflow_name"], **options)
+                submitted = await runner.submit_named(values["workflow_name"], progress, **fields)
             else:
-                spec = JobSpec(workflow=values["workflow"], environment=values["environment"], **_spec_fields(options))
-                submitted = await runner.submit(spec, on_progress=options["on_progress"])
+                spec = JobSpec(workflow=values["workflow"], environment=values["environment"], **fields)
+                submitted = await runner.submit(spec, progress)
         except JobError as error:
-            details = error.as_dict()
-            return {"error": str(details.get("message") or error), "details": details}
+            return {"error": error.message, "details": error.as_dict()}
         logs.emit(
             f"RunPod job {job.get('id')} is job {submitted.id}", "info", runpod_job=job.get("id"), job=submitted.id
         )
@@ -289,6 +282,8 @@ class Worker:
         return answer(finished)
 
     def _progress(self, job: dict[str, Any]) -> Callable[[str, dict[str, Any]], None] | None:
+        """The runner's callback: ComfyUI's progress messages to RunPod (the runner logs a
+        callback that fails; the job goes on)."""
         send = self.progress
         if send is None:
             return None
@@ -296,31 +291,15 @@ class Worker:
         def forward(_job_id: str, event: dict[str, Any]) -> None:
             payload = progress_payload(event)
             if payload is not None:
-                try:
-                    send(job, payload)
-                except Exception as error:  # noqa: BLE001 - progress never fails the job
-                    logs.emit(f"RunPod job {job.get('id')}: progress update not sent: {error}", "warning")
+                send(job, payload)
 
         return forward
-
-
-def _spec_fields(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: options[key] for key in ("inputs", "timeout", "outputs")}
 
 
 def _sdk_validate(raw: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     validator = importlib.import_module("runpod.serverless.utils.rp_validator")
     result: dict[str, Any] = validator.validate(raw, schema)
     return result
-
-
-def output_sinks(environ: Mapping[str, str]) -> dict[str, OutputSink]:
-    """Inline always; S3 when the environment configures a bucket (S3.from_environment)."""
-    sinks: dict[str, OutputSink] = {"inline": Inline()}
-    bucket = S3.from_environment(environ)
-    if bucket is not None:
-        sinks["s3"] = bucket
-    return sinks
 
 
 def concurrency(value: str | None, routes: list[placement.Route]) -> int:
@@ -439,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker(
         args.config_root,
         args.state_root,
-        output_sinks(os.environ),
+        sinks_from_environment(os.environ),
         # progress_update posts to RunPod's job-done URL, which only the platform sets
         progress=serverless.progress_update if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") else None,
         one_job=local_test,
