@@ -6,12 +6,22 @@ instances, answering the double's outputs in worker-comfyui's shape."""
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from harness.double import free_port, stop_process
+from harness.jobs import JobsHost, S3Server, img2img, txt2img
 from runpod.serverless.utils.rp_validator import validate
 
 from comfybake.jobs import worker
@@ -20,6 +30,7 @@ from comfybake.jobs.store import Job
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 )
+StartHost = Callable[..., JobsHost]
 GRAPH = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "worker"}},
@@ -175,3 +186,141 @@ def test_the_environment_file_takes_any_value_but_nul(tmp_path: Path) -> None:
         worker.read_environment_file(path)
     with pytest.raises(ValueError, match="start the container with COMFYBAKE_SERVE=runpod"):
         worker.read_environment_file(tmp_path / "absent")
+
+
+# --------------------------------------------------------------------------- the SDK's local modes, real doubles
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def worker_command(host: JobsHost, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "comfybake.jobs.worker",
+        "--config-root",
+        str(host.config_root),
+        "--state-root",
+        str(host.state_root),
+        "--ready-timeout",
+        "30",
+        *args,
+    ]
+
+
+def worker_environment(**extra: str) -> dict[str, str]:
+    """The worker's environment: none of RunPod's platform variables, so the SDK runs locally."""
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(("RUNPOD_", "BUCKET_"))}
+    return {**environ, "PYTHONPATH": str(SRC), **extra}
+
+
+def run_worker(host: JobsHost, *args: str, cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        worker_command(host, *args),
+        cwd=cwd,
+        env=worker_environment(**extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def job_result(stdout: str) -> dict[str, Any]:
+    """What the SDK's local test prints: `INFO   | local_test | Job result: {...}` (a Python repr)."""
+    (line,) = [line for line in stdout.splitlines() if "Job result: " in line]
+    found: dict[str, Any] = ast.literal_eval(line.split("Job result: ", 1)[1])
+    return found
+
+
+def test_the_sdks_local_test_runs_the_handler_on_test_input(tmp_path: Path, jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod"})
+    job = {"input": {"workflow": txt2img(prefix="worker")}}
+    done = run_worker(host, "--test_input", json.dumps(job), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (image,) = job_result(done.stdout)["output"]["images"]
+    assert (image["filename"], image["type"], image["node"]) == ("worker_00001_.png", "base64", "9")
+    written = host["a"].base / "output" / "worker_00001_.png"
+    assert base64.b64decode(image["data"]) == written.read_bytes() and written.read_bytes().startswith(PNG_MAGIC)
+    assert "Local testing complete" in done.stdout
+    assert "Retrieved local job" not in done.stdout  # the SDK's debug lines (the whole input) are off
+
+
+def test_test_input_json_in_the_working_folder_uploads_the_images(tmp_path: Path, jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod"})
+    made = run_worker(host, "--test_input", json.dumps({"input": {"workflow": txt2img(prefix="src")}}), cwd=tmp_path)
+    png = base64.b64decode(job_result(made.stdout)["output"]["images"][0]["data"])
+    encoded = base64.b64encode(png).decode()
+    job = {
+        "input": {
+            "workflow": img2img("in.png", prefix="copy"),
+            "images": [{"name": "in.png", "image": f"data:image/png;base64,{encoded}"}],
+        }
+    }
+    (tmp_path / "test_input.json").write_text(json.dumps(job))
+    done = run_worker(host, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (image,) = job_result(done.stdout)["output"]["images"]
+    assert image["filename"] == "copy_00001_.png"
+    (uploaded,) = [name for name in host["a"].input_files() if name.endswith("/in.png")]
+    assert (host["a"].base / "input" / uploaded).read_bytes() == png
+    assert encoded not in done.stderr  # the input's data in no log line
+
+
+def test_bad_input_gives_the_validators_error_and_queues_nothing(tmp_path: Path, jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod"})
+    job = {"input": {"workflow": txt2img(), "seed": 3}}
+    done = run_worker(host, "--test_input", json.dumps(job), cwd=tmp_path)
+    assert done.returncode == 1  # the SDK's local test fails a job that answers an error
+    assert "Unexpected input. seed is not a valid input option." in done.stdout + done.stderr
+    assert host["a"].queue() == {"queue_running": [], "queue_pending": []}
+    assert host["a"].output_files() == []
+
+
+def test_outputs_go_to_the_bucket_as_the_official_workers_s3_urls(
+    tmp_path: Path, jobs_host: StartHost, s3_server: S3Server
+) -> None:
+    host = jobs_host({"a": "prod"})
+    job = {"input": {"workflow": txt2img(prefix="bucket")}}
+    done = run_worker(host, "--test_input", json.dumps(job), cwd=tmp_path, **s3_server.environ())
+    assert done.returncode == 0, done.stdout + done.stderr
+    (image,) = job_result(done.stdout)["output"]["images"]
+    assert image["type"] == "s3_url" and image["data"] == image["url"]  # S3 by default once a bucket is set
+    response = requests.get(image["data"], timeout=10)
+    assert response.status_code == 200
+    assert response.content == (host["a"].base / "output" / "bucket_00001_.png").read_bytes()
+
+
+def wait_listening(process: subprocess.Popen[str], port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the worker's local API did not listen on {port}")
+
+
+def test_the_local_api_answers_runsync_with_outputs_and_refusals(tmp_path: Path, jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod", "v": "video"})
+    port = free_port()
+    command = worker_command(host, "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1")
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=worker_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_listening(process, port)
+        url = f"http://127.0.0.1:{port}/runsync"
+        answer = requests.post(url, json={"input": {"workflow": txt2img("sdxl.safetensors", prefix="api")}}, timeout=60)
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["status"] == "COMPLETED", body
+        (image,) = body["output"]["images"]
+        assert image["filename"] == "api_00001_.png"  # on `video`, the environment with the SDXL checkpoint
+        assert base64.b64decode(image["data"]) == (host["v"].base / "output" / "api_00001_.png").read_bytes()
+        refused = requests.post(url, json={"input": {"workflow": txt2img("x.safetensors")}}, timeout=60).json()
+        assert refused["status"] == "FAILED" and "x.safetensors" in refused["error"], refused
+        assert host["a"].queue()["queue_pending"] == host["v"].queue()["queue_pending"] == []
+    finally:
+        stop_process(process)

@@ -413,6 +413,9 @@ def run(args: argparse.Namespace) -> int:
     if not wait_for_instances(routes, ready_timeout):
         print(f"error: no instance of {args.config_root / 'routing.json'} is ready: no job can run", file=sys.stderr)
         return 1
+    # The SDK logs at DEBUG unless told: its debug lines print each job's whole input (images
+    # included) and output. INFO unless the endpoint sets RUNPOD_LOG_LEVEL (or --rp_log_level).
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     serverless = importlib.import_module("runpod.serverless")
     local_test = "RUNPOD_WEBHOOK_GET_JOB" not in os.environ and not args.rp_serve_api
     worker = Worker(
