@@ -13,10 +13,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -324,3 +327,116 @@ def test_the_local_api_answers_runsync_with_outputs_and_refusals(tmp_path: Path,
         assert host["a"].queue()["queue_pending"] == host["v"].queue()["queue_pending"] == []
     finally:
         stop_process(process)
+
+
+class Platform:
+    """RunPod's side of a serverless worker on loopback, as the SDK calls it: /job-take hands out
+    the queued jobs (204 when none), /job-done receives progress (IN_PROGRESS) and results,
+    /job-stop long-polls for stop signals (none here), /ping takes heartbeats."""
+
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        self.jobs = list(jobs)
+        self.posted: list[tuple[str, dict[str, Any]]] = []  # (job id, what the worker posted)
+        self.lock = threading.Lock()
+        platform = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+                pass
+
+            def _answer(self, status: int, body: object = None) -> None:
+                data = b"" if body is None else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                path = urlsplit(self.path).path
+                if path.startswith(("/job-take/", "/job-take-batch/")):
+                    with platform.lock:
+                        taken, platform.jobs = platform.jobs, []
+                    if not taken:
+                        self._answer(204)
+                    else:
+                        self._answer(200, taken if path.startswith("/job-take-batch/") else taken[0])
+                elif path.startswith("/job-stop/"):
+                    time.sleep(0.5)
+                    self._answer(204)
+                else:  # /ping
+                    self._answer(200, {})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length))
+                job_id = urlsplit(self.path).path.rsplit("/", 1)[1]
+                with platform.lock:
+                    platform.posted.append((job_id, body))
+                self._answer(200, {})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def environ(self) -> dict[str, str]:
+        base = f"http://127.0.0.1:{self.port}"
+        return {
+            "RUNPOD_WEBHOOK_GET_JOB": f"{base}/job-take/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{base}/job-done/$RUNPOD_POD_ID/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_POST_STREAM": f"{base}/job-stream/$RUNPOD_POD_ID/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_PING": f"{base}/ping/$RUNPOD_POD_ID?gpu=test",
+            "RUNPOD_AI_API_KEY": "rp-test-key",
+            "RUNPOD_POD_ID": "worker-1",
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",  # memory, disk, 8.8.8.8: the test machine's
+            "RUNPOD_SKIP_GPU_CHECK": "true",
+        }
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return {job_id: body for job_id, body in self.posted if body.get("status") != "IN_PROGRESS"}
+
+    def progress(self, job_id: str) -> list[Any]:
+        with self.lock:
+            return [
+                body["output"] for found, body in self.posted if found == job_id and body.get("status") == "IN_PROGRESS"
+            ]
+
+
+def test_on_runpod_the_worker_takes_jobs_reports_progress_and_answers(tmp_path: Path, jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod", "b": "prod"})
+    jobs = [
+        {"id": "rp-1", "input": {"workflow": txt2img(prefix="one", steps=6)}},
+        {"id": "rp-2", "input": {"workflow": txt2img("x.safetensors")}},
+    ]
+    platform = Platform(jobs)
+    process = subprocess.Popen(
+        worker_command(host),
+        cwd=tmp_path,
+        env=worker_environment(**platform.environ()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while len(platform.results()) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        results = platform.results()
+        assert set(results) == {"rp-1", "rp-2"}, results
+        (image,) = results["rp-1"]["output"]["images"]
+        instance = next(item for item in host.instances.values() if item.output_files())
+        assert base64.b64decode(image["data"]) == (instance.base / "output" / image["filename"]).read_bytes()
+        steps = platform.progress("rp-1")
+        # worker-comfyui's shape; each update is its own thread's POST, so they may arrive out of order
+        assert {"type": "progress", "value": 6, "max": 6, "percent": 100.0, "node": "3"} in steps
+        assert {step["type"] for step in steps} == {"progress"}
+        assert "x.safetensors" in results["rp-2"]["error"]  # refused before anything was queued
+        process.terminate()  # SIGTERM: the SDK stops taking jobs and exits
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        assert "rp-test-key" not in output
+        assert "2 job(s) at once" in output  # one per enabled instance
+    finally:
+        stop_process(process)
+        platform.server.shutdown()
