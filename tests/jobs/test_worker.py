@@ -201,7 +201,9 @@ def worker_command(host: JobsHost, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "comfybake.jobs.worker",
+        "comfybake",
+        "jobs",
+        "worker",
         "--config-root",
         str(host.config_root),
         "--state-root",

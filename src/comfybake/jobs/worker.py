@@ -434,15 +434,3 @@ def run(args: argparse.Namespace) -> int:
     sys.argv = [sys.argv[0], *sdk_argv(args)]
     serverless.start({"handler": worker.handler, "concurrency_modifier": lambda _current: jobs_at_once})
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m comfybake.jobs.worker`, as RunPod's examples run a handler file."""
-    parser = argparse.ArgumentParser(prog="comfybake jobs worker", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logs.install(logs.format_from(os.environ.get(logs.ENVIRONMENT), logs.ENVIRONMENT), "worker")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
