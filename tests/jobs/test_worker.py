@@ -28,7 +28,7 @@ from harness.jobs import JobsHost, S3Server, img2img, txt2img
 from runpod.serverless.utils.rp_validator import validate
 
 from comfybake.jobs import worker
-from comfybake.jobs.store import Job
+from comfybake.jobs.store import Job, JobStore
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -334,10 +334,12 @@ def test_the_local_api_answers_runsync_with_outputs_and_refusals(tmp_path: Path,
 class Platform:
     """RunPod's side of a serverless worker on loopback, as the SDK calls it: /job-take hands out
     the queued jobs (204 when none), /job-done receives progress (IN_PROGRESS) and results,
-    /job-stop long-polls for stop signals (none here), /ping takes heartbeats."""
+    /job-stop long-polls for stop signals (`stop`: the request ids to stop, handed out once),
+    /ping takes heartbeats."""
 
     def __init__(self, jobs: list[dict[str, Any]]) -> None:
         self.jobs = list(jobs)
+        self.stop: list[str] = []
         self.posted: list[tuple[str, dict[str, Any]]] = []  # (job id, what the worker posted)
         self.lock = threading.Lock()
         platform = self
@@ -364,8 +366,13 @@ class Platform:
                     else:
                         self._answer(200, taken if path.startswith("/job-take-batch/") else taken[0])
                 elif path.startswith("/job-stop/"):
-                    time.sleep(0.5)
-                    self._answer(204)
+                    with platform.lock:
+                        stop, platform.stop = platform.stop, []
+                    if stop:
+                        self._answer(200, {"jobsToStop": stop})
+                    else:
+                        time.sleep(0.5)
+                        self._answer(204)
                 else:  # /ping
                     self._answer(200, {})
 
@@ -405,6 +412,25 @@ class Platform:
             ]
 
 
+def start_on_platform(host: JobsHost, platform: Platform, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        worker_command(host),
+        cwd=cwd,
+        env=worker_environment(**platform.environ()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(predicate: Callable[[], bool], process: subprocess.Popen[str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
 def test_on_runpod_the_worker_takes_jobs_reports_progress_and_answers(tmp_path: Path, jobs_host: StartHost) -> None:
     host = jobs_host({"a": "prod", "b": "prod"})
     jobs = [
@@ -412,18 +438,9 @@ def test_on_runpod_the_worker_takes_jobs_reports_progress_and_answers(tmp_path: 
         {"id": "rp-2", "input": {"workflow": txt2img("x.safetensors")}},
     ]
     platform = Platform(jobs)
-    process = subprocess.Popen(
-        worker_command(host),
-        cwd=tmp_path,
-        env=worker_environment(**platform.environ()),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_on_platform(host, platform, tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while len(platform.results()) < 2 and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
+        wait_for(lambda: len(platform.results()) == 2, process)
         results = platform.results()
         assert set(results) == {"rp-1", "rp-2"}, results
         (image,) = results["rp-1"]["output"]["images"]
@@ -439,6 +456,29 @@ def test_on_runpod_the_worker_takes_jobs_reports_progress_and_answers(tmp_path: 
         assert process.returncode == 0, output
         assert "rp-test-key" not in output
         assert "2 job(s) at once" in output  # one per enabled instance
+    finally:
+        stop_process(process)
+        platform.server.shutdown()
+
+
+def test_a_request_runpod_stops_drops_its_prompt_from_the_queue(tmp_path: Path, jobs_host: StartHost) -> None:
+    host = jobs_host({"a": "prod"})
+    # the instance is busy with another client's long prompt: the worker's job waits behind it
+    status, busy = host["a"].double.post(
+        "/prompt", {"prompt": txt2img(prefix="other"), "extra_data": {"test_double_seconds": 30}}
+    )
+    assert status == 200, busy
+    platform = Platform([{"id": "rp-1", "input": {"workflow": txt2img(prefix="stopped")}}])
+    process = start_on_platform(host, platform, tmp_path)
+    try:
+        wait_for(lambda: len(host["a"].queue()["queue_pending"]) == 1, process)
+        (job,) = JobStore(host.state_root).jobs()
+        assert job.prompt_id in host["a"].queued_ids()
+        with platform.lock:
+            platform.stop.append("rp-1")  # RunPod cancels the request
+        wait_for(lambda: JobStore(host.state_root).get(job.id).state == "cancelled", process)
+        assert host["a"].queued_ids() == [busy["prompt_id"]]  # the other client's prompt runs on
+        assert "rp-1" not in platform.results()  # a stopped request gets no answer
     finally:
         stop_process(process)
         platform.server.shutdown()
