@@ -206,14 +206,12 @@ class Worker:
         state_root: Path,
         sinks: Mapping[str, OutputSink],
         progress: Callable[[dict[str, Any], Any], None] | None = None,
-        validate: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
         one_job: bool = False,
     ) -> None:
         self.config_root = config_root
         self.state_root = state_root
         self.sinks = dict(sinks)
         self.progress = progress
-        self.validate = validate or _sdk_validate
         self.one_job = one_job  # the SDK's local test: close the runner after the job
         self.runner: Runner | None = None
         self.lock: asyncio.Lock | None = None
@@ -242,7 +240,7 @@ class Worker:
         """RunPod's handler: one job's input in, its answer out (never raises for a job's own
         problems: they are answers)."""
         try:
-            values = validate_input(job.get("input"), self.validate)
+            values = validate_input(job.get("input"), _sdk_validate)
         except InputError as error:
             logs.emit(f"RunPod job {job.get('id')}: {error}", "warning", runpod_job=job.get("id"))
             return error.answer()
