@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import configparser
+import getpass
 import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +29,7 @@ import pytest
 import requests
 from harness.double import free_port, stop_process
 from harness.jobs import JobsHost, S3Server, img2img, txt2img
+from harness.tools import ROOT, venv_bin
 from runpod.serverless.utils.rp_validator import validate
 
 from comfybake.jobs import worker
@@ -482,3 +487,131 @@ def test_a_request_runpod_stops_drops_its_prompt_from_the_queue(tmp_path: Path, 
     finally:
         stop_process(process)
         platform.server.shutdown()
+
+
+# --------------------------------------------------------------------------- the image's run-time switch
+
+HOOKS = ("runpod-worker.sh", "model-volume.sh", "runpod-worker.conf")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory, root: Path) -> dict[str, Path]:
+    """The comfyui_image role's entrypoint hooks and supervisord program as Ansible renders them
+    from the roles' defaults and vars (once: a run of ansible-playbook), with the worker's
+    account, folders and the model store moved to a folder of the tests (an image's need root)."""
+    tmp_path = tmp_path_factory.mktemp("hooks")
+    ansible_env = {**os.environ, "ANSIBLE_CONFIG": str(root / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    files = [ROOT / "roles" / role / folder / "main.yml" for role in ("comfyui", "comfyui_image")
+             for folder in ("defaults", "vars")]  # fmt: skip
+    overrides = {
+        "ansible_python_interpreter": sys.executable,
+        "_comfyui_image_worker_account": getpass.getuser(),
+        "_comfyui_image_worker_state": str(tmp_path / "state"),
+        "_comfyui_image_worker_environment": str(tmp_path / "run" / "environment"),
+        "comfyui_model_store": str(tmp_path / "store"),
+        "comfyui_image_model_volume": str(tmp_path / "volume"),
+        "comfyui_models_policy": "none",
+    }
+    templates = ROOT / "roles" / "comfyui_image" / "templates"
+    tasks = [{"ansible.builtin.template": {"src": str(templates / f"{name}.j2"), "dest": str(tmp_path / name)}}
+             for name in HOOKS]  # fmt: skip
+    play = [{"hosts": "localhost", "gather_facts": False, "vars_files": [str(f) for f in files], "tasks": tasks}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
+    done = subprocess.run(
+        [venv_bin("ansible-playbook"), "-i", "localhost,", "-c", "local", "-e", "@overrides.json", "play.yml"],
+        cwd=tmp_path,
+        env=ansible_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {name: tmp_path / name for name in HOOKS}
+
+
+@pytest.fixture
+def hooks(rendered: dict[str, Path]) -> dict[str, Path]:
+    """The rendered hooks, the folders they make or change not there yet."""
+    folder = rendered["runpod-worker.sh"].parent
+    for name in ("run", "state", "store", "volume"):
+        path = folder / name
+        if path.is_symlink():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+    return rendered
+
+
+def entrypoint(hook: Path, environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Source the hook as the image's entrypoint does (sh, set -eu), then print what its
+    supervisord would inherit (env -0)."""
+    script = f"set -eu\n. {shlex.quote(str(hook))}\nprintf '\\0ENVIRONMENT\\0'\nenv -0\n"
+    return subprocess.run(
+        ["sh", "-c", script], env={"PATH": os.environ["PATH"], **environ}, capture_output=True, text=True, timeout=30
+    )
+
+
+def inherited(done: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    records = done.stdout.split("\0ENVIRONMENT\0", 1)[1].split("\0")
+    return dict(record.partition("=")[::2] for record in records if record)
+
+
+def test_serving_runpod_moves_the_platforms_variables_to_the_workers_file(hooks: dict[str, Path]) -> None:
+    secrets = {
+        "RUNPOD_AI_API_KEY": "rpa_key=with\nline break",
+        "RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/x/job-take/$ID?gpu=$RUNPOD_GPU_TYPE_ID",
+        "BUCKET_SECRET_ACCESS_KEY": "bucket-secret",
+        "AWS_ACCESS_KEY_ID": "AKIA0000",
+    }
+    done = entrypoint(hooks["runpod-worker.sh"], {"COMFYBAKE_SERVE": "runpod", "OTHER": "kept", **secrets})
+    assert done.returncode == 0, done.stderr
+    assert "serving RunPod jobs" in done.stdout
+    given = inherited(done)
+    assert given["COMFYBAKE_RUNPOD_WORKER"] == "true" and given["OTHER"] == "kept"
+    assert not set(secrets) & set(given)  # what supervisord hands every instance holds none of them
+    environment_file = hooks["runpod-worker.sh"].parent / "run" / "environment"
+    assert environment_file.stat().st_mode & 0o777 == 0o400
+    assert worker.read_environment_file(environment_file) == secrets  # the worker gets them whole
+    assert (hooks["runpod-worker.sh"].parent / "state").is_dir()
+
+
+def test_without_the_switch_the_worker_stays_off_and_a_wrong_mode_stops_the_start(hooks: dict[str, Path]) -> None:
+    done = entrypoint(hooks["runpod-worker.sh"], {"RUNPOD_POD_ID": "pod"})
+    assert done.returncode == 0, done.stderr
+    assert inherited(done)["COMFYBAKE_RUNPOD_WORKER"] == "false" and inherited(done)["RUNPOD_POD_ID"] == "pod"
+    assert not (hooks["runpod-worker.sh"].parent / "run").exists()
+    wrong = entrypoint(hooks["runpod-worker.sh"], {"COMFYBAKE_SERVE": "runpd"})
+    assert wrong.returncode == 2
+    assert "COMFYBAKE_SERVE=runpd is not a mode of this image: give runpod" in wrong.stderr
+
+
+def test_supervisord_starts_the_worker_only_when_the_entrypoint_says(hooks: dict[str, Path]) -> None:
+    program = configparser.RawConfigParser()
+    program.read(hooks["runpod-worker.conf"])
+    section = program["program:comfybake-runpod-worker"]
+    assert section["autostart"] == "%(ENV_COMFYBAKE_RUNPOD_WORKER)s"
+    command = shlex.split(section["command"])
+    assert command[0] == "/opt/comfybake/runpod-worker/bin/python" and command[1] == "/usr/local/bin/comfybake"
+    assert command[command.index("jobs") :][:2] == ["jobs", "worker"]
+    assert command[command.index("--environment-file") + 1] == str(
+        hooks["runpod-worker.sh"].parent / "run" / "environment"
+    )
+    assert section["user"] == getpass.getuser()
+
+
+def test_a_network_volume_becomes_the_empty_model_store(hooks: dict[str, Path]) -> None:
+    root = hooks["model-volume.sh"].parent
+    store, volume = root / "store", root / "volume"
+    store.mkdir()
+    assert entrypoint(hooks["model-volume.sh"], {}).returncode == 0 and not store.is_symlink()  # no volume
+    (volume / "checkpoints").mkdir(parents=True)
+    done = entrypoint(hooks["model-volume.sh"], {})
+    assert done.returncode == 0, done.stderr
+    assert store.is_symlink() and store.resolve() == volume.resolve() and (store / "checkpoints").is_dir()
+    assert entrypoint(hooks["model-volume.sh"], {}).returncode == 0 and store.is_symlink()  # a restart: as it is
+    store.unlink()
+    store.mkdir()
+    (store / "baked.safetensors").write_bytes(b"x")
+    assert entrypoint(hooks["model-volume.sh"], {}).returncode == 0
+    assert not store.is_symlink() and (store / "baked.safetensors").exists()  # a store with files is left alone
