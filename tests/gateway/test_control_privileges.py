@@ -6,10 +6,13 @@ whenever an unprivileged account's systemctl starts, stops, restarts or resets a
 private system bus (dbus-daemon) and polkitd (which reads /etc/polkit-1/rules.d, so the rule is
 put there for the test's length and removed after) answer `pkcheck` as they answer systemd, for a
 process of the account the rule names (`nobody` stands in for comfybake-jobs) and of another one.
+In container images the same right is supervisord's control socket, opened to the job service's
+group only where it runs (the rendered supervisord.conf).
 """
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -28,6 +31,14 @@ RULES = Path("/etc/polkit-1/rules.d")
 ACCOUNT, OTHER = "nobody", "daemon"
 LAYOUT = [{"name": "a", "unit": "comfyui@a.service"}, {"name": "b", "unit": "comfyui@b.service"}]
 MANAGE = "org.freedesktop.systemd1.manage-units"
+
+
+def environment() -> dict[str, str]:
+    """ansible-playbook's environment: the repository's configuration (the collection's filters)."""
+    env = dict(os.environ)
+    env.update(ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")  # fmt: skip
+    return env
 
 
 def render(tmp_path: Path, ansible_env: dict[str, str]) -> str:
@@ -109,10 +120,7 @@ def polkit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Polkit]:
     tool("pkcheck", "polkitd")
     scratch = tmp_path_factory.mktemp("polkit")
     rule = RULES / f"99-comfybake-test-{os.getpid()}.rules"
-    env = dict(os.environ)
-    env.update(ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")  # fmt: skip
-    rule.write_text(render(scratch, env))
+    rule.write_text(render(scratch, environment()))
     running = Polkit(scratch)
     try:
         running.start()
@@ -157,3 +165,35 @@ def test_the_rule_names_each_unit_of_the_layout(polkit: Polkit) -> None:
     assert '["comfyui@a.service", "comfyui@b.service"]' in text
     assert '["comfyui-retry@a.timer", "comfyui-retry@b.timer"]' in text
     assert f'subject.user !== "{ACCOUNT}"' in text
+
+
+def test_in_images_supervisords_socket_opens_to_the_job_service_only_where_it_runs(tmp_path: Path) -> None:
+    """supervisord's control socket: root's only, or root:comfybake-jobs 0770 with the job service."""
+    files = [ROOT / "roles" / role / folder / "main.yml" for role, folder in
+             (("comfyui", "defaults"), ("comfyui", "vars"), ("comfyui_instances", "defaults"),
+              ("comfyui_instances", "vars"))]  # fmt: skip
+    given = {"_comfyui_instances_layout": [], "comfyui_exporter_enabled": False, "comfyui_gateway_enabled": False}
+    cases = {"off": {}, "jobs": {"comfyui_jobs_enabled": True},
+             "jobs_no_control": {"comfyui_jobs_enabled": True, "comfyui_instances_jobs_control": False}}  # fmt: skip
+    template = str(ROOT / "roles" / "comfyui_instances" / "templates" / "supervisord.conf.j2")
+    tasks = [
+        {"name": f"Render {case}", "ansible.builtin.template": {"src": template, "dest": str(tmp_path / case)},
+         "vars": {**given, **extra}}
+        for case, extra in cases.items()
+    ]  # fmt: skip
+    play = [{"hosts": "localhost", "gather_facts": False, "vars_files": [str(f) for f in files], "tasks": tasks}]
+    (tmp_path / "play.yml").write_text(json.dumps(play))
+    done = subprocess.run([venv_bin("ansible-playbook"), "-i", "localhost,", "-c", "local", "-e",
+                           f"ansible_python_interpreter={sys.executable}", "play.yml"],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    sockets = {}
+    for case in cases:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string((tmp_path / case).read_text())
+        sockets[case] = (parser["unix_http_server"]["chmod"], parser["unix_http_server"]["chown"])
+    assert sockets == {
+        "off": ("0700", "root:root"),
+        "jobs": ("0770", "root:comfybake-jobs"),
+        "jobs_no_control": ("0700", "root:root"),
+    }
