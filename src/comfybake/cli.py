@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "comfybake.exporter",
     "comfybake.gateway",
     "comfybake.instances",
+    "comfybake.jobs.cli",
     "comfybake.models",
 )
 

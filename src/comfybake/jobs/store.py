@@ -209,6 +209,23 @@ class JobStore:
             connection.close()
         return [_row(row) for row in rows]
 
+    def recent(self, states: tuple[str, ...] = (), limit: int = 100) -> list[Job]:
+        """The newest `limit` jobs in `states` (all when none), newest first, each without its
+        result (None): a list of many jobs must not read every inline output's data."""
+        unknown = set(states) - set(STATES)
+        if unknown:
+            raise StoreError(f"{', '.join(sorted(unknown))} is not a job state (states: {', '.join(STATES)})")
+        columns = "id, state, workflow, environment, instance, prompt_id, inputs, created, started, finished"
+        query = f"SELECT {columns}, NULL AS result, error, attempts FROM jobs"  # noqa: S608 - names from this module
+        if states:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+        connection = self.connect()
+        try:
+            rows = connection.execute(query + " ORDER BY created DESC, id DESC LIMIT ?", (*states, limit)).fetchall()
+        finally:
+            connection.close()
+        return [_row(row) for row in rows]
+
     def recover(self) -> list[Job]:
         """The jobs a restarted runner must resume (submitting, running), oldest first: look each
         up on its instance by prompt_id; adopt it if found, post it again only if absent."""
