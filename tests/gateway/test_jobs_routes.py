@@ -5,7 +5,8 @@ unix sockets (as `comfybake jobs serve` listens), spoken to over verified TLS.
 The upstream is a small aiohttp app that answers every request with what reached it (method,
 path, query, headers), so each test sees what the job service would see. Principals: `alice`
 (`*`), `submitter` (`jobs`), `operator` (`control`), `dev` (`environment:e`, the environment of
-the one instance), `prom` (`metrics`).
+the one instance), `prom` (`metrics`). The last tests put the real `comfybake jobs serve` behind
+the gateway: its job API, its control API, and the drain and resume the fleet role runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,7 +27,9 @@ import pytest
 from aiohttp import web
 from ansible_collections.comfybake.core.plugins.module_utils.gateway import apply, caddy, credentials, routes
 from ansible_collections.comfybake.core.plugins.module_utils.gateway.credentials import Principal
-from harness.gateway import UPGRADE, Gateway, basic, bearer, free_ports, start_caddy
+from harness.double import stop_process
+from harness.gateway import UPGRADE, Gateway, basic, bearer, free_ports, start_caddy, wait_until
+from harness.tools import venv_bin
 
 from comfybake import cli
 
@@ -316,3 +320,121 @@ def test_keys_made_on_the_host_take_the_new_scopes_and_status_shows_the_routes(
     code, out, _err = cli_gateway(site, capsys, "status")
     line = next(line for line in out.splitlines() if line.startswith("jobs api"))
     assert site.public["jobs"]["public_url"] in line and " ok " in line, out
+
+
+# -- the real job service behind the gateway -------------------------------------------------
+
+
+@dataclass
+class Serving:
+    """`comfybake jobs serve` on two unix sockets, behind the gateway, for a host whose one instance
+    (a, environment prod) does not run: the control API reports it, the job API places nothing."""
+
+    site: Site
+    sockets: Path
+    log: Path
+
+    def jobs_command(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """`comfybake jobs drain|resume` as the fleet role runs them on the host: on the control socket."""
+        command = [venv_bin("comfybake"), "jobs", *argv, "--control-listen", f"unix:{self.sockets / 'control.sock'}",
+                   "--json"]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+    def submit(self, who: str | None) -> tuple[int, Any, dict[str, str]]:
+        port, prefix = self.site.url("jobs")
+        headers = {"Content-Type": "application/json", **(bearer(key(who)) if who else {})}
+        body = json.dumps({"workflow": GRAPH, "wait": 5}).encode()
+        response = self.site.gateway.request(port, prefix + "/v1/jobs", method="POST", body=body, headers=headers)
+        try:
+            answer = json.loads(response.body)
+        except ValueError:
+            answer = response.text
+        return response.status, answer, response.headers
+
+
+# A workflow no environment of the host can run (its one instance is down): the job API refuses it
+# with 422 naming why, which shows the request reached the runner.
+GRAPH = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "gateway"}},
+}
+
+
+def start_serve(config_root: Path, state_root: Path, sockets: Path, log: Path) -> subprocess.Popen[bytes]:
+    command = [venv_bin("comfybake"), "jobs", "serve", "--config-root", str(config_root), "--state-root",
+               str(state_root), "--jobs-listen", f"unix:{sockets / 'jobs.sock'}",
+               "--control-listen", f"unix:{sockets / 'control.sock'}"]  # fmt: skip
+    with log.open("ab") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    for name in ("control.sock", "jobs.sock"):
+        wait_until(lambda name=name: (sockets / name).exists() or process.poll() is not None, 30, f"no {name}")
+    assert process.poll() is None, log.read_text()[-3000:]
+    return process
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
+    scratch = tmp_path_factory.mktemp("jobs-serve")
+    config_root = scratch / "etc"
+    config_root.mkdir()
+    [port] = free_ports(1)  # nothing listens there: the instance is down
+    record = {"name": "a", "environment": "prod", "port": port, "gpus": [], "enabled": True,
+              "unit": "comfyui@a.service", "url": f"http://127.0.0.1:{port}",
+              "state_dir": str(scratch / "state" / "a")}  # fmt: skip
+    (config_root / "instances.json").write_text(json.dumps({"format": 1, "instances": [record]}))
+    routed = {**record, "public_url": "", "description": "", "required_node_classes": [], "node_classes": []}
+    (config_root / "routing.json").write_text(json.dumps({"format": 1, "instances": [routed], "environments": []}))
+    sockets = Path(tempfile.mkdtemp(prefix="cbserve-"))  # a unix socket's path holds at most 107 bytes
+    log = scratch / "serve.log"
+    process = start_serve(config_root, scratch / "jobs-state", sockets, log)
+    try:
+        # Upstream only names the sockets here: `comfybake jobs serve` listens on them.
+        (scratch / "site").mkdir()
+        running = start_site(scratch / "site", Upstream(sockets))
+        try:
+            yield Serving(running, sockets, log)
+        finally:
+            running.gateway.stop()
+    finally:
+        stop_process(process)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_the_real_job_api_is_reached_with_a_jobs_key_only(serving: Serving) -> None:
+    for who in (None, "operator", "dev"):
+        assert serving.submit(who)[0] == 401, who
+    status, answer, _headers = serving.submit("submitter")
+    assert status == 422, answer  # placed by the runner: no environment can run it now
+    assert answer["error"]["type"] == "placement", answer
+    status, health = serving.site.call("jobs", "/v1/health", "submitter")
+    assert status == 200, health
+    assert key("submitter") not in serving.log.read_text()
+
+
+def test_the_control_api_through_the_gateway_is_the_commands_report(serving: Serving) -> None:
+    for who in (None, "submitter", "prom"):
+        assert serving.site.call("control", "/v1/instances", who)[0] == 401, who
+    status, report = serving.site.call("control", "/v1/instances", "operator")
+    assert status == 200, report
+    assert [row["name"] for row in report["instances"]] == ["a"]
+
+
+def test_the_fleet_roles_drain_stops_new_jobs_until_resume(serving: Serving) -> None:
+    """What roles/fleet/tasks/jobs.yml runs on a leaving host, and on its return."""
+    done = serving.jobs_command("drain", "--timeout", "5")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["draining"] is True
+    try:
+        status, answer, headers = serving.submit("submitter")
+        assert status == 503, answer
+        assert headers.get("retry-after"), headers
+    finally:
+        done = serving.jobs_command("resume")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert serving.submit("submitter")[0] == 422  # taken again (and placed: nothing can run it)
+    # The control API's own drain, through the gateway with a control key, does the same.
+    status, answer = serving.site.call("control", "/v1/drain", "operator", method="POST", body=b"{}")
+    assert (status, answer["draining"]) == (200, True), answer
+    assert serving.submit("submitter")[0] == 503
+    assert serving.site.call("control", "/v1/resume", "operator", method="POST", body=b"{}")[0] == 200
+    assert serving.submit("submitter")[0] == 422
