@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from ansible_collections.comfybake.core.plugins.module_utils.gateway import appl
 from ansible_collections.comfybake.core.plugins.module_utils.gateway.credentials import Principal
 from harness.double import stop_process
 from harness.gateway import UPGRADE, Gateway, basic, bearer, free_ports, start_caddy, wait_until
-from harness.tools import venv_bin
+from harness.tools import ROOT, venv_bin
 
 from comfybake import cli
 
@@ -437,4 +439,33 @@ def test_the_fleet_roles_drain_stops_new_jobs_until_resume(serving: Serving) -> 
     assert (status, answer["draining"]) == (200, True), answer
     assert serving.submit("submitter")[0] == 503
     assert serving.site.call("control", "/v1/resume", "operator", method="POST", body=b"{}")[0] == 200
+    assert serving.submit("submitter")[0] == 422
+
+
+def fleet_jobs(serving: Serving, action: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The fleet role's tasks/jobs.yml with `action`, run by ansible-playbook on this host."""
+    fleet = ROOT / "roles" / "fleet"
+    play = [{
+        "hosts": "localhost", "gather_facts": False,
+        "vars_files": [str(fleet / "defaults" / "main.yml"), str(fleet / "vars" / "main.yml")],
+        "tasks": [{"name": f"Fleet jobs {action}", "ansible.builtin.include_tasks": str(fleet / "tasks" / "jobs.yml"),
+                   "vars": {"__fleet_jobs_action": action, "_fleet_cli": venv_bin("comfybake"),
+                            "comfyui_jobs_socket_dir": str(serving.sockets), "comfybake_fleet_drain_timeout": 5}}],
+    }]  # fmt: skip
+    (tmp_path / f"{action}.yml").write_text(json.dumps(play))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run([venv_bin("ansible-playbook"), "-i", "localhost,", "-c", "local", "-e",
+                           f"ansible_python_interpreter={sys.executable}", f"{action}.yml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_the_fleet_roles_task_file_drains_and_resumes_the_job_api(serving: Serving, tmp_path: Path) -> None:
+    done = fleet_jobs(serving, "drain", tmp_path)
+    assert done.returncode == 0 and "changed=0" in done.stdout, done.stdout + done.stderr
+    try:
+        assert serving.submit("submitter")[0] == 503
+    finally:
+        done = fleet_jobs(serving, "resume", tmp_path)
+    assert done.returncode == 0 and "changed=0" in done.stdout, done.stdout + done.stderr
     assert serving.submit("submitter")[0] == 422
