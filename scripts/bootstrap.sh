@@ -14,9 +14,10 @@ venv=${COMFYBAKE_VENV:-$root/.venv}
 python=${PYTHON:-python3}
 # caddy and chromium: the gateway tests run the real proxy and a real browser in front of it;
 # prometheus: promtool checks the exporter's alert rules, and the server scrapes it in tests;
-# qemu, cloud-image-utils and fdisk: the VM bake's base disk (scripts/base-vm.sh), its seeds and boots
+# qemu, cloud-image-utils and fdisk: the VM bake's base disk (scripts/base-vm.sh), its seeds and boots;
+# polkitd (with dbus-daemon): a real polkitd judges the job service's rule (tests/gateway/test_control_privileges.py)
 packages=(docker.io packer debootstrap git make python3-venv ca-certificates curl caddy chromium prometheus
-  qemu-system-x86 qemu-utils cloud-image-utils fdisk)
+  qemu-system-x86 qemu-utils cloud-image-utils fdisk polkitd dbus-daemon)
 dockerd_log=${COMFYBAKE_DOCKERD_LOG:-/var/log/comfybake-dockerd.log}
 
 say() { printf 'bootstrap: %s\n' "$*"; }

@@ -83,6 +83,10 @@ options:
       - C(metrics), a dict of C(upstream) (C(HOST:PORT) of the host's exporter) and C(port) (the
         route's port in C(ports) mode, 9722 by default), adds the route C(metrics) that only
         principals whose scope holds C(metrics) or C(*) reach; absent or null, no such route.
+      - C(jobs) and C(control), each a dict of C(socket) (the unix socket of C(comfybake jobs serve)'s
+        job API or control API) and C(port) (the route's port in C(ports) mode, 9723 and 9724 by
+        default), add the routes C(jobs) and C(control) that only principals whose scope holds that
+        name or C(*) reach; absent or null, no such route.
     type: dict
     required: true
   users:
@@ -97,8 +101,8 @@ options:
         required: true
       scope:
         description:
-          - The routes the user may use, C(*), C(environment:<name>), C(instance:<name>) or C(metrics)
-            (the exporter's route).
+          - The routes the user may use, C(*), C(environment:<name>), C(instance:<name>), C(metrics)
+            (the exporter's route), C(jobs) (the job API's) or C(control) (the control API's).
         type: list
         elements: str
         required: true
@@ -179,7 +183,7 @@ RETURN = r"""
 routes:
   description:
     - The public routes, C(instances) and C(environments), each with its C(public_url), and
-      C(metrics), the exporter's route (null without one).
+      C(metrics), the exporter's route, C(jobs) and C(control), the job service's (each null without one).
   returned: always
   type: dict
 pool:

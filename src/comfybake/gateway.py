@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import grp
+import http.client
 import json
 import os
 import secrets
+import socket
 import string
 import sys
 import urllib.error
@@ -327,6 +329,48 @@ def probe(upstream: str, path: str = "/system_stats") -> str:
         return f"down ({error})"
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the job service's), for its health answer."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=PROBE_TIMEOUT)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(PROBE_TIMEOUT)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def probe_socket(upstream: str, path: str | None) -> str:
+    """`ok`, or why the job service does not answer on its unix socket (Caddy's `unix/<path>`): the
+    job API's `path` must answer 200; the control API only has to accept the connection (each of
+    its requests does work)."""
+    connection = _UnixConnection(upstream.removeprefix("unix/"))
+    try:
+        connection.connect()
+        if path is None:
+            return "ok"
+        connection.request("GET", path)
+        code = connection.getresponse().status
+        return "ok" if code == 200 else f"HTTP {code}"
+    except OSError as error:
+        return f"down ({(error.strerror or str(error)).lower()})"
+    except http.client.HTTPException as error:
+        return f"down ({type(error).__name__})"
+    finally:
+        connection.close()
+
+
+# The job service's routes: what `status` asks each directly (None: the connection alone).
+SOCKET_PROBES: dict[str, str | None] = {"jobs": "/v1/health", "control": None}
+
+
 def status_rows(routes: dict[str, Any], upstreams: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:
     health: dict[str, str] = {}
     for route in routes.get("instances", []):
@@ -375,6 +419,21 @@ def status_rows(routes: dict[str, Any], upstreams: dict[str, dict[str, Any]] | N
                 "upstreams": [{"address": address, "direct": probe(address, "/metrics"), "gateway": seen(address)}],
             }
         )
+    for name, path in SOCKET_PROBES.items():
+        route = routes.get(name)
+        if route:
+            address = route["upstream"]
+            rows.append(
+                {
+                    "kind": name,
+                    "name": "api",
+                    "environment": None,
+                    "public_url": route.get("public_url"),
+                    "upstreams": [
+                        {"address": address, "direct": probe_socket(address, path), "gateway": seen(address)}
+                    ],
+                }
+            )
     return rows
 
 
@@ -538,7 +597,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             required=True,
             metavar="SCOPE",
             help="what it may reach: '*', instance:NAME, environment:NAME (an environment's route and its"
-            " instances') or metrics (the exporter's route, for Prometheus); repeat for several",
+            " instances'), metrics (the exporter's route, for Prometheus), jobs (the job API's route) or"
+            " control (the control API's: instances started and stopped); repeat for several",
         )
 
     users = groups.add_parser("users", help="the users who sign in with a password (HTTP Basic, browsers)")
@@ -612,8 +672,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     health = groups.add_parser(
         "status",
         help="the routes with their public URLs, and each upstream's health, directly and through the gateway",
-        description="the routes with their public URLs, and each upstream's health: /system_stats asked directly,"
-        " and what the running gateway reports (its admin API)",
+        description="the routes with their public URLs, and each upstream's health: /system_stats asked directly"
+        " (the exporter's /metrics, the job API's /v1/health), and what the running gateway reports (its admin API)",
         epilog="exit status:\n  0  the gateway runs and every enabled upstream answers\n"
         "  1  the gateway does not run, or an upstream does not answer\n"
         "  2  the gateway is not set up on this host",

@@ -3,7 +3,10 @@
 It follows the contract comfybake relies on (see README.md beside this file): ComfyUI's
 command-line flags (unknown flags are an argparse error), its start-up order, its folders
 and `extra_model_paths.yaml` handling, its custom-node import and failure logging, its
-database location and failure line, and the HTTP endpoints readiness and status use.
+database location and failure line, the HTTP endpoints readiness and status use, and the job
+routes (POST /prompt, /ws messages, /history, /queue, /interrupt, /upload/image, /view) in ComfyUI's
+wire format. Its one flag of its own, `--test-double-strict`, adds the validation ComfyUI does that
+older tests' small graphs would fail (execution.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path.insert(0, HERE)
 
 import comfyui_version  # noqa: E402
+import files  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 import server  # noqa: E402
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", default="INFO", const="DEBUG", nargs="?", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
     )
     p.add_argument("--log-stdout", action="store_true")
+    # The double's own: ComfyUI's checks that older tests' small graphs would fail (execution.py).
+    p.add_argument("--test-double-strict", action="store_true")
     return p
 
 
@@ -168,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     logging.info("Starting server\n")
     try:
-        server.serve([a for a in args.listen.split(",") if a], args.port, args.cpu, stop)
+        files.DISABLE_METADATA = args.disable_metadata
+        addresses = [a for a in args.listen.split(",") if a]
+        server.serve(addresses, args.port, args.cpu, stop, args.test_double_strict, args.max_upload_size)
     finally:
         logging.info("\nStopped server")
         cleanup_temp()

@@ -373,8 +373,8 @@ def test_queue_fills_and_drains(start_double, tmp_path: Path) -> None:
     assert len(history) == 2
     for prompt_id, item in history.items():  # ComfyUI's status: outcome and messages with ms timestamps
         assert item["status"]["status_str"] == "success" and item["status"]["completed"] is True
-        (start, start_data), (end, end_data) = item["status"]["messages"]
-        assert (start, end) == ("execution_start", "execution_success")
+        (start, start_data), (cached, _), (end, end_data) = item["status"]["messages"]
+        assert (start, cached, end) == ("execution_start", "execution_cached", "execution_success")
         assert start_data["prompt_id"] == end_data["prompt_id"] == prompt_id
         assert 400 <= end_data["timestamp"] - start_data["timestamp"] < 5000
     assert double.post("/history", {"delete": [next(iter(history))]})[0] == 200
@@ -387,8 +387,15 @@ def test_prompt_with_unknown_node_is_refused(start_double, tmp_path: Path) -> No
     double = start_double("--cpu", "--user-directory", user_dir(tmp_path), "--temp-directory", str(tmp_path))
     status, body = double.post("/prompt", {"prompt": {"7": {"class_type": "NoSuchNode"}}})
     assert status == 400
-    assert body["error"]["type"] == "invalid_prompt"
-    assert "NoSuchNode" in body["error"]["message"]
+    assert body == {  # ComfyUI 0.3.x names the node's title (its class without one) and the class
+        "error": {
+            "type": "missing_node_type",
+            "message": "Node 'NoSuchNode' not found. The custom node may not be installed.",
+            "details": "Node ID '#7'",
+            "extra_info": {"node_id": "7", "class_type": "NoSuchNode", "node_title": "NoSuchNode"},
+        },
+        "node_errors": {},
+    }
 
 
 def test_listens_only_where_told(start_double, tmp_path: Path) -> None:

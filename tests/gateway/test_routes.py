@@ -223,3 +223,96 @@ def test_without_the_metrics_setting_there_is_no_metrics_route() -> None:
     server = caddy.render(public_routes(LAYOUT, paths), paths, principals())["apps"]["http"]["servers"]["port8443"]
     metrics = next(route for route in server["routes"] if route["match"][0].get("path") == ["/metrics"])
     assert metrics["match"][0]["host"] == ["gpu1.example.com", "10.0.0.5"]
+
+
+# -- the job service's routes (jobs, control) ------------------------------------------------
+
+JOBS = {
+    "jobs": {"socket": "/run/comfybake-jobs/jobs.sock"},
+    "control": {"socket": "/run/comfybake-jobs/control.sock"},
+}
+
+
+def test_the_job_service_routes_are_placed_by_each_mode() -> None:
+    ports = public_routes(LAYOUT, {**NAMES, **METRICS, **JOBS})
+    assert [
+        (ports[name]["port"], ports[name]["public_url"], ports[name]["upstream"]) for name in ("jobs", "control")
+    ] == [
+        (9723, "https://gpu1.example.com:9723/", "unix//run/comfybake-jobs/jobs.sock"),
+        (9724, "https://gpu1.example.com:9724/", "unix//run/comfybake-jobs/control.sock"),
+    ]
+    pinned = {"jobs": {**JOBS["jobs"], "port": 10443}, "control": {**JOBS["control"], "port": 10444}}
+    moved = public_routes(LAYOUT, {**NAMES, **pinned})
+    assert (moved["jobs"]["port"], moved["control"]["port"]) == (10443, 10444)
+    hosts = public_routes(LAYOUT, {**NAMES, **JOBS, "mode": "hosts", "domain": "comfy.example.com", "port": 443})
+    assert hosts["jobs"]["public_url"] == "https://jobs.comfy.example.com/"
+    assert hosts["control"]["host"] == "control.comfy.example.com"
+    paths = public_routes(LAYOUT, {**NAMES, **JOBS, "mode": "paths"})
+    assert (paths["jobs"]["path"], paths["jobs"]["public_url"]) == ("/jobs/", "https://gpu1.example.com:8443/jobs/")
+    assert paths["control"]["public_url"] == "https://gpu1.example.com:8443/control/"
+    # Claimed after every other route: turning the job service on moves no URL.
+    for mode in ("ports", "hosts", "paths"):
+        settings = {**NAMES, **METRICS, "mode": mode, "domain": "comfy.example.com"}
+        without, with_it = public_routes(LAYOUT, settings), public_routes(LAYOUT, {**settings, **JOBS})
+        assert (without["jobs"], without["control"]) == (None, None)
+        assert [without[key] for key in ("instances", "environments", "metrics")] == [
+            with_it[key] for key in ("instances", "environments", "metrics")
+        ]
+
+
+def test_job_service_route_problems_name_the_variable() -> None:
+    with pytest.raises(GatewayError) as error:
+        public_routes(LAYOUT, {**NAMES, "jobs": {"socket": "/run/j.sock", "port": 9188}})
+    assert "the jobs route (comfyui_gateway_jobs_port) and the route of instance 'a' both want port 9188" in str(
+        error.value
+    )
+    assert "comfyui_gateway_jobs_port" in str(error.value).rsplit("change", 1)[1]
+    with pytest.raises(GatewayError, match=r"the control route .* and the jobs route .* both want port 9723"):
+        public_routes(LAYOUT, {**NAMES, **JOBS, "control": {"socket": "/run/c.sock", "port": 9723}})
+    with pytest.raises(
+        GatewayError,
+        match=r"the control API's route 'control' and environment 'control' would both answer as control\.example\.com;"
+        " rename the environment, or set comfyui_jobs_enabled false",
+    ):
+        public_routes([record("x", "control", 8188)], {**NAMES, **JOBS, "mode": "hosts", "domain": "example.com"})
+    with pytest.raises(GatewayError) as error:
+        public_routes(LAYOUT, {**NAMES, "jobs": {"socket": "run/jobs.sock"}, "control": {"socket": "/c", "port": 0}})
+    assert "the jobs socket 'run/jobs.sock' (comfyui_jobs_socket_dir) must be an absolute path" in str(error.value)
+    assert "comfyui_gateway_control_port 0 must be a port" in str(error.value)
+    with pytest.raises(GatewayError, match=r"gateway setting jobs '/run/j\.sock' must be an object with socket"):
+        public_routes(LAYOUT, {**NAMES, "jobs": "/run/j.sock"})
+
+
+def test_jobs_and_control_scopes_reach_their_own_route_only() -> None:
+    assert credentials.check_scope(["control", "jobs", "metrics"]) == ["control", "jobs", "metrics"]
+    for wrong in ("jobs:prod", "job", "Control"):
+        with pytest.raises(GatewayError, match=f"scope {wrong!r} is invalid: use .*'jobs'.*'control'"):
+            credentials.check_scope([wrong])
+    settings = caddy.normalize({**NAMES, **METRICS, **JOBS})
+    submitter = Principal("submitter", "key", "$2b$10$" + "j" * 53, ["jobs"])
+    operator = Principal("operator", "key", "$2b$10$" + "o" * 53, ["control"])
+    config = caddy.render(public_routes(LAYOUT, settings), settings, [*principals(), submitter, operator])
+    assert accounts(config, 9723) == ["alice", "submitter"]  # alice's *; no environment or instance scope
+    assert accounts(config, 9724) == ["alice", "operator"]
+    for port in (9188, 9189, 9190, 8443, 9722):
+        assert not {"submitter", "operator"} & set(accounts(config, port)), port
+    for port, socket in ((9723, "/run/comfybake-jobs/jobs.sock"), (9724, "/run/comfybake-jobs/control.sock")):
+        chain = json.dumps(config["apps"]["http"]["servers"][f"port{port}"]["routes"][0])
+        assert f'"dial": "unix/{socket}"' in chain
+        assert '"delete": ["Authorization"]' in chain  # the job service never sees a credential
+        assert "Set-Cookie" not in chain and "health_checks" not in chain and "strip_path_prefix" not in chain
+        server = config["apps"]["http"]["servers"][f"port{port}"]
+        assert server["logs"]["default_logger_name"].endswith(f".{'jobs' if port == 9723 else 'control'}")
+
+
+def test_paths_mode_strips_the_job_service_prefixes() -> None:
+    settings = caddy.normalize({**NAMES, **JOBS, "mode": "paths"})
+    server = caddy.render(public_routes(LAYOUT, settings), settings, principals())["apps"]["http"]["servers"][
+        "port8443"
+    ]
+    for prefix in ("/jobs/", "/control/"):
+        route = next(route for route in server["routes"] if route["match"][0].get("path") == [prefix + "*"])
+        assert {"handler": "rewrite", "strip_path_prefix": prefix.rstrip("/")} in [
+            handler for step in route["handle"][0]["routes"] for handler in step["handle"]
+        ]
+    assert "/jobs/ and /control/" in json.dumps(server["routes"][-2])  # the 404 names every route

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.double import Double, free_port
-from harness.gateway import copy_double, start_double
+from harness.double import free_port
+from harness.jobs import JobInstance
 from harness.tools import venv_bin
 
 
@@ -98,6 +98,11 @@ class Served:
         self.process.wait(timeout=10)
 
 
+def written(instance: JobInstance, prefix: str) -> list[Path]:
+    """The files an instance's output nodes wrote under `prefix` (ComfyUI names them `<prefix>_00001_.png`)."""
+    return [path for path in instance.output_files() if path.name.startswith(f"{prefix}_")]
+
+
 def serve(
     config_root: Path,
     state_root: Path,
@@ -129,43 +134,3 @@ def serve(
             time.sleep(0.05)
     served.kill()
     raise AssertionError(f"comfybake jobs serve did not answer within 30 s:\n{served.output()[-3000:]}")
-
-
-# --------------------------------------------------------------------------- doubles
-
-
-@dataclass
-class Instance:
-    """A ComfyUI test double serving as one instance of an environment."""
-
-    name: str
-    environment: str
-    double: Double
-    code: Path  # its own copy of the double: output/ and input/ are under it
-
-    def outputs(self, prefix: str) -> list[Path]:
-        """The files its SaveImage nodes wrote with `prefix`."""
-        return sorted((self.code / "output").rglob(f"{prefix}_*"))
-
-    def record(self) -> dict[str, Any]:
-        """Its entry in routing.json: the node classes its /object_info lists."""
-        _status, info = self.double.get("/object_info")
-        assert isinstance(info, dict)
-        url = f"http://127.0.0.1:{self.double.port}"
-        return {"name": self.name, "environment": self.environment, "url": url, "port": self.double.port,
-                "enabled": True, "node_classes": sorted(info), "required_node_classes": []}  # fmt: skip
-
-
-def start_instances(scratch: Path, layout: list[tuple[str, str]]) -> list[Instance]:
-    """One double per (name, environment), each from its own copy of the double's code."""
-    started = []
-    for name, environment in layout:
-        code = copy_double(scratch / "doubles" / name)
-        started.append(Instance(name, environment, start_double(code, scratch / "doubles" / name, name), code))
-    return started
-
-
-def write_routing(config_root: Path, instances: list[Instance]) -> None:
-    config_root.mkdir(parents=True, exist_ok=True)
-    routing = {"format": 1, "instances": [item.record() for item in instances], "environments": []}
-    (config_root / "routing.json").write_text(json.dumps(routing, indent=2))

@@ -10,13 +10,14 @@ import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness.jobs import JobsHost, img2img, start_host, txt2img
 from harness.tools import venv_bin
-from jobs_serve import Instance, Served, call, serve, start_instances, write_routing
+from jobs_serve import Served, call, serve, written
 
 ONE = {"workflow": {"1": {"class_type": "SaveImage", "inputs": {}}}}  # a graph the request is refused before placing
 
@@ -40,10 +41,12 @@ def instances_cli(config_root: Path, *argv: str) -> subprocess.CompletedProcess[
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.fixture
-def control_host(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
-    config = instances_root(tmp_path)
-    served = serve(config, tmp_path / "jobs", tmp_path / "serve.log")
+@pytest.fixture(scope="module")
+def control_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Path]]:
+    """One `comfybake jobs serve` for the module's control and request tests (those that drain resume)."""
+    scratch = tmp_path_factory.mktemp("control")
+    config = instances_root(scratch)
+    served = serve(config, scratch / "jobs", scratch / "serve.log")
     yield served, config
     served.stop()
 
@@ -261,56 +264,41 @@ def test_inputs_decode_from_base64_and_data_urls() -> None:
 # --------------------------------------------------------------------------- jobs on doubles
 
 
-def graph(prefix: str, steps: int = 2, *extra: tuple[str, dict[str, object]]) -> dict[str, object]:
-    """A small workflow the double runs: a sampler, a decode, a SaveImage with `prefix`."""
-    nodes: dict[str, object] = {
-        "1": {"class_type": "KSampler", "inputs": {"seed": 7, "steps": steps}},
-        "2": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
-    }
-    nodes.update({str(index): node for index, (_name, node) in enumerate(extra, start=4)})
-    return nodes
-
-
 @dataclass
 class JobHost:
     served: Served
-    instances: dict[str, Instance]
-    config: Path
+    host: JobsHost
 
 
 @pytest.fixture(scope="module")
 def job_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobHost]:
-    """Two doubles (a in environment comm, b in xl), a named workflow, one `comfybake jobs serve`."""
+    """Doubles a (environment prod) and v (video), a named workflow of video, one `comfybake jobs serve`."""
     scratch = tmp_path_factory.mktemp("api")
-    instances = start_instances(scratch, [("a", "comm"), ("b", "xl")])
-    config = scratch / "etc"
-    write_routing(config, instances)
-    (config / "portrait.json").write_text(json.dumps(graph("portrait")))
-    (config / "workflows.yml").write_text("workflows:\n  portrait:\n    environment: xl\n    file: portrait.json\n")
-    served = serve(config, scratch / "jobs", scratch / "serve.log")
-    yield JobHost(served, {item.name: item for item in instances}, config)
+    host = start_host(scratch, {"a": "prod", "v": "video"})
+    host.write_named({"portrait": ("video", txt2img("sdxl.safetensors", prefix="portrait"))})
+    served = serve(host.config_root, host.state_root, scratch / "serve.log")
+    yield JobHost(served, host)
     served.stop()
-    for item in instances:
-        item.double.stop()
+    host.stop()
 
 
 def test_a_sync_job_answers_200_with_the_doubles_image_inline(job_host: JobHost) -> None:
-    reply = job_host.served.job_api("POST", "/v1/jobs", {"workflow": graph("sync"), "wait": 60})
+    reply = job_host.served.job_api("POST", "/v1/jobs", {"workflow": txt2img(prefix="sync"), "wait": 60})
     assert reply.status == 200, reply.body
     job = reply.body["job"]
     assert job["state"] == "succeeded" and job["attempts"] == 1
     [image] = job["result"]["images"]
-    assert image["type"] == "base64" and image["node"] == "3"
-    written = job_host.instances[job["instance"]].outputs("sync")
-    assert [path.name for path in written] == [image["filename"]]
-    assert base64.b64decode(image["data"]) == written[0].read_bytes()
+    assert image["type"] == "base64" and image["node"] == "9"
+    assert job["instance"] == "a" and job["environment"] == "prod"
+    files = written(job_host.host["a"], "sync")
+    assert [path.name for path in files] == [image["filename"]]
+    assert base64.b64decode(image["data"]) == files[0].read_bytes()
     [line] = [item for item in job_host.served.finished_lines() if item.get("job") == job["id"]]
     assert line["state"] == "succeeded" and line["instance"] == job["instance"]
 
 
 def test_an_async_job_answers_202_and_is_followed_to_its_result(job_host: JobHost) -> None:
-    body = {"workflow": graph("async"), "extra_data": {"test_double_seconds": 1}}
+    body = {"workflow": txt2img(prefix="async"), "extra_data": {"test_double_seconds": 1}}
     reply = job_host.served.job_api("POST", "/v1/jobs", body)
     assert reply.status == 202, reply.body
     job_id = reply.body["job"]["id"]
@@ -327,7 +315,7 @@ def test_an_async_job_answers_202_and_is_followed_to_its_result(job_host: JobHos
 
 
 def test_a_running_jobs_result_is_409_and_cancel_stops_it(job_host: JobHost) -> None:
-    body = {"workflow": graph("cancelled", steps=50), "extra_data": {"test_double_seconds": 60}}
+    body = {"workflow": txt2img(prefix="cancelled", steps=50), "extra_data": {"test_double_seconds": 60}}
     job = job_host.served.job_api("POST", "/v1/jobs", body).body["job"]
     early = job_host.served.job_api("GET", f"/v1/jobs/{job['id']}/result")
     assert early.status == 409 and early.body["error"]["type"] == "not_final"
@@ -336,38 +324,36 @@ def test_a_running_jobs_result_is_409_and_cancel_stops_it(job_host: JobHost) -> 
     assert job_host.served.job_api("GET", f"/v1/jobs/{job['id']}/result").body["state"] == "cancelled"
     again = job_host.served.job_api("POST", f"/v1/jobs/{job['id']}/cancel")
     assert again.status == 409 and "already cancelled" in again.body["error"]["message"]
-    assert job_host.instances[job["instance"]].outputs("cancelled") == []
+    assert written(job_host.host[job["instance"]], "cancelled") == []
 
 
 def test_a_named_workflow_runs_in_its_environment(job_host: JobHost) -> None:
     listed = job_host.served.job_api("GET", "/v1/workflows").body["workflows"]
-    assert listed == [{"name": "portrait", "environment": "xl", "node_classes": ["KSampler", "SaveImage", "VAEDecode"]}]
+    classes = sorted({node["class_type"] for node in txt2img().values()})
+    assert listed == [{"name": "portrait", "environment": "video", "node_classes": classes}]
     reply = job_host.served.job_api("POST", "/v1/jobs", {"workflow_name": "portrait", "wait": 60})
     assert reply.status == 200, reply.body
-    assert reply.body["job"]["workflow"] == "portrait" and reply.body["job"]["instance"] == "b"
-    wrong = job_host.served.job_api("POST", "/v1/jobs", {"workflow_name": "portrait", "environment": "comm"})
+    assert reply.body["job"]["workflow"] == "portrait" and reply.body["job"]["instance"] == "v"
+    wrong = job_host.served.job_api("POST", "/v1/jobs", {"workflow_name": "portrait", "environment": "prod"})
     assert wrong.status == 400 and wrong.body["error"]["field"] == "environment"
 
 
 def test_a_workflow_no_environment_can_run_is_422_naming_what_lacks(job_host: JobHost) -> None:
     before = job_host.served.job_api("GET", "/v1/jobs?limit=1000").body["jobs"]
-    workflow = graph("nowhere", 2, ("extra", {"class_type": "UpscaleModelLoader", "inputs": {}}))
-    reply = job_host.served.job_api("POST", "/v1/jobs", {"workflow": workflow})
+    reply = job_host.served.job_api("POST", "/v1/jobs", {"workflow": txt2img("flux.safetensors")})
     assert reply.status == 422, reply.body
     assert reply.body["error"]["type"] == "placement"
-    assert reply.body["error"]["environments"]["comm"]["missing_classes"] == ["UpscaleModelLoader"]
-    assert "UpscaleModelLoader" in reply.body["error"]["message"]
+    for environment in ("prod", "video"):
+        [missing] = reply.body["error"]["environments"][environment]["missing_values"]
+        assert missing["input"] == "ckpt_name" and missing["value"] == "flux.safetensors"
+    assert "flux.safetensors" in reply.body["error"]["message"]
     assert job_host.served.job_api("GET", "/v1/jobs?limit=1000").body["jobs"] == before  # nothing was created
 
 
 def test_an_input_image_is_uploaded_and_used(job_host: JobHost) -> None:
     data = base64.b64decode(PNG)
-    workflow = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "uploaded"}},
-    }
     body = {
-        "workflow": workflow,
+        "workflow": img2img("face.png", prefix="uploaded"),
         "images": [{"name": "face.png", "image": base64.b64encode(data).decode()}],
         "wait": 60,
     }
@@ -390,3 +376,52 @@ def test_a_node_that_fails_gives_a_failed_job_with_comfyuis_error(job_host: JobH
 
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"  # 1x1
+
+
+# --------------------------------------------------------------------------- jobs check
+
+
+def test_jobs_check_names_each_named_workflow_that_cannot_run(jobs_host: Callable[..., JobsHost]) -> None:
+    host = jobs_host({"a": "prod", "v": "video"})
+    host.write_named(
+        {
+            "portrait": ("prod", txt2img()),
+            "poster": ("prod", txt2img("sdxl.safetensors")),  # only video has the SDXL checkpoint
+            "clip": ("video", txt2img("sdxl.safetensors")),
+        }
+    )
+    command = [venv_bin("comfybake"), "jobs", "check", "--config-root", str(host.config_root)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "workflow portrait (environment prod): ok" in done.stdout
+    assert "workflow clip (environment video): ok" in done.stdout
+    assert "workflow poster (environment prod): lacks values ckpt_name 'sdxl.safetensors' of node 4" in done.stdout
+    assert "1 named workflows cannot run: poster" in done.stderr
+    report = json.loads(subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60).stdout)
+    assert report["workflows"]["poster"]["ok"] is False
+    assert report["workflows"]["poster"]["missing_values"][0]["value"] == "sdxl.safetensors"
+    assert report["workflows"]["portrait"] == {
+        "environment": "prod",
+        "ok": True,
+        "missing_classes": [],
+        "missing_values": [],
+        "not_ready": {},
+        "note": "",
+    }
+
+
+def test_jobs_check_without_named_workflows_passes(tmp_path: Path) -> None:
+    command = [venv_bin("comfybake"), "jobs", "check", "--config-root", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "no named workflows" in done.stdout
+
+
+def test_listen_addresses_parse_and_only_loopback_is_quiet() -> None:
+    from comfybake.jobs.api import ListenError, loopback, parse_listen
+
+    assert parse_listen("unix:/run/comfybake-jobs/jobs.sock", "--jobs-listen") == "/run/comfybake-jobs/jobs.sock"
+    assert parse_listen("[::1]:8290", "--jobs-listen") == ("::1", 8290)
+    with pytest.raises(ListenError, match="relative path"):
+        parse_listen("unix:jobs.sock", "--jobs-listen")
+    assert loopback("127.0.0.1") and loopback("::1") and loopback("localhost")
+    assert not loopback("0.0.0.0") and not loopback("10.0.0.5") and not loopback("gpu-1")  # noqa: S104 - a value checked

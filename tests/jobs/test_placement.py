@@ -265,7 +265,7 @@ def test_placement_against_the_comfyui_double(tmp_path: Path, doubles: Callable[
     ]  # fmt: skip
     found = placement.load_routing(write_routing(tmp_path, records))
     graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"name": "sd15.safetensors"}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}},
     }
     deadline = time.monotonic() + 20
@@ -277,6 +277,6 @@ def test_placement_against_the_comfyui_double(tmp_path: Path, doubles: Callable[
     assert first.post("/prompt", {"prompt": graph, "extra_data": {"test_double_seconds": 30}})[0] == 200
     chosen = placement.place(workflow.check(graph), found, ObjectInfoCache())
     assert (chosen.route.name, chosen.queue_remaining) == ("b", 0)
-    graph["1"]["inputs"]["name"] = "sdxl.safetensors"
-    with pytest.raises(PlacementError, match=r"name 'sdxl\.safetensors' of node 1"):
+    graph["1"]["inputs"]["ckpt_name"] = "sdxl.safetensors"
+    with pytest.raises(PlacementError, match=r"ckpt_name 'sdxl\.safetensors' of node 1"):
         placement.place(workflow.check(graph), found, ObjectInfoCache())

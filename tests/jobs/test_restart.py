@@ -10,23 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from jobs_serve import Instance, serve, start_instances, write_routing
-
-
-def graph(prefix: str) -> dict[str, object]:
-    return {
-        "1": {"class_type": "KSampler", "inputs": {"seed": 3, "steps": 10}},
-        "2": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
-    }
+from harness.jobs import JobInstance, start_host, txt2img
+from jobs_serve import serve, written
 
 
 @pytest.fixture
-def instance(tmp_path: Path) -> Iterator[Instance]:
-    [started] = start_instances(tmp_path, [("a", "comm")])
-    write_routing(tmp_path / "etc", [started])
-    yield started
-    started.double.stop()
+def instance(tmp_path: Path) -> Iterator[JobInstance]:
+    host = start_host(tmp_path, {"a": "prod"})
+    yield host["a"]
+    host.stop()
 
 
 def wait_until(check: object, what: str, timeout: float = 60) -> None:
@@ -39,10 +31,10 @@ def wait_until(check: object, what: str, timeout: float = 60) -> None:
 
 
 @pytest.mark.parametrize("restart", ["while it runs", "after it ended"])
-def test_a_job_survives_a_killed_api_process_and_runs_once(tmp_path: Path, instance: Instance, restart: str) -> None:
-    config, state = tmp_path / "etc", tmp_path / "jobs"
+def test_a_job_survives_a_killed_api_process_and_runs_once(tmp_path: Path, instance: JobInstance, restart: str) -> None:
+    config, state = tmp_path / "etc", tmp_path / "state"
     first = serve(config, state, tmp_path / "first.log")
-    body = {"workflow": graph("restart"), "extra_data": {"test_double_seconds": 3}}
+    body = {"workflow": txt2img(prefix="restart", steps=10), "extra_data": {"test_double_seconds": 3}}
     job = first.job_api("POST", "/v1/jobs", body).body["job"]
     wait_until(lambda: first.job_api("GET", f"/v1/jobs/{job['id']}").body["job"]["state"] == "running", "running")
     first.kill()  # SIGKILL: no drain, no goodbye
@@ -54,9 +46,9 @@ def test_a_job_survives_a_killed_api_process_and_runs_once(tmp_path: Path, insta
         assert ended["state"] == "succeeded", ended["error"]
         assert ended["attempts"] == 1  # adopted by its prompt id, not posted again
         assert ended["prompt_id"] == job["prompt_id"] and ended["instance"] == "a"
-        written = instance.outputs("restart")
-        assert len(written) == 1, written
-        assert [item["filename"] for item in ended["result"]["images"]] == [written[0].name]
+        files = written(instance, "restart")
+        assert len(files) == 1, files
+        assert [item["filename"] for item in ended["result"]["images"]] == [files[0].name]
         [line] = [item for item in second.finished_lines() if item.get("job") == job["id"]]
         assert line["state"] == "succeeded"
         assert not [item for item in first.finished_lines() if item.get("job") == job["id"]]
@@ -64,19 +56,19 @@ def test_a_job_survives_a_killed_api_process_and_runs_once(tmp_path: Path, insta
         assert second.stop() == 0
     _status, queue = instance.double.get("/queue")
     assert queue == {"queue_running": [], "queue_pending": []}
-    assert len(instance.outputs("restart")) == 1
+    assert len(written(instance, "restart")) == 1
 
 
-def test_sigterm_drains_the_running_job_before_exiting(tmp_path: Path, instance: Instance) -> None:
+def test_sigterm_drains_the_running_job_before_exiting(tmp_path: Path, instance: JobInstance) -> None:
     """A stop (SIGTERM) refuses new jobs and follows the running one to its end within --stop-timeout."""
-    served = serve(tmp_path / "etc", tmp_path / "jobs", tmp_path / "serve.log", "--stop-timeout", "60")
-    body = {"workflow": graph("drained"), "extra_data": {"test_double_seconds": 4}}
+    served = serve(tmp_path / "etc", tmp_path / "state", tmp_path / "serve.log", "--stop-timeout", "60")
+    body = {"workflow": txt2img(prefix="drained", steps=10), "extra_data": {"test_double_seconds": 4}}
     job = served.job_api("POST", "/v1/jobs", body).body["job"]
     served.process.terminate()
     wait_until(lambda: served.job_api("GET", "/v1/health").status == 503, "draining")
-    refused = served.job_api("POST", "/v1/jobs", {"workflow": graph("late")})
+    refused = served.job_api("POST", "/v1/jobs", {"workflow": txt2img(prefix="late")})
     assert refused.status == 503 and refused.headers["retry-after"]
     assert served.process.wait(timeout=60) == 0
     [line] = [item for item in served.finished_lines() if item.get("job") == job["id"]]
     assert line["state"] == "succeeded"
-    assert len(instance.outputs("drained")) == 1 and instance.outputs("late") == []
+    assert len(written(instance, "drained")) == 1 and written(instance, "late") == []

@@ -15,7 +15,9 @@ Every route, whichever mode places it (routes.py), runs the same chain:
    sessions (`least_conn`, active health checks on ComfyUI's /system_stats) and sets a cookie
    naming the instance, which keeps the session there (its /ws, /prompt, /history and /view
    belong to one server) while that instance is healthy. The exporter's route (`metrics`) goes
-   to its one upstream, the host's `comfybake exporter`, with the path as Prometheus sent it.
+   to its one upstream, the host's `comfybake exporter`, with the path as Prometheus sent it;
+   the job API's (`jobs`) and the control API's (`control`) to the unix sockets of the host's
+   `comfybake jobs serve` (their `/jobs/` and `/control/` prefixes stripped in paths mode).
    On a front (fleet mode) the pool state of each upstream's member decides: `serving` takes new
    and sticky sessions; `draining` no new session, but a cookie naming one of its instances still
    reaches it (then the serving ones); `out` nothing, its cookies land on a serving instance.
@@ -34,6 +36,7 @@ from typing import Any
 from . import routes
 from .credentials import Principal, covers
 from .errors import GatewayError
+from .routes import SERVICES
 
 TOKEN = "token"  # noqa: S105 - the name of the query parameter, not a secret
 ACCESS_LOGGER = "comfybake_access"
@@ -345,8 +348,8 @@ def _route_chain(
         proxy = _environment_proxy(route, settings, pool)
     else:
         proxy = [{"handle": [_proxy([route["upstream"]], "first")]}]
-    # An instance's or environment's prefix is stripped; the exporter's /metrics is its own path.
-    strip = route["path"] != "/" and kind != "metrics"
+    # An instance's, environment's or job service's prefix is stripped; the exporter's /metrics is its own path.
+    strip = route["path"] != "/" and kind != routes.METRICS
     prefix = [{"handle": [{"handler": "rewrite", "strip_path_prefix": route["path"].rstrip("/")}]}]
     return [
         {"handle": [_response_headers(settings)]},
@@ -432,8 +435,8 @@ def render(
     names = list(settings["names"])
     entries = [("instance", route, route["environment"]) for route in routes["instances"]]
     entries += [("environment", route, route["name"]) for route in routes["environments"]]
-    # gateway.json of an earlier version has no metrics key: no exporter's route.
-    entries += [("metrics", routes["metrics"], "")] if routes.get("metrics") else []
+    # gateway.json of an earlier version has no metrics, jobs or control key: no such route.
+    entries += [(name, routes[name], "") for name in SERVICES if routes.get(name)]
     servers: dict[str, dict[str, Any]] = {}
     for kind, route, environment in entries:
         name = f"port{route['port']}"
@@ -477,7 +480,7 @@ def render(
                             "no route here: the routes are "
                             + ("" if settings["fleet"] else "/instances/<name>/ and ")
                             + "/environments/<name>/"
-                            + (f" and {routes['metrics']['path']}" if routes.get("metrics") else ""),
+                            + "".join(f" and {routes[name]['path']}" for name in SERVICES if routes.get(name)),
                         )
                     ],
                 }

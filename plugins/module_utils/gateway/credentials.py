@@ -49,13 +49,20 @@ KINDS = ("user", "key")
 SOURCES = ("inventory", "cli")
 ALL = "*"
 METRICS = "metrics"  # the exporter's route (routes.METRICS): Prometheus' principal, nothing else
+JOBS = "jobs"  # the job API's route (routes.JOBS): submit, follow and cancel jobs, nothing else
+CONTROL = "control"  # the control API's route (routes.CONTROL): start and stop instances, drain the job API
+# Scopes that are the name of one service route, and reach that route only.
+SERVICE_SCOPES = (METRICS, JOBS, CONTROL)
 # Users and keys share one name space; a name is also the Basic user name, so no ':' in it.
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 NAME_RULE = "1 to 32 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or a digit"
 # As the instance layout names them (plugins/filter/instances.py: NAME and ENVIRONMENT).
 INSTANCE = re.compile(r"[a-z0-9][a-z0-9-]{0,22}")
 ENVIRONMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-SCOPE_RULE = "'*' (every route), 'instance:<name>', 'environment:<name>' or 'metrics' (the exporter's route)"
+SCOPE_RULE = (
+    "'*' (every route), 'instance:<name>', 'environment:<name>', 'metrics' (the exporter's route), 'jobs'"
+    " (the job API's) or 'control' (the control API's)"
+)
 # What bcrypt writes: $2b$<cost>$<22 characters of salt><31 of digest>.
 HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 # bcrypt reads at most 72 bytes of a password; bcrypt 5 refuses more, older ones ignore the rest.
@@ -113,7 +120,7 @@ def check_scope(scope: Any) -> list[str]:
     for entry in entries:
         kind, _colon, name = entry.partition(":") if isinstance(entry, str) else ("", "", "")
         pattern = {"instance": INSTANCE, "environment": ENVIRONMENT}.get(kind)
-        if entry not in (ALL, METRICS) and (pattern is None or not pattern.fullmatch(name)):
+        if entry != ALL and entry not in SERVICE_SCOPES and (pattern is None or not pattern.fullmatch(name)):
             raise GatewayError(f"scope {entry!r} is invalid: use {SCOPE_RULE}")
         checked.add(entry)
     if not checked:
@@ -123,12 +130,13 @@ def check_scope(scope: Any) -> list[str]:
 
 def covers(principal: Principal, kind: str, name: str, environment: str | None = None) -> bool:
     """Whether the principal may use a route: kind "instance" (with the instance's environment),
-    "environment" or "metrics" (the exporter's). An environment scope covers that environment's
-    route and each of its instances' routes; an instance scope only that instance's route; the
-    metrics scope only the exporter's route, which no other scope but `*` covers."""
+    "environment", or a service route's ("metrics", "jobs", "control"). An environment scope covers
+    that environment's route and each of its instances' routes; an instance scope only that
+    instance's route; a service scope only its own route, which no other scope but `*` covers (a
+    `jobs` key cannot stop instances, a `control` key cannot submit work)."""
     for entry in principal.scope:
         scope_kind, _colon, scope_name = entry.partition(":")
-        if entry == ALL or (entry == METRICS and kind == METRICS):
+        if entry == ALL or (entry in SERVICE_SCOPES and kind == entry):
             return True
         if scope_kind == "instance" and kind == "instance" and scope_name == name:
             return True

@@ -18,6 +18,12 @@ METRICS_PORT unless set) in `ports` mode, as `metrics.<domain>` in `hosts` mode,
 `/metrics` in `paths` mode. Its port is claimed after every other route's, so adding it never
 moves another route: the instances' and environments' URLs are the same with it or without it.
 
+With `jobs` and `control` in the settings (`{"socket": "/run/comfybake-jobs/jobs.sock"}`: the
+host's `comfybake jobs serve`), two more routes serve the job API and the control API from their
+unix sockets, placed as the metrics route is: on their own ports (JOBS_PORT, CONTROL_PORT unless
+set) in `ports` mode, as `jobs.<domain>` and `control.<domain>` in `hosts` mode, and below
+`/jobs/` and `/control/` (stripped) in `paths` mode. Their ports are claimed last too.
+
 Fleet mode (`fleet: true`, a front): the records are those of every member (a fleet host), each
 with `member` (its inventory name) and its `url` on the member's address (`fleet_records`). Only
 environment routes are served, each balancing over the instances of every member, and each
@@ -52,11 +58,22 @@ DEFAULTS: dict[str, Any] = {
     "domain": "",
     "names": ["localhost", "127.0.0.1"],
     "metrics": None,  # {"upstream": "127.0.0.1:9721", "port": 9722}: the exporter's route
+    "jobs": None,  # {"socket": "/run/comfybake-jobs/jobs.sock", "port": 9723}: the job API's route
+    "control": None,  # {"socket": "/run/comfybake-jobs/control.sock", "port": 9724}: the control API's route
     "fleet": False,  # a front: environment routes over the instances of every member
 }
 METRICS = "metrics"  # the route's name, its host label (hosts mode) and the scope that reaches it
 METRICS_PORT = 9722  # its port in ports mode, unless comfyui_gateway_metrics_port says otherwise
 METRICS_PATH = "/metrics"  # where Prometheus asks (its default metrics_path), in every mode
+JOBS, CONTROL = "jobs", "control"  # the job service's routes: each its name, host label and scope
+JOBS_PORT, CONTROL_PORT = 9723, 9724  # their ports in ports mode, unless set otherwise
+# The service routes, each with one upstream, in the order their ports are claimed (after every
+# instance's and environment's route), with what names them in messages and the variables to change.
+SERVICES = (METRICS, JOBS, CONTROL)
+SERVICE_PORTS = {METRICS: METRICS_PORT, JOBS: JOBS_PORT, CONTROL: CONTROL_PORT}
+SERVICE_LABELS = {METRICS: "the exporter's route", JOBS: "the job API's route", CONTROL: "the control API's route"}
+SERVICE_SWITCHES = {METRICS: "comfyui_gateway_metrics", JOBS: "comfyui_jobs_enabled", CONTROL: "comfyui_jobs_enabled"}
+SOCKET = re.compile(r"/[A-Za-z0-9_.@+=:,/-]+")
 
 
 def _is_port(value: Any) -> bool:
@@ -121,6 +138,24 @@ def _check_metrics(metrics: Any, problems: list[str]) -> None:
         )
 
 
+def _check_socket_route(name: str, given: Any, problems: list[str]) -> None:
+    """The job service's `jobs` or `control` setting: its unix socket and its port (ports mode)."""
+    if given is None:
+        return
+    if not isinstance(given, dict) or set(given) - {"socket", "port"}:
+        problems.append(f"gateway setting {name} {given!r} must be an object with socket (a path) and port")
+        return
+    if not isinstance(given.get("socket"), str) or not SOCKET.fullmatch(given["socket"]):
+        problems.append(
+            f"the {name} socket {given.get('socket')!r} (comfyui_jobs_socket_dir) must be an absolute path of plain"
+            f" characters, such as /run/comfybake-jobs/{name}.sock"
+        )
+    if not _is_port(given.get("port", SERVICE_PORTS[name])):
+        problems.append(
+            f"comfyui_gateway_{name}_port {given.get('port')!r} must be a port from {MIN_PORT} to {MAX_PORT}"
+        )
+
+
 def settings_with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **{key: value for key, value in settings.items() if value is not None}}
 
@@ -149,6 +184,8 @@ def _check_settings(settings: dict[str, Any], problems: list[str]) -> None:
             f"from {MIN_PORT} to {MAX_PORT}"
         )
     _check_metrics(settings["metrics"], problems)
+    for name in (JOBS, CONTROL):
+        _check_socket_route(name, settings[name], problems)
     if not isinstance(settings["fleet"], bool):
         problems.append(f"gateway setting fleet {settings['fleet']!r} must be true or false")
     if settings["mode"] == "hosts" and not (isinstance(settings["domain"], str) and check_name(settings["domain"])):
@@ -161,7 +198,7 @@ def _check_settings(settings: dict[str, Any], problems: list[str]) -> None:
 def _ports_mode(
     instances: list[dict[str, Any]],
     environments: dict[str, dict[str, Any]],
-    metrics: dict[str, Any] | None,
+    services: list[dict[str, Any]],
     settings: dict[str, Any],
     problems: list[str],
     kept: dict[str, int] | None = None,
@@ -180,7 +217,8 @@ def _ports_mode(
                 f"{what}: public port {port} is outside {MIN_PORT}-{MAX_PORT}; lower comfyui_gateway_port_offset"
             )
         elif port in taken:
-            also = "" if metrics is None else ", comfyui_gateway_metrics_port, comfyui_exporter_listen"
+            also = "".join(f", comfyui_gateway_{route['name']}_port" for route in services)
+            also += ", comfyui_exporter_listen" if any(route["name"] == METRICS for route in services) else ""
             problems.append(
                 f"{what} and {taken[port]} both want port {port}; change comfyui_gateway_port_offset, "
                 f"comfyui_gateway_environment_ports{also} or the instance's port"
@@ -211,23 +249,25 @@ def _ports_mode(
             port = next_port
             claim(port, f"the route of environment {name!r}")
         route.update(port=port, public_url=_url(host, port))
-    if metrics is not None:  # last: it never moves another route
-        claim(int(metrics["upstream"].rpartition(":")[2]), "the exporter itself (comfyui_exporter_listen)")
-        claim(metrics["port"], "the metrics route (comfyui_gateway_metrics_port)")
-        metrics["public_url"] = _url(host, metrics["port"], METRICS_PATH)
+    for route in services:  # last: they never move another route
+        name = route["name"]
+        if name == METRICS:
+            claim(int(route["upstream"].rpartition(":")[2]), "the exporter itself (comfyui_exporter_listen)")
+        claim(route["port"], f"the {name} route (comfyui_gateway_{name}_port)")
+        route["public_url"] = _url(host, route["port"], METRICS_PATH if name == METRICS else "/")
 
 
 def _hosts_mode(
     instances: list[dict[str, Any]],
     environments: dict[str, dict[str, Any]],
-    metrics: dict[str, Any] | None,
+    services: list[dict[str, Any]],
     settings: dict[str, Any],
     problems: list[str],
 ) -> None:
     seen: dict[str, str] = {}
     routes = [("instance", record) for record in instances] + [("environment", env) for env in environments.values()]
-    routes += [] if metrics is None else [("the exporter's route", metrics)]
-    fix = {"the exporter's route": "rename the {other}, or set comfyui_gateway_metrics false"}
+    routes += [(SERVICE_LABELS[route["name"]], route) for route in services]
+    fix = {SERVICE_LABELS[name]: f"rename the {{other}}, or set {SERVICE_SWITCHES[name]} false" for name in SERVICES}
     for kind, route in routes:
         label = route["name"].lower()
         if not LABEL.fullmatch(label):
@@ -240,14 +280,14 @@ def _hosts_mode(
             hint = fix.get(kind, "rename one").format(other=seen[host].split()[0])
             problems.append(f"{kind} {route['name']!r} and {seen[host]} would both answer as {host}; {hint}")
         seen[host] = f"{kind} {route['name']!r}"
-        path = METRICS_PATH if route is metrics else "/"
+        path = METRICS_PATH if kind == SERVICE_LABELS[METRICS] else "/"
         route.update(port=settings["port"], host=host, public_url=_url(host, settings["port"], path))
 
 
 def _paths_mode(
     instances: list[dict[str, Any]],
     environments: dict[str, dict[str, Any]],
-    metrics: dict[str, Any] | None,
+    services: list[dict[str, Any]],
     settings: dict[str, Any],
     problems: list[str],
 ) -> None:
@@ -263,9 +303,9 @@ def _paths_mode(
         record.update(port=settings["port"], path=f"/instances/{record['name']}/")
     for route in environments.values():
         route.update(port=settings["port"], path=f"/environments/{route['name']}/")
-    if metrics is not None:  # the exporter's own path: nothing is stripped
-        metrics.update(port=settings["port"], path=METRICS_PATH)
-    for route in [*instances, *environments.values(), *([] if metrics is None else [metrics])]:
+    for route in services:  # the exporter's own path (nothing stripped); /jobs/ and /control/ (stripped)
+        route.update(port=settings["port"], path=METRICS_PATH if route["name"] == METRICS else f"/{route['name']}/")
+    for route in [*instances, *environments.values(), *services]:
         route["public_url"] = _url(host, settings["port"], route["path"])
 
 
@@ -338,7 +378,8 @@ def public_routes(
     records: list[dict[str, Any]], settings: dict[str, Any], kept: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """The gateway's routes for the instance layout `records`: one per instance, one per
-    environment, and `metrics` (the exporter's route, None without settings' `metrics`).
+    environment, `metrics` (the exporter's route, None without settings' `metrics`), and `jobs`
+    and `control` (the job service's APIs, None without settings' `jobs` and `control`).
 
     `kept` (ports mode; a front passes the ports of its last render, `kept_ports`): each
     environment still routed keeps its port, so that an environment a member adds or removes
@@ -391,19 +432,21 @@ def public_routes(
             env["upstreams"].append(route["upstream"])
             if fleet:
                 env["members"][route["upstream"]] = record["member"]
-    metrics = _metrics_route(settings["metrics"])
+    service = {METRICS: _metrics_route(settings[METRICS])}
+    service.update({name: _socket_route(name, settings[name]) for name in (JOBS, CONTROL)})
+    services = [route for route in service.values() if route is not None]
     routed = [] if fleet else instances  # a front has no route per instance
     if settings["mode"] == "ports":
-        _ports_mode(routed, environments, metrics, settings, problems, kept)
+        _ports_mode(routed, environments, services, settings, problems, kept)
     else:
         place = _hosts_mode if settings["mode"] == "hosts" else _paths_mode
-        place(routed, environments, metrics, settings, problems)
+        place(routed, environments, services, settings, problems)
     if problems:
         raise GatewayError("the gateway's routes collide:\n- " + "\n- ".join(problems))
     return {
         "instances": routed,
         "environments": [environments[name] for name in sorted(environments)],
-        "metrics": metrics,
+        **service,
     }
 
 
@@ -418,6 +461,21 @@ def _metrics_route(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
         "name": METRICS,
         "upstream": f"{_url_host(dial[0])}:{dial[1]}",
         "port": metrics.get("port", METRICS_PORT),
+        "host": "",
+        "path": "/",
+        "public_url": "",
+    }
+
+
+def _socket_route(name: str, given: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job API's or control API's route, before a mode places it: its unix socket upstream
+    (Caddy's `unix/<path>` dial address)."""
+    if given is None:
+        return None
+    return {
+        "name": name,
+        "upstream": f"unix/{given['socket']}",
+        "port": given.get("port", SERVICE_PORTS[name]),
         "host": "",
         "path": "/",
         "public_url": "",

@@ -22,11 +22,13 @@ import asyncio
 import base64
 import binascii
 import grp
+import ipaddress
 import json
 import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,9 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 RETRY_AFTER = "30"  # seconds, on 503 while draining: the rolling change moves on meanwhile
 MAX_NAME = 255
+# Placement's probes and the store's SQLite calls run in threads: the default pool (cores + 4) made
+# concurrent submissions queue for one (bench/jobs.py).
+THREADS = 64
 CONTROL_MARGIN = 60.0  # seconds the control API waits for `comfybake instances` beyond its own waits
 # JobError types to HTTP status; any other is the server's fault.
 STATUS_OF_ERROR = {"workflow": 400, "validation": 400, "output": 400, "placement": 422, "draining": 503}
@@ -436,7 +441,7 @@ class Control:
         )
         try:
             out, err = await asyncio.wait_for(process.communicate(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError on Python 3.10 hosts
             process.kill()
             await process.wait()
             raise RequestError(
@@ -552,9 +557,24 @@ async def listen(runner: web.AppRunner, where: tuple[str, int] | str, group: int
             os.chown(where, -1, group)
         os.chmod(where, 0o660)
     else:
+        if not loopback(where[0]):
+            logs.emit(
+                f"comfybake jobs: listening on {where[0]}:{where[1]}, which is not loopback, with no key checked: "
+                "anyone who reaches it can run jobs; serve on the unix sockets behind the gateway instead",
+                "warning",
+            )
         site = web.TCPSite(runner, where[0], where[1])
         await site.start()
     return site
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def group_id(name: str | None) -> int | None:
@@ -596,6 +616,7 @@ async def serve(settings: Settings) -> int:
     app_runners = [web.AppRunner(app, access_log=None, handle_signals=False) for app in apps]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(THREADS, thread_name_prefix="comfybake-jobs"))
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:

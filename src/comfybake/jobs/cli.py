@@ -69,7 +69,7 @@ def serve(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     """Each named workflow against what its environment offers now: 0 when every one can run,
     1 naming what lacks (or an environment none of whose instances is ready to be asked)."""
-    from comfybake.jobs.placement import ObjectInfoCache, check_named, load_named, load_routing
+    from comfybake.jobs.placement import EnvironmentReport, ObjectInfoCache, check_named, load_named, load_routing
 
     path = workflows_path(args)
     if not path.is_file():
@@ -88,7 +88,14 @@ def check(args: argparse.Namespace) -> int:
     }
     failing = {name for name, report in reports.items() if report.lacks() or len(report.not_ready) >= members[name]}
     if args.json:
-        found = {name: {**report.as_dict(), "ok": name not in failing} for name, report in reports.items()}
+        found = {
+            name: {
+                "environment": entry.environment,
+                "ok": name not in failing,
+                **reports.get(name, EnvironmentReport()).as_dict(),
+            }
+            for name, entry in sorted(named.items())
+        }
         print(json.dumps({"file": str(path), "workflows": found}, indent=2))
     else:
         for name in sorted(named):
@@ -99,7 +106,8 @@ def check(args: argparse.Namespace) -> int:
             elif name in failing:
                 print(f"{where}: {report.describe() or 'cannot be checked'}")
             else:
-                print(f"{where}: ok, but " + "; ".join(f"{k}: {v}" for k, v in sorted(report.not_ready.items())))
+                waiting = "; ".join(f"{instance}: {why}" for instance, why in sorted(report.not_ready.items()))
+                print(f"{where}: ok (not ready: {waiting})")
     if failing:
         logs.emit(f"{COMMAND} check: {len(failing)} named workflows cannot run: {', '.join(sorted(failing))}", "error")
         return 1
@@ -189,7 +197,7 @@ def worker(args: argparse.Namespace) -> int:
         else:
             logs.emit(f"{COMMAND} worker: {error.name} is not installed: install comfybake[worker]", "error")
         return 2
-    parser = argparse.ArgumentParser(prog=f"{COMMAND} worker", description=WORKER_HELP)
+    parser = argparse.ArgumentParser(prog=f"{COMMAND} worker", description="run as a RunPod serverless worker")
     module.add_arguments(parser)
     code: int = module.run(parser.parse_args(args.rest))
     return code

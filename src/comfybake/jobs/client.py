@@ -4,7 +4,9 @@ The wire format is ComfyUI's own (server.py, execution.py; docs/serving.md#how-a
 
 - `POST /prompt {"prompt", "client_id", "prompt_id", "extra_data"}`: the prompt id is made by the
   job store before posting, so a restarted runner can find the prompt again. A 400 carries
-  ComfyUI's `error` and `node_errors`, raised as `PromptRefused`.
+  ComfyUI's `error` and `node_errors`, raised as `PromptRefusedError`; so is a 200 whose
+  `node_errors` is not empty (ComfyUI then runs only the outputs that passed), after the prompt
+  is taken back off the queue.
 - `/ws?clientId=<client id>`: ComfyUI sends a prompt's execution messages only to the sockets of
   its `client_id`. The socket is opened *before* the prompt is posted, so no message is missed;
   when it drops, it is opened again with the same client id (backoff), and meanwhile
@@ -25,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+from comfybake import logs
 
 HTTP_TIMEOUT = 30.0  # seconds for one call (a /view of a large video gets VIEW_TIMEOUT)
 VIEW_TIMEOUT = 300.0
@@ -142,6 +146,12 @@ class Client:
             raise PromptRefusedError(f"instance {self.name} refused the prompt", answer)
         if status >= 400 or not isinstance(answer, dict):
             raise self._fail(call, f"HTTP {status} {text[:300]}")
+        if answer.get("node_errors"):
+            # ComfyUI queued the outputs that passed and dropped the others: a partial result
+            # nobody asked for. The prompt is taken back and refused as a whole.
+            await self.stop(prompt_id)
+            whole = {"type": "prompt_outputs_failed_validation", "message": "Some outputs failed validation"}
+            raise PromptRefusedError(f"instance {self.name} refused part of the prompt", {**answer, "error": whole})
         if answer.get("prompt_id") not in (None, prompt_id):
             # A ComfyUI older than the client's prompt_id would make its own; nothing could find it again.
             raise self._fail(call, f"it queued the prompt as {answer['prompt_id']}, not {prompt_id}: upgrade ComfyUI")
@@ -174,12 +184,16 @@ class Client:
     async def stop(self, prompt_id: str) -> None:
         """Stop the prompt wherever it is: dropped if pending, interrupted if running. A ComfyUI
         that ignores the interrupt's prompt_id would stop whatever runs, so it is asked only when
-        /queue says this prompt is the running one."""
-        state = await self.queue()
-        if prompt_id in state.pending:
+        /queue says this prompt is the running one. A pending prompt may start between reading
+        the queue and the delete: the queue is read again after it."""
+        for _ in range(3):
+            state = await self.queue()
+            if prompt_id in state.running:
+                await self.interrupt(prompt_id)
+                return
+            if prompt_id not in state.pending:
+                return
             await self.delete(prompt_id)
-        elif prompt_id in state.running:
-            await self.interrupt(prompt_id)
 
     async def view(self, filename: str, subfolder: str, kind: str) -> bytes:
         """An output file's bytes (`kind`: output, temp or input)."""
@@ -244,9 +258,15 @@ class Follower:
             await self.socket.close()
             self.socket = None
 
-    async def outcome(self) -> Outcome:
-        """Wait for the prompt's end (no bound: the caller bounds it with its timeout)."""
+    async def outcome(self, look_first: bool = False) -> Outcome:
+        """Wait for the prompt's end (no bound: the caller bounds it with its timeout).
+        `look_first`: ask /history before listening, for a prompt that may have ended before the
+        socket opened (one a restarted runner adopts); messages sent meanwhile wait in the socket."""
         try:
+            if look_first:
+                found = await self._look()
+                if found is not None:
+                    return found
             delays = iter(BACKOFF)
             while True:
                 if self.socket is None:
@@ -260,6 +280,12 @@ class Follower:
                 found = await self._listen()
                 if found is not None:
                     return found
+                logs.emit(
+                    f"warning: instance {self.client.name}: the WebSocket of prompt {self.prompt_id} dropped; "
+                    "opening it again, polling /history meanwhile",
+                    "warning",
+                    instance=self.client.name,
+                )
                 delays = iter(BACKOFF)  # the socket dropped: reconnect with backoff, polling meanwhile
         finally:
             await self.close()

@@ -155,7 +155,7 @@ def refused(body: Mapping[str, Any], instance: str) -> JobError:
         )
     lines = [
         f"node {node['node']} ({node['class_type']}): {item['message']}"
-        + (f": {item['details']}" if item["details"] else "")
+        + (f" ({item['details']})" if item["details"] else "")
         for node in nodes
         for item in node["errors"]
     ]
@@ -270,9 +270,11 @@ class Runner:
             await self._end(
                 job.id, "fail", JobError("instance", "the runner stopped before it posted the job: submit it again")
             )
-        routes = {route.name: route for route in await asyncio.to_thread(self._routes)}
-        for job in await asyncio.to_thread(self.store.recover):
-            await self._resume(job, routes.get(job.instance))
+        left = await asyncio.to_thread(self.store.recover)
+        if left:  # routing.json is read only then: a host without one yet starts with no jobs
+            routes = {route.name: route for route in await asyncio.to_thread(self._routes)}
+            for job in left:
+                await self._resume(job, routes.get(job.instance))
 
     async def close(self) -> None:
         """Stop following jobs; the unfinished ones stay in the store for the next start()."""
@@ -447,7 +449,7 @@ class Runner:
             await follower.connect()
         if adopt is False or job.state == "submitting":
             await asyncio.to_thread(self.store.start, job.id)
-        ended, outcome = await self._race(follower.outcome(), stop, deadline)
+        ended, outcome = await self._race(follower.outcome(look_first=adopt), stop, deadline)
         if ended or outcome is None:
             await follower.close()
             await self._stopped(job, ended, client, spec.timeout, posted=True)
@@ -471,6 +473,7 @@ class Runner:
             await asyncio.wait([task, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         if task.done():
             return "", task.result()
