@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Build the host's `comfybake` command as one file: a zipapp of src/comfybake with the engines
-(plugins/module_utils, as comfybake.engine), run by the host's system python3.
+"""Build the host's `comfybake` command as one file: a zipapp of src/comfybake (its subpackages, such as
+comfybake.jobs, included) with the engines (plugins/module_utils, as comfybake.engine), run by the host's
+system python3.
 
 The base role installs it from roles/comfyui/files/comfybake.pyz (the default output), so a
 collection built after this step carries it. The archive is reproducible: entries are sorted
@@ -10,9 +11,13 @@ already reports no change. Standard library only; `scripts/bootstrap.sh` runs it
 It also carries pinned pure-Python wheels (BUNDLED: their modules, metadata and licences) that
 hosts then need not install: picklescan, which scans the pickle-based model files a manifest
 allows (the command uses it, and the module runs `comfybake models scan` when it cannot import
-it), and the exporter's prometheus_client and nvidia-ml-py (`comfybake exporter`). Each wheel is
-downloaded once by pip into build/wheels (or given with --wheel FILE) and its SHA-256 is checked
-against the published one before a byte of it goes in.
+it), the exporter's prometheus_client and nvidia-ml-py (`comfybake exporter`), and the job
+service's aiohttp with its dependencies (`comfybake jobs`: SERVE). Each wheel is downloaded once by
+pip into build/wheels (or given with --wheel FILE) and its SHA-256 is checked against the published
+one before a byte of it goes in. Every one is a pure-Python wheel (py3-none-any) that runs on
+Python 3.10, the oldest system python3 of the hosts: aiohttp's and its dependencies' compiled
+speedups are optional (each falls back to its Python code when it cannot import them), so hosts
+need no compiler, no venv and no AIOHTTP_NO_EXTENSIONS.
 """
 
 from __future__ import annotations
@@ -66,26 +71,64 @@ class Wheel:
         return f"{project.replace('-', '_').lower()}-{version}-py3-none-any.whl"
 
 
+def extra_pin(extra: str, project: str) -> str:
+    """The `project==version` pin of pyproject.toml's optional dependencies `extra`, the one place it is written."""
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    found = [pin for pin in pins if pin.partition("==")[0] == project]
+    if len(found) != 1:
+        sys.exit(f"build-cli: pyproject.toml's optional dependencies {extra!r} pin no {project}==VERSION")
+    return str(found[0])
+
+
 PICKLESCAN_VERSION = pinned(ENGINES / "fetch" / "pickles.py", "PICKLESCAN_VERSION")
 PICKLESCAN = f"picklescan=={PICKLESCAN_VERSION}"
 # The exporter's (`comfybake exporter`): prometheus_client always, nvidia-ml-py (pynvml) only where
 # a GPU's NVML is asked for; both imported only by that command.
 PROMETHEUS_CLIENT = pinned(EXPORTER, "PROMETHEUS_CLIENT")
 NVML = f"nvidia-ml-py=={pinned(EXPORTER, 'NVML_VERSION')}"
+# The job service's (`comfybake jobs`, docs/serving.md): aiohttp at pyproject.toml's `serve` pin and
+# what its METADATA requires, the Python 3.10 ones (async-timeout below 3.11, typing_extensions below
+# 3.13) always, since the archive is one for every host. The versions are those of the constraints
+# but multidict's: 7.2 needs Python 3.11, so the archive carries 7.1.0, the newest for 3.10.
+AIOHTTP = extra_pin("serve", "aiohttp")
+SERVE = (
+    Wheel(AIOHTTP, "efc21a454892828368b11c2c780de0ff8bc991f73f6b99c6b66e56205470929b", ("aiohttp",)),
+    Wheel(
+        "aiohappyeyeballs==2.7.1",
+        "9243213661e29250eb41368e5daa826fc017156c3b8a11440826b2e3ed376472",
+        ("aiohappyeyeballs",),
+    ),
+    Wheel("aiosignal==1.4.0", "053243f8b92b990551949e63930a839ff0cf0b0ebbe0597b0f3fb19e1a0fe82e", ("aiosignal",)),
+    Wheel(
+        "async-timeout==5.0.1", "39e3809566ff85354557ec2398b55e096c8364bacac9405a7a1fa429e77fe76c", ("async_timeout",)
+    ),
+    Wheel("attrs==26.1.0", "c647aa4a12dfbad9333ca4e71fe62ddc36f4e63b2d260a37a8b83d2f043ac309", ("attr", "attrs")),
+    Wheel("frozenlist==1.8.0", "0c18a16eab41e82c295618a77502e17b195883241c563b00f0aa5106fc4eaa0d", ("frozenlist",)),
+    Wheel("idna==3.20", "ab7ae7122974553370f0bdb919e1a960b2cd1bc1ef0276416d896db81c14582c", ("idna",)),
+    Wheel("multidict==7.1.0", "d9ef29cfd98e17085b4f91bba8fa1570bec6787d5c52ce653ed33a58785585d0", ("multidict",)),
+    Wheel("propcache==0.5.4", "62c60aec739ed00124573cce1178138fd690c7676352d67a37328c1cf51d7468", ("propcache",)),
+    Wheel(
+        "typing_extensions==4.16.0",
+        "481caa481374e813c1b176ada14e97f1f67a4539ce9cfeb3f350d78d6370c2e8",
+        ("typing_extensions",),
+    ),
+    Wheel("yarl==1.25.1", "681c758b0490f9e96b78e5fa8e8dc6e648e9185bb6eaebe73183c33ea0c445f3", ("yarl",)),
+)
 BUNDLED = (
     Wheel(PICKLESCAN, "2abb3d4959a7ee9ccb1e1296db7c56f624bf6d345b93a0a9cf4185bc650dc2fd", ("picklescan",)),
     Wheel(
         PROMETHEUS_CLIENT, "fa93d06737aa02bacd05794768508bb97d2fbee28cb3bca04eaae92f0ca953d6", ("prometheus_client",)
     ),
     Wheel(NVML, "959bf4adf6fe1308e4bd739e722236b0d1ec8392e2cefad33ff70c311380b9b6", ("pynvml",)),
+    *SERVE,
 )
 WHEELS = ROOT / "build" / "wheels"
 
 
 def sources() -> list[tuple[str, bytes]]:
-    """(name in the archive, content) of every module: the package, then its engines."""
+    """(name in the archive, content) of every module: the package and its subpackages, then its engines."""
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    found = [(f"comfybake/{path.name}", path.read_bytes()) for path in PACKAGE.glob("*.py")]
+    found = [(f"comfybake/{path.relative_to(PACKAGE).as_posix()}", path.read_bytes()) for path in package_modules()]
     found.append(("comfybake/VERSION", f"{version}\n".encode()))
     found += [
         (f"comfybake/engine/{path.relative_to(ENGINES).as_posix()}", path.read_bytes())
@@ -95,6 +138,15 @@ def sources() -> list[tuple[str, bytes]]:
     if not any(name == "comfybake/engine/fetch/__init__.py" for name, _content in found):
         sys.exit(f"build-cli: no engines in {ENGINES}")
     return sorted(found)
+
+
+def package_modules() -> list[Path]:
+    """The package's modules, subpackages (comfybake.jobs) included: not the engines' link nor caches."""
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(PACKAGE):  # os.walk does not follow the `engine` link
+        subfolders[:] = sorted(name for name in subfolders if name not in ("__pycache__", "engine"))
+        found += [Path(folder) / name for name in sorted(files) if name.endswith(".py")]
+    return found
 
 
 def given_wheels(given: list[Path]) -> dict[str, Path]:
@@ -116,6 +168,8 @@ def fetched(wheel: Wheel, given: Path | None) -> Path:
         WHEELS.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=WHEELS) as folder:  # then renamed: parallel builds see a whole file
             download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
+            # The pure wheel, not this machine's compiled one (aiohttp publishes both).
+            download += ["--implementation", "py", "--abi", "none", "--platform", "any"]
             done = subprocess.run([*download, "--dest", folder, wheel.requirement], check=False)
             if done.returncode != 0 or not (Path(folder) / wheel.filename).exists():
                 sys.exit(f"build-cli: pip could not download {wheel.requirement}; give the wheel with --wheel FILE")
@@ -130,6 +184,14 @@ def fetched(wheel: Wheel, given: Path | None) -> Path:
     return path
 
 
+def licence(name: str) -> bool:
+    """Whether a wheel's entry is a licence or notice: under .dist-info/licenses/, or older wheels' LICENSE*."""
+    folder, _slash, base = name.rpartition("/")
+    return ".dist-info/licenses/" in name or (
+        folder.endswith(".dist-info") and base.upper().startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE"))
+    )
+
+
 def vendored(wheel: Wheel, path: Path) -> list[tuple[str, bytes]]:
     """The wheel's modules, its metadata (the version a caller may check) and licence, as the wheel holds them."""
     with zipfile.ZipFile(path) as archive:
@@ -137,7 +199,7 @@ def vendored(wheel: Wheel, path: Path) -> list[tuple[str, bytes]]:
             (name, archive.read(name))
             for name in archive.namelist()
             if (name.endswith(".py") and (name.split("/")[0] in wheel.modules or name[: -len(".py")] in wheel.modules))
-            or ".dist-info/licenses/" in name
+            or licence(name)
             or name.endswith(".dist-info/METADATA")
         ]
 
