@@ -13,9 +13,9 @@ Read from what the roles already write and what the instances answer:
     instance since that look and that have not ended (a look of a second ago does not know them).
 
 Among the enabled instances whose environment lacks nothing the workflow needs, the ready ones
-with the fewest prompts queued (plus those counted) win, ties by name. When none can run it, `PlacementError` says
-per environment what it lacks (node classes, combo values) or why none of its instances is
-ready. Named workflows (a file mapping each name to its environment and graph) restrict
+with the fewest prompts queued (plus those counted) win, ties by name. When none can run it,
+`PlacementError` says per environment what it lacks (node classes, combo values) or why none of
+its instances is ready. Named workflows (a file mapping each name to its environment and graph) restrict
 placement to their environment; `check_named` reports what each one's environment lacks.
 """
 
