@@ -46,6 +46,11 @@ class InstanceError(Exception):
     """The instance did not answer as ComfyUI does; the message names it and the call."""
 
 
+class UnreachableError(InstanceError):
+    """No connection to the instance could be made (it refused it: stopped, or restarting), so the
+    call was never sent: a prompt posted so was not queued, and may go to another instance."""
+
+
 class PromptRefusedError(InstanceError):
     """ComfyUI refused the prompt (400): `body` is its `{"error", "node_errors"}`."""
 
@@ -87,7 +92,8 @@ class Client:
         self.name = name or self.url
 
     def _fail(self, call: str, error: BaseException | str) -> InstanceError:
-        return InstanceError(f"instance {self.name} ({self.url}): {call}: {error}")
+        kind = UnreachableError if isinstance(error, aiohttp.ClientConnectorError) else InstanceError
+        return kind(f"instance {self.name} ({self.url}): {call}: {error}")
 
     async def _json(self, method: str, route: str, body: Any = None) -> Any:
         """A JSON call; an error status or a connection failure is an InstanceError naming both."""

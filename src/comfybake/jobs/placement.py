@@ -8,12 +8,14 @@ Read from what the roles already write and what the instances answer:
     'x.safetensors'`) is found before anything is queued, as ComfyUI itself would refuse the
     prompt (`value_not_in_list`);
   - readiness (`runtime.probe`, the one definition of ready) and the queue
-    (`GET /prompt` -> `exec_info.queue_remaining`) of each instance.
+    (`GET /prompt` -> `exec_info.queue_remaining`) of each instance: its *look*, kept
+    `LOOK_TTL` seconds by a runner's `Looks`, which also counts the jobs it placed on the
+    instance since that look and that have not ended (a look of a second ago does not know them).
 
 Among the enabled instances whose environment lacks nothing the workflow needs, the ready ones
-with the fewest prompts queued win, ties by name. When none can run it, `PlacementError` says
-per environment what it lacks (node classes, combo values) or why none of its instances is
-ready. Named workflows (a file mapping each name to its environment and graph) restrict
+with the fewest prompts queued (plus those counted) win, ties by name. When none can run it,
+`PlacementError` says per environment what it lacks (node classes, combo values) or why none of
+its instances is ready. Named workflows (a file mapping each name to its environment and graph) restrict
 placement to their environment; `check_named` reports what each one's environment lacks.
 """
 
@@ -23,11 +25,11 @@ import threading
 import time
 import urllib.error
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from comfybake import yamlfile
 from comfybake.engine import runtime
@@ -37,6 +39,10 @@ from comfybake.jobs.workflow import load as load_workflow
 
 ROUTING_FORMAT = 1
 OBJECT_INFO_TTL = 30.0  # seconds: a model added to an environment is seen within this
+# seconds an instance's readiness and queue length are reused: a burst of jobs probes each instance
+# about once a second, not once per job; an instance that stops is seen within this (or at once,
+# when posting to it is refused: the runner marks it down and places the job again)
+LOOK_TTL = 1.0
 NAMED_WORKFLOWS_FILE = "workflows.yml"
 
 
@@ -119,10 +125,14 @@ class EnvironmentReport:
 
 @dataclass(frozen=True)
 class Placement:
-    """The chosen instance, and the queue length it had when chosen."""
+    """The chosen instance and its load when chosen: its queue length as last seen (`seen`, the
+    clock's time of that look) plus the jobs placed there since. `claim` counts the job on the
+    instance until it ends (`Looks.release`)."""
 
     route: Route
     queue_remaining: int
+    seen: float = 0.0
+    claim: Claim | None = None
 
 
 # --------------------------------------------------------------------------- routing.json
@@ -159,36 +169,59 @@ def load_routing(config_root: str | Path) -> list[Route]:
 # --------------------------------------------------------------------------- /object_info
 
 
-class ObjectInfoCache:
-    """Each environment's /object_info, fetched once per `ttl` seconds from a ready instance.
+V = TypeVar("V")
 
-    Safe with several threads: those that need the same environment at once wait for one fetch
-    (ComfyUI builds its answer from every node class, which takes a while). A fetch that fails is
-    not cached."""
 
-    def __init__(self, ttl: float = OBJECT_INFO_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+class Recent(Generic[V]):
+    """Values fetched at most once per `ttl` seconds per key, safe with several threads: those that
+    need the same key at once wait for one fetch. A fetch that raises is not kept."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.clock = clock
-        self.lock = threading.Lock()  # guards `locks` and `fetches`
-        self.locks: dict[str, threading.Lock] = {}  # one per environment, held while it is fetched
-        self.entries: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.fetches = 0  # how many times an instance was asked (the tests read it)
+        self.lock = threading.Lock()  # guards `locks`, `entries` and `fetches`
+        self.locks: dict[Hashable, threading.Lock] = {}  # one per key, held while it is fetched
+        self.entries: dict[Hashable, tuple[float, V]] = {}  # key to (when fetched, value)
+        self.fetches = 0  # how many times a value was fetched (the tests read it)
 
-    def get(self, environment: str, route: Route) -> dict[str, Any]:
-        """The environment's /object_info, asked of `route` (a ready instance of it) when stale."""
+    def get(self, key: Hashable, fetch: Callable[[], V]) -> tuple[float, V]:
+        """(when it was fetched, the value): the kept one while younger than `ttl`, else fetched."""
         with self.lock:
-            fetching = self.locks.setdefault(environment, threading.Lock())
+            fetching = self.locks.setdefault(key, threading.Lock())
         with fetching:
-            cached = self.entries.get(environment)
-            if cached and self.clock() - cached[0] < self.ttl:
-                return cached[1]
+            with self.lock:
+                kept = self.entries.get(key)
+            if kept is not None and self.clock() - kept[0] < self.ttl:
+                return kept
+            when = self.clock()
+            found = (when, fetch())
+            self.put(key, found)
+            with self.lock:
+                self.fetches += 1
+            return found
+
+    def put(self, key: Hashable, found: tuple[float, V]) -> None:
+        with self.lock:
+            self.entries[key] = found
+
+
+class ObjectInfoCache(Recent[dict[str, Any]]):
+    """Each environment's /object_info, fetched once per `ttl` seconds from a ready instance
+    (ComfyUI builds its answer from every node class, which takes a while)."""
+
+    def __init__(self, ttl: float = OBJECT_INFO_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(ttl, clock)
+
+    def get_info(self, environment: str, route: Route) -> dict[str, Any]:
+        """The environment's /object_info, asked of `route` (a ready instance of it) when stale."""
+
+        def fetch() -> dict[str, Any]:
             info = runtime.get_json(f"{route.url.rstrip('/')}/object_info", timeout=30)
             if not isinstance(info, dict):
                 raise ValueError(f"/object_info of instance {route.name} is a {type(info).__name__}, not an object")
-            self.entries[environment] = (self.clock(), info)
-            with self.lock:
-                self.fetches += 1
             return info
+
+        return self.get(environment, fetch)[1]
 
 
 def combo_options(spec: Any) -> list[Any] | None:
@@ -231,19 +264,95 @@ def queue_remaining(route: Route) -> int | None:
         return None
 
 
-def _look(route: Route) -> tuple[str, int | None]:
-    """(what readiness misses, "" when ready; the queue length of a ready instance)."""
-    stage, missing, _settled = runtime.probe(route.instance())
-    if stage != "ready":
-        return missing or stage, None
-    remaining = queue_remaining(route)
-    return ("" if remaining is not None else "GET /prompt does not answer with a queue length"), remaining
+@dataclass(frozen=True)
+class Look:
+    """What readiness misses ("" when ready), the queue length of a ready instance, and the
+    clock's time just before that length was asked."""
+
+    why: str
+    queue_remaining: int | None
+    seen: float
+
+
+@dataclass(eq=False)
+class Claim:
+    """A job placed on an instance, counted on top of the instance's queue length until a look
+    taken after the job was posted (which sees it queued) or until the job ends."""
+
+    key: tuple[str, str]
+    posted: float | None = None  # the clock's time the instance took the prompt; None before
+
+
+class Looks:
+    """Each instance's last look (readiness and queue length), reused for `ttl` seconds, and the
+    jobs placed on it that the look cannot know yet. One per runner: placing a burst of jobs then
+    costs about one probe per instance per `ttl`, and "fewest queued" stays right, since each job
+    placed counts on its instance at once. `ttl=0` looks afresh every time (one-off placements,
+    `comfybake jobs check`)."""
+
+    def __init__(self, ttl: float = LOOK_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.recent: Recent[Look] = Recent(ttl, clock)
+        self.lock = threading.Lock()  # guards `claims` and each claim's `posted`
+        self.claims: dict[tuple[str, str], set[Claim]] = {}
+
+    @staticmethod
+    def key(route: Route) -> tuple[str, str]:
+        return route.name, route.url
+
+    def look(self, route: Route) -> Look:
+        """`route`'s look, taken at most once per `ttl` seconds."""
+        return self.recent.get(self.key(route), lambda: self._take(route))[1]
+
+    def _take(self, route: Route) -> Look:
+        stage, missing, _settled = runtime.probe(route.instance())
+        if stage != "ready":
+            return Look(missing or stage, None, self.clock())
+        # a job posted from here on may be in the answer and counted by its claim too: one too
+        # many until the next look, never one too few
+        seen = self.clock()
+        remaining = queue_remaining(route)
+        return Look("" if remaining is not None else "GET /prompt does not answer with a queue length", remaining, seen)
+
+    def down(self, route: Route, why: str) -> None:
+        """Take `route` as not ready until its next look (its port refused a connection)."""
+        now = self.clock()
+        self.recent.put(self.key(route), (now, Look(why, None, now)))
+
+    def choose(self, candidates: list[Placement]) -> Placement:
+        """The least loaded candidate (queue length plus the jobs placed since its look; ties by
+        name), with a claim that counts this job on it from now on."""
+        with self.lock:
+            loads = [replace(item, queue_remaining=item.queue_remaining + self._unseen(item)) for item in candidates]
+            chosen = min(loads, key=lambda item: (item.queue_remaining, item.route.name))
+            claim = Claim(self.key(chosen.route))
+            self.claims.setdefault(claim.key, set()).add(claim)
+        return replace(chosen, claim=claim)
+
+    def _unseen(self, item: Placement) -> int:
+        """The jobs placed on the instance that its look does not count (lock held)."""
+        claims = self.claims.get(self.key(item.route), set())
+        return sum(1 for claim in claims if claim.posted is None or claim.posted >= item.seen)
+
+    def posted(self, claim: Claim | None) -> None:
+        """The instance took the job's prompt: a look taken from now on counts it in the queue."""
+        if claim is not None:
+            with self.lock:
+                claim.posted = self.clock()
+
+    def release(self, claim: Claim | None) -> None:
+        """The job ended (or never reached the instance): it loads the instance no more."""
+        if claim is not None:
+            with self.lock:
+                self.claims.get(claim.key, set()).discard(claim)
 
 
 def assess(
-    workflow: Workflow, environment: str, routes: list[Route], cache: ObjectInfoCache
+    workflow: Workflow, environment: str, routes: list[Route], cache: ObjectInfoCache, looks: Looks | None = None
 ) -> tuple[EnvironmentReport, list[Placement]]:
-    """What `environment` lacks for `workflow`, and its ready instances with their queues."""
+    """What `environment` lacks for `workflow`, and its ready instances with their queues (as
+    `looks` last saw them; looked at afresh without)."""
+    looks = looks or Looks(ttl=0.0)
     members = [route for route in routes if route.environment == environment and route.enabled]
     report = EnvironmentReport()
     if not members:
@@ -255,18 +364,18 @@ def assess(
     if report.missing_classes:
         return report, []
     with ThreadPoolExecutor(max_workers=min(16, len(members))) as pool:
-        looks = list(pool.map(_look, members))
+        seen = list(pool.map(looks.look, members))
     ready = []
-    for route, (why, remaining) in zip(members, looks, strict=True):
-        if why or remaining is None:
-            report.not_ready[route.name] = why
+    for route, look in zip(members, seen, strict=True):
+        if look.why or look.queue_remaining is None:
+            report.not_ready[route.name] = look.why
         else:
-            ready.append(Placement(route, remaining))
+            ready.append(Placement(route, look.queue_remaining, look.seen))
     if not ready:
         return report, []
     if workflow.string_inputs():
         try:
-            info = cache.get(environment, min(ready, key=lambda item: item.route.name).route)
+            info = cache.get_info(environment, min(ready, key=lambda item: item.route.name).route)
         except (OSError, ValueError, urllib.error.URLError) as error:
             report.note = f"its /object_info does not answer: {error}"
             return report, []
@@ -279,18 +388,21 @@ def place(
     routes: list[Route],
     cache: ObjectInfoCache,
     environment: str | None = None,
+    looks: Looks | None = None,
 ) -> Placement:
-    """The instance that runs `workflow` now (only of `environment` when given), or PlacementError."""
+    """The instance that runs `workflow` now (only of `environment` when given), or PlacementError.
+    With a runner's `looks`, the placement is claimed there: release it when the job ends."""
     names = [environment] if environment else sorted({route.environment for route in routes})
     if not names:
         raise PlacementError("routing.json lists no instances: define some and converge the host")
+    looks = looks or Looks(ttl=0.0)
     reports: dict[str, EnvironmentReport] = {}
     candidates: list[Placement] = []
     for name in names:
-        reports[name], ready = assess(workflow, name, routes, cache)
+        reports[name], ready = assess(workflow, name, routes, cache, looks)
         candidates += ready
     if candidates:
-        return min(candidates, key=lambda item: (item.queue_remaining, item.route.name))
+        return looks.choose(candidates)
     lines = [f"environment {name}: {report.describe()}" for name, report in sorted(reports.items())]
     where = f"environment {environment}" if environment else "no environment"
     raise PlacementError(

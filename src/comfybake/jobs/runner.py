@@ -2,14 +2,17 @@
 
 A job (docs/serving.md#how-a-job-runs):
 
-1. `submit` checks the request, places the workflow in a thread (`placement.place`, or
-   `place_named` for a named one) and only then creates the job: a workflow no environment can
-   run raises `JobError` (type `placement`, naming what each environment lacks) with no job row
-   and nothing queued anywhere. The job moves to `submitting` on the chosen instance.
+1. `submit` checks the request, places the workflow in a thread (`placement.place`, with the
+   runner's `Looks`: each instance's readiness and queue length of the last second, plus the jobs
+   placed there since) and only then creates the job: a workflow no environment can run raises
+   `JobError` (type `placement`, naming what each environment lacks) with no job row and nothing
+   queued anywhere. The job moves to `submitting` on the chosen instance.
 2. Its input files are uploaded (`overwrite`) into `input/comfybake-<job id>/`, and every plain
    string input of the workflow that names one of them is rewritten to the uploaded name.
 3. The WebSocket (`clientId` = the job id) is opened, then the prompt is posted with the job's
-   prompt id; the job is `running`. ComfyUI's 400 becomes a `validation` error, node by node.
+   prompt id; the job is `running`. ComfyUI's 400 becomes a `validation` error, node by node. An
+   instance that refuses the connection (it stopped since its last look) was sent nothing: it is
+   taken as not ready and the job placed once more (steps 1 to 3, same job and prompt id).
 4. The prompt is followed to its end (client.Follower: reconnects, /history polling). Its output
    files are fetched (/view) and stored by the job's sink (inline base64, or S3 URLs).
 5. A job past its timeout (seconds from submission), or cancelled, has its prompt dropped from
@@ -46,6 +49,8 @@ from comfybake.jobs import outputs as sinks_module
 from comfybake.jobs.outputs import OutputError, OutputSink
 from comfybake.jobs.placement import (
     NAMED_WORKFLOWS_FILE,
+    Claim,
+    Looks,
     NamedWorkflow,
     ObjectInfoCache,
     Placement,
@@ -245,12 +250,15 @@ class Runner:
         sinks: Mapping[str, OutputSink] | None = None,
         named: Mapping[str, NamedWorkflow] | None = None,
         cache: ObjectInfoCache | None = None,
+        looks: Looks | None = None,
     ) -> None:
         self.config_root = Path(config_root)
         self.store = store
         self.sinks = dict(sinks) if sinks is not None else sinks_module.sinks_from_environment(os.environ)
         self.named = named
         self.cache = cache or ObjectInfoCache()
+        self.looks = looks or Looks()
+        self.claims: dict[str, Claim | None] = {}  # job id to its placement's claim, until it ends
         self.specs = store.path.parent / SPECS
         self.draining = False
         self.http: aiohttp.ClientSession | None = None
@@ -312,12 +320,17 @@ class Runner:
             raise JobError("workflow", f"timeout {spec.timeout!r} is not a number of seconds above 0 (at most 7 days)")
         for name in spec.inputs:
             check_input_name(name)
-        chosen = await asyncio.to_thread(self._place, without_inputs(spec.workflow, set(spec.inputs)), spec.environment)
-        self._refuse_when_draining()  # a drain that began while placing
         deadline = asyncio.get_running_loop().time() + spec.timeout
-        job = await asyncio.to_thread(self.store.create, spec.name, dict(spec.inputs))
-        job = await asyncio.to_thread(self.store.submit, job.id, chosen.route.environment, chosen.route.name)
-        self._launch(job, self._run(job, chosen.route, spec, deadline, on_progress))
+        chosen = await asyncio.to_thread(self._place, without_inputs(spec.workflow, set(spec.inputs)), spec.environment)
+        try:
+            self._refuse_when_draining()  # a drain that began while placing
+            job = await asyncio.to_thread(self.store.create, spec.name, dict(spec.inputs))
+            job = await asyncio.to_thread(self.store.submit, job.id, chosen.route.environment, chosen.route.name)
+        except BaseException:
+            self.looks.release(chosen.claim)
+            raise
+        self.claims[job.id] = chosen.claim
+        self._launch(job, self._run(job, chosen.route, spec, deadline, on_progress, place_again=True))
         return job
 
     async def submit_named(self, name: str, on_progress: Progress | None = None, **kwargs: Any) -> Job:
@@ -374,7 +387,7 @@ class Runner:
 
     def _place(self, workflow: Workflow, environment: str | None) -> Placement:
         try:
-            return place(workflow, self._routes(), self.cache, environment)
+            return place(workflow, self._routes(), self.cache, environment, self.looks)
         except PlacementError as error:
             raise JobError("placement", str(error), environments=error.as_dict()["environments"]) from None
 
@@ -406,6 +419,7 @@ class Runner:
                     job.id, "fail", JobError("instance", f"the runner failed: {type(error).__name__}: {error}")
                 )
         finally:
+            self.looks.release(self.claims.pop(job.id, None))
             self.tasks.pop(job.id, None)
             self.stops.pop(job.id, None)
             ended = self.ended.pop(job.id, None)
@@ -418,35 +432,28 @@ class Runner:
         return comfy.Client(self.http, route.url, route.name)
 
     async def _run(
-        self, job: Job, route: Route, spec: JobSpec, deadline: float, on_progress: Progress | None, adopt: bool = False
+        self,
+        job: Job,
+        route: Route,
+        spec: JobSpec,
+        deadline: float,
+        on_progress: Progress | None,
+        adopt: bool = False,
+        place_again: bool = False,
     ) -> None:
-        """Upload, post and follow one job to its end (`adopt`: its prompt is queued already)."""
-        client = self._client(route)
+        """Upload, post and follow one job to its end (`adopt`: its prompt is queued already;
+        `place_again`: placed by submit(), so it may go to another instance when its own refuses)."""
         stop = self.stops[job.id]
         events = None if on_progress is None else (lambda event: self._progress(on_progress, job.id, event))
-        follower = client.follow(job.prompt_id, job.id, events)
-        if not adopt:
-            try:
-                ended, graph = await self._race(self._upload(client, job, spec), stop, deadline)
-            except comfy.InstanceError as error:
-                await self._end(job.id, "fail", JobError("instance", f"{error}; the job was not run"))
-                return
-            if ended or graph is None:
-                await self._stopped(job, ended, client, spec.timeout, posted=False)
-                return
-            try:
-                await follower.connect()  # before posting: no message of the prompt is missed
-                await client.queue_prompt(graph, job.prompt_id, job.id, spec.extra_data)
-            except comfy.PromptRefusedError as error:
-                await follower.close()
-                await self._end(job.id, "fail", refused(error.body, route.name))
-                return
-            except comfy.InstanceError as error:
-                await follower.close()
-                await self._end(job.id, "fail", JobError("instance", f"{error}; the job was not run"))
-                return
-        else:
+        if adopt:
+            client = self._client(route)
+            follower = client.follow(job.prompt_id, job.id, events)
             await follower.connect()
+        else:
+            posted = await self._post(job, route, spec, deadline, events, place_again)
+            if posted is None:
+                return
+            route, client, follower = posted
         if adopt is False or job.state == "submitting":
             await asyncio.to_thread(self.store.start, job.id)
         ended, outcome = await self._race(follower.outcome(look_first=adopt), stop, deadline)
@@ -455,6 +462,61 @@ class Runner:
             await self._stopped(job, ended, client, spec.timeout, posted=True)
             return
         await self._finish(job, route, client, outcome, spec.outputs)
+
+    async def _post(
+        self, job: Job, route: Route, spec: JobSpec, deadline: float, events: comfy.Event | None, place_again: bool
+    ) -> tuple[Route, comfy.Client, comfy.Follower] | None:
+        """Upload the inputs and post the prompt on `route`, its socket opened first (no message of
+        the prompt is missed); None when the job ended instead. An instance that refuses the
+        connection was sent nothing: the job is placed once more, when `place_again`."""
+        client = self._client(route)
+        follower = client.follow(job.prompt_id, job.id, events)
+        try:
+            ended, graph = await self._race(self._upload(client, job, spec), self.stops[job.id], deadline)
+            if ended or graph is None:
+                await self._stopped(job, ended, client, spec.timeout, posted=False)
+                return None
+            await follower.connect()
+            await client.queue_prompt(graph, job.prompt_id, job.id, spec.extra_data)
+        except comfy.PromptRefusedError as error:
+            await follower.close()
+            await self._end(job.id, "fail", refused(error.body, route.name))
+            return None
+        except comfy.UnreachableError as error:
+            await follower.close()
+            if not place_again:
+                await self._end(job.id, "fail", JobError("instance", f"{error}; the job was not run"))
+                return None
+            moved = await self._place_again(job, route, spec, error)
+            return None if moved is None else await self._post(job, moved, spec, deadline, events, place_again=False)
+        except comfy.InstanceError as error:
+            await follower.close()
+            await self._end(job.id, "fail", JobError("instance", f"{error}; the job was not run"))
+            return None
+        self.looks.posted(self.claims.get(job.id))
+        return route, client, follower
+
+    async def _place_again(self, job: Job, route: Route, spec: JobSpec, error: comfy.InstanceError) -> Route | None:
+        """Another instance for a job whose own refused the connection: that one is taken as not
+        ready until its next look; None (the job failed, saying why) when none can run it now."""
+        self.looks.down(route, "it refused a connection when a job was posted")
+        self.looks.release(self.claims.pop(job.id, None))
+        try:
+            chosen = await asyncio.to_thread(
+                self._place, without_inputs(spec.workflow, set(spec.inputs)), spec.environment
+            )
+        except JobError as again:
+            message = f"{error}; the job was not run, and no other instance can run it now: {again.message}"
+            await self._end(job.id, "fail", JobError("instance", message))
+            return None
+        self.claims[job.id] = chosen.claim
+        await asyncio.to_thread(self.store.submit, job.id, chosen.route.environment, chosen.route.name)
+        logs.emit(
+            f"warning: job {job.id}: {error}; placed again on instance {chosen.route.name}",
+            "warning",
+            instance=route.name,
+        )
+        return chosen.route
 
     async def _upload(self, client: comfy.Client, job: Job, spec: JobSpec) -> dict[str, Any]:
         """Upload the inputs; the graph to post (rewritten to their names), kept for a restart."""
