@@ -211,7 +211,9 @@ class Sockets:
         with self.lock:
             targets = list(self.open.values()) if sid is None else [self.open[sid]] if sid in self.open else []
         for target in targets:
-            with contextlib.suppress(OSError):  # its reader sees the closed connection and removes it
+            # A socket closing under it: OSError from the connection, ValueError from its file once
+            # closed. Its reader sees the closed connection and removes it; the worker goes on.
+            with contextlib.suppress(OSError, ValueError):
                 target.send_json({"type": event, "data": data})
 
     def broadcast(self, message: dict[str, Any]) -> None:
