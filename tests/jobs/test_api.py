@@ -194,6 +194,18 @@ def test_a_bad_listen_address_is_refused_naming_the_option(tmp_path: Path) -> No
     assert "--jobs-listen 'localhost' is neither unix:/path nor HOST:PORT" in done.stderr
 
 
+def test_a_bad_bucket_setting_is_refused_in_one_line(tmp_path: Path) -> None:
+    config = instances_root(tmp_path)
+    command = [venv_bin("comfybake"), "jobs", "serve", "--config-root", str(config),
+               "--state-root", str(tmp_path / "s"), "--jobs-listen", f"unix:{tmp_path / 'j.sock'}",
+               "--control-listen", f"unix:{tmp_path / 'c.sock'}"]  # fmt: skip
+    environ = {**os.environ, "COMFYBAKE_JOBS_S3_BUCKET": "media", "COMFYBAKE_JOBS_S3_EXPIRES": "2w"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environ)
+    assert done.returncode == 2, done.stderr
+    assert "COMFYBAKE_JOBS_S3_EXPIRES '2w' is not a number of seconds" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # --------------------------------------------------------------------------- request shapes
 
 

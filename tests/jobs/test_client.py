@@ -10,7 +10,9 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
+from aiohttp import web
 from harness.jobs import JobInstance, JobsHost, img2img, txt2img
 
 from comfybake.jobs import client as comfy
@@ -153,3 +155,71 @@ def test_an_instance_that_does_not_answer_is_named(jobs_host: StartHost) -> None
         return str(raised.value)
 
     assert talk(item, work).startswith(f"instance a ({item.url}): GET /queue: ")
+
+
+def with_server(
+    routes: list[web.RouteDef], work: Callable[[comfy.Client], Coroutine[Any, Any, T]], total: float = 30.0
+) -> T:
+    """Run `work` against a loopback aiohttp server answering `routes` (what the double cannot do:
+    hang, or drop a connection after acting on it), with a client whose calls give up after `total` s."""
+
+    async def main() -> T:
+        app = web.Application()
+        app.add_routes(routes)
+        server = web.AppRunner(app, shutdown_timeout=0.1)  # a hanging handler is cancelled
+        await server.setup()
+        site = web.TCPSite(server, "127.0.0.1", 0)
+        await site.start()
+        port = server.addresses[0][1]
+        try:
+            timeout = aiohttp.ClientTimeout(total=total)
+            async with aiohttp.ClientSession(trust_env=False, timeout=timeout) as http:
+                return await work(comfy.Client(http, f"http://127.0.0.1:{port}", "a"))
+        finally:
+            await server.cleanup()
+
+    return asyncio.run(main())
+
+
+def test_a_call_that_times_out_says_so() -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.Event().wait()
+        return web.json_response({})
+
+    async def work(api: comfy.Client) -> str:
+        with pytest.raises(comfy.InstanceError) as raised:
+            await api.queue()
+        return str(raised.value)
+
+    message = with_server([web.get("/queue", hang)], work, total=0.3)
+    assert message.endswith(": GET /queue: TimeoutError"), message
+
+
+def test_a_prompt_queued_but_not_answered_is_taken_back() -> None:
+    pending: list[str] = []
+
+    async def prompt(request: web.Request) -> web.Response:
+        pending.append((await request.json())["prompt_id"])
+        assert request.transport is not None
+        request.transport.close()  # queued, then the answer is lost
+        return web.json_response({})
+
+    async def queue(request: web.Request) -> web.Response:
+        return web.json_response({"queue_running": [], "queue_pending": [[0, item, {}, {}, []] for item in pending]})
+
+    async def delete(request: web.Request) -> web.Response:
+        for item in (await request.json())["delete"]:
+            pending.remove(item)
+        return web.json_response({})
+
+    prompt_id = str(uuid.uuid4())
+
+    async def work(api: comfy.Client) -> str:
+        with pytest.raises(comfy.InstanceError) as raised:
+            await api.queue_prompt(txt2img(), prompt_id, "x")
+        return str(raised.value)
+
+    routes = [web.post("/prompt", prompt), web.get("/queue", queue), web.post("/queue", delete)]
+    message = with_server(routes, work)
+    assert message.startswith("instance a (http://127.0.0.1:") and ": POST /prompt: " in message
+    assert pending == []  # not left to run while its job says it was not run

@@ -19,10 +19,11 @@ HISTORY_OUTPUTS = {
     "11": {"gifs": [{"filename": "clip_00001.mp4", "subfolder": "vid", "type": "output", "format": "video/h264-mp4"}]},
     "12": {"audio": [{"filename": "voice_00001_.wav", "subfolder": "audio", "type": "output"}]},
     "13": {"text": ["a caption"], "animated": [False]},
+    "14": {"gifs": [{"filename": "face.png", "subfolder": "comfybake-other-job", "type": "input"}]},
 }
 
 
-def test_outputs_are_sorted_into_images_videos_and_files_and_previews_skipped() -> None:
+def test_outputs_are_sorted_into_images_videos_and_files_and_previews_and_inputs_skipped() -> None:
     found = outputs.collect(HISTORY_OUTPUTS)
     assert found == [
         OutputFile("images", "9", "ComfyUI_00001_.png", "", "output"),

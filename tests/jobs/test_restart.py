@@ -5,9 +5,11 @@ the job's prompt id once either way, so the files are what is counted."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness.jobs import JobInstance, start_host, txt2img
@@ -72,3 +74,23 @@ def test_sigterm_drains_the_running_job_before_exiting(tmp_path: Path, instance:
     [line] = [item for item in served.finished_lines() if item.get("job") == job["id"]]
     assert line["state"] == "succeeded"
     assert len(written(instance, "drained")) == 1 and written(instance, "late") == []
+
+
+def test_a_request_waiting_for_a_job_is_answered_when_the_drain_ends(tmp_path: Path, instance: JobInstance) -> None:
+    """A stop whose drain ends with the job still running answers the requests waiting for it
+    (202, the job as it is, resumed by the next start) before the process exits."""
+    served = serve(tmp_path / "etc", tmp_path / "state", tmp_path / "serve.log", "--stop-timeout", "0.5")
+    body = {"workflow": txt2img(prefix="long", steps=10), "extra_data": {"test_double_seconds": 600}}
+    job = served.job_api("POST", "/v1/jobs", body).body["job"]
+    wait_until(lambda: served.job_api("GET", f"/v1/jobs/{job['id']}").body["job"]["state"] == "running", "running")
+    replies: list[Any] = []
+    waiting = threading.Thread(
+        target=lambda: replies.append(served.job_api("GET", f"/v1/jobs/{job['id']}?wait=300", timeout=300))
+    )
+    waiting.start()
+    time.sleep(0.5)  # the request is in (the double runs its prompt for 600 s)
+    served.process.terminate()
+    waiting.join()
+    assert served.process.wait(timeout=60) == 0
+    [reply] = replies
+    assert reply.status == 200 and reply.body["job"]["state"] == "running", reply.body

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 import requests
 from harness.jobs import JobsHost, S3Server, img2img, txt2img
+from jobs_loopback import stopped, write_routing
 
 from comfybake.jobs import outputs, runner, workflow
 from comfybake.jobs.runner import JobError, JobSpec, Runner
@@ -440,3 +441,27 @@ def test_without_routing_json_a_runner_starts_and_refuses_jobs_saying_so(tmp_pat
     error = asyncio.run(main())
     assert error.type == "placement" and "routing.json" in error.message
     assert JobStore(tmp_path / "state").jobs() == []
+
+
+def test_a_closed_runner_refuses_to_cancel_leaving_the_job_to_the_next_start(tmp_path: Path) -> None:
+    """A cancel that reaches a stopping service cannot stop the prompt: marking the job cancelled
+    would leave its prompt running with nobody to follow it."""
+    (tmp_path / "etc").mkdir()
+    write_routing(tmp_path / "etc", [stopped("a", "prod").record()])
+    store = JobStore(tmp_path / "state")
+
+    async def main() -> tuple[str, JobError]:
+        found = Runner(tmp_path / "etc", store, sinks={"inline": outputs.Inline()})
+        await found.start()
+        job = store.create("")  # running, as a job of this runner's before its stop
+        store.submit(job.id, "prod", "a")
+        store.start(job.id)
+        await found.close()
+        with pytest.raises(JobError) as raised:
+            await found.cancel(job.id)
+        return job.id, raised.value
+
+    job_id, error = asyncio.run(main())
+    job = store.get(job_id)
+    assert error.type == "draining" and job.id in error.message
+    assert store.get(job.id).state == "running"

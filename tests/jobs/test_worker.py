@@ -196,6 +196,20 @@ def test_the_environment_file_takes_any_value_but_nul(tmp_path: Path) -> None:
         worker.read_environment_file(tmp_path / "absent")
 
 
+def test_a_bad_bucket_setting_stops_the_worker_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COMFYBAKE_JOBS_S3_BUCKET", "media")
+    monkeypatch.setenv("COMFYBAKE_JOBS_S3_EXPIRES", "2w")
+    (tmp_path / "routing.json").write_text(json.dumps({"format": 1, "instances": [], "environments": []}))
+    parser = argparse.ArgumentParser()
+    worker.add_arguments(parser)
+    assert worker.run(parser.parse_args(["--config-root", str(tmp_path)])) == 2
+    assert capsys.readouterr().err == (
+        "error: COMFYBAKE_JOBS_S3_EXPIRES '2w' is not a number of seconds (1 to 604800)\n"
+    )
+
+
 # --------------------------------------------------------------------------- the SDK's local modes, real doubles
 
 SRC = Path(__file__).resolve().parents[2] / "src"

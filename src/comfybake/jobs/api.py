@@ -635,7 +635,9 @@ async def serve(settings: Settings) -> int:
                 f"comfybake jobs: {len(unfinished)} jobs still running; the next start follows them again", "warning"
             )
     finally:
+        # The runner first: requests waiting for a job (`wait`) then answer with it as it is,
+        # instead of holding the apps' cleanup for its own 60 s past the drain.
+        await runner.close()
         for app_runner in app_runners:
             await app_runner.cleanup()
-        await runner.close()
     return 0

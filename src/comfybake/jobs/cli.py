@@ -56,9 +56,11 @@ def serve(args: argparse.Namespace) -> int:
         stop_timeout=args.stop_timeout,
         program=shlex.split(args.instances_command) if args.instances_command else api.own_program(),
     )
+    from comfybake.jobs.outputs import OutputError  # a bad COMFYBAKE_JOBS_S3_* setting
+
     try:
         return asyncio.run(api.serve(settings))
-    except api.ListenError as error:
+    except (api.ListenError, OutputError) as error:
         logs.emit(f"{COMMAND} serve: {error}", "error")
         return 2
 

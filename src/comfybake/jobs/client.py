@@ -21,6 +21,7 @@ is not reachable through one), as `engine.runtime` does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ MAX_MESSAGE = 64 << 20  # ComfyUI's binary preview frames can be large
 Event = Callable[[dict[str, Any]], None]
 # What a failed call raises. On Python 3.10 asyncio's TimeoutError is not yet the builtin one.
 FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError)  # not TimeoutError: Python 3.10 hosts
+
+
+def why(error: BaseException) -> str:
+    """A failed call's reason: its message, else its kind (a timeout's message is empty)."""
+    return str(error) or type(error).__name__
 
 
 class InstanceError(Exception):
@@ -104,7 +110,7 @@ class Client:
                 if response.status >= 400:
                     raise self._fail(call, f"HTTP {response.status} {text[:300]}")
         except FAILURES as error:
-            raise self._fail(call, error or type(error).__name__) from None
+            raise self._fail(call, why(error)) from None
         try:
             return json.loads(text) if text.strip() else None
         except ValueError:
@@ -128,7 +134,7 @@ class Client:
                     raise self._fail(call, f"HTTP {response.status} {text[:300]}")
                 answer = json.loads(text)
         except (*FAILURES, ValueError) as error:
-            raise self._fail(call, error or type(error).__name__) from None
+            raise self._fail(call, why(error)) from None
         folder = str(answer.get("subfolder") or "")
         return f"{folder}/{answer['name']}" if folder else str(answer["name"])
 
@@ -143,7 +149,11 @@ class Client:
                 text = await response.text()
                 status = response.status
         except FAILURES as error:
-            raise self._fail(call, error or type(error).__name__) from None
+            # The instance may have queued the prompt before the answer was lost (a timeout, a
+            # dropped connection): take it back, so that a job reported "not run" does not run.
+            with contextlib.suppress(InstanceError):
+                await self.stop(prompt_id)
+            raise self._fail(call, why(error)) from None
         try:
             answer = json.loads(text)
         except ValueError:
@@ -212,7 +222,7 @@ class Client:
                     raise self._fail(call, f"HTTP {response.status}")
                 return await response.read()
         except FAILURES as error:
-            raise self._fail(call, error or type(error).__name__) from None
+            raise self._fail(call, why(error)) from None
 
     def follow(self, prompt_id: str, client_id: str, on_event: Event | None = None) -> Follower:
         return Follower(self, prompt_id, client_id, on_event)

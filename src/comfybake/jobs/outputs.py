@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 VIDEO_KEYS = frozenset({"gifs", "videos", "video"})
 KINDS = ("images", "videos", "files")
+OUTPUT_FOLDERS = frozenset({"output", "temp"})  # ComfyUI's folders a job's nodes write to
 DEFAULT_PREFIX = "comfybake/jobs"
 MAX_EXPIRES = 604800  # seconds: SigV4's longest presigned URL (7 days)
 
@@ -60,6 +61,8 @@ def collect(outputs: Mapping[str, Any]) -> list[OutputFile]:
                 if not isinstance(value, dict) or not isinstance(value.get("filename"), str):
                     continue  # not a file: text outputs, flags (SaveAnimatedWEBP's `animated`)
                 folder = str(value.get("type") or "output")
+                if folder not in OUTPUT_FOLDERS:
+                    continue  # not written by the job: input/ holds other jobs' uploads
                 if kind == "images" and folder == "temp":
                     continue  # a preview
                 found.append(OutputFile(kind, str(node), value["filename"], str(value.get("subfolder") or ""), folder))

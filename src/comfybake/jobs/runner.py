@@ -361,9 +361,12 @@ class Runner:
             if not stop.done():
                 stop.set_result("cancelled")
             return await self.wait(job_id)
-        # not followed by this runner (closed, or another process's): stop it where it was posted
+        if self.http is None:
+            # closed (a stop): the job stays for the next start, and its prompt cannot be stopped now
+            raise JobError("draining", f"this runner is stopping: cancel job {job_id} again once it is back")
+        # not followed by this runner (another process's): stop it where it was posted
         route = {route.name: route for route in await asyncio.to_thread(self._routes)}.get(job.instance)
-        if route is not None and self.http is not None:
+        if route is not None:
             with contextlib.suppress(comfy.InstanceError):
                 await comfy.Client(self.http, route.url, route.name).stop(job.prompt_id)
         return await self._end(job_id, "cancel")

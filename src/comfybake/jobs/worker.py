@@ -35,7 +35,7 @@ from comfybake import logs
 from comfybake.engine import runtime
 from comfybake.instances import HostError
 from comfybake.jobs import placement
-from comfybake.jobs.outputs import OutputSink, sinks_from_environment
+from comfybake.jobs.outputs import OutputError, OutputSink, sinks_from_environment
 from comfybake.jobs.runner import DEFAULT_TIMEOUT, JobError, JobSpec, Runner
 from comfybake.jobs.store import Job, JobStore
 from comfybake.jobs.workflow import WorkflowError
@@ -400,12 +400,13 @@ def run(args: argparse.Namespace) -> int:
         if args.environment_file is not None:
             # Before anything reads them: the SDK reads RunPod's variables when it is imported.
             os.environ.update(read_environment_file(args.environment_file))
+        sinks = sinks_from_environment(os.environ)
         routes = placement.load_routing(args.config_root)
         jobs_at_once = concurrency(os.environ.get(CONCURRENCY_ENVIRONMENT), routes)
         ready_timeout = args.ready_timeout
         if ready_timeout is None:
             ready_timeout = float(os.environ.get(READY_TIMEOUT_ENVIRONMENT) or DEFAULT_READY_TIMEOUT)
-    except (HostError, ValueError) as error:
+    except (HostError, ValueError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not wait_for_instances(routes, ready_timeout):
@@ -419,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker(
         args.config_root,
         args.state_root,
-        sinks_from_environment(os.environ),
+        sinks,
         # progress_update posts to RunPod's job-done URL, which only the platform sets
         progress=serverless.progress_update if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT") else None,
         one_job=local_test,
