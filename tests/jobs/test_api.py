@@ -437,3 +437,29 @@ def test_listen_addresses_parse_and_only_loopback_is_quiet() -> None:
         parse_listen("unix:jobs.sock", "--jobs-listen")
     assert loopback("127.0.0.1") and loopback("::1") and loopback("localhost")
     assert not loopback("0.0.0.0") and not loopback("10.0.0.5") and not loopback("gpu-1")  # noqa: S104 - a value checked
+
+
+def test_a_change_that_loses_a_race_with_the_jobs_end_is_a_json_409() -> None:
+    """A cancel read the job running, and it ended before the change: 409 with the state, not a 500."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from comfybake.jobs import api
+    from comfybake.jobs.store import IllegalTransitionError
+
+    async def ended(_request: web.Request) -> web.Response:
+        raise IllegalTransitionError("j1", "succeeded", "cancelled")
+
+    async def ask() -> tuple[int, dict[str, object]]:
+        app = web.Application(middlewares=[api.refusals])
+        app.router.add_post("/v1/jobs/{id}/cancel", ended)
+        async with TestClient(TestServer(app)) as client:
+            response = await client.post("/v1/jobs/j1/cancel")
+            return response.status, (await response.json())["error"]
+
+    status, body = asyncio.run(ask())
+    assert status == 409
+    assert body["type"] == "conflict" and body["state"] == "succeeded"
+    assert "job j1 is succeeded" in str(body["message"]) and "GET /v1/jobs/j1" in str(body["message"])

@@ -40,7 +40,7 @@ from comfybake.instances import HostError, load_host, select
 from comfybake.jobs.outputs import OutputSink, sinks_from_environment
 from comfybake.jobs.placement import NamedWorkflow, load_named
 from comfybake.jobs.runner import DEFAULT_TIMEOUT, JobError, JobSpec, Runner
-from comfybake.jobs.store import FINAL, STATES, Job, JobNotFoundError, JobStore
+from comfybake.jobs.store import FINAL, STATES, IllegalTransitionError, Job, JobNotFoundError, JobStore
 from comfybake.jobs.workflow import WorkflowError
 from comfybake.jobs.workflow import check as check_workflow
 
@@ -97,6 +97,11 @@ async def refusals(request: web.Request, handler: Any) -> web.StreamResponse:
     except JobNotFoundError:
         job_id = request.match_info.get("id", "")
         return refusal({"type": "not_found", "message": f"no job {job_id}: list the jobs with GET /v1/jobs"}, 404)
+    except IllegalTransitionError as error:  # the job ended between the request's look and its change
+        return refusal(
+            {"type": "conflict", "state": error.state, "message": f"{error}: read it with GET /v1/jobs/{error.job_id}"},
+            409,
+        )
     except web.HTTPException as error:
         if error.status < 400:
             raise
