@@ -269,6 +269,42 @@ def test_a_job_left_running_and_finished_meanwhile_is_adopted_not_run_again(jobs
     assert not (host.state_root / runner.SPECS / f"{job.id}.json").exists()
 
 
+def test_a_start_with_a_broken_routing_file_keeps_the_unfinished_jobs_and_serves(
+    jobs_host: StartHost, capfd: pytest.CaptureFixture[str]
+) -> None:
+    host = jobs_host({"a": "prod"})
+
+    async def first(found: Runner) -> Any:
+        job = await found.submit(spec(txt2img(), extra_data=seconds(1.5)))
+        while (await found.wait(job.id, 0.05)).state != "running":
+            pass
+        return job
+
+    job = run(first, host)
+    routing = host.config_root / "routing.json"
+    good = routing.read_text()
+    routing.write_text("{not json")
+
+    async def refused(found: Runner) -> Any:  # the runner started: a submission gets the file's error
+        with pytest.raises(JobError) as refusal:
+            await found.submit(spec(txt2img()))
+        return refusal.value
+
+    error = run(refused, host)
+    assert error.type == "placement" and "routing.json" in str(error)
+    assert JobStore(host.state_root).get(job.id).state == "running"  # kept, not failed
+    assert "1 unfinished jobs are kept for the next start" in capfd.readouterr().err
+
+    routing.write_text(good)
+
+    async def second(found: Runner) -> Any:
+        return await found.wait(job.id, 60)
+
+    adopted = run(second, host)
+    assert adopted.state == "succeeded", adopted.error
+    assert len(host["a"].output_files()) == 1
+
+
 def test_a_job_left_running_still_runs_after_a_restart(jobs_host: StartHost) -> None:
     host = jobs_host({"a": "prod"})
 

@@ -280,7 +280,17 @@ class Runner:
             )
         left = await asyncio.to_thread(self.store.recover)
         if left:  # routing.json is read only then: a host without one yet starts with no jobs
-            routes = {route.name: route for route in await asyncio.to_thread(self._routes)}
+            try:
+                routes = {route.name: route for route in await asyncio.to_thread(self._routes)}
+            except JobError as error:
+                # Serve anyway (a submission is refused with the same error) and keep the jobs for
+                # the next start, rather than fail jobs whose instances may still be running them.
+                logs.emit(
+                    f"{len(left)} unfinished jobs are kept for the next start, since {error}: fix it, "
+                    "then restart the job service",
+                    "error",
+                )
+                return
             for job in left:
                 await self._resume(job, routes.get(job.instance))
 
