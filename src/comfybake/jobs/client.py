@@ -148,6 +148,8 @@ class Client:
             async with self.http.post(self.url + "/prompt", json=body) as response:
                 text = await response.text()
                 status = response.status
+        except aiohttp.ClientConnectorError as error:  # no connection: nothing was sent, nothing queued
+            raise self._fail(call, error) from None
         except FAILURES as error:
             # The instance may have queued the prompt before the answer was lost (a timeout, a
             # dropped connection): take it back, so that a job reported "not run" does not run.
