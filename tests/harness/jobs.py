@@ -9,6 +9,7 @@ fixtures): `host = jobs_host({"a": "prod", "b": "prod", "v": "video"})`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -16,12 +17,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from comfybake.jobs import outputs
+from comfybake.jobs.runner import Runner
+from comfybake.jobs.store import JobStore
 from harness.double import DOUBLE, Double, free_port
+
+T = TypeVar("T")
 
 # A custom node only the `video` environment has (the double runs a custom node as a no-op).
 ENV_ONLY_NODE = """
@@ -299,3 +305,19 @@ def start_s3(bucket: str = "comfybake-jobs") -> S3Server:
     found = S3Server(server, url, bucket)
     found.client().create_bucket(Bucket=bucket)
     return found
+
+
+def run_runner(work: Callable[[Runner], Coroutine[Any, Any, T]], host: JobsHost, **kwargs: Any) -> T:
+    """Run `work(runner)` with a runner of `host` started on a fresh event loop, closing it after;
+    `kwargs` go to Runner (outputs inline unless `sinks` says otherwise)."""
+
+    async def main() -> T:
+        sinks = kwargs.pop("sinks", None) or {"inline": outputs.Inline()}
+        found = Runner(host.config_root, JobStore(host.state_root), sinks=sinks, **kwargs)
+        await found.start()
+        try:
+            return await work(found)
+        finally:
+            await found.close()
+
+    return asyncio.run(main())

@@ -9,13 +9,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.jobs import JobsHost, txt2img
+from harness.jobs import JobsHost, run_runner, txt2img
 from jobs_loopback import DATA, StartInstance, write_routing
 
-from comfybake.jobs import outputs, placement, workflow
+from comfybake.jobs import placement, workflow
 from comfybake.jobs.placement import Looks, ObjectInfoCache
 from comfybake.jobs.runner import JobSpec, Runner
-from comfybake.jobs.store import JobStore
 
 TXT2IMG = workflow.load(DATA / "txt2img.json")
 T = TypeVar("T")
@@ -24,16 +23,7 @@ StartHost = Callable[..., JobsHost]
 
 def run(work: Callable[[Runner], Coroutine[Any, Any, T]], host: JobsHost, looks: Looks) -> T:
     """Run `work(runner)` with a started runner placing with `looks`, closing it after."""
-
-    async def main() -> T:
-        found = Runner(host.config_root, JobStore(host.state_root), sinks={"inline": outputs.Inline()}, looks=looks)
-        await found.start()
-        try:
-            return await work(found)
-        finally:
-            await found.close()
-
-    return asyncio.run(main())
+    return run_runner(work, host, looks=looks)
 
 
 def spec(graph: dict[str, Any], seconds: float = 0.0) -> JobSpec:

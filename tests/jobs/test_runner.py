@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import requests
 from harness.jobs import JobsHost, S3Server, img2img, txt2img
+from harness.jobs import run_runner as run
 from jobs_loopback import stopped, write_routing
 
 from comfybake.jobs import outputs, runner, workflow
@@ -24,21 +25,6 @@ from comfybake.jobs.store import JobStore
 PNG = b"\x89PNG\r\n\x1a\n"
 T = TypeVar("T")
 StartHost = Callable[..., JobsHost]
-
-
-def run(work: Callable[[Runner], Coroutine[Any, Any, T]], host: JobsHost, **kwargs: Any) -> T:
-    """Run `work(runner)` with a started runner on a fresh event loop, closing it after."""
-
-    async def main() -> T:
-        found = Runner(host.config_root, JobStore(host.state_root), sinks=kwargs.pop("sinks", None) or {
-            "inline": outputs.Inline()}, **kwargs)  # fmt: skip
-        await found.start()
-        try:
-            return await work(found)
-        finally:
-            await found.close()
-
-    return asyncio.run(main())
 
 
 def spec(graph: dict[str, Any], **kwargs: Any) -> JobSpec:
