@@ -30,10 +30,8 @@ from aiohttp import web
 from ansible_collections.comfybake.core.plugins.module_utils.gateway import apply, caddy, credentials, routes
 from ansible_collections.comfybake.core.plugins.module_utils.gateway.credentials import Principal
 from harness.double import stop_process
-from harness.gateway import UPGRADE, Gateway, basic, bearer, free_ports, start_caddy, wait_until
+from harness.gateway import UPGRADE, Gateway, basic, bearer, free_ports, gateway_command, start_caddy, wait_until
 from harness.tools import ROOT, venv_bin
-
-from comfybake import cli
 
 SECRETS = {
     "alice": "canary-alice-5a0e17",
@@ -294,10 +292,7 @@ def test_hosts_and_paths_modes_place_the_job_service_routes(mode: str, tmp_path:
 
 
 def cli_gateway(site: Site, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main(["gateway", "--config-root", str(site.config_dir.parent), *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return gateway_command(site.config_dir.parent, capsys, *argv)
 
 
 def test_keys_made_on_the_host_take_the_new_scopes_and_status_shows_the_routes(

@@ -32,6 +32,7 @@ from harness.gateway import (
     copy_double,
     free_offset,
     free_ports,
+    gateway_command,
     start_caddy,
     start_double,
     tool,
@@ -39,8 +40,6 @@ from harness.gateway import (
     wait_until,
 )
 from harness.prometheus import ready
-
-from comfybake import cli
 
 PROM_PASSWORD = "canary-prom-3e9a71"
 ALICE_PASSWORD = "canary-alice-0c44d2"
@@ -171,10 +170,7 @@ def test_the_metrics_scope_reaches_the_exporter_and_nothing_else(site: Site) -> 
 
 
 def cli_gateway(site: Site, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli.main(["gateway", "--config-root", str(site.config_root), *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return gateway_command(site.config_root, capsys, *argv)
 
 
 def prometheus(scratch: Path, jobs: list[dict[str, Any]]) -> tuple[subprocess.Popen[bytes], int]:

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import websocket
 
+from comfybake import cli
 from harness.double import DOUBLE, Double, free_port, stop_process
 
 CA_CERT = Path("pki") / "authorities" / "local" / "root.crt"
@@ -305,3 +306,11 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{what} within {timeout} s")
         time.sleep(0.1)
+
+
+def gateway_command(config_root: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`comfybake gateway --config-root ROOT ARGV...` in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = cli.main(["gateway", "--config-root", str(config_root), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
