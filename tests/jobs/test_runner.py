@@ -373,6 +373,11 @@ def test_a_named_workflow_runs_in_its_environment(jobs_host: StartHost) -> None:
             await found.submit_named("portrait")
         assert raised.value.type == "workflow"
         assert raised.value.message == "no workflow is named 'portrait' (named workflows: poster)"
+        with pytest.raises(JobError) as raised:
+            await found.submit_named("poster", environment="prod")
+        assert raised.value.message == (
+            "the workflow poster runs in environment video, not prod: leave the environment out, or name video"
+        )
         return await found.wait((await found.submit_named("poster", extra_data=seconds(0.2))).id, 60)
 
     job = run(work, host)

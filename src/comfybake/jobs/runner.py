@@ -344,12 +344,19 @@ class Runner:
         return job
 
     async def submit_named(self, name: str, on_progress: Progress | None = None, **kwargs: Any) -> Job:
-        """A named workflow (workflows.yml), in its environment only."""
+        """A named workflow (workflows.yml), in its environment only (an `environment` given must be it)."""
         named = self.named if self.named is not None else await asyncio.to_thread(self._named)
         if name not in named:
             known = ", ".join(sorted(named)) or "none"
             raise JobError("workflow", f"no workflow is named {name!r} (named workflows: {known})")
         entry = named[name]
+        asked = kwargs.pop("environment", None)
+        if asked is not None and asked != entry.environment:
+            raise JobError(
+                "workflow",
+                f"the workflow {name} runs in environment {entry.environment}, not {asked}: "
+                f"leave the environment out, or name {entry.environment}",
+            )
         spec = JobSpec(workflow=entry.workflow, name=name, environment=entry.environment, **kwargs)
         return await self.submit(spec, on_progress)
 

@@ -261,7 +261,9 @@ class Worker:
         progress = self._progress(job)
         try:
             if values["workflow_name"] is not None:
-                submitted = await runner.submit_named(values["workflow_name"], progress, **fields)
+                submitted = await runner.submit_named(
+                    values["workflow_name"], progress, environment=values["environment"], **fields
+                )
             else:
                 spec = JobSpec(workflow=values["workflow"], environment=values["environment"], **fields)
                 submitted = await runner.submit(spec, progress)
