@@ -265,6 +265,10 @@ class Runner:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.stops: dict[str, asyncio.Future[str]] = {}
         self.ended: dict[str, asyncio.Event] = {}
+        # Held from a job's creation to its launch, and by cancel() while it looks for the job's
+        # follower: a job that exists but is not yet followed is never cancelled as another
+        # process's and then posted anyway.
+        self.admission = asyncio.Lock()
 
     # ----------------------------------------------------------------------- life
 
@@ -332,15 +336,16 @@ class Runner:
             check_input_name(name)
         deadline = asyncio.get_running_loop().time() + spec.timeout
         chosen = await asyncio.to_thread(self._place, without_inputs(spec.workflow, set(spec.inputs)), spec.environment)
-        try:
-            self._refuse_when_draining()  # a drain that began while placing
-            job = await asyncio.to_thread(self.store.create, spec.name, dict(spec.inputs))
-            job = await asyncio.to_thread(self.store.submit, job.id, chosen.route.environment, chosen.route.name)
-        except BaseException:
-            self.looks.release(chosen.claim)
-            raise
-        self.claims[job.id] = chosen.claim
-        self._launch(job, self._run(job, chosen.route, spec, deadline, on_progress, place_again=True))
+        async with self.admission:
+            try:
+                self._refuse_when_draining()  # a drain that began while placing
+                job = await asyncio.to_thread(self.store.create, spec.name, dict(spec.inputs))
+                job = await asyncio.to_thread(self.store.submit, job.id, chosen.route.environment, chosen.route.name)
+            except BaseException:
+                self.looks.release(chosen.claim)
+                raise
+            self.claims[job.id] = chosen.claim
+            self._launch(job, self._run(job, chosen.route, spec, deadline, on_progress, place_again=True))
         return job
 
     async def submit_named(self, name: str, on_progress: Progress | None = None, **kwargs: Any) -> Job:
@@ -370,10 +375,11 @@ class Runner:
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a job: its prompt dropped from the queue or interrupted; a final job stays as it is."""
-        job = await asyncio.to_thread(self.store.get, job_id)
+        async with self.admission:  # a job being created is launched first, then found here
+            job = await asyncio.to_thread(self.store.get, job_id)
+            stop = self.stops.get(job_id)
         if job.state in FINAL:
             return job
-        stop = self.stops.get(job_id)
         if stop is not None:
             if not stop.done():
                 stop.set_result("cancelled")
