@@ -15,6 +15,7 @@ Ready means "this instance can serve its environment", checked in order:
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import os
@@ -33,6 +34,25 @@ from .comfyui_log import gate_failures, optional_node_failures
 
 JOURNAL_LINES = 40
 _HTTP_TIMEOUT = 5.0
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (Caddy's admin API, the job service's APIs); `timeout` bounds the
+    connect and each read. A socket that cannot connect is closed before the error goes on."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class Instance:

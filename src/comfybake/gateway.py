@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import secrets
-import socket
 import string
 import sys
 import urllib.error
@@ -31,6 +30,7 @@ from typing import Any
 
 from comfybake import instances
 from comfybake.cli import SUBCOMMANDS
+from comfybake.engine import runtime
 from comfybake.engine.gateway import apply, caddy, credentials, front
 from comfybake.engine.gateway.credentials import Principal
 from comfybake.engine.gateway.errors import GatewayError
@@ -329,29 +329,11 @@ def probe(upstream: str, path: str = "/system_stats") -> str:
         return f"down ({error})"
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket (the job service's), for its health answer."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=PROBE_TIMEOUT)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(PROBE_TIMEOUT)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def probe_socket(upstream: str, path: str | None) -> str:
     """`ok`, or why the job service does not answer on its unix socket (Caddy's `unix/<path>`): the
     job API's `path` must answer 200; the control API only has to accept the connection (each of
     its requests does work)."""
-    connection = _UnixConnection(upstream.removeprefix("unix/"))
+    connection = runtime.UnixConnection(upstream.removeprefix("unix/"), PROBE_TIMEOUT)
     try:
         connection.connect()
         if path is None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,16 +17,7 @@ from harness.double import free_port
 from harness.jobs import JobInstance
 from harness.tools import venv_bin
 
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
+from comfybake.engine import runtime
 
 
 @dataclass
@@ -42,7 +32,7 @@ def call(
 ) -> Reply:
     """One request to `listen` (unix:/path or HOST:PORT); the body sent as JSON (or `raw` as is)."""
     if listen.startswith("unix:"):
-        connection: http.client.HTTPConnection = UnixConnection(listen.removeprefix("unix:"), timeout)
+        connection: http.client.HTTPConnection = runtime.UnixConnection(listen.removeprefix("unix:"), timeout)
     else:
         host, _, port = listen.rpartition(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=timeout)

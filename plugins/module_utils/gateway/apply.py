@@ -15,15 +15,14 @@ secrets), `credentials.json` and `pool.json`.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime import UnixConnection
 from . import caddy, credentials, pool
 from .errors import GatewayError
 from .files import read, write
@@ -94,22 +93,11 @@ def validate(paths: Paths, config: dict[str, Any]) -> None:
         )
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=LOAD_TIMEOUT)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(LOAD_TIMEOUT)
-        self.sock.connect(self.path)
-
-
 def admin(socket_path: str, method: str, route: str, body: bytes | None = None) -> tuple[int, bytes] | None:
     """One request to Caddy's admin API on its unix socket; None when no gateway answers there."""
     if not os.path.exists(socket_path):
         return None
-    connection = _UnixConnection(socket_path)
+    connection = UnixConnection(socket_path, LOAD_TIMEOUT)
     try:
         # Caddy's admin API accepts no Host on a unix socket but an empty one.
         connection.putrequest(method, route, skip_host=True, skip_accept_encoding=True)

@@ -14,12 +14,12 @@ import http.client
 import importlib
 import json
 import shlex
-import socket
 from pathlib import Path
 from typing import Any
 
 from comfybake import logs
 from comfybake.cli import SUBCOMMANDS
+from comfybake.engine import runtime
 from comfybake.instances import config_root_option, guarded
 
 DEFAULT_STATE_ROOT = "/var/lib/comfybake-jobs"
@@ -119,23 +119,10 @@ def check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- drain, resume
 
 
-class UnixConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket (the control API's default)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
 def ask_control(listen: str, route: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
     """POST `body` to the control API at `listen` (unix:/path or HOST:PORT)."""
     if listen.startswith("unix:"):
-        connection: http.client.HTTPConnection = UnixConnection(listen.removeprefix("unix:"), timeout)
+        connection: http.client.HTTPConnection = runtime.UnixConnection(listen.removeprefix("unix:"), timeout)
     else:
         host, _, port = listen.rpartition(":")
         connection = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
